@@ -1,0 +1,53 @@
+"""proxytune: decoding-time tuning of large language models.
+
+``scores = log p_base + sum_i alpha_i * (log p_expert_i - log p_anti_expert_i)``
+
+Heavy libraries (``transformers``) load only when a model does.
+"""
+
+from __future__ import annotations
+
+from .config import GenerationConfig
+from .errors import (
+    ConfigError,
+    EmbeddedModelError,
+    ModelLoadError,
+    NumericalError,
+    PromptTooLongError,
+    ProxyTuneError,
+    VocabularyMismatchError,
+)
+from .prompts import PromptFormat
+from .results import GenerationResult, StepUpdate, TokenLogprob
+from .schedules import Constant, Linear
+from .specs import ModelSpec
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    if name == "ProxyTuner":  # imports torch: only on first use
+        from .tuner import ProxyTuner
+
+        return ProxyTuner
+    raise AttributeError(f"module 'proxytune' has no attribute {name!r}")
+
+
+__all__ = [
+    "ConfigError",
+    "Constant",
+    "EmbeddedModelError",
+    "GenerationConfig",
+    "GenerationResult",
+    "Linear",
+    "ModelLoadError",
+    "ModelSpec",
+    "NumericalError",
+    "PromptFormat",
+    "PromptTooLongError",
+    "ProxyTuneError",
+    "ProxyTuner",
+    "StepUpdate",
+    "TokenLogprob",
+    "VocabularyMismatchError",
+]

@@ -1,0 +1,254 @@
+"""Hugging Face ``transformers`` backend: any causal LM that ``from_pretrained`` loads."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError, ModelLoadError
+from ..specs import ModelSpec
+
+
+def pick_device(device: str) -> torch.device:
+    """Resolve ``auto`` to cuda, then mps, then cpu; check that an explicit device exists."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but CUDA is not available here; use cpu")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {device!r} asked for, but MPS is not available here; use cpu")
+    return dev
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """Resolve ``auto`` to bfloat16 on CUDA and float32 elsewhere."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def resolve_source(path: str) -> tuple[str, str | None]:
+    """Split a user path into ``(directory or hub id, gguf file name or None)``.
+
+    ``embedded:NAME`` resolves to the converted embedded model (fetched on first use).
+    """
+    if path.startswith("embedded:"):
+        from ..embedded import ensure_embedded
+
+        return str(ensure_embedded(path.removeprefix("embedded:"))), None
+    local = Path(path).expanduser()
+    if local.is_file():
+        if local.suffix == ".gguf":
+            return str(local.parent), local.name
+        raise ModelLoadError(
+            f"{path!r} is a file but not a .gguf file; pass the model's directory instead"
+        )
+    if local.is_dir():
+        return str(local), None
+    if path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path:
+        raise ModelLoadError(
+            f"model path {path!r} does not exist. Pass an existing local directory, a .gguf "
+            "file, a Hugging Face hub id (org/name), or 'embedded:NAME' for a bundled model."
+        )
+    return path, None
+
+
+def load_hf(spec: ModelSpec) -> HFModel:
+    """Load tokenizer and weights for ``spec`` (safetensors unless ``allow_pickle``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source, gguf_file = resolve_source(spec.path)
+    device = pick_device(spec.device)
+    dtype = pick_dtype(spec.dtype, device)
+    common: dict[str, Any] = {
+        "revision": spec.revision,
+        "trust_remote_code": spec.trust_remote_code,
+    }
+    if gguf_file is not None:
+        common["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **common)
+    except Exception as err:
+        raise ModelLoadError(_load_hint(spec.path, "tokenizer", err)) from err
+    weights: dict[str, Any] = {}
+    if gguf_file is None and not spec.allow_pickle:
+        weights["use_safetensors"] = True
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common, **weights)
+    except Exception as err:
+        raise ModelLoadError(_load_hint(spec.path, "model", err)) from err
+    if spec.adapter is not None:
+        model = _apply_adapter(model, spec.adapter)
+    model.to(device).eval()
+    return HFModel(
+        model, tokenizer, name=spec.path if not spec.adapter else f"{spec.path}+{spec.adapter}"
+    )
+
+
+def _apply_adapter(model: Any, adapter: str) -> Any:
+    if not Path(adapter).expanduser().is_dir():
+        raise ModelLoadError(f"adapter directory {adapter!r} does not exist")
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(Path(adapter).expanduser())).merge_and_unload()
+    except Exception as err:
+        raise ModelLoadError(
+            f"could not apply adapter {adapter!r}: {err}. Check that it was trained on this "
+            "base model."
+        ) from err
+
+
+def _load_hint(path: str, what: str, err: Exception) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if "safetensors" in text.lower() or "use_safetensors" in text:
+        return (
+            f"could not load the {what} of {path!r}: no safetensors weights found ({text}). "
+            "Pickle (.bin) weights can run code when loaded: convert them to safetensors, or "
+            "set allow_pickle=True if you trust the source."
+        )
+    return (
+        f"could not load the {what} of {path!r}: {text}. Pass an existing local directory, a "
+        ".gguf file or a reachable hub id (machines without internet can only use local "
+        "models; `proxytune setup` installs the embedded default)."
+    )
+
+
+class HFModel:
+    """A loaded ``transformers`` causal LM and its tokenizer (:class:`LogitsModel`)."""
+
+    def __init__(self, model: Any, tokenizer: Any, name: str = "model") -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = next(model.parameters()).device
+        params = inspect.signature(model.forward).parameters
+        self._keeps_logits = "logits_to_keep" in params
+        head = model.get_output_embeddings()
+        self._width = (
+            int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+        )
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad) if pad is not None else (self.eos_token_ids or (0,))[0]
+
+    @property
+    def vocab_width(self) -> int:
+        return self._width
+
+    @property
+    def context_length(self) -> int | None:
+        cfg = getattr(self.model.config, "get_text_config", lambda: self.model.config)()
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            value = getattr(cfg, key, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids: list[int] = []
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+        for value in [eos] if isinstance(eos, int) else list(eos or []):
+            ids.append(int(value))
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        return tuple(dict.fromkeys(ids))
+
+    def forward(self, **kwargs: Any) -> torch.Tensor:
+        """Run the model and return float32 logits of the last ``keep`` positions."""
+        keep = kwargs.pop("keep")
+        if self._keeps_logits:
+            kwargs["logits_to_keep"] = keep
+        with torch.inference_mode():
+            logits = self.model(**kwargs).logits
+        return logits[:, -keep:].float()
+
+    def start(
+        self, prompts: Sequence[Sequence[int]], use_cache: bool = True
+    ) -> tuple[HFDecodeState, torch.Tensor]:
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ConfigError("every prompt needs at least one token for the model to start from")
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):  # left padding, as generate() does
+            ids[row, width - len(prompt) :] = torch.tensor(list(prompt), dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        state = HFDecodeState(
+            self, ids.to(self.device), mask.to(self.device), positions.to(self.device), use_cache
+        )
+        return state, state.prefill()
+
+
+class HFDecodeState:
+    """Left-padded ids, attention mask, positions and a ``DynamicCache`` for one batch."""
+
+    def __init__(
+        self,
+        lm: HFModel,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        positions: torch.Tensor,
+        use_cache: bool,
+    ) -> None:
+        from transformers import DynamicCache
+
+        self.lm = lm
+        self.ids, self.mask, self.positions = ids, mask, positions
+        self.cache = DynamicCache(config=lm.model.config) if use_cache else None
+
+    def prefill(self) -> torch.Tensor:
+        logits = self.lm.forward(
+            input_ids=self.ids,
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+            use_cache=self.cache is not None,
+            keep=1,
+        )
+        return logits[:, -1]
+
+    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.lm.device).view(self.ids.shape[0], -1)
+        k = tokens.shape[1]
+        steps = torch.arange(1, k + 1, device=self.lm.device)
+        new_positions = self.positions[:, -1:] + steps
+        self.ids = torch.cat([self.ids, tokens], dim=1)
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+        self.positions = torch.cat([self.positions, new_positions], dim=1)
+        if self.cache is None:  # full recomputation
+            return self.lm.forward(
+                input_ids=self.ids,
+                attention_mask=self.mask,
+                position_ids=self.positions,
+                use_cache=False,
+                keep=k,
+            )
+        return self.lm.forward(
+            input_ids=tokens,
+            attention_mask=self.mask,
+            position_ids=new_positions,
+            past_key_values=self.cache,
+            use_cache=True,
+            keep=k,
+        )
+
+    def keep(self, rows: torch.Tensor) -> None:
+        rows = rows.to(self.lm.device)
+        self.ids, self.mask, self.positions = self.ids[rows], self.mask[rows], self.positions[rows]
+        if self.cache is not None:
+            self.cache.batch_select_indices(rows)

@@ -1,0 +1,266 @@
+"""The decode loop: per-model prompts and caches, one shared list of generated ids per row.
+
+Every step: each model scores its own sequence -> log-probs over the shared vocabulary ->
+the rule combines them (:mod:`proxytune.arithmetic`) -> sampling picks one id per row
+(:mod:`proxytune.sampling`) -> that id is appended to every model's sequence. Text only
+appears at the edges (prompt rendering, :class:`~proxytune.detokenize.TextTracker`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from .arithmetic import Alpha, PairLogprobs, check_finite, combine_proxy, log_probs, top_logprobs
+from .backends.base import DecodeState, LogitsModel
+from .config import GenerationConfig
+from .detokenize import TextTracker
+from .errors import ConfigError, NumericalError, PromptTooLongError
+from .prompts import Prompt, PromptFormat
+from .results import StepUpdate, TokenLogprob
+from .sampling import next_tokens
+from .schedules import Constant, Schedule
+
+Combiner = Callable[[torch.Tensor, Sequence[PairLogprobs], Sequence[Alpha]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Member:
+    """A model in a role (base, expert or anti-expert) with the prompt format of that role."""
+
+    role: str
+    model: LogitsModel
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """An expert/anti-expert pair and its alpha schedule. One side may be ``None``."""
+
+    expert: Member | None = None
+    anti_expert: Member | None = None
+    alpha: Schedule = field(default_factory=lambda: Constant(1.0))
+
+    def __post_init__(self) -> None:
+        if self.expert is None and self.anti_expert is None:
+            raise ConfigError("a pair needs an expert, an anti-expert, or both")
+
+    @property
+    def members(self) -> list[Member]:
+        return [m for m in (self.expert, self.anti_expert) if m is not None]
+
+    @property
+    def always_off(self) -> bool:
+        """A constant zero alpha: the pair cannot change anything and is not run."""
+        return isinstance(self.alpha, Constant) and self.alpha.alpha == 0.0
+
+
+@dataclass
+class _Row:
+    index: int
+    prompt_index: int
+    sample_index: int
+    budget: int
+    tracker: TextTracker
+    history: list[int]
+    generator: torch.Generator | None
+
+
+def row_seed(seed: int, sample_index: int) -> int:
+    """The seed of a row: depends on the call's seed and the sample number only, so a prompt
+    gets the same samples whether it is generated alone or in a batch."""
+    return (seed * 1_000_003 + sample_index) % (2**63 - 1)
+
+
+def render_prompts(
+    members: Sequence[Member], prompts: Sequence[Prompt]
+) -> dict[str, list[list[int]]]:
+    """Each member's token ids for each prompt; checks emptiness and context length."""
+    rendered: dict[str, list[list[int]]] = {}
+    for member in members:
+        ids = [member.prompt.render(p, member.model.tokenizer) for p in prompts]
+        limit = member.model.context_length
+        for i, row in enumerate(ids):
+            if not row:
+                raise ConfigError(
+                    f"prompt {i} is empty after tokenization for the {member.role} "
+                    f"({member.model.name}); give a non-empty prompt"
+                )
+            if limit is not None and len(row) >= limit:
+                raise PromptTooLongError(
+                    f"prompt {i} is {len(row)} tokens for the {member.role} "
+                    f"({member.model.name}), whose context holds {limit}; shorten the prompt "
+                    "to leave room for at least one new token"
+                )
+        rendered[member.role] = ids
+    return rendered
+
+
+def decode(
+    base: Member,
+    pairs: Sequence[Pair],
+    prompts: Sequence[Prompt],
+    config: GenerationConfig,
+    vocab_size: int,
+    eos_token_ids: Sequence[int],
+    combine: Combiner = combine_proxy,
+) -> Iterator[list[StepUpdate]]:
+    """Generate for every prompt (x ``config.n``), yielding each step's new tokens.
+
+    Rows that finish are dropped from every model's batch. Closing the iterator cancels.
+    """
+    if not prompts:
+        raise ConfigError("no prompts given: pass at least one prompt")
+    pairs = [p for p in pairs if not p.always_off]
+    members = [base, *(m for p in pairs for m in p.members)]
+    rendered = render_prompts(members, prompts)
+    device = base.model.device
+    eos = set() if config.ignore_eos else set(eos_token_ids)
+    seed = config.seed if config.seed is not None else secrets.randbits(62)
+    penalised = (
+        config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty
+    )
+
+    rows: list[_Row] = []
+    for p in range(len(prompts)):
+        room = min((m.model.context_length or 1 << 62) - len(rendered[m.role][p]) for m in members)
+        for s in range(config.n):
+            gen = None
+            if not config.greedy:
+                gen = torch.Generator(device=device).manual_seed(row_seed(seed, s))
+            rows.append(
+                _Row(
+                    index=len(rows),
+                    prompt_index=p,
+                    sample_index=s,
+                    budget=min(config.max_new_tokens, room),
+                    tracker=TextTracker(base.model.tokenizer, config.stop),
+                    history=list(rendered[base.role][p]) if penalised else [],
+                    generator=gen,
+                )
+            )
+
+    states: dict[str, DecodeState] = {}
+    logits: dict[str, torch.Tensor] = {}
+    for m in members:
+        prompt_ids = [rendered[m.role][r.prompt_index] for r in rows]
+        states[m.role], logits[m.role] = m.model.start(prompt_ids, use_cache=config.use_cache)
+
+    live = rows
+    step = 0
+    while True:
+        scores = _combined_scores(base, pairs, logits, vocab_size, step, combine, device)
+        chosen = next_tokens(
+            scores,
+            temperature=config.temperature,
+            top_k=config.top_k,
+            top_p=config.top_p,
+            min_p=config.min_p,
+            repetition_penalty=config.repetition_penalty,
+            presence_penalty=config.presence_penalty,
+            frequency_penalty=config.frequency_penalty,
+            history=[r.history for r in live] if penalised else None,
+            generators=None if config.greedy else [r.generator for r in live],
+        )
+        records = _logprob_records(scores, chosen, config, base.model.tokenizer)
+        updates, keep = [], []
+        for i, row in enumerate(live):
+            token = int(chosen[i])
+            if penalised:
+                row.history.append(token)
+            delta = row.tracker.push(token)
+            finish, reason = _finish(row, token, eos)
+            if finish is not None:
+                delta += row.tracker.finish()
+            else:
+                keep.append(i)
+            updates.append(
+                StepUpdate(
+                    row=row.index,
+                    prompt_index=row.prompt_index,
+                    sample_index=row.sample_index,
+                    token_id=token,
+                    delta=delta,
+                    logprob=records[i] if records else None,
+                    finish_reason=finish,
+                    stop_reason=reason,
+                )
+            )
+        yield updates
+        if not keep:
+            return
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=device)
+            for state in states.values():
+                state.keep(index)
+            live = [live[i] for i in keep]
+            chosen = chosen[index]
+        next_ids = chosen.view(-1, 1)
+        logits = {role: state.advance(next_ids)[:, -1] for role, state in states.items()}
+        step += 1
+
+
+def _combined_scores(
+    base: Member,
+    pairs: Sequence[Pair],
+    logits: dict[str, torch.Tensor],
+    vocab_size: int,
+    step: int,
+    combine: Combiner,
+    device: torch.device,
+) -> torch.Tensor:
+    """Log-probs of every model over the shared vocabulary, combined by the rule."""
+
+    def lp(member: Member | None) -> torch.Tensor | None:
+        if member is None:
+            return None
+        raw = logits[member.role]
+        check_finite(raw, f"{member.role} ({member.model.name})")
+        return log_probs(raw, vocab_size).to(device)
+
+    base_lp = lp(base)
+    assert base_lp is not None
+    pair_lps = [(lp(p.expert), lp(p.anti_expert)) for p in pairs]
+    scores = combine(base_lp, pair_lps, [p.alpha(step) for p in pairs])
+    if torch.isnan(scores).any():
+        raise NumericalError(
+            f"the combined scores hold NaN at step {step}; check the rule's settings"
+        )
+    empty = torch.isneginf(scores).all(dim=-1)
+    if bool(empty.any()):
+        row = int(empty.nonzero()[0])
+        raise NumericalError(
+            f"the combination left no possible token for row {row} at step {step}; loosen the "
+            "rule's filters (top-k, plausibility threshold, block-lists)"
+        )
+    return scores
+
+
+def _logprob_records(
+    scores: torch.Tensor, chosen: torch.Tensor, config: GenerationConfig, tokenizer: object
+) -> list[TokenLogprob] | None:
+    if not config.logprobs:
+        return None
+    top = top_logprobs(scores, chosen, config.top_logprobs)
+    convert = tokenizer.convert_ids_to_tokens  # type: ignore[attr-defined]
+    out = []
+    for r in range(chosen.shape[0]):
+        ids = top.top_ids[r].tolist()
+        alts = list(zip(ids, convert(ids), top.top_logprobs[r].tolist(), strict=True))
+        tid = int(chosen[r])
+        out.append(TokenLogprob(tid, convert(tid), float(top.chosen[r]), alts))
+    return out
+
+
+def _finish(row: _Row, token: int, eos: set[int]) -> tuple[str | None, str | int | None]:
+    """``(finish reason, stop reason)`` after ``token`` was appended to ``row``."""
+    if token in eos:
+        return "stop", token
+    if row.tracker.stopped:
+        return "stop", row.tracker.stop_hit
+    if len(row.tracker.ids) >= row.budget:
+        return "length", None
+    return None, None

@@ -1,0 +1,104 @@
+"""Recipe files (YAML or TOML): models, roles, prompt formats, alphas and decoding defaults.
+
+Example (``recipes/default.yaml`` is the embedded default)::
+
+    base: {model: path/or/hub-id, prompt: raw}
+    pairs:
+      - expert: {model: small-tuned, prompt: chat}
+        anti_expert: {model: small-untuned, prompt: raw}
+        alpha: 1.0            # or {schedule: linear, start: 0, end: 1, steps: 32}
+    model_defaults: {device: auto, dtype: auto}
+    generation: {max_new_tokens: 128, temperature: 0}
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import GenerationConfig
+from .errors import ConfigError
+from .schedules import as_schedule
+from .specs import ModelSpec
+
+TOP_LEVEL = {"base", "pairs", "model_defaults", "generation", "name", "description"}
+PAIR_KEYS = {"expert", "anti_expert", "alpha"}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A parsed recipe: ready for :meth:`ProxyTuner.from_recipe`."""
+
+    base: ModelSpec
+    pairs: list[tuple[ModelSpec | None, ModelSpec | None, Any]] = field(default_factory=list)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    name: str = "recipe"
+    description: str = ""
+
+
+def default_recipe_path() -> Path:
+    """The recipe of the embedded default model set, shipped inside the package."""
+    return Path(str(resources.files("proxytune") / "recipes" / "default.yaml"))
+
+
+def load_recipe(path: str | Path, **model_overrides: Any) -> Recipe:
+    """Read a ``.yaml``/``.yml``/``.toml`` recipe; ``model_overrides`` (device, dtype) win."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise ConfigError(f"recipe {str(path)!r} is not valid {path.suffix[1:]}: {err}") from err
+    return parse_recipe(data or {}, name=path.stem, **model_overrides)
+
+
+def parse_recipe(data: Mapping[str, Any], name: str = "recipe", **model_overrides: Any) -> Recipe:
+    """Validate a recipe mapping; every error names the offending key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("a recipe must be a mapping with at least a 'base' key")
+    unknown = sorted(set(data) - TOP_LEVEL)
+    if unknown:
+        raise ConfigError(f"unknown recipe key(s) {unknown}; known: {sorted(TOP_LEVEL)}")
+    if "base" not in data:
+        raise ConfigError("a recipe needs a 'base' model")
+    defaults = {
+        **dict(data.get("model_defaults") or {}),
+        **{k: v for k, v in model_overrides.items() if v is not None},
+    }
+    base = ModelSpec.parse(data["base"], **defaults)
+    pairs = []
+    for i, pair in enumerate(data.get("pairs") or []):
+        if not isinstance(pair, Mapping):
+            raise ConfigError(f"pairs[{i}] must be a mapping with expert/anti_expert/alpha")
+        bad = sorted(set(pair) - PAIR_KEYS)
+        if bad:
+            raise ConfigError(f"pairs[{i}]: unknown key(s) {bad}; known: {sorted(PAIR_KEYS)}")
+        expert = _side(pair.get("expert"), defaults)
+        anti = _side(pair.get("anti_expert"), defaults)
+        if expert is None and anti is None:
+            raise ConfigError(f"pairs[{i}] needs an expert, an anti_expert, or both")
+        alpha = pair.get("alpha", 1.0)
+        as_schedule(alpha, f"pairs[{i}].alpha")  # validate now, not at the first token
+        pairs.append((expert, anti, alpha))
+    gen = data.get("generation") or {}
+    if not isinstance(gen, Mapping):
+        raise ConfigError("'generation' must be a mapping of decoding settings")
+    return Recipe(
+        base=base,
+        pairs=pairs,
+        generation=GenerationConfig().updated(**dict(gen)),
+        name=str(data.get("name", name)),
+        description=str(data.get("description", "")),
+    )
+
+
+def _side(spec: Any, defaults: Mapping[str, Any]) -> ModelSpec | None:
+    return None if spec is None else ModelSpec.parse(spec, **defaults)

@@ -1,0 +1,116 @@
+"""Pure sampling steps on ``(B, V)`` scores, with explicit random generators.
+
+The chain, in order (each step a small function): normalise -> penalties -> temperature ->
+top-k -> top-p -> min-p -> draw. Greedy decoding (temperature 0) is penalties -> argmax.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+def apply_penalties(
+    logprobs: torch.Tensor,
+    history: Sequence[Sequence[int]],
+    repetition: float = 1.0,
+    presence: float = 0.0,
+    frequency: float = 0.0,
+) -> torch.Tensor:
+    """Penalise tokens already seen in each row's ``history``, ``(B, V)`` -> ``(B, V)``.
+
+    ``logprobs`` must be normalised (all <= 0). A repetition penalty ``r`` multiplies a seen
+    token's log-prob by ``r`` (its probability is raised to the power ``r``); presence and
+    frequency penalties subtract ``presence`` once and ``frequency`` per occurrence (OpenAI).
+    """
+    if repetition == 1.0 and presence == 0.0 and frequency == 0.0:
+        return logprobs
+    out = logprobs.clone()
+    vocab = out.shape[-1]
+    for row, seen in enumerate(history):
+        ids = [t for t in seen if 0 <= t < vocab]
+        if not ids:
+            continue
+        idx = torch.tensor(ids, device=out.device)
+        uniq, counts = idx.unique(return_counts=True)
+        vals = out[row, uniq]
+        if repetition != 1.0:
+            vals = vals * repetition
+        vals = vals - presence - frequency * counts.to(vals.dtype)
+        out[row, uniq] = vals
+    return out
+
+
+def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Divide by a positive temperature."""
+    return scores if temperature == 1.0 else scores / temperature
+
+
+def top_k_filter(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep each row's ``k`` best tokens (``k <= 0`` or ``k >= V`` keeps all)."""
+    if k <= 0 or k >= scores.shape[-1]:
+        return scores
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth, NEG_INF)
+
+
+def top_p_filter(scores: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the smallest set of best tokens whose probability reaches ``p`` (nucleus)."""
+    if p >= 1.0:
+        return scores
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    probs = torch.softmax(sorted_scores, dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly better tokens
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False  # the best token always survives
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return scores.masked_fill(drop, NEG_INF)
+
+
+def min_p_filter(scores: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Keep tokens whose probability is at least ``min_p`` times the row's best."""
+    if min_p <= 0.0:
+        return scores
+    lp = torch.log_softmax(scores, dim=-1)
+    threshold = lp.max(dim=-1, keepdim=True).values + torch.log(torch.tensor(min_p))
+    return scores.masked_fill(lp < threshold, NEG_INF)
+
+
+def draw(
+    scores: torch.Tensor, generators: Sequence[torch.Generator | None] | None = None
+) -> torch.Tensor:
+    """Sample one id per row from ``softmax(scores)``; one generator per row if given."""
+    probs = torch.softmax(scores.float(), dim=-1)
+    if generators is None:
+        return torch.multinomial(probs, 1).squeeze(-1)
+    picks = [torch.multinomial(probs[r], 1, generator=g) for r, g in enumerate(generators)]
+    return torch.cat(picks)
+
+
+def next_tokens(
+    scores: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    history: Sequence[Sequence[int]] | None = None,
+    generators: Sequence[torch.Generator | None] | None = None,
+) -> torch.Tensor:
+    """Choose the next id of every row from combined ``(B, V)`` scores -> ``(B,)``."""
+    lp = torch.log_softmax(scores.float(), dim=-1)
+    if history is not None:
+        lp = apply_penalties(lp, history, repetition_penalty, presence_penalty, frequency_penalty)
+    if temperature == 0.0:
+        return lp.argmax(dim=-1)
+    lp = apply_temperature(lp, temperature)
+    lp = top_k_filter(lp, top_k)
+    lp = top_p_filter(lp, top_p)
+    lp = min_p_filter(lp, min_p)
+    return draw(lp, generators)

@@ -1,0 +1,94 @@
+"""Alpha schedules: the steering strength as a function of the decoding step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+Schedule = Callable[[int], float]
+"""Maps a 0-based decoding step to an alpha."""
+
+
+def check_alpha(value: Any, where: str = "alpha") -> float:
+    """Return ``value`` as a finite float, or raise :class:`ConfigError` naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
+    if not math.isfinite(value):
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Constant:
+    """The same alpha at every step."""
+
+    alpha: float
+
+    def __call__(self, step: int) -> float:
+        return self.alpha
+
+
+@dataclass(frozen=True)
+class Linear:
+    """Alpha moves linearly from ``start`` to ``end`` over ``steps`` steps, then stays at ``end``.
+
+    ``Linear(0, 1, 20)`` is a warm-up; ``Linear(1, 0, 20)`` a decay.
+
+    >>> Linear(0.0, 1.0, 4)(2)
+    0.5
+    """
+
+    start: float
+    end: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        check_alpha(self.start, "schedule start")
+        check_alpha(self.end, "schedule end")
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ConfigError(f"schedule steps must be an integer >= 1, got {self.steps!r}")
+
+    def __call__(self, step: int) -> float:
+        frac = min(max(step, 0), self.steps) / self.steps
+        return self.start + (self.end - self.start) * frac
+
+
+class Checked:
+    """Wraps a user function of the step and checks that it returns a finite number."""
+
+    def __init__(self, fn: Callable[[int], float], name: str = "alpha schedule") -> None:
+        self.fn = fn
+        self.name = name
+
+    def __call__(self, step: int) -> float:
+        return check_alpha(self.fn(step), f"{self.name} at step {step}")
+
+    def __repr__(self) -> str:
+        return f"Checked({self.fn!r})"
+
+
+def as_schedule(spec: float | int | Schedule | Mapping[str, Any], where: str = "alpha") -> Schedule:
+    """Build a schedule from a number, a callable, or a recipe mapping.
+
+    Mappings: ``{"schedule": "constant", "alpha": a}`` or
+    ``{"schedule": "linear", "start": a, "end": b, "steps": n}``.
+    """
+    if isinstance(spec, (Constant, Linear, Checked)):
+        return spec
+    if isinstance(spec, Mapping):
+        kind = spec.get("schedule", "constant")
+        try:
+            if kind == "constant":
+                return Constant(check_alpha(spec["alpha"], where))
+            if kind == "linear":
+                return Linear(float(spec["start"]), float(spec["end"]), int(spec["steps"]))
+        except KeyError as err:
+            raise ConfigError(f"{where}: schedule {kind!r} needs the key {err.args[0]!r}") from None
+        raise ConfigError(f"{where}: unknown schedule {kind!r}; use 'constant' or 'linear'")
+    if callable(spec):
+        return Checked(spec, where)
+    return Constant(check_alpha(spec, where))

@@ -1,0 +1,68 @@
+"""What the user names: a model and how to load it, and its role's prompt format."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+from .prompts import PromptFormat
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to load: a hub id, a local directory, a ``.gguf`` file or ``embedded:NAME``."""
+
+    path: str
+    prompt: PromptFormat = field(default_factory=PromptFormat)
+    adapter: str | None = None
+    """A PEFT (LoRA) adapter directory applied on top of ``path``."""
+    device: str = "auto"
+    """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:1``, ``mps``."""
+    dtype: str = "auto"
+    """``auto`` (bfloat16 on CUDA, float32 elsewhere), ``float32``, ``bfloat16``, ``float16``."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    """Allow loading pickle (``.bin``) weights; off by default because pickle can run code."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path.strip():
+            raise ConfigError(f"a model path must be a non-empty string, got {self.path!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        object.__setattr__(self, "prompt", PromptFormat.parse(self.prompt))
+
+    @property
+    def load_key(self) -> tuple[Any, ...]:
+        """Two specs with the same key can share one set of loaded weights."""
+        return (
+            self.path,
+            self.adapter,
+            self.device,
+            self.dtype,
+            self.revision,
+            self.trust_remote_code,
+            self.allow_pickle,
+        )
+
+    @classmethod
+    def parse(cls, spec: str | Mapping[str, Any] | ModelSpec, **defaults: Any) -> ModelSpec:
+        """From a path string or a recipe mapping (``model``/``path`` key plus options)."""
+        if isinstance(spec, ModelSpec):
+            return spec
+        if isinstance(spec, str):
+            return cls(path=spec, **defaults)
+        data = {**defaults, **dict(spec)}
+        if "model" in data:
+            data["path"] = data.pop("model")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
+        if "path" not in data:
+            raise ConfigError("a model entry needs a 'model' (or 'path') key")
+        return cls(**data)

@@ -1,0 +1,53 @@
+"""Vocabulary reconciliation: which token ids every model in a set can score."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .errors import VocabularyMismatchError
+
+
+def defined_size(tokenizer: Any, head_width: int) -> int:
+    """Ids both the tokenizer defines and the head scores: ``min(len(tokenizer), width)``.
+
+    A head wider than its tokenizer has padding rows that decode to nothing; they are never
+    scored or sampled.
+    """
+    return min(len(tokenizer), head_width)
+
+
+def token_strings(tokenizer: Any, size: int) -> list[str | None]:
+    """The token string of each id below ``size``."""
+    return list(tokenizer.convert_ids_to_tokens(list(range(size))))
+
+
+def shared_vocab_size(
+    named: Sequence[tuple[str, Any, int]],
+) -> int:
+    """Check that every tokenizer agrees on ids ``< V`` and return ``V``.
+
+    ``named`` holds ``(model name, tokenizer, head width)``. ``V`` is the smallest
+    :func:`defined_size`; tokens past it in a bigger tokenizer (added specials, padding) are
+    masked for everyone. Raises :class:`VocabularyMismatchError` naming the first id whose
+    string differs.
+    """
+    if not named:
+        raise ValueError("no models given")
+    size = min(defined_size(tok, width) for _, tok, width in named)
+    ref_name, ref_tok, _ = named[0]
+    ref: list[str | None] | None = None
+    for name, tok, _ in named[1:]:
+        if tok is ref_tok:
+            continue
+        ref = ref if ref is not None else token_strings(ref_tok, size)
+        other = token_strings(tok, size)
+        for i, (a, b) in enumerate(zip(ref, other, strict=True)):
+            if a != b:
+                raise VocabularyMismatchError(
+                    f"the tokenizers of {ref_name!r} and {name!r} differ at token id {i}: "
+                    f"{a!r} vs {b!r}. Proxy-tuning on logits needs one shared vocabulary: use "
+                    "models of the same tokenizer family (same token list), or the "
+                    "different-tokenizer mode for pairs whose vocabularies differ."
+                )
+    return size

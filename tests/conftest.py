@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny random models built on the fly (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from proxytune.testing import save_tiny_model
+
+torch.set_num_threads(1)  # tiny models: threads only add contention on 2 cores
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three tiny models sharing one tokenizer: base, expert, anti-expert; plus a base whose
+    head is 16 rows wider than its tokenizer (padding rows)."""
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "base": save_tiny_model(root / "base", seed=0),
+        "expert": save_tiny_model(root / "expert", seed=1),
+        "anti": save_tiny_model(root / "anti", seed=2),
+        "padded": save_tiny_model(root / "padded", seed=3, head_padding=16),
+    }
+
+
+@pytest.fixture(scope="session")
+def tuner(tiny_dirs: dict[str, Path]):
+    """base + one pair, alpha 1, CPU float32, the expert on its chat template."""
+    from proxytune import ProxyTuner
+
+    return ProxyTuner.from_pretrained(
+        str(tiny_dirs["base"]), expert=str(tiny_dirs["expert"]),
+        anti_expert=str(tiny_dirs["anti"]), alpha=1.0, device="cpu", dtype="float32",
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs CUDA")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+REQUIRE_SLOW = os.environ.get("PROXYTUNE_REQUIRE_SLOW") == "1"
