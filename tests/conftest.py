@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a model hub
+
 import pytest
 import torch
 
@@ -32,8 +34,12 @@ def tuner(tiny_dirs: dict[str, Path]):
     from proxytune import ProxyTuner
 
     return ProxyTuner.from_pretrained(
-        str(tiny_dirs["base"]), expert=str(tiny_dirs["expert"]),
-        anti_expert=str(tiny_dirs["anti"]), alpha=1.0, device="cpu", dtype="float32",
+        str(tiny_dirs["base"]),
+        expert=str(tiny_dirs["expert"]),
+        anti_expert=str(tiny_dirs["anti"]),
+        alpha=1.0,
+        device="cpu",
+        dtype="float32",
     )
 
 

@@ -206,16 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     except ProxyTuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except (typer.BadParameter, typer.Exit, typer.Abort) as err:
-        import click
-
-        if isinstance(err, click.ClickException):
-            err.show()
-            return 2
-        return int(getattr(err, "exit_code", 1) or 0)
-    except typer.main.click.ClickException as err:  # usage errors
-        err.show()
+    except typer.Exit as err:
         return err.exit_code
+    except typer.TyperException as err:  # usage errors, bad parameters
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return int(getattr(err, "exit_code", 2))
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 1
     return 0
 
 

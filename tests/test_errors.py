@@ -1,0 +1,151 @@
+"""Bad input gets an early, clear error that names the problem and the fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from proxytune import ProxyTuner
+from proxytune.config import GenerationConfig
+from proxytune.errors import (
+    ConfigError,
+    ModelLoadError,
+    NumericalError,
+    PromptTooLongError,
+    VocabularyMismatchError,
+)
+from proxytune.testing import CORPUS, build_model, build_tokenizer
+
+
+def test_unknown_local_path_is_named(tmp_path):
+    missing = str(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match=r"does not exist.*local directory"):
+        ProxyTuner.from_pretrained(missing, device="cpu")
+
+
+def test_unreachable_hub_id_says_what_to_do():
+    with pytest.raises(ModelLoadError, match=r"could not load the tokenizer of 'no-org/no-model'"):
+        ProxyTuner.from_pretrained("no-org/no-model", device="cpu")
+
+
+def test_pickle_weights_refused_by_default(tmp_path):
+    tok = build_tokenizer()
+    model = build_model(tok)
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        ProxyTuner.from_pretrained(str(tmp_path), device="cpu")
+
+
+def test_mismatched_tokenizers_name_the_first_differing_id(tmp_path, tiny_dirs):
+    other = build_tokenizer(corpus=[s[::-1] for s in CORPUS])  # same size, other merges
+    model = build_model(other, seed=5)
+    model.save_pretrained(tmp_path)
+    other.save_pretrained(tmp_path)
+    with pytest.raises(VocabularyMismatchError, match=r"differ at token id \d+: '.*' vs '.*'"):
+        ProxyTuner.from_pretrained(
+            str(tiny_dirs["base"]),
+            expert=str(tmp_path),
+            anti_expert=str(tiny_dirs["anti"]),
+            device="cpu",
+        )
+
+
+def test_prompt_longer_than_context(tuner):
+    long_prompt = "The quick brown fox " * 100  # well past the tiny models' 256 positions
+    with pytest.raises(PromptTooLongError, match=r"context holds 256; shorten the prompt"):
+        tuner.generate(long_prompt, max_new_tokens=2)
+
+
+def test_generation_stops_at_the_context_limit(tuner):
+    prompt = "The quick brown fox " * 10
+    n = len(tuner.tokenizer(prompt)["input_ids"])
+    # the expert's chat template makes its prompt the longest: that sets the room left
+    room = 256 - len(tuner.pairs[0].expert.prompt.render(prompt, tuner.tokenizer))
+    assert 0 < room < 256 - n
+    out = tuner.generate(prompt, max_new_tokens=500)[0]
+    assert out.finish_reason in ("length", "stop")
+    assert out.completion_tokens <= room
+
+
+def test_nan_logits_are_reported(tiny_dirs):
+    t = ProxyTuner.from_pretrained(
+        str(tiny_dirs["base"]),
+        expert=str(tiny_dirs["padded"]),
+        anti_expert=str(tiny_dirs["anti"]),
+        device="cpu",
+    )
+    head = t.pairs[0].expert.model.model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight[5, 0] = float("nan")
+    with pytest.raises(NumericalError, match=r"expert\[0\].*NaN logits"):
+        t.generate("Rain", max_new_tokens=2)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"temperature": -0.5}, "temperature must be >= 0"),
+        ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+        ({"min_p": 1.0}, r"min_p must be in \[0, 1\)"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ({"n": 0}, "n must be an integer >= 1"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty must be > 0"),
+        ({"stop": [""]}, "stop strings must be non-empty"),
+        ({"seed": "x"}, "seed must be an integer"),
+        ({"temprature": 1.0}, r"unknown generation setting\(s\) \['temprature'\]"),
+    ],
+)
+def test_bad_settings(tuner, settings, message):
+    with pytest.raises(ConfigError, match=message):
+        tuner.generate("Rain", **settings)
+
+
+def test_bad_alpha(tuner):
+    with pytest.raises(ConfigError, match="alpha of pair 0 must be a finite number"):
+        tuner.generate("Rain", alpha=float("nan"))
+    with pytest.raises(ConfigError, match="must be a number, got 'strong'"):
+        tuner.generate("Rain", alpha="strong")
+    with pytest.raises(ConfigError, match="3 alphas given for 1 pairs"):
+        tuner.generate("Rain", alpha=[1.0, 2.0, 3.0])
+    with pytest.raises(ConfigError, match="at step 0"):
+        tuner.generate("Rain", alpha=lambda step: float("inf"))
+
+
+def test_empty_prompt_list_and_empty_prompt(tuner):
+    with pytest.raises(ConfigError, match="no prompts given"):
+        tuner.generate([])
+    with pytest.raises(ConfigError, match="prompt 1 is empty after tokenization"):
+        tuner.generate(["Rain", ""])
+
+
+def test_chat_format_without_template(tmp_path, tiny_dirs):
+    tok = build_tokenizer()
+    tok.chat_template = None
+    build_model(tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    t = ProxyTuner.from_pretrained(
+        str(tiny_dirs["base"]),
+        expert=str(tmp_path),
+        anti_expert=str(tiny_dirs["anti"]),
+        device="cpu",
+    )
+    with pytest.raises(ConfigError, match="has no chat template; use 'raw'"):
+        t.generate("Rain", max_new_tokens=2)
+
+
+def test_bad_device_and_dtype(tiny_dirs):
+    with pytest.raises(ConfigError, match="dtype must be one of"):
+        ProxyTuner.from_pretrained(str(tiny_dirs["base"]), dtype="float8")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            ProxyTuner.from_pretrained(str(tiny_dirs["base"]), device="cuda")
+
+
+def test_generation_config_is_immutable_and_validates_once():
+    cfg = GenerationConfig(stop="###")
+    assert cfg.stop == ("###",)
+    with pytest.raises(Exception):  # noqa: B017 - frozen dataclass
+        cfg.temperature = 2.0  # type: ignore[misc]
