@@ -38,7 +38,9 @@ def test_proxy_scores_equal_hand_computation():
     assert scores[0].tolist() == pytest.approx(want, abs=1e-6)
     # the combined distribution: softmax of the scores
     z = math.log(sum(math.exp(x) for x in want))
-    assert torch.log_softmax(scores, -1)[0].tolist() == pytest.approx([w - z for w in want], abs=1e-6)
+    assert torch.log_softmax(scores, -1)[0].tolist() == pytest.approx(
+        [w - z for w in want], abs=1e-6
+    )
 
 
 def test_several_pairs_add_their_offsets():
@@ -48,7 +50,7 @@ def test_several_pairs_add_their_offsets():
 
 
 def test_expert_only_and_anti_only_pairs():
-    b, e, a = (log_probs(t) for t in (BASE, EXPERT, ANTI))
+    e, a = log_probs(EXPERT), log_probs(ANTI)
     assert torch.equal(proxy_offset(e, None), e)
     assert torch.equal(proxy_offset(None, a), -a)
     with pytest.raises(ValueError, match="expert, an anti-expert"):
@@ -60,8 +62,9 @@ def test_alpha_zero_is_exact_even_with_masked_tokens():
     e = torch.tensor([[-math.inf, 0.0, -math.inf, -math.inf]])
     out = add_scaled(b, proxy_offset(e, log_probs(ANTI)), 0.0)
     assert torch.equal(out, b)
-    per_row = add_scaled(b.repeat(2, 1), proxy_offset(e, log_probs(ANTI)).repeat(2, 1),
-                         torch.tensor([0.0, 1.0]))
+    per_row = add_scaled(
+        b.repeat(2, 1), proxy_offset(e, log_probs(ANTI)).repeat(2, 1), torch.tensor([0.0, 1.0])
+    )
     assert torch.equal(per_row[0], b[0])
     assert not torch.isnan(per_row).any()
 

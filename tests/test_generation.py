@@ -45,8 +45,12 @@ def test_steering_changes_output(tuner):
 
 def test_expert_equal_to_anti_expert_changes_nothing(tiny_dirs):
     same = ProxyTuner.from_pretrained(
-        str(tiny_dirs["base"]), expert=str(tiny_dirs["expert"]),
-        anti_expert=str(tiny_dirs["expert"]), alpha=2.0, expert_prompt="raw", device="cpu",
+        str(tiny_dirs["base"]),
+        expert=str(tiny_dirs["expert"]),
+        anti_expert=str(tiny_dirs["expert"]),
+        alpha=2.0,
+        expert_prompt="raw",
+        device="cpu",
     )
     # both roles share one set of weights but keep their own caches
     assert same.pairs[0].expert.model is same.pairs[0].anti_expert.model
@@ -87,19 +91,24 @@ def test_logprobs_equal_hand_computation_from_each_model(tuner, tiny_dirs):
     """Recompute every step's combined log-prob from the three models run independently."""
     res = tuner.generate(["Rain"], max_new_tokens=6, logprobs=True, top_logprobs=3)[0]
     tok = AutoTokenizer.from_pretrained(tiny_dirs["base"])
-    models = {k: AutoModelForCausalLM.from_pretrained(tiny_dirs[k]).eval()
-              for k in ("base", "expert", "anti")}
+    models = {
+        k: AutoModelForCausalLM.from_pretrained(tiny_dirs[k]).eval()
+        for k in ("base", "expert", "anti")
+    }
     raw = tok("Rain")["input_ids"]
-    chat = tok.apply_chat_template([{"role": "user", "content": "Rain"}], tokenize=False,
-                                   add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Rain"}], tokenize=False, add_generation_prompt=True
+    )
     chat_ids = tok(chat, add_special_tokens=False)["input_ids"]
     prompts = {"base": raw, "expert": chat_ids, "anti": raw}
     v = len(tok)
     for step, rec in enumerate(res.logprobs):
         gen = res.token_ids[:step]
         with torch.no_grad():
-            lp = {k: log_probs(m(torch.tensor([prompts[k] + gen])).logits[:, -1], v)
-                  for k, m in models.items()}
+            lp = {
+                k: log_probs(m(torch.tensor([prompts[k] + gen])).logits[:, -1], v)
+                for k, m in models.items()
+            }
         want = torch.log_softmax(combine_proxy(lp["base"], [(lp["expert"], lp["anti"])], [1.0]), -1)
         assert rec.token_id == res.token_ids[step] == int(want.argmax())
         assert rec.logprob == pytest.approx(float(want[0, rec.token_id]), abs=1e-5)
@@ -116,8 +125,10 @@ def test_per_model_prompts(tuner):
 
 def test_head_padding_rows_are_never_sampled(tiny_dirs):
     t = ProxyTuner.from_pretrained(
-        str(tiny_dirs["padded"]), expert=str(tiny_dirs["expert"]),
-        anti_expert=str(tiny_dirs["anti"]), device="cpu",
+        str(tiny_dirs["padded"]),
+        expert=str(tiny_dirs["expert"]),
+        anti_expert=str(tiny_dirs["anti"]),
+        device="cpu",
     )
     vocab = len(t.tokenizer)
     assert t.base.model.vocab_width == vocab + 16
