@@ -223,3 +223,17 @@ def test_alpha_schedule_is_evaluated_per_step(tuner):
     out = tuner.generate("Rain", alpha=schedule, max_new_tokens=6)[0].token_ids
     assert out[:2] == base[:2]
     assert seen == list(range(6))
+
+
+def test_logits_processor_in_plain_generate_matches_the_tuner(tuner):
+    tok = tuner.tokenizer
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    proc = tuner.logits_processor(PROMPTS)
+    out = tuner.base.model.model.generate(
+        **enc, logits_processor=[proc], max_new_tokens=10, do_sample=False
+    )
+    got = out[:, enc.input_ids.shape[1] :].tolist()
+    want = [r.token_ids for r in tuner.generate(PROMPTS, max_new_tokens=10)]
+    eos = tok.eos_token_id
+    assert [g[: g.index(eos) + 1] if eos in g else g for g in got] == want

@@ -110,7 +110,9 @@ def decode(
 ) -> Iterator[list[StepUpdate]]:
     """Generate for every prompt (x ``config.n``), yielding each step's new tokens.
 
-    Rows that finish are dropped from every model's batch. Closing the iterator cancels.
+    Prompts are rendered and checked here, at once; the models run as the iterator is
+    consumed. Rows that finish are dropped from every model's batch. Closing the iterator
+    cancels the work.
     """
     if not prompts:
         raise ConfigError("no prompts given: pass at least one prompt")
@@ -120,7 +122,7 @@ def decode(
     device = base.model.device
     eos = set() if config.ignore_eos else set(eos_token_ids)
     seed = config.seed if config.seed is not None else secrets.randbits(62)
-    penalised = (
+    penalised = bool(
         config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty
     )
 
@@ -143,6 +145,23 @@ def decode(
                 )
             )
 
+    return _run(base, pairs, members, rendered, rows, config, vocab_size, eos, penalised, combine)
+
+
+def _run(
+    base: Member,
+    pairs: Sequence[Pair],
+    members: Sequence[Member],
+    rendered: dict[str, list[list[int]]],
+    rows: list[_Row],
+    config: GenerationConfig,
+    vocab_size: int,
+    eos: set[int],
+    penalised: bool,
+    combine: Combiner,
+) -> Iterator[list[StepUpdate]]:
+    """Prefill every model, then decode until every row has finished."""
+    device = base.model.device
     states: dict[str, DecodeState] = {}
     logits: dict[str, torch.Tensor] = {}
     for m in members:
@@ -152,7 +171,7 @@ def decode(
     live = rows
     step = 0
     while True:
-        scores = _combined_scores(base, pairs, logits, vocab_size, step, combine, device)
+        scores = combined_scores(base, pairs, logits, vocab_size, step, combine, device)
         chosen = next_tokens(
             scores,
             temperature=config.temperature,
@@ -203,7 +222,7 @@ def decode(
         step += 1
 
 
-def _combined_scores(
+def combined_scores(
     base: Member,
     pairs: Sequence[Pair],
     logits: dict[str, torch.Tensor],

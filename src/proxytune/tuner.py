@@ -6,6 +6,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from .arithmetic import combine_proxy
 from .backends.base import LogitsModel
 from .config import GenerationConfig
 from .errors import ConfigError
@@ -173,7 +174,7 @@ class ProxyTuner:
             cfg,
             self.vocab_size,
             cfg.eos_token_ids if cfg.eos_token_ids is not None else self.eos_token_ids,
-            **({"combine": self.combine} if self.combine is not None else {}),
+            combine=self.combine or combine_proxy,
         )
 
     def generate(
@@ -224,6 +225,21 @@ class ProxyTuner:
             for u in updates:
                 if u.delta:
                     yield u.delta
+
+    def logits_processor(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        alpha: AlphaSpec | Sequence[AlphaSpec] | None = None,
+    ) -> Any:
+        """A ``LogitsProcessor`` that proxy-tunes ``self.base``'s own ``model.generate``."""
+        from .processor import ProxyLogitsProcessor
+
+        return ProxyLogitsProcessor(
+            self._pairs_with(alpha),
+            _as_prompt_list(prompts),
+            self.vocab_size,
+            self.combine or combine_proxy,
+        )
 
     def _pairs_with(self, alpha: AlphaSpec | Sequence[AlphaSpec] | None) -> list[Pair]:
         """The pairs with a per-call alpha: one value for all pairs, or one per pair."""
