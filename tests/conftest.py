@@ -50,5 +50,3 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             if "gpu" in item.keywords:
                 item.add_marker(skip)
 
-
-REQUIRE_SLOW = os.environ.get("PROXYTUNE_REQUIRE_SLOW") == "1"

@@ -1,0 +1,77 @@
+"""The real embedded default (Qwen2.5-Coder 1.5B base, 0.5B pair). Marked slow.
+
+They need `proxytune setup`; without it they skip, unless PROXYTUNE_REQUIRE_SLOW=1 (CI),
+where a missing model is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from proxytune.embedded import EMBEDDED_MODELS, embedded_model_dir, is_ready
+
+pytestmark = pytest.mark.slow
+REQUIRE_SLOW = os.environ.get("PROXYTUNE_REQUIRE_SLOW") == "1"
+
+BIG, SMALL = "qwen2.5-coder-1.5b-instruct", "qwen2.5-coder-0.5b-instruct"
+PROMPTS = ["def is_prime(n):", "# Reverse a string in Python\n"]
+
+
+def require_models() -> None:
+    missing = [n for n in EMBEDDED_MODELS if not is_ready(n)]
+    if missing:
+        if REQUIRE_SLOW:
+            pytest.fail(f"embedded models {missing} are not set up; run `proxytune setup`")
+        pytest.skip(f"embedded models {missing} not set up (run `proxytune setup`)")
+
+
+@pytest.fixture(scope="module")
+def default_tuner():
+    require_models()
+    from proxytune import ProxyTuner
+    from proxytune.recipe import default_recipe_path
+
+    return ProxyTuner.from_recipe(default_recipe_path())
+
+
+def test_default_roles_share_the_small_model(default_tuner):
+    pair = default_tuner.pairs[0]
+    assert pair.expert.model is pair.anti_expert.model  # 0.5B loaded once
+    assert pair.expert.prompt.kind == "chat" and pair.anti_expert.prompt.kind == "raw"
+    assert default_tuner.vocab_size == len(default_tuner.tokenizer)
+    assert 151645 in default_tuner.eos_token_ids  # <|im_end|>
+
+
+def test_alpha_zero_equals_the_base_models_own_generate(default_tuner):
+    from transformers import AutoModelForCausalLM
+
+    model = default_tuner.base.model.model
+    assert isinstance(model, AutoModelForCausalLM._model_mapping[type(model.config)])
+    tok = default_tuner.tokenizer
+    tok.padding_side = "left"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    out = model.generate(**enc, max_new_tokens=6, do_sample=False)
+    want = out[:, enc.input_ids.shape[1] :].tolist()
+    got = default_tuner.generate(PROMPTS, alpha=0.0, max_new_tokens=6)
+    eos = set(default_tuner.eos_token_ids)
+    for g, w in zip(got, want, strict=True):
+        cut = next((i + 1 for i, t in enumerate(w) if t in eos), len(w))
+        assert g.token_ids == w[:cut]
+
+
+def test_proxy_tuned_generation_runs_and_differs_from_base(default_tuner):
+    prompt = "Write a haiku about the sea."
+    base = default_tuner.generate(prompt, alpha=0.0, max_new_tokens=12)[0]
+    steered = default_tuner.generate(prompt, max_new_tokens=12, logprobs=True)[0]
+    assert steered.completion_tokens > 0 and steered.text.strip()
+    assert all(lp.logprob <= 0 for lp in steered.logprobs)
+    assert steered.token_ids != base.token_ids
+
+
+def test_converted_checkpoints_are_safetensors():
+    require_models()
+    for name in (BIG, SMALL):
+        path = embedded_model_dir(name)
+        assert list(path.glob("*.safetensors")) and not list(path.glob("*.bin"))
