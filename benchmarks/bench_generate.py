@@ -15,6 +15,7 @@ import multiprocessing as mp
 import platform
 import resource
 import time
+from queue import Empty
 from typing import Any
 
 PROMPTS = [
@@ -78,7 +79,13 @@ def run(system: str, args: dict[str, Any]) -> dict[str, Any]:
     queue = ctx.Queue()
     proc = ctx.Process(target=measure, args=(system, args, queue))
     proc.start()
-    result = queue.get()
+    while True:  # a child that dies must not leave us waiting forever
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                raise SystemExit(f"the {system} run failed (exit code {proc.exitcode})") from None
     proc.join()
     return result
 

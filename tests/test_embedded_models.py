@@ -39,7 +39,8 @@ def default_tuner():
 def test_default_roles_share_the_small_model(default_tuner):
     pair = default_tuner.pairs[0]
     assert pair.expert.model is pair.anti_expert.model  # 0.5B loaded once
-    assert pair.expert.prompt.kind == "chat" and pair.anti_expert.prompt.kind == "raw"
+    assert pair.expert.prompt.kind == "chat"
+    assert pair.anti_expert.prompt == default_tuner.base.prompt
     assert default_tuner.vocab_size == len(default_tuner.tokenizer)
     assert 151645 in default_tuner.eos_token_ids  # <|im_end|>
 
@@ -51,7 +52,8 @@ def test_alpha_zero_equals_the_base_models_own_generate(default_tuner):
     assert isinstance(model, AutoModelForCausalLM._model_mapping[type(model.config)])
     tok = default_tuner.tokenizer
     tok.padding_side = "left"
-    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    texts = [default_tuner.base.prompt.template.format(prompt=p) for p in PROMPTS]
+    enc = tok(texts, return_tensors="pt", padding=True)
     out = model.generate(**enc, max_new_tokens=6, do_sample=False)
     want = out[:, enc.input_ids.shape[1] :].tolist()
     got = default_tuner.generate(PROMPTS, alpha=0.0, max_new_tokens=6)

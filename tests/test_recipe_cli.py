@@ -92,7 +92,8 @@ def test_recipe_alpha_schedule():
 def test_default_recipe_ships_and_parses():
     r = load_recipe(default_recipe_path())
     assert r.base.path == "embedded:qwen2.5-coder-1.5b-instruct"
-    assert r.pairs[0][0].prompt.kind == "chat" and r.pairs[0][1].prompt.kind == "raw"
+    assert r.pairs[0][0].prompt.kind == "chat"
+    assert r.pairs[0][1].prompt == r.base.prompt and r.base.prompt.template == "{prompt}\n"
 
 
 def test_cli_generate_json(tiny_dirs, capsys):

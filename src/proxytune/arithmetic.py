@@ -62,16 +62,21 @@ def add_scaled(scores: torch.Tensor, offset: torch.Tensor, alpha: Alpha) -> torc
 
     ``0 * -inf`` is NaN in IEEE arithmetic; a zero alpha must instead leave ``scores`` bit for
     bit unchanged, so it is skipped (scalar) or selected away (per-row tensor).
+
+    Masks are vetoes, never certainties: a ``-inf`` push rules a token out, while a ``+inf``
+    push (an anti-expert that masks a token the expert allows, or a negative alpha on a masked
+    expert token) carries no usable size and counts as 0, so no score becomes ``+inf`` or NaN.
     """
     if isinstance(alpha, torch.Tensor):
         alpha = alpha.to(scores.device, torch.float32)
         if alpha.dim() == 1:
             alpha = alpha[:, None]
         scaled = torch.where(alpha == 0, torch.zeros_like(scores), alpha * offset.to(scores))
-        return scores + scaled
-    if alpha == 0:
+    elif alpha == 0:
         return scores
-    return scores + alpha * offset.to(scores.device)
+    else:
+        scaled = alpha * offset.to(scores.device)
+    return scores + scaled.masked_fill(torch.isposinf(scaled), 0.0)
 
 
 def proxy_scores(

@@ -99,6 +99,12 @@ def generate(
     as_json: Annotated[bool, Opt("--json", help="One JSON object per result.")] = False,
     compare: Annotated[bool, Opt(help="Base alone, expert alone and proxy-tuned.")] = False,
     stream: Annotated[bool, Opt(help="Print text as it is generated.")] = False,
+    rule: Annotated[
+        str | None, Opt(help="Steering rule (see `proxytune rules`); default: the recipe's.")
+    ] = None,
+    rule_arg: Annotated[
+        list[str], Opt(help="Rule setting key=value (repeatable; inner.k=5 reaches inside).")
+    ] = [],  # noqa: B006
 ) -> None:
     """Generate text with proxy-tuning (the embedded default when no model is given)."""
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
@@ -115,6 +121,8 @@ def generate(
         dtype,
         trust_remote_code,
     )
+    if rule is not None or rule_arg:
+        tuner = tuner.with_rule(_rule_spec(tuner, rule, rule_arg))
     settings: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -184,6 +192,37 @@ def _compare(tuner: Any, prompts: list[str], settings: dict[str, Any], as_json: 
     Console().print(table)
 
 
+def _rule_spec(tuner: Any, name: str | None, args: list[str]) -> dict[str, Any]:
+    """``--rule`` and ``--rule-arg``: a new rule, or settings laid over the recipe's rule."""
+    from .rules import merge_specs, parse_rule_args, spec_of
+
+    if name is not None:
+        return parse_rule_args(args, name)
+    return merge_specs(spec_of(tuner.rule), parse_rule_args(args))
+
+
+@app.command()
+def rules(
+    name: Annotated[str | None, typer.Argument(help="Show one rule (default: all).")] = None,
+    as_json: Annotated[bool, Opt("--json", help="As JSON.")] = False,
+) -> None:
+    """List the steering rules: what each does, its formula, cost and settings."""
+    from .rules import describe
+
+    items = describe(name)
+    if as_json:
+        print(json.dumps(items, indent=2))
+        return
+    for item in items:
+        print(f"{item['name']}: {item['summary']}")
+        print(f"    formula: {item['formula']}")
+        print(f"    cost: {item['cost']}")
+        for s in item["settings"]:
+            print(f"    {s['name']} = {json.dumps(s['default'])}: {s['help']}")
+        print()
+    print("Use: proxytune generate --rule NAME --rule-arg key=value ...; details: docs/rules.md")
+
+
 @app.command()
 def setup(
     cache_dir: Annotated[
@@ -197,6 +236,358 @@ def setup(
     for name in EMBEDDED_MODELS:
         path = ensure_embedded(name, cache_dir=cache_dir, keep_downloads=keep_downloads)
         print(f"{name}: {path}")
+
+
+@app.command()
+def serve(
+    recipe: Annotated[str | None, Opt(help="Recipe file (YAML/TOML), or 'default'.")] = None,
+    base: Annotated[str | None, Opt(help="Base model: hub id, directory or .gguf.")] = None,
+    expert: Annotated[list[str], Opt(help="Expert model (repeat for several pairs).")] = [],  # noqa: B006
+    anti_expert: Annotated[list[str], Opt(help="Anti-expert model (repeat).")] = [],  # noqa: B006
+    alpha: Annotated[list[float], Opt(help="Default alpha, once or once per pair.")] = [],  # noqa: B006
+    base_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
+    expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "chat",
+    anti_expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
+    device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps")] = None,
+    dtype: Annotated[str | None, Opt(help="auto | float32 | bfloat16 | float16")] = None,
+    trust_remote_code: Annotated[bool, Opt(help="Run model code from the hub.")] = False,
+    host: Annotated[str, Opt(help="Interface to bind (loopback unless told otherwise).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, Opt(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        Opt(envvar="PROXYTUNE_API_KEY", help="Require 'Authorization: Bearer KEY' (not /health)."),
+    ] = None,
+    served_model_name: Annotated[
+        str | None, Opt(help="Model id for clients (default: the recipe or base name).")
+    ] = None,
+    max_top_logprobs: Annotated[int, Opt(help="Cap on top_logprobs / logprobs.")] = 20,
+    max_batch_size: Annotated[int, Opt(help="Sequences decoded together.")] = 32,
+    max_queue: Annotated[int, Opt(help="Requests waiting before 429.")] = 64,
+    max_tokens: Annotated[int | None, Opt(help="Cap on a request's max_tokens.")] = None,
+    shutdown_timeout: Annotated[float, Opt(help="Seconds to finish in-flight work.")] = 30.0,
+    no_kl_metric: Annotated[bool, Opt(help="Skip the steering KL in /metrics.")] = False,
+    log_level: Annotated[str, Opt(help="critical | error | warning | info | debug")] = "info",
+) -> None:
+    """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""
+    from .server import ServerSettings
+    from .server import serve as run_server
+
+    tuner = _build_tuner(
+        recipe,
+        base,
+        expert,
+        anti_expert,
+        alpha,
+        base_prompt,
+        expert_prompt,
+        anti_expert_prompt,
+        device,
+        dtype,
+        trust_remote_code,
+    )
+    if served_model_name is None:
+        if recipe is None and base is not None:
+            served_model_name = Path(base.rstrip("/")).name.removesuffix(".gguf")
+        else:
+            served_model_name = "default" if recipe in (None, "default") else Path(recipe).stem
+    settings = ServerSettings(
+        model_name=served_model_name,
+        api_key=api_key or None,
+        max_top_logprobs=max_top_logprobs,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        max_tokens=max_tokens,
+        kl_metric=not no_kl_metric,
+        shutdown_timeout=shutdown_timeout,
+    )
+    run_server(tuner, settings, host=host, port=port, log_level=log_level)
+
+
+def _th(name: str) -> str:
+    """The help text of a ``TrainConfig`` field (one source for the API and the CLI)."""
+    from .training.config import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].metadata["help"]
+
+
+@app.command()
+def train(
+    model: Annotated[str, Opt(help=_th("model"))],
+    data: Annotated[str, Opt(help=_th("data"))],
+    out: Annotated[str, Opt(help=_th("out"))],
+    lora: Annotated[bool, Opt(help=_th("lora"))] = False,
+    dpo: Annotated[bool, Opt(help="DPO on prompt/chosen/rejected lines (default: SFT).")] = False,
+    epochs: Annotated[float | None, Opt(help="Passes over the data (default 1).")] = None,
+    max_steps: Annotated[int | None, Opt(help=_th("max_steps"))] = None,
+    eval_data: Annotated[str | None, Opt(help=_th("eval_data"))] = None,
+    eval_fraction: Annotated[float, Opt(help=_th("eval_fraction"))] = 0.1,
+    lr: Annotated[float | None, Opt("--lr", help=_th("learning_rate"))] = None,
+    batch_size: Annotated[int, Opt(help=_th("batch_size"))] = 4,
+    grad_accum: Annotated[int, Opt(help=_th("grad_accum"))] = 1,
+    max_length: Annotated[int | None, Opt(help=_th("max_length"))] = None,
+    overlong: Annotated[str, Opt(help=_th("overlong"))] = "refuse",
+    template: Annotated[str, Opt(help=_th("template"))] = "auto",
+    system: Annotated[str | None, Opt(help=_th("system"))] = None,
+    lora_r: Annotated[int, Opt(help=_th("lora_r"))] = 16,
+    lora_alpha: Annotated[float, Opt(help=_th("lora_alpha"))] = 32.0,
+    lora_dropout: Annotated[float, Opt(help=_th("lora_dropout"))] = 0.05,
+    lora_targets: Annotated[str, Opt(help=_th("lora_targets"))] = "all-linear",
+    beta: Annotated[float, Opt(help=_th("beta"))] = 0.1,
+    lr_scheduler: Annotated[str, Opt(help=_th("lr_scheduler"))] = "linear",
+    warmup: Annotated[float, Opt(help=_th("warmup"))] = 0.0,
+    weight_decay: Annotated[float, Opt(help=_th("weight_decay"))] = 0.0,
+    seed: Annotated[int, Opt(help=_th("seed"))] = 0,
+    logging_steps: Annotated[int | None, Opt(help=_th("logging_steps"))] = None,
+    eval_steps: Annotated[int | None, Opt(help=_th("eval_steps"))] = None,
+    save_steps: Annotated[int | None, Opt(help=_th("save_steps"))] = None,
+    save_total_limit: Annotated[int, Opt(help=_th("save_total_limit"))] = 2,
+    resume: Annotated[bool, Opt(help="Continue from the last checkpoint in --out.")] = False,
+    resume_from: Annotated[str | None, Opt(help="Continue from this checkpoint.")] = None,
+    overwrite: Annotated[bool, Opt(help=_th("overwrite"))] = False,
+    device: Annotated[str, Opt(help=_th("device"))] = "auto",
+    precision: Annotated[str, Opt(help=_th("precision"))] = "auto",
+    gradient_checkpointing: Annotated[bool, Opt(help=_th("gradient_checkpointing"))] = False,
+    trust_remote_code: Annotated[bool, Opt(help=_th("trust_remote_code"))] = False,
+    allow_pickle: Annotated[bool, Opt(help=_th("allow_pickle"))] = False,
+    quiet: Annotated[bool, Opt(help="No progress bar or log lines.")] = False,
+) -> None:
+    """Fine-tune a small model into an expert (SFT or DPO, full or LoRA)."""
+    from .training import TrainConfig
+    from .training import train as run_training
+
+    if epochs is not None and max_steps is not None:
+        raise typer.BadParameter("give --epochs or --max-steps, not both")
+    if resume and resume_from:
+        raise typer.BadParameter("give --resume or --resume-from, not both")
+    result = run_training(
+        TrainConfig(
+            model=model,
+            data=data,
+            out=out,
+            method="dpo" if dpo else "sft",
+            lora=lora,
+            lora_r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            lora_targets=lora_targets,
+            beta=beta,
+            eval_data=eval_data,
+            eval_fraction=eval_fraction,
+            epochs=epochs or 1.0,
+            max_steps=max_steps,
+            learning_rate=lr,
+            lr_scheduler=lr_scheduler,
+            warmup=warmup,
+            weight_decay=weight_decay,
+            batch_size=batch_size,
+            grad_accum=grad_accum,
+            max_length=max_length,
+            overlong=overlong,
+            template=template,
+            system=system,
+            seed=seed,
+            logging_steps=logging_steps,
+            eval_steps=eval_steps,
+            save_steps=save_steps,
+            save_total_limit=save_total_limit,
+            resume=resume_from or resume,
+            overwrite=overwrite,
+            device=device,
+            precision=precision,
+            gradient_checkpointing=gradient_checkpointing,
+            trust_remote_code=trust_remote_code,
+            allow_pickle=allow_pickle,
+            progress=not quiet,
+        )
+    )
+    what = "a LoRA adapter" if result.lora else "the model"
+    print(f"saved {what} to {result.out} (trained on the {result.expert_prompt} prompt format)")
+    for name, losses in (("train", result.train_losses), ("eval", result.eval_losses)):
+        if losses:
+            print(f"  {name} loss {losses[0]:.4g} -> {losses[-1]:.4g}")
+    anti = result.base_model
+    print(
+        "use it as an expert:\n  proxytune generate --base BIG_MODEL "
+        f"--expert {result.out} --anti-expert {anti} --expert-prompt {result.expert_prompt} "
+        "'your prompt'"
+    )
+
+
+@app.command("eval")
+def eval_command(
+    task: Annotated[
+        str, typer.Argument(help="Built-in task (gsm_symbolic, ...), a task .yaml or a .jsonl.")
+    ],
+    recipe: Annotated[str | None, Opt(help="Recipe file (YAML/TOML), or 'default'.")] = None,
+    base: Annotated[str | None, Opt(help="Base model: hub id, directory or .gguf.")] = None,
+    expert: Annotated[list[str], Opt(help="Expert model (repeat for several pairs).")] = [],  # noqa: B006
+    anti_expert: Annotated[list[str], Opt(help="Anti-expert model (repeat).")] = [],  # noqa: B006
+    alpha: Annotated[
+        str | None, Opt(help="Alphas of the proxy systems: '0,0.5,1' or a range '0:2:0.25'.")
+    ] = None,
+    base_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
+    expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "chat",
+    anti_expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
+    tuned: Annotated[
+        str | None, Opt(help="A directly tuned model: the reference for gap closed.")
+    ] = None,
+    tuned_prompt: Annotated[str, Opt(help="Prompt format of --tuned.")] = "chat",
+    systems: Annotated[str, Opt(help="Which of base,expert,proxy to run.")] = "base,expert,proxy",
+    rule: Annotated[str | None, Opt(help="Steering rule of the proxy systems.")] = None,
+    rule_arg: Annotated[list[str], Opt(help="Rule setting key=value (repeatable).")] = [],  # noqa: B006
+    device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps")] = None,
+    dtype: Annotated[str | None, Opt(help="auto | float32 | bfloat16 | float16")] = None,
+    trust_remote_code: Annotated[bool, Opt(help="Run model code from the hub.")] = False,
+    out: Annotated[str | None, Opt(help="Results folder (default runs/eval/TASK).")] = None,
+    limit: Annotated[int | None, Opt(help="Only the first N examples.")] = None,
+    batch_size: Annotated[int, Opt(help="Examples per batch.")] = 8,
+    resume: Annotated[bool, Opt(help="Reuse saved per-example results.")] = True,
+    progress: Annotated[bool, Opt(help="Show progress bars.")] = True,
+    workers: Annotated[int, Opt(help="Code tasks: programs run at once.")] = 2,
+    gold_only: Annotated[
+        bool, Opt(help="Only the teacher-forced likelihood of the gold answers (no generation).")
+    ] = False,
+    max_new_tokens: Annotated[int | None, Opt()] = None,
+    temperature: Annotated[float | None, Opt(help="0 = greedy.")] = None,
+    n: Annotated[int | None, Opt(help="Samples per example (pass@k needs n >= k).")] = None,
+    seed: Annotated[int | None, Opt(help="Sampling seed, and the validation split's.")] = None,
+    k: Annotated[str | None, Opt(help="Code tasks: the k of pass@k, e.g. '1,5'.")] = None,
+    fewshot: Annotated[int | None, Opt(help="Worked examples in each prompt.")] = None,
+    search: Annotated[
+        str | None, Opt(help="Choose alpha on a validation split: grid | optuna.")
+    ] = None,
+    validation_size: Annotated[
+        int, Opt(help="Examples held out for choosing alpha (the rest are the test split).")
+    ] = 0,
+    metric: Annotated[str | None, Opt(help="Metric the search maximises.")] = None,
+    trials: Annotated[int, Opt(help="optuna trials.")] = 10,
+    as_json: Annotated[bool, Opt("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Score base, expert, proxy-tuned (per alpha) and tuned models on a task; gap closed."""
+    from .evaluation.commands import parse_alphas, run_eval
+
+    tuner = _build_tuner(
+        recipe,
+        base,
+        expert,
+        anti_expert,
+        [],
+        base_prompt,
+        expert_prompt,
+        anti_expert_prompt,
+        device,
+        dtype,
+        trust_remote_code,
+    )
+    tuned_tuner = None
+    if tuned is not None:
+        from .tuner import ProxyTuner
+
+        tuned_tuner = ProxyTuner.from_pretrained(
+            tuned,
+            base_prompt=tuned_prompt,
+            device=device or "auto",
+            dtype=dtype or "auto",
+            trust_remote_code=trust_remote_code,
+        )
+    chosen_rule = _rule_spec(tuner, rule, rule_arg) if rule is not None or rule_arg else None
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "n": n, "seed": seed}
+    overrides: dict[str, Any] = {"fewshot": fewshot}
+    if k is not None:
+        overrides["k"] = tuple(int(x) for x in k.split(","))
+    raise typer.Exit(
+        run_eval(
+            tuner,
+            task,
+            alphas=parse_alphas(alpha),
+            systems=[s.strip() for s in systems.split(",") if s.strip()],
+            tuned=tuned_tuner,
+            rule=chosen_rule,
+            out=out,
+            limit=limit,
+            batch_size=batch_size,
+            resume=resume,
+            progress=progress,
+            workers=workers,
+            gold_only=gold_only,
+            settings={key: v for key, v in settings.items() if v is not None},
+            task_overrides=overrides,
+            search=search,
+            validation_size=validation_size,
+            metric=metric,
+            trials=trials,
+            seed=seed or 0,
+            as_json=as_json,
+        )
+    )
+
+
+@app.command()
+def analyze(
+    prompts: Annotated[list[str] | None, typer.Argument(help="Prompts to generate from.")] = None,
+    prompts_file: Annotated[
+        str | None, Opt(help="More prompts: one per line, or a .jsonl of {prompt: ...}.")
+    ] = None,
+    recipe: Annotated[str | None, Opt(help="Recipe file (YAML/TOML), or 'default'.")] = None,
+    base: Annotated[str | None, Opt(help="Base model: hub id, directory or .gguf.")] = None,
+    expert: Annotated[list[str], Opt(help="Expert model (repeat for several pairs).")] = [],  # noqa: B006
+    anti_expert: Annotated[list[str], Opt(help="Anti-expert model (repeat).")] = [],  # noqa: B006
+    alpha: Annotated[list[float], Opt(help="Alpha, once for all pairs or once per pair.")] = [],  # noqa: B006
+    base_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
+    expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "chat",
+    anti_expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
+    rule: Annotated[str | None, Opt(help="Steering rule.")] = None,
+    rule_arg: Annotated[list[str], Opt(help="Rule setting key=value (repeatable).")] = [],  # noqa: B006
+    device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps")] = None,
+    dtype: Annotated[str | None, Opt(help="auto | float32 | bfloat16 | float16")] = None,
+    trust_remote_code: Annotated[bool, Opt(help="Run model code from the hub.")] = False,
+    max_new_tokens: Annotated[int | None, Opt()] = None,
+    temperature: Annotated[float | None, Opt(help="0 = greedy.")] = None,
+    seed: Annotated[int | None, Opt()] = None,
+    stop: Annotated[list[str], Opt(help="Stop string (repeatable).")] = [],  # noqa: B006
+    out: Annotated[str | None, Opt(help="Report folder (default runs/analysis).")] = None,
+    top_tokens: Annotated[int, Opt(help="How many promoted tokens to list.")] = 20,
+    min_count: Annotated[int, Opt(help="Only tokens generated at least this often.")] = 1,
+    as_json: Annotated[bool, Opt("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Per-token probabilities of every model, shifts, ranks and KL: an HTML report and plots."""
+    from .evaluation.commands import read_prompts, run_analyze
+
+    all_prompts = list(prompts or []) + (read_prompts(prompts_file) if prompts_file else [])
+    tuner = _build_tuner(
+        recipe,
+        base,
+        expert,
+        anti_expert,
+        alpha,
+        base_prompt,
+        expert_prompt,
+        anti_expert_prompt,
+        device,
+        dtype,
+        trust_remote_code,
+    )
+    chosen_rule = _rule_spec(tuner, rule, rule_arg) if rule is not None or rule_arg else None
+    settings = {
+        "max_new_tokens": max_new_tokens,
+        "temperature": temperature,
+        "seed": seed,
+        "stop": tuple(stop) or None,
+    }
+    raise typer.Exit(
+        run_analyze(
+            tuner,
+            all_prompts,
+            rule=chosen_rule,
+            out=out,
+            top_tokens=top_tokens,
+            min_count=min_count,
+            settings={key: v for key, v in settings.items() if v is not None},
+            as_json=as_json,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

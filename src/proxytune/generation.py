@@ -1,9 +1,11 @@
 """The decode loop: per-model prompts and caches, one shared list of generated ids per row.
 
 Every step: each model scores its own sequence -> log-probs over the shared vocabulary ->
-the rule combines them (:mod:`proxytune.arithmetic`) -> sampling picks one id per row
-(:mod:`proxytune.sampling`) -> that id is appended to every model's sequence. Text only
-appears at the edges (prompt rendering, :class:`~proxytune.detokenize.TextTracker`).
+the rule combines them (:mod:`proxytune.rules`, a :class:`~proxytune.rules.StepContext` in,
+``(B, V)`` scores out) -> sampling picks one id per row (:mod:`proxytune.sampling`) -> that id
+is appended to every model's sequence. Text only appears at the edges (prompt rendering,
+:class:`~proxytune.detokenize.TextTracker`). The rule says up front which models it reads;
+the others are never run.
 """
 
 from __future__ import annotations
@@ -14,17 +16,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .arithmetic import Alpha, PairLogprobs, check_finite, combine_proxy, log_probs, top_logprobs
+from .arithmetic import PairLogprobs, check_finite, log_probs, top_logprobs
 from .backends.base import DecodeState, LogitsModel
 from .config import GenerationConfig
 from .detokenize import TextTracker
 from .errors import ConfigError, NumericalError, PromptTooLongError
 from .prompts import Prompt, PromptFormat
 from .results import StepUpdate, TokenLogprob
+from .rules import Combiner, PairInfo, Request, Rule, Sides, StepContext, make_rule
 from .sampling import next_tokens
 from .schedules import Constant, Schedule
-
-Combiner = Callable[[torch.Tensor, Sequence[PairLogprobs], Sequence[Alpha]], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,43 @@ class Pair:
 
     @property
     def always_off(self) -> bool:
-        """A constant zero alpha: the pair cannot change anything and is not run."""
+        """A constant zero alpha: under most rules the pair cannot change anything."""
         return isinstance(self.alpha, Constant) and self.alpha.alpha == 0.0
+
+    @property
+    def info(self) -> PairInfo:
+        """What a rule may know about this pair before any model runs."""
+        return PairInfo(self.expert is not None, self.anti_expert is not None, self.always_off)
+
+
+def plan(
+    rule: Rule | None,
+    base: Member,
+    pairs: Sequence[Pair],
+    prompts: Sequence[Prompt],
+    vocab_size: int,
+    eos_token_ids: Sequence[int] = (),
+) -> tuple[Combiner, list[Sides], list[Member]]:
+    """Bind ``rule`` to one request: its step function, what it reads of each pair, and the
+    pair members that must run (the base always runs)."""
+    rule = make_rule(rule)
+    request = Request(
+        prompts=tuple(prompts),
+        pairs=tuple(p.info for p in pairs),
+        vocab_size=vocab_size,
+        tokenizer=base.model.tokenizer,
+        eos_token_ids=tuple(eos_token_ids),
+        device=getattr(base.model, "device", None),
+    )
+    needs = list(rule.needs(request))
+    combine = rule.bind(request)
+    members = [
+        m
+        for p, (e, a) in zip(pairs, needs, strict=True)
+        for m, used in ((p.expert, e), (p.anti_expert, a))
+        if used and m is not None
+    ]
+    return combine, needs, members
 
 
 @dataclass
@@ -99,40 +135,24 @@ def render_prompts(
     return rendered
 
 
-def decode(
+def make_rows(
     base: Member,
-    pairs: Sequence[Pair],
-    prompts: Sequence[Prompt],
+    members: Sequence[Member],
+    rendered: dict[str, list[list[int]]],
+    n_prompts: int,
     config: GenerationConfig,
-    vocab_size: int,
-    eos_token_ids: Sequence[int],
-    combine: Combiner = combine_proxy,
-) -> Iterator[list[StepUpdate]]:
-    """Generate for every prompt (x ``config.n``), yielding each step's new tokens.
-
-    Prompts are rendered and checked here, at once; the models run as the iterator is
-    consumed. Rows that finish are dropped from every model's batch. Closing the iterator
-    cancels the work.
-    """
-    if not prompts:
-        raise ConfigError("no prompts given: pass at least one prompt")
-    pairs = [p for p in pairs if not p.always_off]
-    members = [base, *(m for p in pairs for m in p.members)]
-    rendered = render_prompts(members, prompts)
-    device = base.model.device
-    eos = set() if config.ignore_eos else set(eos_token_ids)
+    penalised: bool,
+) -> list[_Row]:
+    """One row per prompt and sample (prompt-major): its budget (``max_new_tokens``, or less
+    where a model's context is nearly full), text tracker, penalty history and seeded RNG."""
     seed = config.seed if config.seed is not None else secrets.randbits(62)
-    penalised = bool(
-        config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty
-    )
-
     rows: list[_Row] = []
-    for p in range(len(prompts)):
+    for p in range(n_prompts):
         room = min((m.model.context_length or 1 << 62) - len(rendered[m.role][p]) for m in members)
         for s in range(config.n):
             gen = None
             if not config.greedy:
-                gen = torch.Generator(device=device).manual_seed(row_seed(seed, s))
+                gen = torch.Generator(device=base.model.device).manual_seed(row_seed(seed, s))
             rows.append(
                 _Row(
                     index=len(rows),
@@ -144,13 +164,67 @@ def decode(
                     generator=gen,
                 )
             )
+    return rows
 
-    return _run(base, pairs, members, rendered, rows, config, vocab_size, eos, penalised, combine)
+
+def emit(
+    row: _Row, token: int, record: TokenLogprob | None, eos: set[int], penalised: bool
+) -> StepUpdate:
+    """Append ``token`` to ``row`` (penalty history, text tracker) and say whether it ended it
+    (EOS, a stop string, the budget): the one place where rows finish."""
+    if penalised:
+        row.history.append(token)
+    delta = row.tracker.push(token)
+    finish, reason = _finish(row, token, eos)
+    if finish is not None:
+        delta += row.tracker.finish()
+    return StepUpdate(
+        row=row.index,
+        prompt_index=row.prompt_index,
+        sample_index=row.sample_index,
+        token_id=token,
+        delta=delta,
+        logprob=record,
+        finish_reason=finish,
+        stop_reason=reason,
+    )
+
+
+def decode(
+    base: Member,
+    pairs: Sequence[Pair],
+    prompts: Sequence[Prompt],
+    config: GenerationConfig,
+    vocab_size: int,
+    eos_token_ids: Sequence[int],
+    rule: Rule | None = None,
+) -> Iterator[list[StepUpdate]]:
+    """Generate for every prompt (x ``config.n``), yielding each step's new tokens.
+
+    ``rule``: a :class:`~proxytune.rules.Rule` (default: the paper's ``proxy``). Prompts are
+    rendered and checked and the rule is bound here, at once; the models run as the iterator
+    is consumed. Rows that finish are dropped from every model's batch. Closing the iterator
+    cancels the work.
+    """
+    if not prompts:
+        raise ConfigError("no prompts given: pass at least one prompt")
+    combine, needs, running = plan(rule, base, pairs, prompts, vocab_size, eos_token_ids)
+    members = [base, *running]
+    rendered = render_prompts(members, prompts)
+    eos = set() if config.ignore_eos else set(eos_token_ids)
+    penalised = bool(
+        config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty
+    )
+    rows = make_rows(base, members, rendered, len(prompts), config, penalised)
+    return _run(
+        base, pairs, needs, members, rendered, rows, config, vocab_size, eos, penalised, combine
+    )
 
 
 def _run(
     base: Member,
     pairs: Sequence[Pair],
+    needs: Sequence[Sides],
     members: Sequence[Member],
     rendered: dict[str, list[list[int]]],
     rows: list[_Row],
@@ -171,7 +245,16 @@ def _run(
     live = rows
     step = 0
     while True:
-        scores = combined_scores(base, pairs, logits, vocab_size, step, combine, device)
+        base_lp, pair_lps = model_logprobs(base, pairs, needs, logits, vocab_size, device)
+        ctx = StepContext(
+            base=base_lp,
+            pairs=pair_lps,
+            alphas=tuple(p.alpha(step) for p in pairs),
+            step=step,
+            prompt_index=tuple(r.prompt_index for r in live),
+            generated=[r.tracker.ids for r in live],
+        )
+        scores = checked_scores(combine, ctx)
         chosen = next_tokens(
             scores,
             temperature=config.temperature,
@@ -187,27 +270,10 @@ def _run(
         records = _logprob_records(scores, chosen, config, base.model.tokenizer)
         updates, keep = [], []
         for i, row in enumerate(live):
-            token = int(chosen[i])
-            if penalised:
-                row.history.append(token)
-            delta = row.tracker.push(token)
-            finish, reason = _finish(row, token, eos)
-            if finish is not None:
-                delta += row.tracker.finish()
-            else:
+            update = emit(row, int(chosen[i]), records[i] if records else None, eos, penalised)
+            if update.finish_reason is None:
                 keep.append(i)
-            updates.append(
-                StepUpdate(
-                    row=row.index,
-                    prompt_index=row.prompt_index,
-                    sample_index=row.sample_index,
-                    token_id=token,
-                    delta=delta,
-                    logprob=records[i] if records else None,
-                    finish_reason=finish,
-                    stop_reason=reason,
-                )
-            )
+            updates.append(update)
         yield updates
         if not keep:
             return
@@ -222,19 +288,22 @@ def _run(
         step += 1
 
 
-def combined_scores(
+def model_logprobs(
     base: Member,
     pairs: Sequence[Pair],
+    needs: Sequence[Sides],
     logits: dict[str, torch.Tensor],
     vocab_size: int,
-    step: int,
-    combine: Combiner,
     device: torch.device,
-) -> torch.Tensor:
-    """Log-probs of every model over the shared vocabulary, combined by the rule."""
+) -> tuple[torch.Tensor, tuple[PairLogprobs, ...]]:
+    """Each running model's ``(B, V)`` log-probs over the shared vocabulary, checked finite.
 
-    def lp(member: Member | None) -> torch.Tensor | None:
-        if member is None:
+    Returns the base's and, per pair, ``(expert, anti-expert)`` with ``None`` for a side the
+    rule does not read (so pair ``i`` stays at index ``i``).
+    """
+
+    def lp(member: Member | None, used: bool = True) -> torch.Tensor | None:
+        if member is None or not used:
             return None
         raw = logits[member.role]
         check_finite(raw, f"{member.role} ({member.model.name})")
@@ -242,20 +311,53 @@ def combined_scores(
 
     base_lp = lp(base)
     assert base_lp is not None
-    pair_lps = [(lp(p.expert), lp(p.anti_expert)) for p in pairs]
-    scores = combine(base_lp, pair_lps, [p.alpha(step) for p in pairs])
+    pair_lps = tuple(
+        (lp(p.expert, e), lp(p.anti_expert, a)) for p, (e, a) in zip(pairs, needs, strict=True)
+    )
+    return base_lp, pair_lps
+
+
+def checked_scores(combine: Combiner, ctx: StepContext) -> torch.Tensor:
+    """Run the rule on ``ctx``; refuse NaN and rows where no token is left."""
+    scores = combine(ctx)
+    label = getattr(combine, "label", None) or getattr(combine, "__name__", "the rule")
     if torch.isnan(scores).any():
         raise NumericalError(
-            f"the combined scores hold NaN at step {step}; check the rule's settings"
+            f"the combined scores hold NaN at step {ctx.step}; check the settings of rule {label}"
         )
     empty = torch.isneginf(scores).all(dim=-1)
     if bool(empty.any()):
         row = int(empty.nonzero()[0])
         raise NumericalError(
-            f"the combination left no possible token for row {row} at step {step}; loosen the "
-            "rule's filters (top-k, plausibility threshold, block-lists)"
+            f"rule {label} left no possible token for row {row} at step {ctx.step}; loosen its "
+            "filters (top-k, plausibility threshold, allow/block-lists) or check its alphas"
         )
     return scores
+
+
+def combined_scores(
+    base: Member,
+    pairs: Sequence[Pair],
+    logits: dict[str, torch.Tensor],
+    vocab_size: int,
+    step: int,
+    combine: Callable[..., torch.Tensor],
+    device: torch.device,
+) -> torch.Tensor:
+    """Legacy entry point: ``combine(base_lp, pair_lps, alphas)`` on every pair's models.
+
+    Kept for callers that have not moved to rules yet (``server/batch.py``); new code uses
+    :func:`plan`, :func:`model_logprobs` and :func:`checked_scores`.
+    """
+    needs = [(p.expert is not None, p.anti_expert is not None) for p in pairs]
+    base_lp, pair_lps = model_logprobs(base, pairs, needs, logits, vocab_size, device)
+    ctx = StepContext(base_lp, pair_lps, tuple(p.alpha(step) for p in pairs), step)
+
+    def legacy(c: StepContext) -> torch.Tensor:
+        return combine(c.base, c.pairs, c.alphas)
+
+    legacy.__name__ = getattr(combine, "__name__", "combine")
+    return checked_scores(legacy, ctx)
 
 
 def _logprob_records(

@@ -12,13 +12,15 @@ first in the processor list. Beam search (which reorders rows) is refused.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .backends.base import DecodeState
 from .errors import ConfigError
-from .generation import Combiner, Member, Pair, combined_scores, render_prompts
+from .generation import Member, Pair, checked_scores, model_logprobs, plan, render_prompts
 from .prompts import Prompt
+from .rules import Rule, StepContext
 
 
 class ProxyLogitsProcessor:
@@ -29,16 +31,22 @@ class ProxyLogitsProcessor:
         pairs: Sequence[Pair],
         prompts: Sequence[Prompt],
         vocab_size: int,
-        combine: Combiner,
+        rule: Rule | None = None,
+        tokenizer: Any = None,
+        eos_token_ids: Sequence[int] = (),
+        device: torch.device | None = None,
     ) -> None:
         if not prompts:
             raise ConfigError("no prompts given: pass the prompts given to generate()")
         self.pairs = list(pairs)
-        self.members: list[Member] = [m for p in self.pairs for m in p.members]
+        self.base = Member("base", _ScoresOnly(tokenizer, device))  # type: ignore[arg-type]
+        self.combine, self.needs, self.members = plan(
+            rule, self.base, self.pairs, prompts, vocab_size, eos_token_ids
+        )
         self.rendered = render_prompts(self.members, prompts)
         self.n_prompts = len(prompts)
         self.vocab_size = vocab_size
-        self.combine = combine
+        self.repeat = 1
         self.states: dict[str, DecodeState] = {}
         self.logits: dict[str, torch.Tensor] = {}
         self.prompt_width = 0
@@ -56,16 +64,19 @@ class ProxyLogitsProcessor:
                 )
             new = input_ids[:, -1:]
             self.logits = {r: s.advance(new)[:, -1] for r, s in self.states.items()}
-        base = Member("base", _ScoresOnly(scores.device))  # type: ignore[arg-type]
-        combined = combined_scores(
-            base,
-            self.pairs,
-            {"base": scores, **self.logits},
-            self.vocab_size,
-            self.step,
-            self.combine,
-            scores.device,
+        logits = {"base": scores, **self.logits}
+        base_lp, pair_lps = model_logprobs(
+            self.base, self.pairs, self.needs, logits, self.vocab_size, scores.device
         )
+        ctx = StepContext(
+            base=base_lp,
+            pairs=pair_lps,
+            alphas=tuple(p.alpha(self.step) for p in self.pairs),
+            step=self.step,
+            prompt_index=tuple(i // self.repeat for i in range(scores.shape[0])),
+            generated=input_ids[:, self.prompt_width :].tolist(),
+        )
+        combined = checked_scores(self.combine, ctx)
         self.step += 1
         out = torch.full_like(scores, float("-inf"), dtype=torch.float32)
         out[:, : self.vocab_size] = combined
@@ -78,7 +89,7 @@ class ProxyLogitsProcessor:
                 f"generate() runs {rows} rows for {self.n_prompts} prompts; pass the same "
                 "prompts to the processor as to the tokenizer"
             )
-        repeat = rows // self.n_prompts  # num_return_sequences expands each prompt in place
+        self.repeat = repeat = rows // self.n_prompts  # num_return_sequences: each in place
         self.prompt_width = input_ids.shape[1]
         for m in self.members:
             ids = [self.rendered[m.role][i // repeat] for i in range(rows)]
@@ -90,5 +101,6 @@ class _ScoresOnly:
 
     name = "base (generate)"
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, tokenizer: Any, device: torch.device | None) -> None:
+        self.tokenizer = tokenizer
         self.device = device

@@ -7,6 +7,7 @@ Example (``recipes/default.yaml`` is the embedded default)::
       - expert: {model: small-tuned, prompt: chat}
         anti_expert: {model: small-untuned, prompt: raw}
         alpha: 1.0            # or {schedule: linear, start: 0, end: 1, steps: 32}
+    rule: {name: plausible, tau: 0.1}   # optional: a steering rule (`proxytune rules`)
     model_defaults: {device: auto, dtype: auto}
     generation: {max_new_tokens: 128, temperature: 0}
 """
@@ -27,7 +28,7 @@ from .errors import ConfigError
 from .schedules import as_schedule
 from .specs import ModelSpec
 
-TOP_LEVEL = {"base", "pairs", "model_defaults", "generation", "name", "description"}
+TOP_LEVEL = {"base", "pairs", "rule", "model_defaults", "generation", "name", "description"}
 PAIR_KEYS = {"expert", "anti_expert", "alpha"}
 
 
@@ -40,6 +41,8 @@ class Recipe:
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     name: str = "recipe"
     description: str = ""
+    rule: Any = None
+    """The steering rule (a :class:`~proxytune.rules.Rule`); ``None`` is the paper's."""
 
 
 def default_recipe_path() -> Path:
@@ -97,7 +100,29 @@ def parse_recipe(data: Mapping[str, Any], name: str = "recipe", **model_override
         generation=GenerationConfig().updated(**dict(gen)),
         name=str(data.get("name", name)),
         description=str(data.get("description", "")),
+        rule=_rule(data.get("rule"), pairs),
     )
+
+
+def _rule(spec: Any, pairs: list[tuple[Any, Any, Any]]) -> Any:
+    """The recipe's ``rule:`` (a name or ``{name: ..., **settings}``), checked against its
+    pairs now, before any model loads."""
+    if spec is None:
+        return None
+    from .rules import PairInfo, Request, RuleBase, make_rule  # torch: only when a rule is named
+    from .schedules import Constant
+
+    rule = make_rule(spec, where="rule")
+    if isinstance(rule, RuleBase):
+        infos = [
+            PairInfo(e is not None, a is not None, as_schedule(alpha) == Constant(0.0))
+            for e, a, alpha in pairs
+        ]
+        try:
+            rule.check(Request(pairs=tuple(infos)))
+        except ConfigError as err:
+            raise ConfigError(f"rule: {err}") from None
+    return rule
 
 
 def _side(spec: Any, defaults: Mapping[str, Any]) -> ModelSpec | None:

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import copy
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from .arithmetic import combine_proxy
 from .backends.base import LogitsModel
 from .config import GenerationConfig
 from .errors import ConfigError
-from .generation import Combiner, Member, Pair, decode
+from .generation import Member, Pair, decode
 from .prompts import Prompt, PromptFormat
 from .results import GenerationResult, StepUpdate, TokenLogprob
+from .rules import Request, Rule, RuleBase, legacy_rule, make_rule
 from .schedules import Schedule, as_schedule
 from .specs import ModelSpec
 from .vocab import shared_vocab_size
 
 AlphaSpec = float | Schedule | Mapping[str, Any]
+RuleSpec = str | Mapping[str, Any] | Rule | None
+"""A rule name, ``{name: ..., **settings}``, a :class:`~proxytune.rules.Rule`, or a step
+function ``StepContext -> (B, V)``; ``None`` is the paper's ``proxy`` rule."""
 
 
 class ProxyTuner:
@@ -26,6 +30,7 @@ class ProxyTuner:
     >>> tuner = ProxyTuner.from_pretrained("big-base", expert="small-chat",
     ...                                    anti_expert="small-base", alpha=1.0)  # doctest: +SKIP
     >>> tuner.generate("Write a haiku about rain.", max_new_tokens=40)[0].text  # doctest: +SKIP
+    >>> tuner.generate("...", rule={"name": "plausible", "tau": 0.1})  # doctest: +SKIP
     """
 
     def __init__(
@@ -33,12 +38,18 @@ class ProxyTuner:
         base: Member,
         pairs: Sequence[Pair] = (),
         defaults: GenerationConfig | None = None,
-        combine: Combiner | None = None,
+        rule: RuleSpec = None,
+        *,
+        combine: Callable[..., Any] | None = None,
     ) -> None:
+        if combine is not None and rule is not None:
+            raise ConfigError("give a rule or a (legacy) combine function, not both")
+        self.combine = combine
+        """Legacy: a three-argument ``combine(base_lp, pair_lps, alphas)`` (the first engine's
+        hook, still read by the server); prefer ``rule``, which sees the whole StepContext."""
         self.base = base
         self.pairs = list(pairs)
         self.defaults = defaults or GenerationConfig()
-        self.combine = combine
         roles = [m.role for m in self.members]
         if len(set(roles)) != len(roles):
             raise ConfigError(f"model roles must be unique, got {roles}")
@@ -48,6 +59,28 @@ class ProxyTuner:
                 for m in self.members
             ]
         )
+        self.rule = self._checked_rule(rule if combine is None else legacy_rule(combine))
+
+    def with_rule(self, rule: RuleSpec) -> ProxyTuner:
+        """The same models and defaults under another rule (nothing is reloaded)."""
+        other = copy.copy(self)
+        other.rule = self._checked_rule(rule)
+        other.combine = None
+        return other
+
+    def _checked_rule(self, rule: RuleSpec) -> Rule:
+        """``rule`` as a :class:`~proxytune.rules.Rule`, checked against this model set."""
+        built = make_rule(rule)
+        if isinstance(built, RuleBase):
+            built.check(
+                Request(
+                    pairs=tuple(p.info for p in self.pairs),
+                    vocab_size=self.vocab_size,
+                    tokenizer=self.tokenizer,
+                    eos_token_ids=self.eos_token_ids,
+                )
+            )
+        return built
 
     @property
     def members(self) -> list[Member]:
@@ -79,11 +112,14 @@ class ProxyTuner:
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
+        rule: RuleSpec = None,
         **defaults: Any,
     ) -> ProxyTuner:
         """Load one base and (optionally) one pair; the expert sees its chat template by default.
 
-        For several pairs, build :class:`~proxytune.recipe.Recipe` or use :meth:`from_specs`.
+        ``rule`` selects the steering rule (:mod:`proxytune.rules`); ``defaults`` are
+        generation settings. For several pairs, build :class:`~proxytune.recipe.Recipe` or use
+        :meth:`from_specs`.
         """
         opts = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
         base_spec = ModelSpec.parse(base, prompt=PromptFormat.parse(base_prompt), **opts)
@@ -102,7 +138,7 @@ class ProxyTuner:
                 )
             )
             pairs.append((e, a, alpha))
-        return cls.from_specs(base_spec, pairs, GenerationConfig().updated(**defaults))
+        return cls.from_specs(base_spec, pairs, GenerationConfig().updated(**defaults), rule=rule)
 
     @classmethod
     def from_specs(
@@ -111,13 +147,22 @@ class ProxyTuner:
         pairs: Sequence[tuple[ModelSpec | None, ModelSpec | None, AlphaSpec]] = (),
         defaults: GenerationConfig | None = None,
         loaded: dict[tuple[Any, ...], LogitsModel] | None = None,
+        one_pass: bool = True,
+        rule: RuleSpec = None,
     ) -> ProxyTuner:
-        """Load every model once (roles with the same load settings share weights)."""
+        """Load every model once (roles with the same load settings share weights).
+
+        An expert that is a LoRA adapter of its anti-expert's model shares that model and runs
+        in the same forward pass (:mod:`proxytune.backends.lora_pair`) unless ``one_pass`` is
+        False. A trained adapter directory may stand alone as a model path.
+        """
         from .backends.hf import load_hf
+        from .backends.lora_pair import pair_models, resolve_adapter_dir
 
         cache = loaded if loaded is not None else {}
 
         def member(role: str, spec: ModelSpec | None) -> Member | None:
+            spec = resolve_adapter_dir(spec)
             if spec is None:
                 return None
             if spec.load_key not in cache:
@@ -126,15 +171,18 @@ class ProxyTuner:
 
         base_member = member("base", base)
         assert base_member is not None
-        built = [
-            Pair(
-                member(f"expert[{i}]", e),
-                member(f"anti_expert[{i}]", a),
-                as_schedule(alpha, f"alpha of pair {i}"),
+        built = []
+        for i, (e, a, alpha) in enumerate(pairs):
+            if one_pass:
+                pair_models(resolve_adapter_dir(e), resolve_adapter_dir(a), cache)
+            built.append(
+                Pair(
+                    member(f"expert[{i}]", e),
+                    member(f"anti_expert[{i}]", a),
+                    as_schedule(alpha, f"alpha of pair {i}"),
+                )
             )
-            for i, (e, a, alpha) in enumerate(pairs)
-        ]
-        return cls(base_member, built, defaults)
+        return cls(base_member, built, defaults, rule)
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> ProxyTuner:
@@ -142,7 +190,7 @@ class ProxyTuner:
         from .recipe import Recipe, load_recipe
 
         r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        return cls.from_specs(r.base, r.pairs, r.generation)
+        return cls.from_specs(r.base, r.pairs, r.generation, rule=r.rule)
 
     def alone(self, role: str = "base") -> ProxyTuner:
         """The model of ``role`` (``base``, ``expert[0]``, ...) decoding on its own prompt."""
@@ -162,35 +210,56 @@ class ProxyTuner:
         prompts: Prompt | Sequence[Prompt],
         alpha: AlphaSpec | Sequence[AlphaSpec] | None = None,
         config: GenerationConfig | None = None,
+        *,
+        rule: RuleSpec = None,
+        speculative: int | str | None = None,
+        stats: Any = None,
         **settings: Any,
     ) -> Iterator[list[StepUpdate]]:
-        """Low-level streaming: every step's new token of every live row."""
+        """Low-level streaming: every step's new token of every live row.
+
+        ``rule`` (here and in :meth:`generate`, :meth:`stream`) overrides the tuner's rule for
+        this call only. ``speculative``: a draft length or ``"auto"`` for speculative proxy
+        decoding (:mod:`proxytune.speculative`; same output distribution, fewer base forwards);
+        ``stats``: a :class:`~proxytune.speculative.SpeculativeStats` it fills in.
+        """
         cfg = config.updated(**settings) if config is not None else self.config(**settings)
         pairs = self._pairs_with(alpha)
-        return decode(
+        args = (
             self.base,
             pairs,
             _as_prompt_list(prompts),
             cfg,
             self.vocab_size,
             cfg.eos_token_ids if cfg.eos_token_ids is not None else self.eos_token_ids,
-            combine=self.combine or combine_proxy,
         )
+        chosen_rule = self.rule if rule is None else self._checked_rule(rule)
+        if speculative:
+            from .speculative import speculative_decode
+
+            return speculative_decode(*args, rule=chosen_rule, k=speculative, stats=stats)
+        return decode(*args, rule=chosen_rule)
 
     def generate(
         self,
         prompts: Prompt | Sequence[Prompt],
         alpha: AlphaSpec | Sequence[AlphaSpec] | None = None,
+        *,
+        rule: RuleSpec = None,
+        speculative: int | str | None = None,
+        stats: Any = None,
         **settings: Any,
     ) -> list[GenerationResult]:
-        """Generate for each prompt (``n`` samples each, prompt-major order)."""
+        """Generate for each prompt (``n`` samples each, prompt-major order); ``speculative``
+        and ``stats`` as in :meth:`steps`."""
         prompt_list = _as_prompt_list(prompts)
         cfg = self.config(**settings)
         text: dict[int, list[str]] = {}
         ids: dict[int, list[int]] = {}
         lps: dict[int, list[TokenLogprob]] = {}
         done: dict[int, StepUpdate] = {}
-        for updates in self.steps(prompt_list, alpha, cfg):
+        steps = self.steps(prompt_list, alpha, cfg, rule=rule, speculative=speculative, stats=stats)
+        for updates in steps:
             for u in updates:
                 text.setdefault(u.row, []).append(u.delta)
                 ids.setdefault(u.row, []).append(u.token_id)
@@ -215,13 +284,18 @@ class ProxyTuner:
         ]
 
     def stream(
-        self, prompt: Prompt, alpha: AlphaSpec | Sequence[AlphaSpec] | None = None, **settings: Any
+        self,
+        prompt: Prompt,
+        alpha: AlphaSpec | Sequence[AlphaSpec] | None = None,
+        *,
+        rule: RuleSpec = None,
+        **settings: Any,
     ) -> Iterator[str]:
         """Text deltas of one prompt as they become stable (stop strings never leak)."""
         cfg = self.config(**settings)
         if cfg.n != 1:
             raise ConfigError("stream() produces one sequence; use steps() for n > 1")
-        for updates in self.steps([prompt], alpha, cfg):
+        for updates in self.steps([prompt], alpha, cfg, rule=rule):
             for u in updates:
                 if u.delta:
                     yield u.delta
@@ -230,6 +304,8 @@ class ProxyTuner:
         self,
         prompts: Prompt | Sequence[Prompt],
         alpha: AlphaSpec | Sequence[AlphaSpec] | None = None,
+        *,
+        rule: RuleSpec = None,
     ) -> Any:
         """A ``LogitsProcessor`` that proxy-tunes ``self.base``'s own ``model.generate``."""
         from .processor import ProxyLogitsProcessor
@@ -238,7 +314,10 @@ class ProxyTuner:
             self._pairs_with(alpha),
             _as_prompt_list(prompts),
             self.vocab_size,
-            self.combine or combine_proxy,
+            self.rule if rule is None else self._checked_rule(rule),
+            tokenizer=self.tokenizer,
+            eos_token_ids=self.eos_token_ids,
+            device=self.base.model.device,
         )
 
     def _pairs_with(self, alpha: AlphaSpec | Sequence[AlphaSpec] | None) -> list[Pair]:

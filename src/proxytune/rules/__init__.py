@@ -1,0 +1,73 @@
+"""Steering rules: every way to combine the base with its proxies, selectable by name.
+
+A rule is validated settings plus a pure function on ``(B, V)`` log-probs. Select one by name
+and settings (what the CLI, recipe files and the server pass) or build it in Python:
+
+>>> from proxytune.rules import make_rule, Plausible
+>>> make_rule({"name": "plausible", "tau": 0.1}) == Plausible(tau=0.1)
+True
+
+``proxytune rules`` lists them; docs/rules.md has the formulas, when to use each, and costs.
+"""
+
+from __future__ import annotations
+
+from .alphas import Context, Gated, choose_alphas, confidence_gate, entropy
+from .base import (
+    RULES,
+    Bound,
+    FunctionRule,
+    RuleBase,
+    calibrate,
+    legacy_rule,
+    make_rule,
+    register,
+    spec_of,
+)
+from .combine import Base, Mixture, Pairs, Product, Proxy, mixture_scores, product_scores
+from .context import Combiner, PairInfo, Request, Rule, Sides, StepContext
+from .filters import Plausible, Rerank, Tokens, plausible_mask, top_k_mask
+from .reward import Args, RewardScorer, args_scores, load_reward_model
+from .spec import describe, merge_specs, parse_rule_args
+
+__all__ = [
+    "RULES",
+    "Args",
+    "Base",
+    "Bound",
+    "Combiner",
+    "Context",
+    "FunctionRule",
+    "Gated",
+    "Mixture",
+    "PairInfo",
+    "Pairs",
+    "Plausible",
+    "Product",
+    "Proxy",
+    "Request",
+    "Rerank",
+    "RewardScorer",
+    "Rule",
+    "RuleBase",
+    "Sides",
+    "StepContext",
+    "Tokens",
+    "args_scores",
+    "calibrate",
+    "choose_alphas",
+    "confidence_gate",
+    "describe",
+    "entropy",
+    "legacy_rule",
+    "load_reward_model",
+    "make_rule",
+    "merge_specs",
+    "mixture_scores",
+    "parse_rule_args",
+    "plausible_mask",
+    "product_scores",
+    "register",
+    "spec_of",
+    "top_k_mask",
+]

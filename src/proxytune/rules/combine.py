@@ -1,0 +1,204 @@
+"""Rules that combine the base with the pairs: proxy, product of experts, mixture, per-pair.
+
+Each rule's formula is one pure function on ``(B, V)`` log-probs; the rule classes only pick
+the right tensors out of the :class:`~proxytune.rules.base.StepContext`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from ..arithmetic import Alpha, combine_proxy, proxy_scores
+from ..errors import ConfigError
+from .base import RuleBase, is_zero, only_pair, register, row_alpha, rule_spec
+from .context import PairInfo, Request, Sides, StepContext
+from .settings import list_of, setting
+
+NEG_INF = float("-inf")
+
+
+# -- the formulas ---------------------------------------------------------------------------
+
+
+def product_scores(
+    base: torch.Tensor, experts: Sequence[torch.Tensor], alphas: Sequence[Alpha]
+) -> torch.Tensor:
+    """Product of experts: ``log p_M + sum_i alpha_i * log p_Ei``, ``(B, V)``.
+
+    >>> b = torch.log(torch.tensor([[0.5, 0.5]])); e = torch.log(torch.tensor([[0.9, 0.1]]))
+    >>> torch.softmax(product_scores(b, [e], [1.0]), -1)
+    tensor([[0.9000, 0.1000]])
+    """
+    return proxy_scores(base, experts, alphas)  # an expert-only pair's offset is log p_E
+
+
+def mixture_scores(
+    base: torch.Tensor, components: Sequence[torch.Tensor], weights: Sequence[Alpha]
+) -> torch.Tensor:
+    """Mixture in log space: ``log((1 - sum_i w_i) p_M + sum_i w_i p_Ei)``, ``(B, V)``.
+
+    Computed as a ``logsumexp`` over the terms ``log(w) + log p``, so that tiny probabilities
+    never underflow to ``log 0``. Weights are floats or ``(B, 1)`` tensors in ``[0, 1]``; a
+    row whose weights are all 0 gets ``base`` back bit for bit.
+    """
+    rows = base.shape[0]
+    if all(is_zero(w) for w in weights):
+        return base
+    w = [row_alpha(x, rows, base.device) for x in weights]  # each (B, 1)
+    total = torch.cat(w, dim=-1).sum(dim=-1, keepdim=True)  # (B, 1)
+    if any(bool((x < 0).any()) for x in w) or bool((total > 1.0 + 1e-6).any()):
+        raise ConfigError(
+            "rule 'mixture' uses each pair's alpha as its mixing weight: every weight must be "
+            f"in [0, 1] and their sum at most 1; got {[x.flatten().tolist() for x in w]}"
+        )
+    rest = (1.0 - total).clamp(min=0.0)
+    terms = [torch.log(rest) + base]  # (B, V): log((1 - sum w) p_M)
+    terms += [torch.log(wi) + c for wi, c in zip(w, components, strict=True)]  # log(w_i p_Ei)
+    mixed = torch.logsumexp(torch.stack(terms), dim=0)  # (B, V)
+    return torch.where(total == 0, base, mixed)  # exact base where this row mixes nothing
+
+
+def steer_delta(base: torch.Tensor, steered: torch.Tensor) -> torch.Tensor:
+    """How far a rule moved the base: ``steered - base``, ``(B, V)``, with -inf made safe.
+
+    A token the steered scores rule out gets ``-inf``; a token the base already rules out gets
+    0 (it stays out through the base), so ``-inf - -inf`` never turns into NaN.
+    """
+    delta = steered - base
+    delta = torch.where(torch.isneginf(base), torch.zeros_like(delta), delta)
+    return delta.masked_fill(torch.isneginf(steered), NEG_INF)
+
+
+# -- the rules ------------------------------------------------------------------------------
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Proxy(RuleBase):
+    name = "proxy"
+    summary = "The paper's rule: each pair's log-ratio, scaled by its alpha, added to the base."
+    formula = "log p_M + sum_i alpha_i (log p_Ei - log p_Ai)"
+    cost = "one forward of each model per token (the pairs run in the same step)"
+
+    def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
+        return combine_proxy(ctx.base, *ctx.ran())
+
+
+@dataclass(frozen=True, kw_only=True)
+class _ExpertsOnly(RuleBase):
+    """Shared by the rules that read each pair's expert and never its anti-expert."""
+
+    def check(self, request: Request) -> None:
+        super().check(request)
+        for i, p in enumerate(request.pairs):
+            if not p.expert and not p.always_off:
+                raise ConfigError(
+                    f"rule {self.name!r} reads each pair's expert, but pair {i} has only an "
+                    "anti-expert; give it an expert or use rule 'proxy'"
+                )
+
+    def needs(self, request: Request) -> tuple[Sides, ...]:
+        self.check(request)
+        return tuple((p.expert and not p.always_off, False) for p in request.pairs)
+
+    def experts(self, ctx: StepContext) -> tuple[list[torch.Tensor], list[Alpha]]:
+        """Each pair's expert log-probs and alpha (pairs the loop did not run are skipped)."""
+        pairs, alphas = ctx.ran()
+        return [e for e, _ in pairs], alphas  # type: ignore[misc]
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Product(_ExpertsOnly):
+    name = "product"
+    summary = (
+        "Product of experts with tuned small models (no anti-expert): add alpha x the expert's "
+        "log-probs; calibrate with temperatures."
+    )
+    formula = "log p_M + sum_i alpha_i log p_Ei"
+    cost = "one forward of the base and of each expert per token (anti-experts are not run)"
+
+    def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
+        return product_scores(ctx.base, *self.experts(ctx))
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Mixture(_ExpertsOnly):
+    name = "mixture"
+    summary = (
+        "Mixture of probabilities (alpha = weight in [0, 1]): the base keeps 1 - sum w of the "
+        "mass; computed stably with logsumexp."
+    )
+    formula = "log((1 - sum_i w_i) p_M + sum_i w_i p_Ei),  w_i = alpha_i"
+    cost = "one forward of the base and of each expert per token; a logsumexp over (B, V)"
+
+    def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
+        return mixture_scores(ctx.base, *self.experts(ctx))
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Base(RuleBase):
+    name = "base"
+    summary = "The base model alone (pairs are not run): plain decoding, or ARGS's paper setup."
+    formula = "log p_M"
+    cost = "one forward of the base per token"
+
+    def needs(self, request: Request) -> tuple[Sides, ...]:
+        self.check(request)
+        return tuple((False, False) for _ in request.pairs)
+
+    def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
+        return ctx.base
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Pairs(RuleBase):
+    name = "pairs"
+    summary = (
+        "Several pairs, each with its own rule (style, safety, domain): each pair steers the "
+        "base by its rule and the steers add in log space."
+    )
+    formula = "log p_M + sum_i (R_i(M, pair i) - log p_M)"
+    cost = "the sum of the per-pair rules' costs"
+
+    rules: tuple[Any, ...] = setting(
+        (),
+        "required: one rule per pair, in pair order (a name or {name: ..., settings})",
+        list_of(rule_spec),
+    )
+
+    def check(self, request: Request) -> None:
+        super().check(request)
+        if len(self.rules) != len(request.pairs):
+            raise ConfigError(
+                f"rule 'pairs' needs one rule per pair: {len(self.rules)} rule(s) in 'rules' "
+                f"for {len(request.pairs)} pair(s)"
+            )
+
+    def _alone(self, request: Request, i: int) -> Request:
+        off = PairInfo(False, False, True)
+        pairs = tuple(p if j == i else off for j, p in enumerate(request.pairs))
+        return replace(request, pairs=pairs)
+
+    def needs(self, request: Request) -> tuple[Sides, ...]:
+        self.check(request)
+        return tuple(rule.needs(self._alone(request, i))[i] for i, rule in enumerate(self.rules))
+
+    def prepare(self, request: Request) -> Any:
+        return [rule.bind(self._alone(request, i)) for i, rule in enumerate(self.rules)]
+
+    def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
+        scores = ctx.base
+        for i, bound in enumerate(state):
+            expert, anti = ctx.pairs[i]
+            if expert is None and anti is None:
+                continue
+            scores = scores + steer_delta(ctx.base, bound(only_pair(ctx, i)))
+        return scores
