@@ -33,12 +33,21 @@ def _build_tuner(
     device: str | None,
     dtype: str | None,
     trust_remote_code: bool,
+    *,
+    base_api: Any = None,
+    cross_tokenizer: Any = None,
 ) -> Any:
+    """``base_api``: an :class:`~proxytune.backends.api.APISpec` standing for ``--base``;
+    ``cross_tokenizer``: the different-tokenizer mode (overrides the recipe's)."""
+    from dataclasses import replace
+
     from .recipe import default_recipe_path, load_recipe
     from .specs import ModelSpec
     from .tuner import ProxyTuner
 
-    if recipe is not None or base is None:
+    if base_api is not None and (base is not None or recipe is not None):
+        raise typer.BadParameter("give --base-url or --base/--recipe, not both")
+    if base_api is None and (recipe is not None or base is None):
         if experts or antis:
             raise typer.BadParameter("--expert/--anti-expert need --base (or use --recipe alone)")
         path = default_recipe_path() if recipe in (None, "default") else Path(recipe)
@@ -48,6 +57,8 @@ def _build_tuner(
                 raise typer.BadParameter(f"give one --alpha or one per pair ({len(r.pairs)})")
             values = alphas * len(r.pairs) if len(alphas) == 1 else alphas
             r.pairs[:] = [(e, a, v) for (e, a, _), v in zip(r.pairs, values, strict=True)]
+        if cross_tokenizer is not None:
+            r = replace(r, cross_tokenizer=cross_tokenizer)
         return ProxyTuner.from_recipe(r)
     if experts and antis and len(experts) != len(antis):
         raise typer.BadParameter(
@@ -68,7 +79,8 @@ def _build_tuner(
         e = ModelSpec(experts[i], prompt=expert_prompt, **opts) if experts else None
         a = ModelSpec(antis[i], prompt=anti_prompt, **opts) if antis else None
         pairs.append((e, a, values[i]))
-    return ProxyTuner.from_specs(ModelSpec(base, prompt=base_prompt, **opts), pairs)
+    base_spec = base_api if base_api is not None else ModelSpec(base, prompt=base_prompt, **opts)
+    return ProxyTuner.from_specs(base_spec, pairs, cross_tokenizer=cross_tokenizer)
 
 
 @app.command()
@@ -105,9 +117,52 @@ def generate(
     rule_arg: Annotated[
         list[str], Opt(help="Rule setting key=value (repeatable; inner.k=5 reaches inside).")
     ] = [],  # noqa: B006
+    speculative: Annotated[
+        str | None,
+        Opt(help="Speculative decoding: the expert drafts K tokens (or 'auto'); same output."),
+    ] = None,
+    base_url: Annotated[
+        str | None, Opt(help="Base behind an OpenAI-compatible API (http://host:port/v1).")
+    ] = None,
+    base_model: Annotated[str | None, Opt(help="The model name the --base-url serves.")] = None,
+    base_top_logprobs: Annotated[
+        int | None, Opt(help="API candidates per token (default: --top-logprobs, else 20).")
+    ] = None,
+    base_tokenizer: Annotated[
+        str | None, Opt(help="The API model's tokenizer (default: the pair's).")
+    ] = None,
+    api_key_env: Annotated[
+        str, Opt(help="Environment variable holding the API key.")
+    ] = "OPENAI_API_KEY",
+    base_chunk: Annotated[
+        str, Opt(help="Tokens the API drafts per call while the proxy agrees: auto | N.")
+    ] = "auto",
+    base_samples: Annotated[
+        int | None,
+        Opt(help="Last resort for an API without log-probs: estimate from N samples/token."),
+    ] = None,
+    cross_tokenizer: Annotated[
+        bool, Opt(help="Allow pairs whose tokenizer differs from the base's.")
+    ] = False,
+    min_coverage: Annotated[
+        float | None, Opt(help="Different tokenizers: refuse below this mapped mass.")
+    ] = None,
 ) -> None:
     """Generate text with proxy-tuning (the embedded default when no model is given)."""
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    base_api = _api_spec(
+        base_url,
+        base_model,
+        base_top_logprobs or top_logprobs,
+        base_tokenizer,
+        api_key_env,
+        base_chunk,
+        base_samples,
+        base_prompt,
+    )
+    cross: Any = None
+    if cross_tokenizer or min_coverage is not None:
+        cross = {} if min_coverage is None else {"min_coverage": min_coverage}
     tuner = _build_tuner(
         recipe,
         base,
@@ -120,6 +175,8 @@ def generate(
         device,
         dtype,
         trust_remote_code,
+        base_api=base_api,
+        cross_tokenizer=cross,
     )
     if rule is not None or rule_arg:
         tuner = tuner.with_rule(_rule_spec(tuner, rule, rule_arg))
@@ -137,20 +194,77 @@ def generate(
     }
     if top_logprobs is not None:
         settings.update(logprobs=True, top_logprobs=top_logprobs)
+    spec: dict[str, Any] = {}
+    if speculative not in (None, "0"):
+        from .speculative import SpeculativeStats, parse_draft_length
+
+        spec = {"speculative": parse_draft_length(speculative), "stats": SpeculativeStats()}
+    bill: dict[str, Any] = {}
+    if tuner.blackbox and not spec:  # an API base or a pair of another tokenizer: the bill
+        from .backends.blackbox import BlackBoxStats
+
+        bill = {"stats": BlackBoxStats()}
     if compare:
-        _compare(tuner, prompts, settings, as_json)
+        _compare(tuner, prompts, {**settings, **spec}, as_json)
     elif stream and not as_json:
         for p in prompts:
-            for delta in tuner.stream(p, **settings):
+            deltas = (
+                (u.delta for step in tuner.steps([p], **spec, **bill, **settings) for u in step)
+                if spec or bill
+                else tuner.stream(p, **settings)
+            )
+            for delta in deltas:
                 sys.stdout.write(delta)
                 sys.stdout.flush()
             sys.stdout.write("\n")
     else:
-        for r in tuner.generate(prompts, **settings):
+        for r in tuner.generate(prompts, **spec, **bill, **settings):
             if as_json:
                 print(json.dumps({"prompt": prompts[r.prompt_index], **r.to_dict()}))
             else:
                 print(r.text)
+    if bill and not compare:
+        print(f"black-box: {bill['stats'].summary()}", file=sys.stderr)
+    if spec:
+        st = spec["stats"]
+        print(
+            f"speculative: {st.accepted}/{st.proposed} drafts accepted "
+            f"({st.acceptance_rate:.0%}), {st.tokens_per_round:.2f} tokens per verification",
+            file=sys.stderr,
+        )
+
+
+def _api_spec(
+    url: str | None,
+    model: str | None,
+    top: int | None,
+    tokenizer: str | None,
+    key_env: str,
+    chunk: str,
+    samples: int | None,
+    prompt: str,
+) -> Any:
+    """The ``--base-url`` options as an :class:`~proxytune.backends.api.APISpec` (or None)."""
+    if url is None:
+        if model is not None:
+            raise typer.BadParameter("--base-model needs --base-url")
+        return None
+    if model is None:
+        raise typer.BadParameter("--base-url needs --base-model (the name the endpoint serves)")
+    from .backends.api import DEFAULT_TOP_LOGPROBS, APISpec
+
+    options: dict[str, Any] = {
+        "url": url,
+        "model": model,
+        "top_logprobs": top or DEFAULT_TOP_LOGPROBS,
+        "tokenizer": tokenizer,
+        "api_key_env": key_env,
+        "chunk": int(chunk) if chunk.isdigit() else chunk,
+        "prompt": prompt,
+    }
+    if samples is not None:
+        options.update(logprobs="sampled", samples=samples)
+    return APISpec(**options)
 
 
 def _systems(tuner: Any) -> dict[str, Any]:

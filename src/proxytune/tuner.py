@@ -9,6 +9,7 @@ from typing import Any
 
 from .backends.base import LogitsModel
 from .config import GenerationConfig
+from .crosstok import CrossOptions, check_vocabularies
 from .errors import ConfigError
 from .generation import Member, Pair, decode
 from .prompts import Prompt, PromptFormat
@@ -16,7 +17,6 @@ from .results import GenerationResult, StepUpdate, TokenLogprob
 from .rules import Request, Rule, RuleBase, legacy_rule, make_rule
 from .schedules import Schedule, as_schedule
 from .specs import ModelSpec
-from .vocab import shared_vocab_size
 
 AlphaSpec = float | Schedule | Mapping[str, Any]
 RuleSpec = str | Mapping[str, Any] | Rule | None
@@ -41,6 +41,7 @@ class ProxyTuner:
         rule: RuleSpec = None,
         *,
         combine: Callable[..., Any] | None = None,
+        cross_tokenizer: bool | Mapping[str, Any] | CrossOptions | None = False,
     ) -> None:
         if combine is not None and rule is not None:
             raise ConfigError("give a rule or a (legacy) combine function, not both")
@@ -53,12 +54,12 @@ class ProxyTuner:
         roles = [m.role for m in self.members]
         if len(set(roles)) != len(roles):
             raise ConfigError(f"model roles must be unique, got {roles}")
-        self.vocab_size = shared_vocab_size(
-            [
-                (f"{m.role} ({m.model.name})", m.model.tokenizer, m.model.vocab_width)
-                for m in self.members
-            ]
+        self.cross_options = CrossOptions.parse(cross_tokenizer)
+        """The different-tokenizer mode (``None``: off, mismatched tokenizers are refused)."""
+        self.vocab_size, self.cross_maps = check_vocabularies(
+            self.base, self.pairs, self.cross_options
         )
+        """Pair index -> :class:`~proxytune.crosstok.VocabMap` for pairs of another tokenizer."""
         self.rule = self._checked_rule(rule if combine is None else legacy_rule(combine))
 
     def with_rule(self, rule: RuleSpec) -> ProxyTuner:
@@ -92,9 +93,20 @@ class ProxyTuner:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        """Ids that end a row: every member's end-of-sequence ids."""
-        ids = [i for m in self.members for i in m.model.eos_token_ids]
+        """Ids that end a row: every member's end-of-sequence ids (a pair of another
+        tokenizer's, as the base ids that are its twins)."""
+        ids = list(self.base.model.eos_token_ids)
+        for i, p in enumerate(self.pairs):
+            for m in p.members:
+                own = m.model.eos_token_ids
+                ids += self.cross_maps[i].base_ids_of(own) if i in self.cross_maps else own
         return tuple(i for i in dict.fromkeys(ids) if i < self.vocab_size)
+
+    @property
+    def blackbox(self) -> bool:
+        """Whether generation runs the black-box loop: an API base (top-k only) or a pair of
+        another tokenizer (:mod:`proxytune.backends.blackbox`)."""
+        return bool(self.cross_maps) or bool(getattr(self.base.model, "top_k_only", False))
 
     # construction ---------------------------------------------------------------------------
 
@@ -113,13 +125,15 @@ class ProxyTuner:
         dtype: str = "auto",
         trust_remote_code: bool = False,
         rule: RuleSpec = None,
+        cross_tokenizer: bool | Mapping[str, Any] | CrossOptions | None = False,
         **defaults: Any,
     ) -> ProxyTuner:
         """Load one base and (optionally) one pair; the expert sees its chat template by default.
 
-        ``rule`` selects the steering rule (:mod:`proxytune.rules`); ``defaults`` are
-        generation settings. For several pairs, build :class:`~proxytune.recipe.Recipe` or use
-        :meth:`from_specs`.
+        ``rule`` selects the steering rule (:mod:`proxytune.rules`); ``cross_tokenizer``
+        allows a pair whose tokenizer differs from the base's (:mod:`proxytune.crosstok`);
+        ``defaults`` are generation settings. For several pairs, build
+        :class:`~proxytune.recipe.Recipe` or use :meth:`from_specs`.
         """
         opts = {"device": device, "dtype": dtype, "trust_remote_code": trust_remote_code}
         base_spec = ModelSpec.parse(base, prompt=PromptFormat.parse(base_prompt), **opts)
@@ -138,7 +152,65 @@ class ProxyTuner:
                 )
             )
             pairs.append((e, a, alpha))
-        return cls.from_specs(base_spec, pairs, GenerationConfig().updated(**defaults), rule=rule)
+        return cls.from_specs(
+            base_spec,
+            pairs,
+            GenerationConfig().updated(**defaults),
+            rule=rule,
+            cross_tokenizer=cross_tokenizer,
+        )
+
+    @classmethod
+    def from_api(
+        cls,
+        url: str,
+        model: str,
+        expert: str | ModelSpec | None = None,
+        anti_expert: str | ModelSpec | None = None,
+        alpha: AlphaSpec = 1.0,
+        *,
+        top_logprobs: int = 20,
+        expert_prompt: str | PromptFormat = "chat",
+        anti_expert_prompt: str | PromptFormat = "raw",
+        device: str = "auto",
+        dtype: str = "auto",
+        rule: RuleSpec = None,
+        cross_tokenizer: bool | Mapping[str, Any] | CrossOptions | None = False,
+        base_options: Mapping[str, Any] | None = None,
+        **defaults: Any,
+    ) -> ProxyTuner:
+        """A base behind an OpenAI-compatible completions endpoint, steered by a local pair.
+
+        ``base_options``: more :class:`~proxytune.backends.api.APISpec` settings (``tokenizer``,
+        ``chunk``, ``api_key_env``, ``logprobs``, ...). The API key is read from the
+        environment variable ``api_key_env`` (default ``OPENAI_API_KEY``).
+
+        >>> tuner = ProxyTuner.from_api("http://127.0.0.1:8000/v1", "llama-70b",
+        ...                             expert="7b-chat", anti_expert="7b")  # doctest: +SKIP
+        """
+        from .backends.api import APISpec
+
+        spec = APISpec(url=url, model=model, top_logprobs=top_logprobs, **dict(base_options or {}))
+
+        def side(model: str | ModelSpec | None, fmt: str | PromptFormat) -> ModelSpec | None:
+            if model is None:
+                return None
+            return ModelSpec.parse(
+                model, prompt=PromptFormat.parse(fmt), device=device, dtype=dtype
+            )
+
+        pairs = []
+        if expert is not None or anti_expert is not None:
+            pairs.append(
+                (side(expert, expert_prompt), side(anti_expert, anti_expert_prompt), alpha)
+            )
+        return cls.from_specs(
+            spec,  # type: ignore[arg-type]
+            pairs,
+            GenerationConfig().updated(**defaults),
+            rule=rule,
+            cross_tokenizer=cross_tokenizer,
+        )
 
     @classmethod
     def from_specs(
@@ -149,12 +221,15 @@ class ProxyTuner:
         loaded: dict[tuple[Any, ...], LogitsModel] | None = None,
         one_pass: bool = True,
         rule: RuleSpec = None,
+        cross_tokenizer: bool | Mapping[str, Any] | CrossOptions | None = False,
     ) -> ProxyTuner:
         """Load every model once (roles with the same load settings share weights).
 
         An expert that is a LoRA adapter of its anti-expert's model shares that model and runs
         in the same forward pass (:mod:`proxytune.backends.lora_pair`) unless ``one_pass`` is
-        False. A trained adapter directory may stand alone as a model path.
+        False (or ``cross_tokenizer`` is set: that mode rolls pair states back). A trained
+        adapter directory may stand alone as a model path. ``base`` may be an
+        :class:`~proxytune.backends.api.APISpec` (a base behind an API).
         """
         from .backends.hf import load_hf
         from .backends.lora_pair import pair_models, resolve_adapter_dir
@@ -169,8 +244,11 @@ class ProxyTuner:
                 cache[spec.load_key] = load_hf(spec)
             return Member(role, cache[spec.load_key], spec.prompt)
 
-        base_member = member("base", base)
-        assert base_member is not None
+        from .backends.api import APISpec
+
+        api_base = isinstance(base, APISpec)
+        base_member = None if api_base else member("base", base)
+        one_pass = one_pass and not CrossOptions.parse(cross_tokenizer)
         built = []
         for i, (e, a, alpha) in enumerate(pairs):
             if one_pass:
@@ -182,7 +260,11 @@ class ProxyTuner:
                     as_schedule(alpha, f"alpha of pair {i}"),
                 )
             )
-        return cls(base_member, built, defaults, rule)
+        if base_member is None:  # an API base, built last: it may borrow a pair's tokenizer
+            from .backends.api import api_member
+
+            base_member = api_member(base, built, cache)  # type: ignore[arg-type]
+        return cls(base_member, built, defaults, rule, cross_tokenizer=cross_tokenizer)
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> ProxyTuner:
@@ -190,7 +272,9 @@ class ProxyTuner:
         from .recipe import Recipe, load_recipe
 
         r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        return cls.from_specs(r.base, r.pairs, r.generation, rule=r.rule)
+        return cls.from_specs(
+            r.base, r.pairs, r.generation, rule=r.rule, cross_tokenizer=r.cross_tokenizer
+        )
 
     def alone(self, role: str = "base") -> ProxyTuner:
         """The model of ``role`` (``base``, ``expert[0]``, ...) decoding on its own prompt."""
@@ -221,7 +305,9 @@ class ProxyTuner:
         ``rule`` (here and in :meth:`generate`, :meth:`stream`) overrides the tuner's rule for
         this call only. ``speculative``: a draft length or ``"auto"`` for speculative proxy
         decoding (:mod:`proxytune.speculative`; same output distribution, fewer base forwards);
-        ``stats``: a :class:`~proxytune.speculative.SpeculativeStats` it fills in.
+        ``stats``: a :class:`~proxytune.speculative.SpeculativeStats` it fills in (or, for an
+        API base or a pair of another tokenizer, a
+        :class:`~proxytune.backends.blackbox.BlackBoxStats`: calls, tokens, coverage).
         """
         cfg = config.updated(**settings) if config is not None else self.config(**settings)
         pairs = self._pairs_with(alpha)
@@ -234,6 +320,22 @@ class ProxyTuner:
             cfg.eos_token_ids if cfg.eos_token_ids is not None else self.eos_token_ids,
         )
         chosen_rule = self.rule if rule is None else self._checked_rule(rule)
+        if self.blackbox:
+            if speculative:
+                raise ConfigError(
+                    "speculative decoding needs full logits from a base of the pair's "
+                    "tokenizer; an API base or a pair of another tokenizer runs the plain "
+                    "black-box loop (leave speculative unset)"
+                )
+            from .backends.blackbox import blackbox_decode
+
+            return blackbox_decode(
+                *args,
+                rule=chosen_rule,
+                cross=self.cross_maps,
+                options=self.cross_options,
+                stats=stats,
+            )
         if speculative:
             from .speculative import speculative_decode
 
@@ -310,6 +412,11 @@ class ProxyTuner:
         """A ``LogitsProcessor`` that proxy-tunes ``self.base``'s own ``model.generate``."""
         from .processor import ProxyLogitsProcessor
 
+        if self.blackbox:
+            raise ConfigError(
+                "a LogitsProcessor runs inside the base's own generate(): it needs a local base "
+                "and one shared vocabulary (not an API base or a pair of another tokenizer)"
+            )
         return ProxyLogitsProcessor(
             self._pairs_with(alpha),
             _as_prompt_list(prompts),

@@ -28,6 +28,17 @@ class DecodeState(Protocol):
 
 
 @runtime_checkable
+class RollbackState(DecodeState, Protocol):
+    """A :class:`DecodeState` that can forget its last ids (speculative decoding's rejected
+    drafts). Optional: the plain decode loop never calls it."""
+
+    def rollback(self, drop: torch.Tensor) -> None:
+        """Forget the last ``drop[r]`` ids of each row ``r`` (``(B,)`` ints >= 0), as if they had
+        never been advanced: the next :meth:`advance` continues from what is left."""
+        ...
+
+
+@runtime_checkable
 class LogitsModel(Protocol):
     """A causal LM that exposes full next-token logits (local weights)."""
 

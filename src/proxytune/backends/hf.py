@@ -92,6 +92,10 @@ def load_hf(spec: ModelSpec) -> HFModel:
     if spec.adapter is not None:
         model = _apply_adapter(model, spec.adapter)
     model.to(device).eval()
+    if spec.quantize is not None:
+        from .quantize import quantize_model
+
+        model = quantize_model(model, spec.quantize, device)
     return HFModel(
         model, tokenizer, name=spec.path if not spec.adapter else f"{spec.path}+{spec.adapter}"
     )
@@ -252,3 +256,102 @@ class HFDecodeState:
         self.ids, self.mask, self.positions = self.ids[rows], self.mask[rows], self.positions[rows]
         if self.cache is not None:
             self.cache.batch_select_indices(rows)
+
+    def rollback(self, drop: torch.Tensor) -> None:
+        """Forget the last ``drop[r]`` ids of each row (speculative decoding's rejected drafts).
+
+        Columns that every row drops are cut (``DynamicCache.crop``, which in transformers 5
+        takes minus the number of positions to remove). A row that drops ``e`` more is rotated
+        ``e`` columns right, so that its kept ids stay flush with the last column (where
+        :meth:`advance` continues) and the dropped ones become masked left padding;
+        :meth:`compact` then cuts columns that are padding in every row.
+        """
+        drop = torch.as_tensor(drop, dtype=torch.long).view(-1).cpu()
+        if drop.numel() != self.ids.shape[0] or bool((drop < 0).any()):
+            raise ValueError(f"rollback needs one count >= 0 per row, got {drop.tolist()}")
+        if self.cache is not None and not self.can_extend:
+            raise NotImplementedError(
+                f"the cache of {self.lm.name!r} has layers that cannot be rolled back"
+            )
+        common = int(drop.min()) if drop.numel() else 0
+        if common > 0:
+            self.ids, self.mask = self.ids[:, :-common], self.mask[:, :-common]
+            self.positions = self.positions[:, :-common]
+            if self.cache is not None:
+                self.cache.crop(-common)
+        extra = (drop - common).to(self.lm.device)
+        if not bool(extra.any()):
+            return
+        width = self.ids.shape[1]
+        cols = torch.arange(width, device=self.lm.device)
+        src = (cols - extra[:, None]) % width  # (B, W): new column j reads old column j - e
+        pad = cols < extra[:, None]  # (B, W): the rotated-in dropped ids
+        self.ids = self.ids.gather(1, src).masked_fill(pad, self.lm.pad_id)
+        self.mask = self.mask.gather(1, src).masked_fill(pad, 0)
+        self.positions = self.positions.gather(1, src).masked_fill(pad, 0)
+        if self.cache is not None:
+            for layer in self.cache.layers:
+                if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+                    continue
+                index = src[:, None, :, None].expand_as(layer.keys)  # keys: (B, H, W, D)
+                layer.keys = layer.keys.gather(2, index)
+                layer.values = layer.values.gather(2, index)
+        self.compact()
+
+    # continuous batching (the server's scheduler) ------------------------------------------
+
+    @property
+    def can_extend(self) -> bool:
+        """Whether :meth:`extend` can merge another batch into this one: every cache layer is
+        a plain growing ``DynamicLayer`` (sliding-window or linear-attention layers are not)."""
+        if self.cache is None:
+            return True
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in self.cache.layers)
+
+    def extend(self, other: HFDecodeState) -> None:
+        """Append the rows of ``other`` (the same model, prefilled on its own) to this batch.
+
+        Both batches are left-padded to the longer one (padding is masked out and has no
+        position), then stacked: ``(B1, T1) + (B2, T2) -> (B1 + B2, max(T1, T2))``.
+        """
+        if other.lm is not self.lm or (other.cache is None) != (self.cache is None):
+            raise ValueError("extend() needs a state of the same model with the same cache use")
+        if not (self.can_extend and other.can_extend):
+            raise NotImplementedError(
+                f"the cache of {self.lm.name!r} has layers that cannot be merged"
+            )
+        width = max(self.ids.shape[1], other.ids.shape[1])
+
+        def stack(a: torch.Tensor, b: torch.Tensor, fill: int, dim: int) -> torch.Tensor:
+            def pad(t: torch.Tensor) -> torch.Tensor:
+                missing = width - t.shape[dim]
+                if missing == 0:
+                    return t
+                shape = list(t.shape)
+                shape[dim] = missing
+                return torch.cat([t.new_full(shape, fill), t], dim=dim)
+
+            return torch.cat([pad(a), pad(b)], dim=0)
+
+        self.ids = stack(self.ids, other.ids, self.lm.pad_id, 1)
+        self.mask = stack(self.mask, other.mask, 0, 1)
+        self.positions = stack(self.positions, other.positions, 0, 1)
+        if self.cache is not None:
+            for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+                mine.keys = stack(mine.keys, theirs.keys, 0, -2)
+                mine.values = stack(mine.values, theirs.values, 0, -2)
+
+    def compact(self) -> None:
+        """Drop leading columns that are padding in every row (left behind by rows that left)."""
+        live = self.mask.any(dim=0)
+        first = int(live.to(torch.int8).argmax()) if bool(live.any()) else 0
+        if first == 0:
+            return
+        self.ids, self.mask = self.ids[:, first:], self.mask[:, first:]
+        self.positions = self.positions[:, first:]
+        if self.cache is not None:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[..., first:, :]
+                layer.values = layer.values[..., first:, :]

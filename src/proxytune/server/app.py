@@ -1,0 +1,351 @@
+"""The FastAPI app: OpenAI-compatible routes in front of the scheduler.
+
+>>> app = create_app(tuner, ServerSettings(model_name="my-model"))  # doctest: +SKIP
+>>> serve(tuner, ServerSettings(), host="127.0.0.1", port=8000)      # doctest: +SKIP
+
+Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (streamed
+as server-sent events when ``stream`` is true), ``GET /health`` and ``GET /metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ConfigError, PromptTooLongError
+from ..schedules import Constant
+from .gate import Gate
+from .job import Job
+from .metrics import Metrics
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    parse_request,
+)
+from .render import Accumulator, Renderer, abandon, collect_events, stream_events
+from .scheduler import QueueFull, Scheduler, ShuttingDown
+
+log = logging.getLogger("proxytune.server")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server behaves; the models and their defaults come from the tuner."""
+
+    model_name: str = "proxytune"
+    """The id clients pass as ``model`` (``/v1/models`` lists it)."""
+    api_key: str | None = None
+    """Without a valid ``Authorization: Bearer`` key, every route but /health answers 401."""
+    max_top_logprobs: int = 20
+    max_batch_size: int = 32
+    """Rows (prompts x n) decoded together; a request joins when its rows fit."""
+    max_queue: int = 64
+    """Requests waiting to join; more are answered 429 with Retry-After."""
+    max_tokens: int | None = None
+    """Upper bound on a request's max_tokens (None: only the context length bounds it)."""
+    kl_metric: bool = True
+    """Measure KL(steered || base) per steered token for /metrics (one extra softmax)."""
+    shutdown_timeout: float = 30.0
+    """Seconds in-flight requests get to finish on shutdown before they are cancelled."""
+    retry_after: int = 1
+    continuous: bool | None = None
+    """Continuous batching (None: wherever the tuner decodes locally); False runs every
+    request on the tuner's own loop, interleaved step by step (black-box bases always do)."""
+
+
+def create_app(tuner: Any, settings: ServerSettings | None = None) -> FastAPI:
+    """An app serving ``tuner``; its scheduler thread starts and stops with the app's lifespan."""
+    settings = settings or ServerSettings()
+    metrics = Metrics()
+    scheduler = Scheduler(
+        tuner,
+        max_batch_size=settings.max_batch_size,
+        max_queue=settings.max_queue,
+        kl=settings.kl_metric and bool(tuner.pairs),
+        metrics=metrics,
+        continuous=settings.continuous,
+    )
+    metrics.gauge(
+        "proxytune_queue_depth",
+        "Requests waiting to join the batch.",
+        lambda: scheduler.queue_depth,
+    )
+    metrics.gauge(
+        "proxytune_running_requests", "Requests in the running batch.", lambda: scheduler.running
+    )
+    metrics.gauge(
+        "proxytune_running_rows", "Rows (prompts x n) in the running batch.", lambda: scheduler.rows
+    )
+    renderer = Renderer(tuner.tokenizer, settings.model_name)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        scheduler.start()
+        yield
+        await run_in_threadpool(scheduler.close, settings.shutdown_timeout)
+
+    app = FastAPI(title="proxytune", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.scheduler, app.state.metrics, app.state.settings = scheduler, metrics, settings
+    app.add_middleware(Gate, api_key=settings.api_key, metrics=metrics)  # type: ignore[arg-type]
+    contexts = [m.model.context_length for m in tuner.members if m.model.context_length]
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        message = "no such route" if err.status_code == 404 else str(err.detail)
+        body = APIError(f"{message}: {request.method} {request.url.path}", err.status_code)
+        return JSONResponse(body.body(), status_code=err.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        body = APIError(f"internal error: {type(err).__name__}: {err}", 500)
+        return JSONResponse(body.body(), status_code=500)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = scheduler.alive and not scheduler.draining
+        state = "ok" if ok else ("draining" if scheduler.draining else "worker stopped")
+        body = {"status": state, "running": scheduler.running, "queued": scheduler.queue_depth}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> PlainTextResponse:
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    card = ModelCard(
+        id=settings.model_name,
+        created=int(time.time()),
+        max_model_len=min(contexts) if contexts else None,
+        pairs=len(tuner.pairs),
+        default_alpha=[
+            p.alpha.alpha if isinstance(p.alpha, Constant) else repr(p.alpha) for p in tuner.pairs
+        ],
+        rule=str(tuner.rule) if tuner.pairs else None,
+    )
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return ModelList(data=[card]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        if model_id != settings.model_name:
+            raise _unknown_model(model_id, settings.model_name)
+        return card.model_dump()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = parse_request(await request.body(), CompletionRequest)
+        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        top = req.logprobs
+        _check_top(top, "logprobs", settings.max_top_logprobs)
+        return await generate(request, req, prompts, req.max_tokens, top, "prompt", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        req = parse_request(await request.body(), ChatCompletionRequest)
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        _check_top(top, "top_logprobs", settings.max_top_logprobs)
+        return await generate(request, req, [req.chat()], req.token_limit, top, "messages", True)
+
+    async def generate(
+        request: Request,
+        req: CompletionRequest | ChatCompletionRequest,
+        prompts: list[Any],
+        max_tokens: int | None,
+        top: int | None,
+        prompt_field: str,
+        chat: bool,
+    ) -> Response:
+        started = time.monotonic()
+        if req.model is not None and req.model != settings.model_name:
+            raise _unknown_model(req.model, settings.model_name)
+        if len(prompts) * req.n > settings.max_batch_size:
+            raise APIError(
+                f"{len(prompts)} prompt(s) x n={req.n} is more than the {settings.max_batch_size} "
+                "sequences this server decodes at once; lower n or send fewer prompts",
+                param="n",
+            )
+        if max_tokens is not None and settings.max_tokens and max_tokens > settings.max_tokens:
+            field = "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens"
+            raise APIError(
+                f"{field} is {max_tokens}, more than this server's limit of {settings.max_tokens}",
+                param=field,
+            )
+        budget = max_tokens
+        if budget is None and settings.max_tokens:  # the default, within the server's cap
+            budget = min(tuner.defaults.max_new_tokens, settings.max_tokens)
+        job = await run_in_threadpool(_prepare, scheduler, tuner, req, prompts, budget, top)
+        _check_room(job, max_tokens, prompt_field, chat and req.max_completion_tokens is not None)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Any] = asyncio.Queue()
+
+        def sink(event: Any) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        try:
+            scheduler.submit(job, sink)
+        except QueueFull as err:
+            raise APIError(
+                f"{err}; retry after {settings.retry_after}s",
+                429,
+                code="queue_full",
+                headers={"Retry-After": str(settings.retry_after)},
+            ) from None
+        except ShuttingDown as err:
+            raise APIError(
+                f"{err}; retry on another replica or later",
+                503,
+                code="shutting_down",
+                headers={"Retry-After": str(settings.retry_after * 5)},
+            ) from None
+        acc = Accumulator(job, renderer, chat, req, request_id=_request_id(chat))
+        endpoint = request.url.path
+        if req.stream:
+            stream = stream_events(acc, events, job, scheduler, metrics, started, endpoint)
+            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+            cleanup = BackgroundTask(abandon, acc, job, scheduler, metrics)
+            return StreamingResponse(
+                stream, media_type="text/event-stream", headers=headers, background=cleanup
+            )
+        return await collect_events(
+            request, acc, events, job, scheduler, metrics, started, endpoint
+        )
+
+    return app
+
+
+# request handling -----------------------------------------------------------------------------
+
+
+def _unknown_model(name: str, served: str) -> APIError:
+    return APIError(
+        f"the model {name!r} does not exist; this server serves {served!r}",
+        404,
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _check_top(top: int | None, field: str, cap: int) -> None:
+    if top is not None and top > cap:
+        raise APIError(
+            f"{field} is {top}, more than this server's limit of {cap} "
+            "(the server's --max-top-logprobs raises it)",
+            param=field,
+        )
+
+
+def _prepare(
+    scheduler: Scheduler,
+    tuner: Any,
+    req: Any,
+    prompts: list[Any],
+    max_tokens: int | None,
+    top: int | None,
+) -> Job:
+    """Request -> validated, rendered job (in a worker thread: tokenizing can take a while)."""
+    try:
+        config = tuner.config(
+            max_new_tokens=max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            stop=req.stops or None,
+            seed=req.seed,
+            n=req.n,
+            logprobs=top is not None,
+            top_logprobs=top or 0,
+            ignore_eos=req.ignore_eos or None,
+        )
+        return scheduler.batch.prepare(prompts, config, req.alpha, req.active_pairs, req.rule)
+    except PromptTooLongError as err:
+        field = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+        message = _hide_paths(str(err), tuner)
+        raise APIError(message, param=field, code="context_length_exceeded") from None
+    except ConfigError as err:
+        text = _hide_paths(str(err), tuner)
+        head = text.split(" ", 1)[0].rstrip(":")
+        known = ("alpha", "active_pairs", "rule", "temperature", "top_p", "top_k", "min_p", "stop")
+        param = head if head.split("[", 1)[0].split(".", 1)[0] in known else None
+        if text.startswith(("prompt", "message")):
+            param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+        raise APIError(text, param=param) from None
+
+
+def _hide_paths(message: str, tuner: Any) -> str:
+    """Engine messages name models by path; clients need not see the server's file system."""
+    for m in tuner.members:
+        message = message.replace(f" ({m.model.name})", "")
+    return message
+
+
+def _check_room(job: Job, max_tokens: int | None, prompt_field: str, completion: bool) -> None:
+    """An explicit max_tokens must fit in the context after every prompt."""
+    if max_tokens is None:
+        return
+    for i, room in enumerate(job.rooms):
+        if max_tokens > room:
+            field = "max_completion_tokens" if completion else "max_tokens"
+            where = f"{prompt_field}[{i}]" if len(job.rooms) > 1 else prompt_field
+            raise APIError(
+                f"{field} is {max_tokens}, but after the {where} ({job.prompt_tokens[i]} token(s)) "
+                f"the model's context holds only {room} more tokens; lower {field} or shorten "
+                "the prompt",
+                param=field,
+                code="context_length_exceeded",
+            )
+
+
+def _request_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+# running it -----------------------------------------------------------------------------------
+
+
+def serve(
+    tuner: Any,
+    settings: ServerSettings | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+) -> None:
+    """Serve ``tuner`` with uvicorn until interrupted (SIGINT/SIGTERM drain in-flight work)."""
+    import uvicorn
+
+    settings = settings or ServerSettings()
+    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    app = create_app(tuner, settings)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
+    )
+    uvicorn.Server(config).run()

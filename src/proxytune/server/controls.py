@@ -1,0 +1,107 @@
+"""Per-request steering controls: ``alpha``, ``active_pairs`` and ``rule``, validated.
+
+Every error is a :class:`~proxytune.errors.ConfigError` whose message starts with the field it
+is about (``alpha[1] must be a number ...``), which the server turns into a 400 naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import ConfigError
+from ..generation import Pair
+from ..rules import Rule
+from ..schedules import Constant, Schedule, as_schedule
+
+
+def request_alphas(
+    pairs: Sequence[Pair],
+    alpha: Any = None,
+    active_pairs: Sequence[int] | None = None,
+) -> tuple[list[Schedule], list[bool]]:
+    """Each pair's alpha schedule for one request, and whether the pair may run at all.
+
+    ``alpha``: ``None`` (the pairs' own), one number or schedule mapping for every pair, or a
+    list with one per pair. ``active_pairs``: indices of the pairs to run (``None``: all); a
+    switched-off pair gets alpha 0 and never runs, whatever the rule.
+    """
+    if alpha is not None and not pairs:
+        raise ConfigError("alpha was given but this model has no expert/anti-expert pair")
+    if alpha is None:
+        schedules = [p.alpha for p in pairs]
+    elif isinstance(alpha, (list, tuple)):
+        if len(alpha) != len(pairs):
+            raise ConfigError(f"alpha: {len(alpha)} values given for {len(pairs)} pair(s)")
+        schedules = [_user_alpha(a, f"alpha[{i}]") for i, a in enumerate(alpha)]
+    else:
+        schedules = [_user_alpha(alpha, "alpha")] * len(pairs)
+    active = [True] * len(pairs)
+    if active_pairs is not None:
+        for i in active_pairs:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(pairs):
+                raise ConfigError(
+                    f"active_pairs: {i!r} is not a pair index; this model has {len(pairs)} "
+                    f"pair(s), indices 0..{len(pairs) - 1}"
+                )
+        active = [i in set(active_pairs) for i in range(len(pairs))]
+    schedules = [s if on else Constant(0.0) for s, on in zip(schedules, active, strict=True)]
+    return schedules, active
+
+
+MAX_ABS_ALPHA = 100.0
+"""Larger alphas overflow nothing useful and can turn the scores into inf - inf = NaN."""
+
+
+def _user_alpha(value: Any, where: str) -> Schedule:
+    """A request's alpha: a number or a schedule mapping, within +-``MAX_ABS_ALPHA``."""
+    if not isinstance(value, (int, float, Mapping)):
+        raise ConfigError(
+            f"{where} must be a number or a schedule mapping, "
+            f"got {value!r} ({type(value).__name__})"
+        )
+    schedule = as_schedule(value, where)
+    for key in ("alpha", "start", "end"):
+        v = getattr(schedule, key, 0.0)
+        if abs(v) > MAX_ABS_ALPHA:
+            raise ConfigError(
+                f"{where} must be between {-MAX_ABS_ALPHA:g} and {MAX_ABS_ALPHA:g}, got {v!r}"
+            )
+    return schedule
+
+
+def request_rule(tuner: Any, spec: Any) -> Rule:
+    """A request's ``rule`` (a name or ``{name: ..., **settings}``), checked against the
+    tuner's models. Rules that load models (``args``'s reward model) are refused: a request
+    must not make the server read model files; put such a rule in the server's recipe."""
+    if not isinstance(spec, str | Mapping):
+        raise ConfigError(f"rule must be a rule name or a mapping with a 'name', got {spec!r}")
+    try:
+        built = tuner.with_rule(spec).rule
+    except ConfigError as err:
+        text = str(err)
+        raise ConfigError(text if text.startswith("rule") else f"rule: {text}") from None
+    loads = _rules_in(built) & LOADING_RULES
+    if loads:
+        raise ConfigError(
+            f"rule: {sorted(loads)} loads a model and cannot be chosen per request; serve it "
+            "from the recipe's rule instead"
+        )
+    return built
+
+
+LOADING_RULES = frozenset({"args"})
+"""Rules whose settings name a model to load."""
+
+
+def _rules_in(rule: Any) -> set[str]:
+    """Names of ``rule`` and every rule nested in its settings."""
+    names = {getattr(rule, "name", "")}
+    if dataclasses.is_dataclass(rule):
+        for f in dataclasses.fields(rule):
+            value = getattr(rule, f.name)
+            for item in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(item, Rule) and not isinstance(item, type):
+                    names |= _rules_in(item)
+    return names

@@ -1,0 +1,65 @@
+"""ASGI middleware in front of every route: the API key check and request counting.
+
+Pure ASGI (not ``BaseHTTPMiddleware``), so streaming responses and disconnects pass through.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from fastapi.responses import JSONResponse
+
+from .metrics import Metrics
+from .protocol import APIError
+
+ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+
+
+class Gate:
+    """Checks the API key (every path but /health) and counts requests by route and status."""
+
+    def __init__(self, app: Any, api_key: str | None, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path.startswith("/v1/models/"):
+            endpoint = "/v1/models/{id}"
+        else:
+            endpoint = path if path in ENDPOINTS else "other"  # bounded label values
+        status = {"code": 500}
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if self.key is not None and path != "/health" and not self._authorized(scope):
+                err = APIError(
+                    "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                    401,
+                    code="invalid_api_key",
+                )
+                response = JSONResponse(
+                    err.body(), status_code=401, headers={"WWW-Authenticate": "Bearer"}
+                )
+                await response(scope, receive, counting_send)
+                return
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.inc(endpoint=endpoint, status=str(status["code"]))
+
+    def _authorized(self, scope: dict[str, Any]) -> bool:
+        assert self.key is not None
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
+                    return True
+        return False

@@ -1,0 +1,372 @@
+"""The OpenAI wire format: request models (validated strictly) and response models.
+
+Requests follow the OpenAI API; unknown fields are refused with a 400 naming them (as OpenAI
+does), fields the server cannot honour (tools, ``logit_bias``, ``echo``...) are refused when set,
+and harmless hints (``store``, ``metadata``, ``service_tier``...) are accepted and ignored.
+Proxy-tuning controls are extra body fields: ``alpha``, ``active_pairs``, ``rule`` (and the
+vLLM-style ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
+``return_tokens_as_token_ids``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ConfigError
+
+
+class APIError(Exception):
+    """An error answered as an OpenAI error body: ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message, self.status, self.param, self.code = message, status, param, code
+        self.headers = headers or {}
+
+    @property
+    def type(self) -> str:
+        return {
+            401: "authentication_error",
+            404: "invalid_request_error",
+            429: "rate_limit_error",
+            500: "server_error",
+            503: "server_error",
+        }.get(self.status, "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+    include_obfuscation: bool | None = None  # OpenAI's; nothing to obfuscate here
+
+
+class _Common(_Strict):
+    """Fields shared by both endpoints."""
+
+    model: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = Field(1, ge=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # proxy-tuning controls (extra body fields)
+    alpha: Any = None
+    """One number (every pair), a list with one per pair, or a schedule mapping."""
+    active_pairs: list[int] | None = None
+    """Indices of the pairs to run; ``[]`` runs the base alone."""
+    rule: Any = None
+    """A steering rule for this request: a name or ``{"name": ..., **settings}``."""
+    # vLLM-style extras
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, lt=1)
+    repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool = False
+    return_tokens_as_token_ids: bool = False
+
+    @model_validator(mode="after")
+    def _check_common(self) -> _Common:
+        if self.stream_options is not None and not self.stream:
+            raise ConfigError("stream_options: only allowed when stream is true")
+        stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
+        if any(not s for s in stops):
+            raise ConfigError("stop: stop strings must be non-empty")
+        if self.logit_bias:
+            raise ConfigError("logit_bias: not supported by this server")
+        return self
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_Common):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str]
+    max_tokens: int | None = Field(None, ge=1)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> CompletionRequest:
+        if self.echo:
+            raise ConfigError("echo: not supported by this server")
+        if self.suffix:
+            raise ConfigError("suffix: not supported by this server")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ConfigError("best_of: only best_of == n is supported")
+        if isinstance(self.prompt, list) and not self.prompt:
+            raise ConfigError("prompt: give at least one prompt")
+        return self
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+# OpenAI chat fields that are hints this server can ignore, and features it cannot serve
+IGNORED_CHAT_FIELDS = (
+    "store",
+    "metadata",
+    "service_tier",
+    "parallel_tool_calls",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+    "safety_identifier",
+    "verbosity",
+)
+UNSUPPORTED_CHAT_FIELDS = (
+    "tools",
+    "functions",
+    "function_call",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "reasoning_effort",
+    "moderation",
+)
+
+
+class ChatCompletionRequest(_Common):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)
+    response_format: dict[str, Any] | None = None
+    tool_choice: Any = None
+    modalities: list[str] | None = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    parallel_tool_calls: Any = None
+    prompt_cache_key: Any = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+    safety_identifier: Any = None
+    verbosity: Any = None
+    tools: Any = None
+    functions: Any = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    reasoning_effort: Any = None
+    moderation: Any = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ChatCompletionRequest:
+        for name in UNSUPPORTED_CHAT_FIELDS:
+            if getattr(self, name) not in (None, [], {}):
+                raise ConfigError(f"{name}: not supported by this server")
+        if self.tool_choice not in (None, "none"):
+            raise ConfigError("tool_choice: not supported by this server (only 'none')")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ConfigError("response_format: only {'type': 'text'} is supported")
+        if self.modalities not in (None, ["text"]):
+            raise ConfigError("modalities: only ['text'] is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ConfigError("top_logprobs: requires logprobs to be true")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    def chat(self) -> list[dict[str, str]]:
+        """The messages as the engine takes them (``developer`` is the newer ``system``)."""
+        return [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
+        ]
+
+
+# responses ------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+    refusal: None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "proxytune"
+    max_model_len: int | None = None
+    pairs: int = 0
+    """Expert/anti-expert pairs; ``alpha`` and ``active_pairs`` index them."""
+    default_alpha: list[Any] = Field(default_factory=list)
+    rule: str | None = None
+    """The server's default steering rule (requests may pick another with ``rule``)."""
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# parsing ------------------------------------------------------------------------------------
+
+
+def parse_request(raw: bytes, model: type[BaseModel]) -> Any:
+    """JSON body -> request model, or an :class:`APIError` naming the field."""
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(f"the request body is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise APIError("the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise validation_error(err) from None
+
+
+_NESTED = {"role", "content", "name", "include_usage", "type", "text"}
+
+
+def validation_error(err: ValidationError) -> APIError:
+    """The first problem pydantic found, as a 400 naming the field (``messages[0].role``)."""
+    first = err.errors()[0]
+    loc = list(first["loc"])
+    message = str(first["msg"])
+    if first["type"] == "value_error":  # our validators: "field: message"
+        message = message.removeprefix("Value error, ")
+        param, _, rest = message.partition(": ")
+        return APIError(message, param=param if rest else None)
+    param = str(loc[0]) if loc else None
+    for part in loc[1:]:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part in _NESTED:
+            param += f".{part}"
+        else:
+            break
+    if first["type"] == "missing":
+        return APIError(f"{param}: this field is required", param=param)
+    if first["type"] == "extra_forbidden":
+        return APIError(f"{param}: unrecognized request argument", param=param)
+    if param == "prompt" and first["type"] in ("string_type", "list_type"):
+        message = (
+            "must be a string or a list of strings (token-id prompts are not supported: each "
+            "model renders the text in its own prompt format)"
+        )
+    return APIError(f"{param}: {message}", param=param)

@@ -1,0 +1,111 @@
+"""The fallback scheduler core: each request runs the tuner's own loop, interleaved by step.
+
+:class:`~.batch.ContinuousBatch` re-implements the local decode loop so that requests can
+share forwards. Tuners whose generation runs another loop (a black-box API base that returns
+top-k log-probabilities, a pair of another tokenizer: ``tuner.blackbox``) are served by
+:class:`EngineLoop` instead: every request is ``tuner.steps(...)`` itself, exactly what
+``ProxyTuner.generate`` runs, and the worker advances every running request by one step in
+turn. Requests make progress together and stay exact, but do not share forwards, and the
+steering-KL metric is not measured.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import GenerationConfig
+from ..prompts import Prompt
+from ..results import StepUpdate
+from .controls import request_alphas, request_rule
+from .job import Job, StepStats
+
+
+class EngineLoop:
+    """Same interface as :class:`~.batch.ContinuousBatch`, for the scheduler."""
+
+    def __init__(self, tuner: Any) -> None:
+        self.tuner = tuner
+        self.running: list[Job] = []
+        self.stats = StepStats()
+        self.deferred: list[Job] = []
+        self.can_join = True
+
+    def prepare(
+        self,
+        prompts: Sequence[Prompt],
+        config: GenerationConfig,
+        alpha: Any = None,
+        active_pairs: Sequence[int] | None = None,
+        rule: Any = None,
+    ) -> Job:
+        """Validate and render one request: ``tuner.steps`` checks everything before it
+        returns (the models run only as the iterator is consumed)."""
+        t = self.tuner
+        alphas = None
+        if alpha is not None or active_pairs is not None:
+            alphas, _ = request_alphas(t.pairs, alpha, active_pairs)  # switched off: alpha 0
+        chosen = None if rule is None else request_rule(t, rule)
+        seed = config.seed if config.seed is not None else secrets.randbits(62)
+        config = config.updated(seed=seed)
+        steps = t.steps(list(prompts), alphas, config, rule=chosen)
+        base = [t.base.prompt.render(p, t.tokenizer) for p in prompts]
+        context = t.base.model.context_length or 1 << 62
+        return Job(
+            prompts=list(prompts),
+            rendered={"base": base},
+            config=config,
+            pairs=[],
+            needs=[],
+            combine=None,  # type: ignore[arg-type]  (the engine binds its own)
+            seed=seed,
+            rooms=[context - len(ids) for ids in base],
+            steps=steps,
+        )
+
+    @property
+    def live_rows(self) -> int:
+        return sum(j.rows_left for j in self.running if not j.cancelled and j.error is None)
+
+    def retire(self) -> None:
+        """Close the iterators of finished, cancelled and failed jobs (that stops their work)."""
+        keep = []
+        for job in self.running:
+            if job.cancelled or job.error is not None or job.rows_left == 0:
+                job.steps.close()  # type: ignore[union-attr]
+            else:
+                keep.append(job)
+        self.running = keep
+
+    def reset(self) -> None:
+        for job in self.running:
+            job.steps.close()  # type: ignore[union-attr]
+        self.running = []
+
+    def step(self, new_jobs: Sequence[Job] = ()) -> list[tuple[Job, StepUpdate]]:
+        """One step of every running request, in arrival order."""
+        self.stats = StepStats()
+        self.retire()
+        for job in new_jobs:
+            if not job.cancelled:
+                job.rows_left = job.n_rows
+                self.running.append(job)
+        out = []
+        for job in self.running:
+            try:
+                updates = next(job.steps)  # type: ignore[arg-type]
+            except Exception as err:  # its models or rule failed: this request alone
+                job.error = (
+                    err
+                    if not isinstance(err, StopIteration)
+                    else RuntimeError("the engine stopped before every row finished")
+                )
+                self.stats.failed.append(job)
+                continue
+            for u in updates:
+                if u.finish_reason is not None:
+                    job.rows_left -= 1
+                out.append((job, u))
+        self.stats.rows = len(out)
+        return out
