@@ -8,8 +8,13 @@ Example (``recipes/default.yaml`` is the embedded default)::
         anti_expert: {model: small-untuned, prompt: raw}
         alpha: 1.0            # or {schedule: linear, start: 0, end: 1, steps: 32}
     rule: {name: plausible, tau: 0.1}   # optional: a steering rule (`proxytune rules`)
+    cross_tokenizer: false               # true / {min_coverage: 0.5}: pairs of another tokenizer
     model_defaults: {device: auto, dtype: auto}
     generation: {max_new_tokens: 128, temperature: 0}
+
+A base behind an OpenAI-compatible endpoint (top-k log-probs; docs/black-box.md)::
+
+    base: {url: http://host:8000/v1, model: NAME, top_logprobs: 20, api_key_env: OPENAI_API_KEY}
 """
 
 from __future__ import annotations
@@ -28,7 +33,16 @@ from .errors import ConfigError
 from .schedules import as_schedule
 from .specs import ModelSpec
 
-TOP_LEVEL = {"base", "pairs", "rule", "model_defaults", "generation", "name", "description"}
+TOP_LEVEL = {
+    "base",
+    "pairs",
+    "rule",
+    "model_defaults",
+    "generation",
+    "name",
+    "description",
+    "cross_tokenizer",
+}
 PAIR_KEYS = {"expert", "anti_expert", "alpha"}
 
 
@@ -36,13 +50,16 @@ PAIR_KEYS = {"expert", "anti_expert", "alpha"}
 class Recipe:
     """A parsed recipe: ready for :meth:`ProxyTuner.from_recipe`."""
 
-    base: ModelSpec
+    base: Any
+    """A :class:`ModelSpec`, or an :class:`~proxytune.backends.api.APISpec` (``url:`` given)."""
     pairs: list[tuple[ModelSpec | None, ModelSpec | None, Any]] = field(default_factory=list)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     name: str = "recipe"
     description: str = ""
     rule: Any = None
     """The steering rule (a :class:`~proxytune.rules.Rule`); ``None`` is the paper's."""
+    cross_tokenizer: Any = None
+    """The different-tokenizer mode (a :class:`~proxytune.crosstok.CrossOptions`) or ``None``."""
 
 
 def default_recipe_path() -> Path:
@@ -76,7 +93,7 @@ def parse_recipe(data: Mapping[str, Any], name: str = "recipe", **model_override
         **dict(data.get("model_defaults") or {}),
         **{k: v for k, v in model_overrides.items() if v is not None},
     }
-    base = ModelSpec.parse(data["base"], **defaults)
+    base = _base(data["base"], defaults)
     pairs = []
     for i, pair in enumerate(data.get("pairs") or []):
         if not isinstance(pair, Mapping):
@@ -101,7 +118,25 @@ def parse_recipe(data: Mapping[str, Any], name: str = "recipe", **model_override
         name=str(data.get("name", name)),
         description=str(data.get("description", "")),
         rule=_rule(data.get("rule"), pairs),
+        cross_tokenizer=_cross(data.get("cross_tokenizer")),
     )
+
+
+def _base(spec: Any, defaults: Mapping[str, Any]) -> Any:
+    """A local model, or an API base when the mapping names a ``url``."""
+    if isinstance(spec, Mapping) and "url" in spec:
+        from .backends.api import APISpec
+
+        return APISpec.parse(spec)
+    return ModelSpec.parse(spec, **defaults)
+
+
+def _cross(spec: Any) -> Any:
+    if spec is None or spec is False:
+        return None
+    from .crosstok import CrossOptions  # torch: only when the mode is asked for
+
+    return CrossOptions.parse(spec)
 
 
 def _rule(spec: Any, pairs: list[tuple[Any, Any, Any]]) -> Any:

@@ -10,6 +10,7 @@ from .errors import ConfigError
 from .prompts import PromptFormat
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE = (None, "int8")
 
 
 @dataclass(frozen=True)
@@ -28,12 +29,17 @@ class ModelSpec:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     """Allow loading pickle (``.bin``) weights; off by default because pickle can run code."""
+    quantize: str | None = None
+    """``int8``: dynamic int8 quantization of the linear layers on the CPU (not the output
+    head); see :mod:`proxytune.backends.quantize`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
             raise ConfigError(f"a model path must be a non-empty string, got {self.path!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         object.__setattr__(self, "prompt", PromptFormat.parse(self.prompt))
 
     @property
@@ -47,6 +53,7 @@ class ModelSpec:
             self.revision,
             self.trust_remote_code,
             self.allow_pickle,
+            self.quantize,
         )
 
     @classmethod

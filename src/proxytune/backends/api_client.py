@@ -1,0 +1,401 @@
+"""The HTTP side of an API base: requests, retries, answers, candidates -> ids, the bill.
+
+Candidates to ids (:class:`CandidateMapper`), in order:
+
+1. ``token_id:N`` (vLLM's ``return_tokens_as_token_ids``, asked for by default): ``N``, exact.
+2. ``bytes:\\xNN...`` (how some servers show a partial UTF-8 token): the token with those bytes.
+3. the token's text: the one id whose bytes decode (UTF-8, errors replaced) to that text, else
+   the one id whose raw piece (``Ġthe``) is that text; a text that several ids share (half
+   characters all show as U+FFFD) or that no id has is *unmapped*: counted, and its mass is
+   treated as missing mass.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError, ProxyTuneError
+
+if TYPE_CHECKING:
+    from .api import APISpec
+
+RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
+
+
+class EndpointError(ProxyTuneError):
+    """The endpoint failed, refused the request, or answered without log-probabilities."""
+
+
+# usage --------------------------------------------------------------------------------------
+
+
+@dataclass
+class APIUsage:
+    """What the endpoint was asked for and billed, over the model's lifetime (or one call of
+    ``generate`` when a :class:`~proxytune.backends.blackbox.BlackBoxStats` is passed)."""
+
+    calls: int = 0
+    """HTTP requests answered 200 (a request carries every row that needs the endpoint)."""
+    row_requests: int = 0
+    """Prompts sent, summed over calls."""
+    attempts: int = 0
+    """HTTP requests made, retries and refused ones included."""
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    positions: int = 0
+    """Token positions whose candidates came back (drafted chunk positions included)."""
+    candidates: int = 0
+    unmapped: int = 0
+    """Candidates that mapped to no id (see :class:`CandidateMapper`)."""
+    seconds: float = 0.0
+
+    def add(self, other: APIUsage) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# candidates -> ids ---------------------------------------------------------------------------
+
+
+class CandidateMapper:
+    """Maps the endpoint's candidate tokens to ids of a local tokenizer (rule in the module
+    docstring). Tables are built on first use of a text candidate."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._by_bytes: dict[bytes, int] | None = None
+        self._by_text: dict[str, int | None] = {}
+        self._by_piece: dict[str, int | None] = {}
+
+    def id_of(self, token: str) -> int | None:
+        """The id of one candidate, or ``None`` when it maps to no single id."""
+        if token.startswith("token_id:"):
+            try:
+                value = int(token[len("token_id:") :])
+            except ValueError:
+                return None
+            return value if 0 <= value < self.vocab_size else None
+        self._tables()
+        if token.startswith("bytes:"):
+            raw = _unescape_bytes(token[len("bytes:") :])
+            return None if raw is None else self._by_bytes.get(raw)  # type: ignore[union-attr]
+        if token in self._by_text:
+            return self._by_text[token]
+        return self._by_piece.get(token)
+
+    def _tables(self) -> None:
+        if self._by_bytes is not None:
+            return
+        from ..crosstok import token_bytes
+
+        raw = token_bytes(self.tokenizer, self.vocab_size)
+        pieces = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
+        self._by_bytes = {}
+        for i, b in enumerate(raw):
+            if b is not None:
+                self._by_bytes.setdefault(b, i)
+            _unique(self._by_text, b.decode("utf-8", errors="replace") if b else "", i)
+            if pieces[i] is not None:
+                _unique(self._by_piece, pieces[i], i)
+
+
+def _unique(table: dict[str, int | None], key: str, value: int) -> None:
+    """``table[key] = value``, or ``None`` once a second id has the same key (ambiguous)."""
+    table[key] = value if key not in table else None
+
+
+def _unescape_bytes(text: str) -> bytes | None:
+    try:
+        return text.encode("latin-1").decode("unicode_escape").encode("latin-1")
+    except (UnicodeError, ValueError):
+        return None
+
+
+# the client ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EndpointPrompt:
+    """One row's prefix, both ways: token ids (sent when the endpoint takes token prompts)
+    and text (sent otherwise)."""
+
+    ids: Sequence[int]
+    text: str
+
+
+@dataclass
+class Position:
+    """One token position of an answer: the endpoint's token there and its candidates."""
+
+    token: int | None
+    """The id the endpoint chose (its draft), ``None`` if it maps to no id."""
+    ids: list[int]
+    logprobs: list[float]
+    shown_mass: float
+    """Sum of the probabilities of every returned candidate."""
+    mapped_mass: float
+    """... of those that mapped to an id."""
+
+
+class EndpointClient:
+    """POSTs to ``/completions`` with retries; parses candidates into :class:`Position` s."""
+
+    def __init__(
+        self,
+        spec: APISpec,
+        mapper: CandidateMapper,
+        *,
+        transport: Any = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        try:
+            import httpx
+        except ImportError as err:  # pragma: no cover - httpx ships with the server extra
+            raise ConfigError(
+                "an API base needs httpx: pip install httpx (or proxytune[server])"
+            ) from err
+        self.spec = spec
+        self.mapper = mapper
+        self.url = _completions_url(spec.url)
+        self.usage = APIUsage()
+        self.sleep = sleep
+        self.prompt_as = "tokens" if spec.prompt_as == "auto" else spec.prompt_as
+        self.token_ids = True if spec.token_ids is None else spec.token_ids
+        self.notes: list[str] = []
+        """What auto-detection found out about the endpoint (for the report)."""
+        headers = {"Content-Type": "application/json"}
+        key = os.environ.get(spec.api_key_env, "") if spec.api_key_env else ""
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        self._http = httpx.Client(headers=headers, timeout=spec.timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    # requests ---------------------------------------------------------------------------------
+
+    def positions(
+        self,
+        prompts: Sequence[EndpointPrompt],
+        max_tokens: int,
+        top: int,
+        usage: APIUsage | None = None,
+    ) -> list[list[Position]]:
+        """Greedy continuation of each prompt, ``max_tokens`` long, with ``top`` candidates
+        per position: one call for every prompt. What it costs is added to :attr:`usage` and
+        to ``usage`` (one generation's bill)."""
+        body: dict[str, Any] = {
+            "model": self.spec.model,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "logprobs": top,
+        }
+        u = APIUsage()
+        try:
+            choices = self._complete(body, prompts, 1, u)
+            return [self._parse_positions(c, u) for c in choices]
+        finally:
+            self._bill(u, usage)
+
+    def samples(
+        self, prompts: Sequence[EndpointPrompt], n: int, usage: APIUsage | None = None
+    ) -> list[list[int | None]]:
+        """``n`` sampled next tokens per prompt (temperature 1, no log-probs): one call."""
+        body = {"model": self.spec.model, "max_tokens": 1, "temperature": 1.0, "n": n}
+        u = APIUsage()
+        try:
+            choices = self._complete(body, prompts, n, u)
+            out: list[list[int | None]] = [[] for _ in prompts]
+            for i, c in enumerate(choices):
+                text = c.get("text") or ""
+                if not text and c.get("finish_reason") == "stop":
+                    token = self._eos_id()
+                else:
+                    token = self.mapper.id_of(text)
+                u.candidates += 1
+                u.unmapped += token is None
+                out[i // n].append(token)
+            return out
+        finally:
+            self._bill(u, usage)
+
+    def _bill(self, u: APIUsage, usage: APIUsage | None) -> None:
+        self.usage.add(u)
+        if usage is not None:
+            usage.add(u)
+
+    def _complete(
+        self, body: dict[str, Any], prompts: Sequence[EndpointPrompt], n: int, u: APIUsage
+    ) -> list[dict[str, Any]]:
+        """Send ``body`` with the prompts as tokens or text (as the endpoint accepts); return
+        the choices in prompt order (``n`` per prompt)."""
+        expect = len(prompts) * n
+        while True:
+            sent = dict(body)
+            as_text = self.prompt_as == "text"
+            sent["prompt"] = [p.text if as_text else list(p.ids) for p in prompts]
+            if self.token_ids and "logprobs" in sent:
+                sent["return_tokens_as_token_ids"] = True
+            started = time.monotonic()
+            try:
+                data = self._post(sent, u)
+            except _Refused as err:
+                if self._adapt(err.message, as_text):
+                    continue
+                raise EndpointError(err.full) from None
+            finally:
+                u.seconds += time.monotonic() - started
+            break
+        choices = data.get("choices")
+        if not isinstance(choices, list) or len(choices) != expect:
+            raise EndpointError(
+                f"the endpoint {self.url} answered {len(choices or [])} choices for {expect} "
+                "prompt(s); it must support a list of prompts on /completions"
+            )
+        u.calls += 1
+        u.row_requests += len(prompts)
+        usage = data.get("usage") or {}  # the endpoint's count; ours where it gives none
+        u.prompt_tokens += int(usage.get("prompt_tokens") or sum(len(p.ids) for p in prompts))
+        u.completion_tokens += int(usage.get("completion_tokens") or body["max_tokens"] * expect)
+        return sorted(choices, key=lambda c: int(c.get("index", 0)))
+
+    def _adapt(self, message: str, as_text: bool) -> bool:
+        """After a refusal: drop what the endpoint does not support and say whether to retry."""
+        lower = message.lower()
+        if "return_tokens_as_token_ids" in lower and self.token_ids and self.spec.token_ids is None:
+            self.token_ids = False
+            self.notes.append("the endpoint does not return token ids: candidates map by text")
+            return True
+        if not as_text and self.spec.prompt_as == "auto" and "prompt" in lower:
+            self.prompt_as = "text"
+            self.notes.append("the endpoint refuses token prompts: prompts are sent as text")
+            return True
+        return False
+
+    def _post(self, body: dict[str, Any], u: APIUsage) -> dict[str, Any]:
+        import httpx
+
+        delay = self.spec.backoff
+        asked = 0.0  # the server's Retry-After, if it gave one
+        last = "no attempt made"
+        for attempt in range(self.spec.max_retries + 1):
+            if attempt:
+                u.retries += 1
+                self.sleep(max(min(delay, 8.0), min(asked, 60.0)))
+                delay *= 2
+            u.attempts += 1
+            try:
+                r = self._http.post(self.url, json=body)
+            except httpx.TimeoutException:
+                last = f"no answer within {self.spec.timeout} s"
+                continue
+            except httpx.TransportError as err:
+                last = f"{type(err).__name__}: {err}"
+                continue
+            if r.status_code == 200:
+                try:
+                    return r.json()
+                except ValueError:
+                    last = "the answer is not JSON"
+                    continue
+            message = _error_message(r)
+            if r.status_code in RETRY_STATUS:
+                last = f"HTTP {r.status_code}: {message}"
+                after = r.headers.get("retry-after", "")
+                asked = float(after) if after.replace(".", "", 1).isdigit() else 0.0
+                continue
+            raise _Refused(
+                message,
+                f"the endpoint {self.url} refused the request (HTTP {r.status_code}): {message}",
+            )
+        raise EndpointError(
+            f"the endpoint {self.url} failed {self.spec.max_retries + 1} time(s); last: {last}. "
+            "Check that it is up (timeout and retries: the base's timeout/max_retries)"
+        )
+
+    # answers ----------------------------------------------------------------------------------
+
+    def _parse_positions(self, choice: dict[str, Any], u: APIUsage) -> list[Position]:
+        lp = choice.get("logprobs")
+        tops = lp.get("top_logprobs") if isinstance(lp, dict) else None
+        if not tops or not isinstance(tops, list) or tops[0] is None:
+            raise EndpointError(
+                f"the endpoint {self.url} returned no log-probabilities for model "
+                f"{self.spec.model!r}; proxy-tuning needs its top-k (logprobs: k on "
+                "/v1/completions). If it cannot give them, set the base's logprobs: sampled "
+                "(CLI --base-samples N) to estimate them from N sampled tokens per step: a "
+                "last resort that costs N tokens per step"
+            )
+        tokens = lp.get("tokens") or []
+        chosen_lps = lp.get("token_logprobs") or []
+        out = []
+        for j, top in enumerate(tops):
+            cands = dict(top or {})
+            if j < len(tokens) and j < len(chosen_lps) and chosen_lps[j] is not None:
+                cands.setdefault(tokens[j], chosen_lps[j])
+            ids, lps = [], []
+            shown = mapped = 0.0
+            for token, value in cands.items():
+                p = _exp(value)
+                shown += p
+                tid = self.mapper.id_of(str(token))
+                u.candidates += 1
+                if tid is None:
+                    u.unmapped += 1
+                    continue
+                mapped += p
+                ids.append(tid)
+                lps.append(float(value))
+            draft = self.mapper.id_of(str(tokens[j])) if j < len(tokens) else None
+            out.append(Position(draft, ids, lps, shown, mapped))
+        u.positions += len(out)
+        return out
+
+    def _eos_id(self) -> int | None:
+        eos = getattr(self.mapper.tokenizer, "eos_token_id", None)
+        return int(eos) if eos is not None else None
+
+
+class _Refused(Exception):
+    def __init__(self, message: str, full: str) -> None:
+        super().__init__(full)
+        self.message, self.full = message, full
+
+
+def _exp(value: Any) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return math.exp(v) if v > -745 else 0.0
+
+
+def _error_message(r: Any) -> str:
+    try:
+        err = r.json().get("error")
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        if isinstance(err, str):
+            return err
+    except (ValueError, AttributeError):
+        pass
+    return (r.text or "").strip()[:300] or f"HTTP {r.status_code}"
+
+
+def _completions_url(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    root = url.rstrip("/")
+    if urlsplit(root).path in ("", "/"):
+        root += "/v1"
+    return root + "/completions"

@@ -1,0 +1,377 @@
+"""The decode loop for a black-box base (top-k log-probs from an API) and for pairs of another
+tokenizer. The plain loop (:func:`proxytune.generation.decode`) needs full logits from every
+model in one vocabulary; this one, per step::
+
+    base    an API row: the endpoint's top-k, completed by the missing-mass rule
+            (:func:`~.topk.topk_row`), or a local base's full log-probs
+    pairs   same tokenizer: their log-probs; another tokenizer: read through
+            :class:`~proxytune.crosstok.CrossFeeder` in the base's ids
+    rule    the same rules, on a :class:`~.topk.TopKContext` (which says what was estimated)
+    support an API base: the endpoint's candidates | each expert's own top tokens; the rule's
+            scores outside it are -inf
+    sample, emit, append (as the plain loop, with the same helpers)
+
+With ``k = V`` and the same tokenizer nothing is estimated or mapped and the output is the
+plain loop's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from ..arithmetic import log_probs
+from ..config import GenerationConfig
+from ..crosstok import CoverageError, CrossFeeder, CrossOptions, VocabMap
+from ..errors import ConfigError
+from ..generation import (
+    Member,
+    Pair,
+    _logprob_records,
+    _Row,
+    checked_scores,
+    emit,
+    make_rows,
+    plan,
+    render_prompts,
+)
+from ..prompts import Prompt
+from ..results import StepUpdate
+from ..rules import Combiner, Rule, StepContext
+from ..sampling import next_tokens
+from .api import APIModel, APIUsage, prompt_text
+from .api_state import APIBaseState, ChunkStats
+from .base import DecodeState
+from .topk import TopKContext, coverage, expert_support, restrict, topk_row
+
+
+@dataclass
+class BlackBoxStats:
+    """What one generation cost and how well it mapped (pass one as ``stats=``)."""
+
+    steps: int = 0
+    emitted: int = 0
+    coverage: list[float] = field(default_factory=list)
+    """Per step: the lowest coverage over live rows (1.0 when nothing had to map)."""
+    text_scored: int = 0
+    """Different tokenizers: candidates scored on the text path."""
+    api: APIUsage = field(default_factory=APIUsage)
+    chunks: ChunkStats = field(default_factory=ChunkStats)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mean_coverage(self) -> float:
+        return sum(self.coverage) / len(self.coverage) if self.coverage else 1.0
+
+    @property
+    def calls_saved(self) -> int:
+        """Calls a token-by-token run would have made, minus those made."""
+        return self.chunks.tbt_calls - self.api.calls if self.api.calls else 0
+
+    @property
+    def prompt_tokens_saved(self) -> int:
+        return self.chunks.tbt_prompt_tokens - self.api.prompt_tokens if self.api.calls else 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "emitted": self.emitted,
+            "mean_coverage": self.mean_coverage,
+            "min_coverage": min(self.coverage, default=1.0),
+            "text_scored": self.text_scored,
+            "api": self.api.to_dict(),
+            "chunks": asdict(self.chunks),
+            "calls_saved": self.calls_saved,
+            "prompt_tokens_saved": self.prompt_tokens_saved,
+            "notes": list(self.notes),
+        }
+
+    def summary(self) -> str:
+        """One line for a terminal."""
+        parts = [f"{self.emitted} tokens in {self.steps} steps"]
+        if self.api.calls:
+            a = self.api
+            parts.append(
+                f"{a.calls} calls ({self.calls_saved} saved by chunking), {a.prompt_tokens} "
+                f"prompt + {a.completion_tokens} completion tokens, {a.retries} retries, "
+                f"{a.unmapped} unmapped candidates"
+            )
+        if self.coverage:
+            parts.append(f"coverage mean {self.mean_coverage:.3f} min {min(self.coverage):.3f}")
+        return "; ".join(parts)
+
+
+def blackbox_decode(
+    base: Member,
+    pairs: Sequence[Pair],
+    prompts: Sequence[Prompt],
+    config: GenerationConfig,
+    vocab_size: int,
+    eos_token_ids: Sequence[int],
+    rule: Rule | None = None,
+    *,
+    cross: dict[int, VocabMap] | None = None,
+    options: CrossOptions | None = None,
+    stats: BlackBoxStats | None = None,
+) -> Iterator[list[StepUpdate]]:
+    """:func:`~proxytune.generation.decode` for an API base and/or pairs of another tokenizer
+    (``cross``: pair index -> its :class:`~proxytune.crosstok.VocabMap`). Same arguments and
+    updates; ``stats`` fills in as the iterator is consumed."""
+    if not prompts:
+        raise ConfigError("no prompts given: pass at least one prompt")
+    combine, needs, running = plan(rule, base, pairs, prompts, vocab_size, eos_token_ids)
+    members = [base, *running]
+    rendered = render_prompts(members, prompts)
+    penalised = bool(
+        config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty
+    )
+    rows = make_rows(base, members, rendered, len(prompts), config, penalised)
+    loop = _Loop(
+        base=base,
+        pairs=pairs,
+        needs=needs,
+        running=running,
+        combine=combine,
+        config=config,
+        vocab_size=vocab_size,
+        eos=set() if config.ignore_eos else set(eos_token_ids),
+        penalised=penalised,
+        cross=cross or {},
+        options=options or CrossOptions(),
+        stats=stats if stats is not None else BlackBoxStats(),
+    )
+    return loop.run(rendered, rows, prompts)
+
+
+@dataclass
+class _Loop:
+    base: Member
+    pairs: Sequence[Pair]
+    needs: Sequence[tuple[bool, bool]]
+    running: Sequence[Member]
+    combine: Combiner
+    config: GenerationConfig
+    vocab_size: int
+    eos: set[int]
+    penalised: bool
+    cross: dict[int, VocabMap]
+    options: CrossOptions
+    stats: BlackBoxStats
+
+    def run(
+        self, rendered: dict[str, list[list[int]]], rows: list[_Row], prompts: Sequence[Prompt]
+    ) -> Iterator[list[StepUpdate]]:
+        device = self.base.model.device
+        api = self.base.model if isinstance(self.base.model, APIModel) else None
+        base_state: Any
+        if api is not None:
+            texts = [prompt_text(self.base.prompt, prompts[r.prompt_index], api.tokenizer)
+                     for r in rows]  # fmt: skip
+            ids = [rendered[self.base.role][r.prompt_index] for r in rows]
+            base_state = APIBaseState(api, ids, texts, self.stats.chunks, self.stats.api)
+            base_logits = None
+        else:
+            base_state, base_logits = self.base.model.start(
+                [rendered[self.base.role][r.prompt_index] for r in rows],
+                use_cache=self.config.use_cache,
+            )
+        states, logits, feeders = self._start_pairs(rendered, rows, device)
+        live = rows
+        seen = {r.index: [0.0, 0] for r in rows}  # coverage sum and count per row
+        step = 0
+        while True:
+            ctx = self._context(step, live, api, base_state, base_logits, logits, feeders, seen)
+            scores = checked_scores(_restricted(self.combine, ctx.support), ctx)
+            chosen = next_tokens(
+                scores,
+                temperature=self.config.temperature,
+                top_k=self.config.top_k,
+                top_p=self.config.top_p,
+                min_p=self.config.min_p,
+                repetition_penalty=self.config.repetition_penalty,
+                presence_penalty=self.config.presence_penalty,
+                frequency_penalty=self.config.frequency_penalty,
+                history=[r.history for r in live] if self.penalised else None,
+                generators=None if self.config.greedy else [r.generator for r in live],
+            )
+            records = _logprob_records(scores, chosen, self.config, self.base.model.tokenizer)
+            updates, keep = [], []
+            for i, row in enumerate(live):
+                record = records[i] if records else None
+                update = emit(row, int(chosen[i]), record, self.eos, self.penalised)
+                if update.finish_reason is None:
+                    keep.append(i)
+                updates.append(update)
+            self.stats.steps += 1
+            self.stats.emitted += len(updates)
+            self.stats.text_scored = sum(f.scored for f in feeders.values())
+            if api is not None:
+                self.stats.notes = list(api.client.notes)
+            yield updates
+            if not keep:
+                return
+            if len(keep) < len(live):
+                index = torch.tensor(keep, device=device)
+                base_state.keep(keep if api is not None else index)
+                for state in states.values():
+                    state.keep(index)
+                for role in logits:
+                    logits[role] = logits[role][index.to(logits[role].device)]
+                for feeder in feeders.values():
+                    feeder.keep(index)
+                live = [live[i] for i in keep]
+                chosen = chosen[index.to(chosen.device)]
+            tokens = chosen.tolist()
+            next_ids = chosen.view(-1, 1)
+            if api is not None:
+                base_state.commit(tokens)
+            else:
+                base_logits = base_state.advance(next_ids)[:, -1]
+            for role, state in states.items():
+                logits[role] = state.advance(next_ids)[:, -1]
+            for feeder in feeders.values():
+                feeder.feed(tokens)
+            step += 1
+
+    def _context(
+        self,
+        step: int,
+        live: list[_Row],
+        api: APIModel | None,
+        base_state: Any,
+        base_logits: torch.Tensor | None,
+        logits: dict[str, torch.Tensor],
+        feeders: dict[int, CrossFeeder],
+        seen: dict[int, list[float]],
+    ) -> TopKContext:
+        """Everything the rule sees at this step: the base's row (an API's completed top-k, or
+        full log-probs), the pairs in the base's ids, the support and the coverage."""
+        device = self.base.model.device
+        alphas = tuple(p.alpha(step) for p in self.pairs)
+        known = support = None
+        if api is not None:
+            cand_ids, cand_lps, cov = base_state.step([r.budget - len(r.tracker.ids) for r in live])
+            base_lp, known = topk_row(cand_ids, cand_lps, self.vocab_size, api.spec.missing_mass)
+        else:
+            assert base_logits is not None
+            base_lp = log_probs(base_logits, self.vocab_size).to(device)
+            cov = torch.ones(len(live), device=device)
+        pair_lps, mapped = self._pair_logprobs(base_lp, logits, feeders, device)
+        for i, m in mapped.items():
+            if _steers(alphas[i]):
+                cov = torch.minimum(cov, coverage(base_lp, m))
+        if known is not None:
+            top = api.spec.expert_top  # type: ignore[union-attr]
+            top = api.spec.top_logprobs if top is None else top  # type: ignore[union-attr]
+            extra = expert_support([e for e, _ in pair_lps], top)
+            support = known if extra is None else known | extra
+        self._check_coverage(live, cov, seen, step)
+        return TopKContext(
+            base=base_lp,
+            pairs=pair_lps,
+            alphas=alphas,
+            step=step,
+            prompt_index=tuple(r.prompt_index for r in live),
+            generated=[r.tracker.ids for r in live],
+            base_known=known,
+            support=support,
+            coverage=cov,
+        )
+
+    def _start_pairs(
+        self, rendered: dict[str, list[list[int]]], rows: list[_Row], device: torch.device
+    ) -> tuple[dict[str, DecodeState], dict[str, torch.Tensor], dict[int, CrossFeeder]]:
+        """Prefill every running pair model: same-tokenizer ones as states of their own,
+        other-tokenizer pairs behind a :class:`~proxytune.crosstok.CrossFeeder`."""
+        states: dict[str, DecodeState] = {}
+        logits: dict[str, torch.Tensor] = {}
+        feeders: dict[int, CrossFeeder] = {}
+        running = {m.role for m in self.running}
+        for i, pair in enumerate(self.pairs):
+            side_states: dict[int, DecodeState] = {}
+            side_logits: dict[int, torch.Tensor] = {}
+            names: dict[int, str] = {}
+            for side, member in enumerate((pair.expert, pair.anti_expert)):
+                if member is None or member.role not in running:
+                    continue
+                prompt_ids = [rendered[member.role][r.prompt_index] for r in rows]
+                state, first = member.model.start(prompt_ids, use_cache=self.config.use_cache)
+                if i in self.cross:
+                    side_states[side], side_logits[side] = state, first
+                    names[side] = f"{member.role} ({member.model.name})"
+                else:
+                    states[member.role], logits[member.role] = state, first
+            if i in self.cross and side_states:
+                feeders[i] = CrossFeeder(
+                    self.cross[i], side_states, side_logits, self.options, device, names
+                )
+        return states, logits, feeders
+
+    def _pair_logprobs(
+        self,
+        base_lp: torch.Tensor,
+        logits: dict[str, torch.Tensor],
+        feeders: dict[int, CrossFeeder],
+        device: torch.device,
+    ) -> tuple[tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...], dict[int, Any]]:
+        """Per pair ``(expert, anti-expert)`` ``(B, V)`` log-probs in the base's ids (``None``
+        where not run), and per other-tokenizer pair its ``(B, V)`` mask of mapped tokens."""
+        out = []
+        mapped = {}
+        for i, pair in enumerate(self.pairs):
+            if i in feeders:
+                sides, mapped[i] = feeders[i].rows(base_lp)
+                out.append((sides.get(0), sides.get(1)))
+                continue
+            pair_lp: list[torch.Tensor | None] = []
+            for member in (pair.expert, pair.anti_expert):
+                if member is None or member.role not in logits:
+                    pair_lp.append(None)
+                    continue
+                raw = logits[member.role]
+                pair_lp.append(log_probs(raw, self.vocab_size).to(device))
+            out.append((pair_lp[0], pair_lp[1]))
+        return tuple(out), mapped
+
+    def _check_coverage(
+        self, live: list[_Row], cov: torch.Tensor, seen: dict[int, list[float]], step: int
+    ) -> None:
+        """Record the step's coverage; refuse a row whose mean coverage is too low."""
+        values = cov.tolist()
+        self.stats.coverage.append(min(values) if values else 1.0)
+        for row, value in zip(live, values, strict=True):
+            total = seen[row.index]
+            total[0] += value
+            total[1] += 1
+            mean = total[0] / total[1]
+            if mean < self.options.min_coverage:
+                raise CoverageError(
+                    f"row {row.index} (prompt {row.prompt_index}) at step {step}: only "
+                    f"{mean:.0%} of the base's probability mass on average mapped to ids the "
+                    f"pair could score (minimum {self.options.min_coverage:.0%}), so the pair "
+                    "cannot steer this base meaningfully. Use a pair with the base's "
+                    "tokenizer, raise cross_tokenizer.text_candidates, check that the API "
+                    "base's tokenizer is the endpoint model's, or lower min_coverage"
+                )
+
+
+def _steers(alpha: Any) -> bool:
+    """Whether a pair with this alpha changes anything (not exactly 0 on every row)."""
+    if isinstance(alpha, torch.Tensor):
+        return bool(alpha.any())
+    return alpha != 0
+
+
+def _restricted(combine: Combiner, support: torch.Tensor | None) -> Combiner:
+    """The rule, with every token outside the step's support ruled out."""
+    if support is None:
+        return combine
+
+    def step(ctx: StepContext) -> torch.Tensor:
+        return restrict(combine(ctx), support)
+
+    step.label = getattr(combine, "label", None) or getattr(combine, "__name__", "rule")  # type: ignore[attr-defined]
+    return step
