@@ -34,7 +34,7 @@ import torch
 from .arithmetic import log_probs
 from .backends.base import DecodeState
 from .errors import ConfigError, ProxyTuneError, VocabularyMismatchError
-from .vocab import defined_size, shared_vocab_size
+from .vocab import byte_level_decoder, defined_size, shared_vocab_size
 
 
 class CoverageError(ProxyTuneError):
@@ -81,23 +81,8 @@ class CrossOptions:
 
 
 @cache
-def _byte_decoder() -> dict[str, int]:
-    """GPT-2's printable stand-in character -> byte (the inverse of ``bytes_to_unicode``)."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    keep += range(ord("®"), ord("ÿ") + 1)
-    chars = list(keep)
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
-
-
-@cache
 def _byte_encoder() -> dict[int, str]:
-    return {b: c for c, b in _byte_decoder().items()}
+    return {b: c for c, b in byte_level_decoder().items()}
 
 
 def is_byte_level(tokenizer: Any) -> bool:
@@ -122,7 +107,7 @@ def token_bytes(tokenizer: Any, size: int) -> list[bytes | None]:
     """
     pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
     byte_level = is_byte_level(tokenizer)
-    table = _byte_decoder()
+    table = byte_level_decoder()
     specials = special_ids(tokenizer)
     out: list[bytes | None] = []
     for i, piece in enumerate(pieces):

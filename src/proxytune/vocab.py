@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 from typing import Any
 
 from .errors import VocabularyMismatchError
@@ -51,3 +52,19 @@ def shared_vocab_size(
                     "different-tokenizer mode for pairs whose vocabularies differ."
                 )
     return size
+
+
+@cache
+def byte_level_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE's printable stand-in character -> byte (the inverse of
+    ``bytes_to_unicode``), to recover a token's exact bytes from its string."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += range(ord("®"), ord("ÿ") + 1)
+    chars = list(keep)
+    extra = 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}

@@ -8,25 +8,11 @@ SentencePiece (``<0xNN>``); a token that is half of a multi-byte character shows
 from __future__ import annotations
 
 import re
-from functools import cache
 from typing import Any
 
+from ..vocab import byte_level_decoder
+
 _BYTE_TOKEN = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-@cache
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's ``bytes_to_unicode``: printable stand-in character -> byte."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    keep += range(ord("®"), ord("ÿ") + 1)
-    chars = list(keep)
-    extra = 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
 
 
 class TokenText:
@@ -58,7 +44,7 @@ class TokenText:
         if piece is None:
             return b""
         if self.byte_level:
-            table = _byte_decoder()
+            table = byte_level_decoder()
             if all(ch in table for ch in piece):
                 return bytes(table[ch] for ch in piece)
         match = _BYTE_TOKEN.match(piece)
