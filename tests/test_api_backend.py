@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -36,7 +33,13 @@ from proxytune.generation import Member, Pair  # noqa: E402
 from proxytune.prompts import PromptFormat  # noqa: E402
 from proxytune.recipe import parse_recipe  # noqa: E402
 from proxytune.server import ServerSettings, create_app  # noqa: E402
-from proxytune.testing import CHAT_TEMPLATE, SPECIALS, build_model, build_tokenizer  # noqa: E402
+from proxytune.testing import (  # noqa: E402
+    CHAT_TEMPLATE,
+    SPECIALS,
+    build_model,
+    build_tokenizer,
+    serve_in_thread,
+)
 
 PROMPTS = ["The quick brown fox", "def add(a, b):"]
 STEPS = 12
@@ -67,23 +70,9 @@ def char_tokenizer():
 
 @contextlib.contextmanager
 def serving(app) -> Iterator[str]:
-    """Serve ``app`` on a free 127.0.0.1 port in a thread (bounded start and stop)."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
+    """Serve ``app`` on loopback; yield its OpenAI base URL (``.../v1``)."""
+    with serve_in_thread(app) as url:
+        yield f"{url}/v1"
 
 
 @pytest.fixture(scope="module")

@@ -22,11 +22,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
-import uvicorn  # noqa: E402
 
 from proxytune import ProxyTuner  # noqa: E402
 from proxytune.schedules import Linear  # noqa: E402
 from proxytune.server import ServerSettings, create_app  # noqa: E402
+from proxytune.testing import serve_in_thread  # noqa: E402
 
 MODEL = "tiny"
 PROMPTS = [
@@ -41,30 +41,11 @@ PROMPTS = [
 ]
 
 
-@contextlib.contextmanager
-def running(app) -> Iterator[str]:
-    """Serve ``app`` on a free 127.0.0.1 port in a thread; yield its base URL."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def url(tuner) -> Iterator[str]:
-    with running(create_app(tuner, ServerSettings(model_name=MODEL, max_batch_size=32))) as u:
+    with serve_in_thread(
+        create_app(tuner, ServerSettings(model_name=MODEL, max_batch_size=32))
+    ) as u:
         yield u
 
 
@@ -207,7 +188,7 @@ def test_rules_per_request_and_per_server(client, tuner):
     )
     assert r.choices[0].text == tuner.generate(PROMPTS[4], max_new_tokens=10, rule=spec)[0].text
     reranked = tuner.with_rule({"name": "rerank", "k": 2})  # e.g. a recipe's rule
-    with running(create_app(reranked, ServerSettings(model_name=MODEL))) as u:
+    with serve_in_thread(create_app(reranked, ServerSettings(model_name=MODEL))) as u:
         c = openai.OpenAI(base_url=f"{u}/v1", api_key="x", max_retries=0)
         assert httpx.get(f"{u}/v1/models/{MODEL}").json()["rule"] == "rerank(k=2)"
         r = c.completions.create(model=MODEL, prompt=PROMPTS[4], max_tokens=10)
@@ -356,7 +337,7 @@ def test_openai_client_raises_its_own_errors(client):
 
 def test_a_base_only_model_is_served_plainly(tiny_dirs):
     plain = ProxyTuner.from_pretrained(str(tiny_dirs["base"]), device="cpu", dtype="float32")
-    with running(create_app(plain, ServerSettings(model_name="base"))) as u:
+    with serve_in_thread(create_app(plain, ServerSettings(model_name="base"))) as u:
         c = openai.OpenAI(base_url=f"{u}/v1", api_key="x", max_retries=0)
         r = c.completions.create(model="base", prompt=PROMPTS[3], max_tokens=8)
         assert r.choices[0].text == plain.generate(PROMPTS[3], max_new_tokens=8)[0].text
@@ -378,7 +359,7 @@ def test_engine_loop_mode_runs_each_request_on_the_tuners_own_loop(tuner):
     ]  # fmt: skip
     app = create_app(tuner, ServerSettings(model_name=MODEL, continuous=False))
     assert type(app.state.scheduler.batch).__name__ == "EngineLoop"
-    with running(app) as u:
+    with serve_in_thread(app) as u:
         c = openai.OpenAI(base_url=f"{u}/v1", api_key="x", max_retries=0)
         got: dict[int, list[str]] = {}
 
@@ -414,7 +395,7 @@ def test_a_black_box_tuner_whose_base_is_this_server(tiny_dirs, monkeypatch):
         pytest.skip("no API-base backend in this tree")
     monkeypatch.setenv("OPENAI_API_KEY", "unused")
     plain = ProxyTuner.from_pretrained(str(tiny_dirs["base"]), device="cpu", dtype="float32")
-    with running(create_app(plain, ServerSettings(model_name="base"))) as base_url:
+    with serve_in_thread(create_app(plain, ServerSettings(model_name="base"))) as base_url:
         steered = ProxyTuner.from_api(
             f"{base_url}/v1",
             "base",
@@ -427,7 +408,7 @@ def test_a_black_box_tuner_whose_base_is_this_server(tiny_dirs, monkeypatch):
         assert steered.blackbox
         app = create_app(steered, ServerSettings(model_name="steered"))
         assert type(app.state.scheduler.batch).__name__ == "EngineLoop"
-        with running(app) as u:
+        with serve_in_thread(app) as u:
             c = openai.OpenAI(base_url=f"{u}/v1", api_key="x", max_retries=0)
             text, _ = stream_text(c, prompt=PROMPTS[0], max_tokens=8, model_="steered")
             assert text == steered.generate(PROMPTS[0], max_new_tokens=8)[0].text
@@ -435,7 +416,7 @@ def test_a_black_box_tuner_whose_base_is_this_server(tiny_dirs, monkeypatch):
 
 def test_api_key_guards_everything_but_health(tuner):
     settings = ServerSettings(model_name=MODEL, api_key="sekret")
-    with running(create_app(tuner, settings)) as u:
+    with serve_in_thread(create_app(tuner, settings)) as u:
         for path in ("/v1/models", "/metrics", "/v1/nothing"):
             r = httpx.get(u + path)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
@@ -453,7 +434,7 @@ def test_full_queue_answers_429_and_disconnects_cancel_work(tuner):
     long = {"prompt": "x", "max_tokens": 200, "ignore_eos": True}  # seconds of work
     app = create_app(tuner, settings)
     scheduler = app.state.scheduler
-    with running(app) as u:
+    with serve_in_thread(app) as u:
         with httpx.stream("POST", f"{u}{C}", json={**long, "stream": True}) as first:
             assert first.status_code == 200
             lines = first.iter_lines()  # (a dropped iterator would close the response)
@@ -527,7 +508,7 @@ def test_cli_serve_with_env_key_drains_in_flight_work_on_sigterm(tiny_dirs):
 
 def test_server_limits_logprobs_and_max_tokens(tuner):
     settings = ServerSettings(model_name=MODEL, max_top_logprobs=40, max_tokens=5)
-    with running(create_app(tuner, settings)) as u:
+    with serve_in_thread(create_app(tuner, settings)) as u:
         c = openai.OpenAI(base_url=f"{u}/v1", api_key="x", max_retries=0)
         r = c.completions.create(
             model=MODEL,
@@ -550,7 +531,7 @@ def test_a_failing_rule_fails_its_request_with_500_and_the_server_keeps_serving(
         return base_lp * math.nan if alphas and alphas[0] == 7.0 else base_lp
 
     broken = ProxyTuner(tuner.base, tuner.pairs, tuner.defaults, combine=combine)
-    with running(create_app(broken, ServerSettings(model_name=MODEL))) as u:
+    with serve_in_thread(create_app(broken, ServerSettings(model_name=MODEL))) as u:
         bad = {"prompt": "x", "max_tokens": 4, "alpha": 7}
         r = httpx.post(f"{u}{C}", json=bad)
         assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
