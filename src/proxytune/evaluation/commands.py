@@ -1,0 +1,189 @@
+"""The bodies of ``proxytune eval`` and ``proxytune analyze`` (``cli.py`` only parses options).
+
+Both take an already built tuner, so that tests and notebooks can call them directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+
+def parse_alphas(text: str | None) -> list[float]:
+    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``; a range ``"0:2:0.5"`` (start:stop:step, stop
+    included) -> ``[0.0, 0.5, 1.0, 1.5, 2.0]``; ``None`` or ``""`` -> ``[]``.
+
+    >>> parse_alphas("0:1:0.25")
+    [0.0, 0.25, 0.5, 0.75, 1.0]
+    """
+    if not text:
+        return []
+    values: list[float] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                start, stop, step = (float(x) for x in part.split(":"))
+                if step <= 0 or stop < start:
+                    raise ValueError
+                count = math.floor((stop - start) / step + 1e-9) + 1
+                values += [round(start + i * step, 10) for i in range(count)]
+            elif part:
+                values.append(float(part))
+        except ValueError:
+            raise ConfigError(
+                f"--alpha {text!r}: give numbers separated by commas (0,0.5,1) or a range "
+                "start:stop:step with step > 0 (0:2:0.5)"
+            ) from None
+    if any(not math.isfinite(v) for v in values):
+        raise ConfigError(f"--alpha {text!r}: every alpha must be finite")
+    return list(dict.fromkeys(values))
+
+
+def run_eval(
+    tuner: Any,
+    task_spec: str,
+    *,
+    alphas: Sequence[float] = (),
+    systems: Sequence[str] = ("base", "expert", "proxy"),
+    tuned: Any = None,
+    rule: Any = None,
+    out: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    resume: bool = True,
+    progress: bool = True,
+    workers: int = 2,
+    gold_only: bool = False,
+    settings: dict[str, Any] | None = None,
+    task_overrides: dict[str, Any] | None = None,
+    search: str | None = None,
+    validation_size: int = 0,
+    metric: str | None = None,
+    trials: int = 10,
+    seed: int = 0,
+    as_json: bool = False,
+) -> int:
+    """Evaluate (or search alpha on a validation split, then test) and print the table."""
+    from .runner import evaluate
+    from .search import search as run_search
+    from .systems import standard_systems
+    from .tasks import load_task
+
+    task = load_task(task_spec, **(task_overrides or {}))
+    out_dir = Path(out or Path("runs") / "eval" / task.name)
+    options = {
+        "limit": limit,
+        "batch_size": batch_size,
+        "resume": resume,
+        "progress": progress,
+        "workers": workers,
+        "gold_only": gold_only,
+        "settings": settings,
+    }
+    if search is not None:
+        if not tuner.pairs:
+            raise ConfigError("an alpha search needs an expert/anti-expert pair")
+        result = run_search(
+            task,
+            tuner,
+            out_dir,
+            validation_size=validation_size,
+            alphas=alphas or (0.0, 0.25, 0.5, 1.0, 1.5, 2.0),
+            rules=(rule,),
+            metric=metric,
+            method=search,
+            trials=trials,
+            seed=seed,
+            alpha_range=(min(alphas), max(alphas)) if len(alphas) >= 2 else (0.0, 2.0),
+            tuned=tuned,
+            **options,
+        )
+        if as_json:
+            print(json.dumps(result.to_dict(), default=str))
+        else:
+            print(result.summary())
+            best = result.best
+            print(
+                f"\nbest: {best['system']} (validation {result.metric} = "
+                f"{best['validation']:.4f}); test {result.metric} = "
+                f"{_num(result.best_test_score)}\nresults in {out_dir}"
+            )
+        return 0
+    chosen = standard_systems(tuner, alphas, include=systems, tuned=tuned, rule=rule)
+    split = "test" if validation_size else "all"
+    report = evaluate(
+        task,
+        chosen,
+        out_dir,
+        split=split,
+        validation_size=validation_size,
+        seed=seed,
+        **options,
+    )
+    if as_json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(report.table())
+        print(f"\nper-example results and summary in {out_dir}")
+    return 0
+
+
+def run_analyze(
+    tuner: Any,
+    prompts: Sequence[str],
+    *,
+    alpha: float | None = None,
+    rule: Any = None,
+    out: str | None = None,
+    top_tokens: int = 20,
+    min_count: int = 1,
+    settings: dict[str, Any] | None = None,
+    progress: bool = True,
+    as_json: bool = False,
+) -> int:
+    """Generate, record every token, write the report; print the most promoted tokens."""
+    from ..analysis import analyze, write_report
+
+    if not prompts:
+        raise ConfigError("give at least one prompt (arguments or --prompts-file)")
+    records = analyze(tuner, prompts, alpha=alpha, rule=rule, progress=progress, **(settings or {}))
+    out_dir = Path(out or Path("runs") / "analysis")
+    paths = write_report(records, out_dir, top_tokens=top_tokens, min_count=min_count)
+    summary = json.loads(paths["summary"].read_text())
+    if as_json:
+        print(json.dumps(summary))
+        return 0
+    print(
+        f"{summary['tokens']} tokens in {summary['sequences']} sequences; mean shift "
+        f"{_num(summary['mean_shift'])} nats; mean KL(base||combined) "
+        f"{_num(summary['mean_kl_base_combined'])}; steering changed the top choice "
+        f"{summary['promoted_to_top']} times"
+    )
+    print("\nmost promoted tokens (mean shift, count):")
+    for row in summary["most_promoted"][:top_tokens]:
+        print(f"  {row['token']!r:>16}  {row['mean_shift']:+.3f}  x{row['count']}")
+    print(f"\nreport: {paths['html']}")
+    return 0
+
+
+def read_prompts(path: str) -> list[str]:
+    """Prompts from a file: a ``.jsonl`` of ``{"prompt": ...}`` objects, else one per line."""
+    text = Path(path).expanduser().read_text(encoding="utf-8")
+    if path.endswith(".jsonl"):
+        out = []
+        for line in text.splitlines():
+            if line.strip():
+                row = json.loads(line)
+                out.append(row["prompt"] if isinstance(row, dict) else str(row))
+        return out
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
