@@ -90,6 +90,32 @@ def draw(
     return torch.cat(picks)
 
 
+def shape_scores(
+    scores: torch.Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    history: Sequence[Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """The chain without the draw, ``(B, V)`` -> ``(B, V)``: ``softmax`` of the result is the
+    distribution :func:`next_tokens` samples from (greedy: its argmax is the pick). Speculative
+    decoding compares draft and target through it."""
+    lp = torch.log_softmax(scores.float(), dim=-1)
+    if history is not None:
+        lp = apply_penalties(lp, history, repetition_penalty, presence_penalty, frequency_penalty)
+    if temperature == 0.0:
+        return lp
+    lp = apply_temperature(lp, temperature)
+    lp = top_k_filter(lp, top_k)
+    lp = top_p_filter(lp, top_p)
+    return min_p_filter(lp, min_p)
+
+
 def next_tokens(
     scores: torch.Tensor,
     *,
@@ -104,13 +130,17 @@ def next_tokens(
     generators: Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
     """Choose the next id of every row from combined ``(B, V)`` scores -> ``(B,)``."""
-    lp = torch.log_softmax(scores.float(), dim=-1)
-    if history is not None:
-        lp = apply_penalties(lp, history, repetition_penalty, presence_penalty, frequency_penalty)
+    lp = shape_scores(
+        scores,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        history=history,
+    )
     if temperature == 0.0:
         return lp.argmax(dim=-1)
-    lp = apply_temperature(lp, temperature)
-    lp = top_k_filter(lp, top_k)
-    lp = top_p_filter(lp, top_p)
-    lp = min_p_filter(lp, min_p)
     return draw(lp, generators)

@@ -1,0 +1,275 @@
+"""Speed of proxy-tuning: base alone vs naive, stacked and speculative proxy-tuning.
+
+    .venv/bin/python benchmarks/bench_speed.py                        # embedded default, 1 8 32
+    .venv/bin/python benchmarks/bench_speed.py --batch-sizes 1 8 --max-new-tokens 16 \\
+        --systems base naive speculative --k 4 --markdown
+
+Every (system, batch size) runs in its own process on the same prompts (greedy, EOS ignored so
+that every system does the same work), so its peak RSS is its own: weights, caches and
+activations. Prints, per batch size, tokens/s, time to first token and peak memory with their
+ratios to the base alone, the speculative acceptance rate, and how many rows match naive
+proxy-tuning token for token (stacked and speculative must match all; int8 shows its effect).
+On a shared machine, wall-clock speed follows the load; tokens per CPU-second (with
+``--threads 1``) is the steadier figure.
+
+Systems: base (the base model alone: the speed to match), naive (the three models one after
+the other), stacked (expert and anti-expert, one shared model, in one forward), speculative
+(the expert drafts, base and anti-expert verify); each also as KIND-int8 (the pair's models
+quantized to int8, CPU only) and KIND-int8all (every model int8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import time
+from dataclasses import replace
+from queue import Empty
+from typing import Any
+
+PROMPTS = [
+    "def fibonacci(n):",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "# Sort a list of dictionaries by the 'age' key\n",
+    "Explain what a hash map is in one paragraph.",
+    "class Stack:",
+    "Write a SQL query that counts orders per customer.",
+    "def merge_sorted(a, b):",
+    "What does the `yield` keyword do in Python?",
+]
+KINDS = ("base", "naive", "stacked", "speculative")
+SYSTEMS = (*KINDS, *(f"{k}-{q}" for q in ("int8", "int8all") for k in KINDS))
+"""``KIND[-int8|-int8all]``: -int8 quantizes the pair's models, -int8all every model."""
+
+
+def build(system: str, args: dict[str, Any]) -> Any:
+    """The tuner of ``system``, loaded from the recipe."""
+    from proxytune import ProxyTuner
+    from proxytune.backends.stacked import stack_shared
+    from proxytune.recipe import default_recipe_path, load_recipe
+
+    overrides = {"device": args["device"]} if args["device"] else {}
+    recipe = load_recipe(args["recipe"] or default_recipe_path(), **overrides)
+    kind, _, quant = system.partition("-")
+    if quant:
+
+        def q(spec: Any) -> Any:
+            return None if spec is None else replace(spec, quantize="int8")
+
+        pairs = [(q(e), q(a), alpha) for e, a, alpha in recipe.pairs]
+        base = q(recipe.base) if quant == "int8all" else recipe.base
+        recipe = replace(recipe, base=base, pairs=pairs)
+    tuner = ProxyTuner.from_recipe(recipe)
+    if kind == "base":
+        return tuner.alone("base")
+    if kind == "stacked":
+        return stack_shared(tuner)
+    return tuner
+
+
+def weight_gib(tuner: Any) -> float:
+    """Weights held in memory (each loaded model once; int8 weights at 1 byte)."""
+    from proxytune.backends.quantize import weight_bytes
+
+    models = [getattr(m.model, "model", None) for m in tuner.members]
+    unique = {id(m): m for m in models if m is not None}
+    return sum(weight_bytes(m) for m in unique.values()) / 2**30
+
+
+def current_rss_gib() -> float:
+    """Resident memory now (after loading and generating), from /proc; 0 where unknown."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration, ValueError):
+        return 0.0
+    return kib / 2**20
+
+
+def measure(system: str, batch: int, args: dict[str, Any], out: Any) -> None:
+    """Load ``system`` and time one greedy batch of ``batch`` prompts (child process)."""
+    import torch
+
+    from proxytune.speculative import SpeculativeStats
+
+    if args["threads"]:
+        torch.set_num_threads(args["threads"])
+    load_before = os.getloadavg()[0]
+    t0 = time.perf_counter()
+    tuner = build(system, args)
+    load_s = time.perf_counter() - t0
+    spec = args["k"] if system.startswith("speculative") else None  # KIND-...
+    prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
+    tuner.generate(prompts[:1], max_new_tokens=3, speculative=spec)  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    stats = SpeculativeStats()
+    ids: dict[int, list[int]] = {}
+    settings = {"max_new_tokens": args["max_new_tokens"], "ignore_eos": True}
+    first = None
+    t0, c0 = time.perf_counter(), time.process_time()
+    for updates in tuner.steps(prompts, speculative=spec, stats=stats, **settings):
+        if first is None:
+            first = time.perf_counter() - t0
+        for u in updates:
+            ids.setdefault(u.row, []).append(u.token_id)
+    seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
+    tokens = sum(len(v) for v in ids.values())
+    out.put(
+        {
+            "system": system,
+            "batch": batch,
+            "tokens": tokens,
+            "seconds": seconds,
+            "tok_s": tokens / seconds,
+            "cpu_s": cpu_s,
+            "tok_cpu_s": tokens / cpu_s,
+            "ttft_s": first,
+            "load_s": load_s,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "rss_gib": current_rss_gib(),
+            "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30
+            if torch.cuda.is_available()
+            else None,
+            "weights_gib": weight_gib(tuner),
+            "acceptance": stats.acceptance_rate if spec else None,
+            "tokens_per_round": stats.tokens_per_round if spec else None,
+            "ids": [ids[r] for r in sorted(ids)],
+            "load_avg": (load_before, os.getloadavg()[0]),
+        }
+    )
+
+
+def run(system: str, batch: int, args: dict[str, Any]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=measure, args=(system, batch, args, queue))
+    proc.start()
+    while True:  # a child that dies must not leave us waiting forever
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not proc.is_alive():
+                code = proc.exitcode
+                raise SystemExit(f"{system} at batch {batch} failed (exit {code})") from None
+    proc.join()
+    return result
+
+
+def reference(system: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """What ``system``'s output must equal: naive proxy-tuning on the same (float or int8)
+    models; naive-int8(all) is compared with float naive (the effect of int8)."""
+    kind, _, quant = system.partition("-")
+    if kind == "base" or system == "naive":
+        return None
+    same = f"naive-{quant}" if quant else "naive"
+    if system != same and same in by_name:
+        return by_name[same]
+    return by_name.get("naive")
+
+
+def agreement(ids: list[list[int]], ref: list[list[int]]) -> str:
+    """Rows equal to the reference, and the mean share of tokens before the first difference."""
+    same = sum(a == b for a, b in zip(ids, ref, strict=True))
+    shares = []
+    for a, b in zip(ids, ref, strict=True):
+        n = next(
+            (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+        )
+        shares.append(n / max(len(b), 1))
+    return f"{same}/{len(ref)} ({sum(shares) / len(shares):.0%})"
+
+
+def table(results: list[dict[str, Any]], markdown: bool) -> str:
+    """One row per system: figures, ratios to the base alone, agreement with the reference."""
+    by_name = {r["system"]: r for r in results}
+    base = by_name.get("base")
+    head = [
+        "system",
+        "tok/s",
+        "x base",
+        "tok/CPU-s",
+        "x base",
+        "TTFT s",
+        "x base",
+        "peak RSS GiB",
+        "x base",
+        "RSS at end",
+        "weights GiB",
+        "accept",
+        "tok/round",
+        "= ref",
+    ]
+    lines = []
+    for r in results:
+        ref = reference(r["system"], by_name)
+        same = "-" if ref is None else agreement(r["ids"], ref["ids"]) + f" {ref['system']}"
+
+        def ratio(key: str, r: dict[str, Any] = r) -> str:
+            return f"{r[key] / base[key]:.2f}" if base and base[key] else "-"
+
+        lines.append(
+            [
+                r["system"],
+                f"{r['tok_s']:.2f}",
+                ratio("tok_s"),
+                f"{r['tok_cpu_s']:.2f}",
+                ratio("tok_cpu_s"),
+                f"{r['ttft_s']:.2f}",
+                ratio("ttft_s"),
+                f"{r['peak_rss_gib']:.2f}",
+                ratio("peak_rss_gib"),
+                f"{r.get('rss_gib', 0.0):.2f}",
+                f"{r['weights_gib']:.2f}",
+                "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
+                "-" if r["tokens_per_round"] is None else f"{r['tokens_per_round']:.2f}",
+                same,
+            ]
+        )
+    if markdown:
+        rows = [head, ["---"] * len(head), *lines]
+        return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in [head, *lines]
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default=None, help="recipe file (default: embedded default)")
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS[:4]), choices=SYSTEMS)
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--k", default="auto", help="draft length for speculative, or 'auto'")
+    parser.add_argument("--device", default=None, help="override the recipe's device")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--markdown", action="store_true", help="markdown tables")
+    parser.add_argument("--json", default=None, help="also write every result to this file")
+    args = vars(parser.parse_args())
+    args["k"] = int(args["k"]) if str(args["k"]).isdigit() else args["k"]
+    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip()
+    print(
+        f"machine: {machine}, python {platform.python_version()}; greedy, EOS ignored, "
+        f"{args['max_new_tokens']} new tokens per row, speculative k={args['k']}"
+    )
+    everything = []
+    for batch in args["batch_sizes"]:
+        results = [run(s, batch, args) for s in args["systems"]]
+        everything += results
+        loads = [x for r in results for x in r["load_avg"]]
+        print(f"\nbatch {batch} (load average during the runs: {min(loads):.1f}-{max(loads):.1f})")
+        print(table(results, args["markdown"]), flush=True)
+    if args["json"]:
+        with open(args["json"], "w", encoding="utf-8") as f:
+            json.dump({"machine": machine, "args": args, "results": everything}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

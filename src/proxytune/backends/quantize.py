@@ -1,0 +1,101 @@
+"""Quantized small models: int8 linear layers on the CPU, batch-invariant.
+
+``ModelSpec(quantize="int8")`` (in a recipe: ``quantize: int8`` under a model) replaces every
+``nn.Linear`` of the transformer blocks by an :class:`Int8Linear`: int8 weights with one scale
+per output row, activations quantized to 8 bits on the fly, int32 accumulation (PyTorch's
+fbgemm/onednn dynamic-quantized kernel). The output head stays in float: proxy-tuning subtracts
+the expert's and anti-expert's log-probs, and rounding in the head would go straight into that
+offset. Embeddings stay in float too.
+
+Why not plain ``torch.ao.quantization.quantize_dynamic``: its kernel picks ONE activation scale
+for the whole input tensor, so a row's output depends on the other rows of the batch and on
+the other positions of the same forward. Then batched != alone, and speculative decoding's
+verifier (k+1 positions in one forward) would score a position differently from the plain
+loop (one position), breaking exactness. :class:`Int8Linear` divides each row by its own
+largest magnitude and pins the tensor's range to [-1, 1] with one extra row, so the kernel's
+scale is the same for every call and each row is quantized on its own scale: integer
+accumulation is exact, so a row's output is bit for bit the same whatever else is in the batch
+(and the rounding error is smaller than with one scale for all rows). Measured effect on
+speed, memory and output: docs/speed.md.
+
+Only the CPU is supported: on CUDA, 8/4-bit weights need bitsandbytes, which the machines this
+project is tested on do not have (docs/speed.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+METHODS = ("int8",)
+
+
+class Int8Linear(nn.Module):
+    """``y = x W^T + b``, ``W`` int8 per output row, ``x`` quantized per row, ``(..., in)`` ->
+    ``(..., out)``; a row's result does not depend on the other rows."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        w = linear.weight.detach().float()
+        scales = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).double()
+        zeros = torch.zeros(w.shape[0], dtype=torch.long)
+        self.inner = DynamicLinear(w.shape[1], w.shape[0], bias_=False, dtype=torch.qint8)
+        qweight = torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8)
+        self.inner.set_weight_bias(qweight, None)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float())
+        pin = torch.zeros(1, w.shape[1])
+        pin[0, 0], pin[0, -1] = 1.0, -1.0  # fixes the kernel's activation range at [-1, 1]
+        self.register_buffer("pin", pin, persistent=False)
+        self.in_features, self.out_features = w.shape[1], w.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        scale = flat.abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)  # (N, 1), per row
+        y = self.inner(torch.cat([flat / scale, self.pin]))[:-1] * scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+def quantize_model(model: Any, method: str, device: torch.device) -> Any:
+    """Swap ``model``'s linear layers (not the output head) for :class:`Int8Linear`, in place."""
+    if method not in METHODS:
+        raise ConfigError(f"quantize must be one of {METHODS}, got {method!r}")
+    if device.type != "cpu":
+        raise ConfigError(
+            f"quantize={method!r} is CPU-only (int8 CPU kernels), but the model is on {device}; "
+            "load it with device='cpu' or leave quantize unset"
+        )
+    if "fbgemm" not in torch.backends.quantized.supported_engines and (
+        "onednn" not in torch.backends.quantized.supported_engines
+    ):
+        raise ConfigError("this PyTorch build has no int8 CPU kernels (fbgemm or onednn)")
+    head = model.get_output_embeddings()
+    with warnings.catch_warnings():  # quantized tensors: deprecated in favour of torchao
+        warnings.simplefilter("ignore")
+        for module in list(model.modules()):
+            for name, child in list(module.named_children()):
+                if type(child) is nn.Linear and child is not head:
+                    setattr(module, name, Int8Linear(child))
+    return model
+
+
+def weight_bytes(model: Any) -> int:
+    """Bytes of the model's weights, int8 weights included (for reports)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, DynamicLinear):
+            tensors = [module.weight(), module.bias()]
+        else:
+            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+    return total

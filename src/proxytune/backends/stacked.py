@@ -1,0 +1,210 @@
+"""Roles that share one loaded model, stacked into one forward pass per step.
+
+The embedded default's expert and anti-expert are the same 0.5B model reading two prompts.
+Run one after the other, its weights are read twice per token; stacked, the ``B`` expert rows
+and the ``B`` anti-expert rows form one batch::
+
+    (B, k) ids -> one forward on (2B, k) -> (B, k, W) logits for each role
+
+>>> tuner = stack_shared(ProxyTuner.from_recipe("default"))  # doctest: +SKIP
+
+The decode loop needs no change. Each role keeps its own :class:`StackedState` and calls
+``advance``/``keep``/``rollback`` as usual; the first role of a group to call an operation runs
+it for the whole group, the others collect their part. That works because proxy-tuning drives
+every role in lockstep (same new ids, same rows kept); a role that drifts raises
+:class:`LockstepError`. Roles group when they start one after the other with the same number
+of rows before any of them ran (as the loop starts them). A state started on its own (a lone
+role, or the speculative drafter through :meth:`StackedView.start_alone`) runs alone on the same
+weights. Not for the server's continuous batching (no ``extend``).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from ..errors import ProxyTuneError
+from .hf import HFDecodeState, HFModel
+
+MAX_LAG = 4
+"""Operations one role may run ahead of another in its group before that is an error."""
+
+
+class LockstepError(ProxyTuneError, RuntimeError):
+    """The roles of a stacked group were driven apart (different ids or rows)."""
+
+
+class _Group:
+    """The rows of several roles in one :class:`HFDecodeState`: role 0's rows, then role 1's..."""
+
+    def __init__(self, state: HFDecodeState) -> None:
+        self.merged = state
+        self.rows = state.ids.shape[0]  # per role
+        self.pending: list[deque[tuple[str, Any, Any]]] = [deque()]
+        self.ran = False
+
+    def joinable(self, state: HFDecodeState) -> bool:
+        return (
+            not self.ran
+            and state.ids.shape[0] == self.rows
+            and (state.cache is None) == (self.merged.cache is None)
+            and state.can_extend
+            and self.merged.can_extend
+        )
+
+    def join(self, state: HFDecodeState) -> int:
+        self.merged.extend(state)
+        self.pending.append(deque())
+        return len(self.pending) - 1
+
+    def call(self, member: int, op: str, arg: Any) -> Any:
+        """Run ``op`` once for the group (the first member to ask) and queue the others' parts."""
+        self.ran = True
+        mine = self.pending[member]
+        if mine:
+            want_op, want_arg, result = mine.popleft()
+            if want_op != op or not _same(want_arg, arg):
+                raise LockstepError(
+                    f"roles stacked on one model got different {op} calls; drive them with the "
+                    "same ids and rows (as proxy-tuning does), or do not stack them"
+                )
+            return result
+        if any(len(q) >= MAX_LAG for q in self.pending):
+            raise LockstepError("one role of a stacked group ran ahead of the others")
+        parts = getattr(self, "_" + op)(arg)
+        for other, queue in enumerate(self.pending):
+            if other != member:
+                queue.append((op, arg, parts[other]))
+        return parts[member]
+
+    def _advance(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        n = len(self.pending)
+        tokens = tokens.to(self.merged.ids.device).view(self.rows, -1)
+        out = self.merged.advance(tokens.repeat(n, 1))  # (n*B, k, W)
+        return list(out.split(self.rows))
+
+    def _keep(self, rows: torch.Tensor) -> list[None]:
+        rows = rows.to(self.merged.ids.device)
+        n = len(self.pending)
+        self.merged.keep(torch.cat([rows + m * self.rows for m in range(n)]))
+        self.rows = rows.numel()
+        return [None] * n
+
+    def _rollback(self, drop: torch.Tensor) -> list[None]:
+        n = len(self.pending)
+        self.merged.rollback(torch.as_tensor(drop).view(-1).repeat(n))
+        return [None] * n
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a is b or (a.shape == b.shape and torch.equal(a.cpu(), b.cpu()))
+    return a is b
+
+
+class StackedState:
+    """One role's rows in a :class:`_Group` (a :class:`~proxytune.backends.base.RollbackState`)."""
+
+    def __init__(self, group: _Group, member: int) -> None:
+        self.group, self.member = group, member
+
+    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.group.call(self.member, "advance", tokens)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        self.group.call(self.member, "keep", rows)
+
+    def rollback(self, drop: torch.Tensor) -> None:
+        self.group.call(self.member, "rollback", torch.as_tensor(drop))
+
+
+class StackHost:
+    """One loaded model shared by several roles; groups the states they start."""
+
+    def __init__(self, lm: HFModel) -> None:
+        self.lm = lm
+        self._open: weakref.ref[_Group] | None = None  # the latest group no one has run yet
+
+    def start(
+        self, prompts: Sequence[Sequence[int]], use_cache: bool = True
+    ) -> tuple[StackedState, torch.Tensor]:
+        state, logits = self.lm.start(prompts, use_cache=use_cache)
+        group = self._open() if self._open is not None else None
+        if group is not None and group.joinable(state):
+            return StackedState(group, group.join(state)), logits
+        group = _Group(state)
+        self._open = weakref.ref(group)
+        return StackedState(group, 0), logits
+
+
+class StackedView:
+    """A role's :class:`~proxytune.backends.base.LogitsModel` on a :class:`StackHost`."""
+
+    def __init__(self, host: StackHost) -> None:
+        self.host = host
+        self.name = f"{host.lm.name} (stacked)"
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.host.lm.tokenizer
+
+    @property
+    def device(self) -> torch.device:
+        return self.host.lm.device
+
+    @property
+    def model(self) -> Any:
+        """The underlying ``transformers`` model."""
+        return self.host.lm.model
+
+    @property
+    def vocab_width(self) -> int:
+        return self.host.lm.vocab_width
+
+    @property
+    def context_length(self) -> int | None:
+        return self.host.lm.context_length
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.host.lm.eos_token_ids
+
+    def start(
+        self, prompts: Sequence[Sequence[int]], use_cache: bool = True
+    ) -> tuple[StackedState, torch.Tensor]:
+        return self.host.start(prompts, use_cache=use_cache)
+
+    def start_alone(
+        self, prompts: Sequence[Sequence[int]], use_cache: bool = True
+    ) -> tuple[HFDecodeState, torch.Tensor]:
+        """A state that never joins a group (it will not move in lockstep with the others)."""
+        return self.host.lm.start(prompts, use_cache=use_cache)
+
+
+def stack_shared(tuner: Any) -> Any:
+    """A copy of ``tuner`` whose roles that share one loaded model run in one forward pass.
+
+    Only :class:`~proxytune.backends.hf.HFModel` roles are stacked; the rest are unchanged.
+    """
+    members = [tuner.base, *(m for p in tuner.pairs for m in p.members)]
+    counts = Counter(id(m.model) for m in members)
+    hosts: dict[int, StackHost] = {}
+
+    def wrap(member: Any) -> Any:
+        if member is None or counts[id(member.model)] < 2 or type(member.model) is not HFModel:
+            return member
+        host = hosts.setdefault(id(member.model), StackHost(member.model))
+        return replace(member, model=StackedView(host))
+
+    other = copy.copy(tuner)
+    other.base = wrap(tuner.base)
+    other.pairs = [
+        replace(p, expert=wrap(p.expert), anti_expert=wrap(p.anti_expert)) for p in tuner.pairs
+    ]
+    return other

@@ -1,0 +1,493 @@
+"""Speculative proxy decoding: the small expert drafts, the other models verify, output stays exact.
+
+The expert's next-token distribution is already one term of the target, so it is a natural
+draft model. One round, for the ``B`` live rows (row ``r`` drafts ``k_r <= K`` tokens)::
+
+    draft   the expert samples d_1..d_K from q_j = shape(log p_E), one token per forward
+    verify  every other model (base, anti-expert, other pairs) scores [x_0, d_1..d_K] in ONE
+            forward -> (B, K+1, W): the target's terms at positions 1..K+1
+    accept  p_j = shape(rule(base, pairs)) exactly as the plain loop computes it (same rule,
+            same penalties/temperature/top-k/top-p/min-p); accept d_j with probability
+            min(1, p_j(d_j) / q_j(d_j)); at the first rejection emit a draw from
+            norm(max(0, p_j - q_j)); after k_r acceptances emit a draw from p_{k_r+1}
+            (greedy: accept while d_j == argmax p_j, then emit argmax p_j)
+    rewind  each model forgets, per row, the ids it was fed past the last accepted draft
+            (:meth:`~proxytune.backends.base.RollbackState.rollback`); the last emitted id
+            x_0 is fed at the start of the next round
+
+``shape`` is :func:`~proxytune.sampling.shape_scores`: ``q_j`` is exactly the distribution
+each draft was drawn from, ``p_j`` exactly the one the plain loop would draw from. Every
+emitted token therefore has the target distribution given the tokens before it (Leviathan
+et al. 2023, Chen et al. 2023), whatever the draft; docs/speed.md has the argument, including
+why per-row draft lengths, early finishes (EOS, stop strings, budget) and ``k='auto'`` keep it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from .arithmetic import log_probs
+from .backends.base import DecodeState
+from .config import GenerationConfig
+from .errors import ConfigError
+from .generation import (
+    Member,
+    Pair,
+    _logprob_records,
+    _Row,
+    checked_scores,
+    decode,
+    emit,
+    make_rows,
+    model_logprobs,
+    plan,
+    render_prompts,
+)
+from .prompts import Prompt
+from .results import StepUpdate
+from .rules import Combiner, Rule, Sides, StepContext
+from .sampling import shape_scores
+
+AUTO = "auto"
+AUTO_LONGEST = 8
+"""The longest draft ``k='auto'`` chooses."""
+PRIOR = 0.6
+"""Acceptance rate assumed for a row before its first test (``k='auto'``)."""
+SMOOTHING = 0.2
+"""Weight of each new accept/reject outcome in a row's running acceptance rate."""
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts over one call (pass one to ``generate``/``steps``; it fills in as rows decode)."""
+
+    rounds: int = 0
+    """Verification rounds: one forward of each verifying model (base, anti-expert, ...)."""
+    row_rounds: int = 0
+    """Live rows summed over rounds."""
+    proposed: int = 0
+    """Draft tokens tested against the target."""
+    accepted: int = 0
+    emitted: int = 0
+    """Tokens emitted (every row)."""
+    draft_forwards: int = 0
+    """Forwards of the drafting model (one token each)."""
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted / tested drafts (0 before any test)."""
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Tokens a row gains per verification (1 is the plain loop)."""
+        return self.emitted / self.row_rounds if self.row_rounds else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "acceptance_rate": self.acceptance_rate,
+            "tokens_per_round": self.tokens_per_round,
+        }
+
+
+def parse_draft_length(value: int | str) -> int | str:
+    """``k`` as given by a user: an integer >= 1 (``"4"`` too) or ``"auto"``."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO:
+            return AUTO
+        if text.isdigit():
+            value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"speculative must be a draft length >= 1 or 'auto', got {value!r}; "
+            "leave it unset (or 0 on the command line) for the plain loop"
+        )
+    return value
+
+
+def best_draft_length(acceptance: float, cost_ratio: float, longest: int = AUTO_LONGEST) -> int:
+    """The draft length that maximises expected tokens per unit of work (``k='auto'``).
+
+    With independent acceptances at rate ``a`` a round emits ``(1 - a**(k+1)) / (1 - a)``
+    tokens on average and costs one verification (1) plus ``k`` drafter forwards
+    (``cost_ratio`` each: drafter weight bytes / verifiers' weight bytes).
+
+    >>> best_draft_length(0.9, 0.25), best_draft_length(0.3, 0.25)
+    (6, 1)
+    """
+    a = min(max(acceptance, 0.0), 0.99)
+    best, best_rate = 1, 0.0
+    for k in range(1, longest + 1):
+        rate = (1 - a ** (k + 1)) / (1 - a) / (1 + cost_ratio * k)
+        if rate > best_rate + 1e-12:
+            best, best_rate = k, rate
+    return best
+
+
+def accept_draft(p: torch.Tensor, q: torch.Tensor, token: int, generator: Any) -> bool:
+    """The speculative-sampling test: accept ``token`` (drawn from ``q``) with probability
+    ``min(1, p[token] / q[token])``; ``p``, ``q`` are ``(V,)`` probabilities."""
+    u = torch.rand((), generator=generator, device=p.device)
+    return bool(u * q[token] < p[token])
+
+
+def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``max(0, p - q)`` (unnormalised), ``(V,)``: what a rejection draws from. It is never
+    all zero after a rejection (that needs ``p[t] < q[t]`` somewhere); ``p`` guards rounding."""
+    res = (p - q).clamp_min(0.0)
+    return res if bool(res.sum() > 0) else p
+
+
+def pick_drafter(pairs: Sequence[Pair], needs: Sequence[Sides]) -> Member | None:
+    """The model that drafts: the first pair's expert (else the first expert the rule runs,
+    else the first anti-expert it runs); ``None`` when the rule runs the base alone."""
+    for side in (0, 1):
+        for pair, sides in zip(pairs, needs, strict=True):
+            member = (pair.expert, pair.anti_expert)[side]
+            if member is not None and sides[side]:
+                return member
+    return None
+
+
+def speculative_decode(
+    base: Member,
+    pairs: Sequence[Pair],
+    prompts: Sequence[Prompt],
+    config: GenerationConfig,
+    vocab_size: int,
+    eos_token_ids: Sequence[int],
+    rule: Rule | None = None,
+    *,
+    k: int | str = AUTO,
+    stats: SpeculativeStats | None = None,
+) -> Iterator[list[StepUpdate]]:
+    """:func:`~proxytune.generation.decode` with speculative rounds: same arguments, same
+    updates (one list per new token position; a round yields up to ``K + 1`` of them).
+
+    ``k``: draft length (an int) or ``"auto"`` (per row, from its running acceptance rate).
+    ``stats``: filled in with acceptance counts as the iterator is consumed. When the rule
+    runs no pair model (``alpha=0``, the ``base`` rule) there is nothing to draft with and
+    this is the plain loop.
+    """
+    if not prompts:
+        raise ConfigError("no prompts given: pass at least one prompt")
+    k = parse_draft_length(k)
+    combine, needs, running = plan(rule, base, pairs, prompts, vocab_size, eos_token_ids)
+    drafter = pick_drafter(pairs, needs)
+    if drafter is None:
+        return decode(base, pairs, prompts, config, vocab_size, eos_token_ids, rule)
+    members = [base, *running]
+    rendered = render_prompts(members, prompts)
+    penalised = bool(
+        config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty
+    )
+    rows = make_rows(base, members, rendered, len(prompts), config, penalised)
+    rooms = [  # ids each row may still feed, as make_rows counts them
+        min(
+            (m.model.context_length or 1 << 62) - len(rendered[m.role][r.prompt_index])
+            for m in members
+        )
+        for r in rows
+    ]
+    run = _Speculator(
+        base=base,
+        pairs=pairs,
+        needs=needs,
+        members=members,
+        drafter=drafter,
+        combine=combine,
+        config=config,
+        vocab_size=vocab_size,
+        eos=set() if config.ignore_eos else set(eos_token_ids),
+        penalised=penalised,
+        k=k,
+        stats=stats if stats is not None else SpeculativeStats(),
+    )
+    return run.run(rendered, rows, rooms)
+
+
+def _size(model: Any) -> float:
+    """Bytes of a loaded model's weights (int8 ones included), for the draft cost ratio: a
+    decoding forward reads them all. 1 if unknown."""
+    from .backends.quantize import weight_bytes
+
+    inner = getattr(model, "model", None)
+    if inner is None or not hasattr(inner, "modules"):
+        return 1.0
+    return float(weight_bytes(inner)) or 1.0
+
+
+@dataclass
+class _Speculator:
+    base: Member
+    pairs: Sequence[Pair]
+    needs: Sequence[Sides]
+    members: Sequence[Member]
+    drafter: Member
+    combine: Combiner
+    config: GenerationConfig
+    vocab_size: int
+    eos: set[int]
+    penalised: bool
+    k: int | str
+    stats: SpeculativeStats
+
+    def __post_init__(self) -> None:
+        self.device = self.base.model.device
+        self.verifiers = [m for m in self.members if m is not self.drafter]
+        verify_size = sum(_size(m.model) for m in self.verifiers) or 1.0
+        self.cost_ratio = _size(self.drafter.model) / verify_size
+
+    # the loop --------------------------------------------------------------------------------
+
+    def run(
+        self, rendered: dict[str, list[list[int]]], rows: list[_Row], rooms: list[int]
+    ) -> Iterator[list[StepUpdate]]:
+        states, first = self._start(rendered, rows)
+        live = list(range(len(rows)))  # indices into rows / rooms / rates
+        rates = [PRIOR] * len(rows)
+        pending: torch.Tensor | None = None  # (B, 1): each row's last id, not yet fed
+        while True:
+            lengths = self._draft_lengths([rows[i] for i in live], [rooms[i] for i in live], rates)
+            big_k = max(lengths)
+            drafts, q, expert = self._draft(
+                states, first, pending, [rows[i] for i in live], lengths
+            )
+            verified = self._verify(states, first, pending, drafts)
+            self.stats.rounds += 1
+            self.stats.row_rounds += len(live)
+
+            accepted = [0] * len(live)
+            done = [False] * len(live)
+            last = [0] * len(live)
+            active = list(range(len(live)))
+            for j in range(big_k + 1):  # position j: the id after j accepted drafts
+                if not active:
+                    break
+                if j == len(expert):  # some row accepted all K: score the bonus position
+                    expert.append(states[self.drafter.role].advance(drafts[:, j - 1 :])[:, -1])
+                    self.stats.draft_forwards += 1
+                logits = {self.drafter.role: expert[j][active]}
+                for m in self.verifiers:
+                    logits[m.role] = verified[m.role][active, j]
+                scores, shaped = self._target(
+                    [rows[live[n]] for n in active], j, drafts[active], logits
+                )
+                target = shaped if self.config.greedy else torch.softmax(shaped, dim=-1)
+                picks = [
+                    self._decide(rows[live[n]], target[a], q, drafts, n, j, lengths[n])
+                    for a, n in enumerate(active)
+                ]
+                chosen = torch.tensor([t for t, _ in picks], device=self.device)
+                records = _logprob_records(scores, chosen, self.config, self.base.model.tokenizer)
+                updates, still = [], []
+                for a, (n, (token, was_draft)) in enumerate(zip(active, picks, strict=True)):
+                    row = rows[live[n]]
+                    if j < lengths[n]:  # a tested draft: update the row's acceptance rate
+                        rates[live[n]] += SMOOTHING * (float(was_draft) - rates[live[n]])
+                    accepted[n] += was_draft
+                    last[n] = token
+                    update = emit(
+                        row, token, records[a] if records else None, self.eos, self.penalised
+                    )
+                    updates.append(update)
+                    if update.finish_reason is not None:
+                        done[n] = True
+                    elif was_draft:
+                        still.append(n)
+                self.stats.emitted += len(updates)
+                yield updates
+                active = still
+
+            kept = [n for n in range(len(live)) if not done[n]]
+            if not kept:
+                return
+            fed_drafter = len(expert) - 1  # drafts the drafter has consumed this round
+            index = torch.tensor(kept, device=self.device)
+            for role, state in states.items():
+                if len(kept) < len(live):
+                    state.keep(index)
+                fed = fed_drafter if role == self.drafter.role else big_k
+                state.rollback(torch.tensor([fed - accepted[n] for n in kept]))  # type: ignore[attr-defined]
+            live = [live[n] for n in kept]
+            pending = torch.tensor([[last[n]] for n in kept], device=self.device)
+
+    # the steps -------------------------------------------------------------------------------
+
+    def _start(
+        self, rendered: dict[str, list[list[int]]], rows: list[_Row]
+    ) -> tuple[dict[str, DecodeState], dict[str, torch.Tensor]]:
+        """Prefill every model. The drafter runs ahead of the others, so a model that would
+        batch it with another role (``start_alone``) is asked to keep it on its own."""
+        states: dict[str, DecodeState] = {}
+        first: dict[str, torch.Tensor] = {}
+        for m in self.members:
+            ids = [rendered[m.role][r.prompt_index] for r in rows]
+            start = m.model.start
+            if m is self.drafter:
+                start = getattr(m.model, "start_alone", start)
+            states[m.role], first[m.role] = start(ids, use_cache=self.config.use_cache)
+            if not hasattr(states[m.role], "rollback"):
+                raise ConfigError(
+                    f"speculative decoding rolls every model back to the accepted drafts, and "
+                    f"the {m.role} ({m.model.name}) cannot: its decode state has no rollback() "
+                    "(a one-pass LoRA pair, for instance: set PROXYTUNE_ONE_PASS=0 to load the "
+                    "expert as its own model)"
+                )
+        return states, first
+
+    def _draft_lengths(self, rows: list[_Row], rooms: list[int], rates: list[float]) -> list[int]:
+        """Per row: how many drafts to test. Never more than the row can still emit minus one
+        (its last token is the bonus), nor past any row's context (the batch feeds ``K``)."""
+        left = [r.budget - len(r.tracker.ids) - 1 for r in rows]
+        if self.k == AUTO:
+            wanted = [best_draft_length(rates[r.index], self.cost_ratio) for r in rows]
+        else:
+            wanted = [int(self.k)] * len(rows)
+        cap = min(room - len(r.tracker.ids) - 1 for r, room in zip(rows, rooms, strict=True))
+        return [max(0, min(w, n, cap)) for w, n in zip(wanted, left, strict=True)]
+
+    def _draft(
+        self,
+        states: dict[str, DecodeState],
+        first: dict[str, torch.Tensor],
+        pending: torch.Tensor | None,
+        rows: list[_Row],
+        lengths: list[int],
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """``(B, K)`` drafts, their ``(B, V)`` draw distributions ``q_j`` and the drafter's
+        ``(B, W)`` logits at positions ``0..K-1`` (one forward per token)."""
+        big_k = max(lengths)
+        state = states[self.drafter.role]
+        if pending is None:
+            expert = [first[self.drafter.role]]
+        else:
+            expert = [state.advance(pending)[:, -1]]
+            self.stats.draft_forwards += 1
+        drafts = torch.zeros((len(rows), big_k), dtype=torch.long, device=self.device)
+        q: list[torch.Tensor] = []
+        for j in range(big_k):
+            lp = log_probs(expert[j], self.vocab_size).to(self.device)
+            probs = torch.softmax(self._shape(lp, rows, j, drafts), dim=-1)
+            for n, row in enumerate(rows):
+                if j < lengths[n] and not self.config.greedy:
+                    drafts[n, j] = torch.multinomial(probs[n], 1, generator=row.generator)[0]
+                else:  # greedy, or a filler past this row's draft length (never tested)
+                    drafts[n, j] = probs[n].argmax()
+            q.append(probs)
+            if j + 1 < big_k:
+                expert.append(state.advance(drafts[:, j : j + 1])[:, -1])
+                self.stats.draft_forwards += 1
+        return drafts, q, expert
+
+    def _verify(
+        self,
+        states: dict[str, DecodeState],
+        first: dict[str, torch.Tensor],
+        pending: torch.Tensor | None,
+        drafts: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Each verifier's ``(B, K+1, W)`` logits at positions ``0..K``, one forward each."""
+        feed = drafts if pending is None else torch.cat([pending, drafts], dim=1)
+        out = {}
+        for m in self.verifiers:
+            parts = [] if pending is not None else [first[m.role][:, None]]
+            if feed.shape[1] > 0:
+                parts.append(states[m.role].advance(feed))
+            out[m.role] = torch.cat([t.to(self.device) for t in parts], dim=1)
+        return out
+
+    def _target(
+        self,
+        rows: list[_Row],
+        j: int,
+        drafts: torch.Tensor,
+        logits: dict[str, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain loop's combined scores and sampling distribution at position ``j`` of
+        ``rows``, ``(n, V)`` each: the rule runs once per group of rows at the same step (an
+        alpha schedule, or the rule itself, may read the step)."""
+        steps = [len(r.tracker.ids) + j for r in rows]
+        scores = shaped = None
+        for step in sorted(set(steps)):
+            sub = [n for n, s in enumerate(steps) if s == step]
+            index = torch.tensor(sub, device=self.device)
+            part = {role: t[index.to(t.device)] for role, t in logits.items()}
+            base_lp, pair_lps = model_logprobs(
+                self.base, self.pairs, self.needs, part, self.vocab_size, self.device
+            )
+            ctx = StepContext(
+                base=base_lp,
+                pairs=pair_lps,
+                alphas=tuple(p.alpha(step) for p in self.pairs),
+                step=step,
+                prompt_index=tuple(rows[n].prompt_index for n in sub),
+                generated=[rows[n].tracker.ids + drafts[n, :j].tolist() for n in sub],
+            )
+            got = checked_scores(self.combine, ctx)
+            shape = self._shape(got, [rows[n] for n in sub], j, drafts[index])
+            if len(sub) == len(rows):
+                return got, shape
+            if scores is None or shaped is None:
+                scores = got.new_empty((len(rows), got.shape[-1]))
+                shaped = shape.new_empty((len(rows), shape.shape[-1]))
+            scores[index], shaped[index] = got, shape
+        assert scores is not None and shaped is not None
+        return scores, shaped
+
+    def _shape(
+        self, scores: torch.Tensor, rows: list[_Row], j: int, drafts: torch.Tensor
+    ) -> torch.Tensor:
+        """:func:`~proxytune.sampling.shape_scores` with each row's history plus its first
+        ``j`` drafts."""
+        c = self.config
+        history = None
+        if self.penalised:
+            history = [r.history + drafts[n, :j].tolist() for n, r in enumerate(rows)]
+        return shape_scores(
+            scores,
+            temperature=c.temperature,
+            top_k=c.top_k,
+            top_p=c.top_p,
+            min_p=c.min_p,
+            repetition_penalty=c.repetition_penalty,
+            presence_penalty=c.presence_penalty,
+            frequency_penalty=c.frequency_penalty,
+            history=history,
+        )
+
+    def _decide(
+        self,
+        row: _Row,
+        target: torch.Tensor,
+        q: list[torch.Tensor],
+        drafts: torch.Tensor,
+        n: int,
+        j: int,
+        length: int,
+    ) -> tuple[int, bool]:
+        """``(token to emit at position j, whether it was an accepted draft)`` for row ``n``;
+        ``target``: the row's shaped scores (greedy) or probabilities ``p_j``, ``(V,)``."""
+        if self.config.greedy:
+            best = int(target.argmax())
+            if j < length:
+                self.stats.proposed += 1
+                if int(drafts[n, j]) == best:
+                    self.stats.accepted += 1
+                    return best, True
+            return best, False
+        p = target
+        if j < length:
+            self.stats.proposed += 1
+            token = int(drafts[n, j])
+            if accept_draft(p, q[j][n], token, row.generator):
+                self.stats.accepted += 1
+                return token, True
+            p = residual(p, q[j][n])
+        return int(torch.multinomial(p, 1, generator=row.generator)[0]), False
