@@ -80,6 +80,17 @@ def weight_gib(tuner: Any) -> float:
     return sum(weight_bytes(m) for m in unique.values()) / 2**30
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def current_rss_gib() -> float:
     """Resident memory now (after loading and generating), from /proc; 0 where unknown."""
     try:
@@ -254,7 +265,7 @@ def main() -> None:
     parser.add_argument("--json", default=None, help="also write every result to this file")
     args = vars(parser.parse_args())
     args["k"] = int(args["k"]) if str(args["k"]).isdigit() else args["k"]
-    machine = f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores".strip()
+    machine = f"{cpu_name()}, {os.cpu_count()} cores, {platform.machine()}"
     print(
         f"machine: {machine}, python {platform.python_version()}; greedy, EOS ignored, "
         f"{args['max_new_tokens']} new tokens per row, speculative k={args['k']}"

@@ -84,6 +84,10 @@ def quantize_model(model: Any, method: str, device: torch.device) -> Any:
             for name, child in list(module.named_children()):
                 if type(child) is nn.Linear and child is not head:
                     setattr(module, name, Int8Linear(child))
+    # The float weights that stay (embeddings, head, norms) may still be views of the
+    # memory-mapped checkpoint, which would keep every page read above resident: copy them.
+    for param in model.parameters():
+        param.data = param.data.clone()
     return model
 
 
