@@ -31,16 +31,8 @@ from dataclasses import replace
 from queue import Empty
 from typing import Any
 
-PROMPTS = [
-    "def fibonacci(n):",
-    "Write a Python function that checks whether a string is a palindrome.",
-    "# Sort a list of dictionaries by the 'age' key\n",
-    "Explain what a hash map is in one paragraph.",
-    "class Stack:",
-    "Write a SQL query that counts orders per customer.",
-    "def merge_sorted(a, b):",
-    "What does the `yield` keyword do in Python?",
-]
+from bench_generate import PROMPTS  # the same prompts as the base-vs-proxy benchmark
+
 KINDS = ("base", "naive", "stacked", "speculative")
 SYSTEMS = (*KINDS, *(f"{k}-{q}" for q in ("int8", "int8all") for k in KINDS))
 """``KIND[-int8|-int8all]``: -int8 quantizes the pair's models, -int8all every model."""
