@@ -46,10 +46,13 @@ class Int8Linear(nn.Module):
         w = linear.weight.detach().float()
         scales = (w.abs().amax(dim=1).clamp_min(1e-12) / 127).double()
         zeros = torch.zeros(w.shape[0], dtype=torch.long)
-        self.inner = DynamicLinear(w.shape[1], w.shape[0], bias_=False, dtype=torch.qint8)
-        qweight = torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8)
-        self.inner.set_weight_bias(qweight, None)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float())
+        with warnings.catch_warnings():  # quantized tensors: deprecated in favour of torchao
+            warnings.simplefilter("ignore")
+            self.inner = DynamicLinear(w.shape[1], w.shape[0], bias_=False, dtype=torch.qint8)
+            qweight = torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8)
+            self.inner.set_weight_bias(qweight, None)
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         pin = torch.zeros(1, w.shape[1])
         pin[0, 0], pin[0, -1] = 1.0, -1.0  # fixes the kernel's activation range at [-1, 1]
         self.register_buffer("pin", pin, persistent=False)
@@ -78,12 +81,10 @@ def quantize_model(model: Any, method: str, device: torch.device) -> Any:
     ):
         raise ConfigError("this PyTorch build has no int8 CPU kernels (fbgemm or onednn)")
     head = model.get_output_embeddings()
-    with warnings.catch_warnings():  # quantized tensors: deprecated in favour of torchao
-        warnings.simplefilter("ignore")
-        for module in list(model.modules()):
-            for name, child in list(module.named_children()):
-                if type(child) is nn.Linear and child is not head:
-                    setattr(module, name, Int8Linear(child))
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child is not head:
+                setattr(module, name, Int8Linear(child))
     # The float weights that stay (embeddings, head, norms) may still be views of the
     # memory-mapped checkpoint, which would keep every page read above resident: copy them.
     for param in model.parameters():
@@ -97,9 +98,8 @@ def weight_bytes(model: Any) -> int:
 
     total = 0
     for module in model.modules():
-        if isinstance(module, DynamicLinear):
-            tensors = [module.weight(), module.bias()]
-        else:
-            tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
-        total += sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        if isinstance(module, DynamicLinear):  # int8 weights, 1 byte each (not unpacked)
+            total += module.in_features * module.out_features
+        tensors = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        total += sum(t.numel() * t.element_size() for t in tensors)
     return total
