@@ -388,6 +388,56 @@ def test_engine_loop_mode_runs_each_request_on_the_tuners_own_loop(tuner):
         assert metric(u, "proxytune_generation_tokens_total") < 12 * 6 + 200
 
 
+def test_speculative_server_is_exact_and_reports_acceptance(tuner):
+    """``speculative`` as a startup option: concurrent greedy requests (streamed or not) give
+    the plain loop's text, seeded sampling gives what ``generate(speculative=...)`` gives, and
+    /metrics counts the drafts."""
+    from proxytune.errors import ConfigError
+
+    app = create_app(tuner, ServerSettings(model_name=MODEL, speculative="auto"))
+    assert type(app.state.scheduler.batch).__name__ == "EngineLoop"
+    with serve_in_thread(app) as u:
+        c = openai.OpenAI(base_url=f"{u}/v1", api_key="x", max_retries=0)
+        got: dict[int, str] = {}
+
+        def ask(i):
+            if i % 2:
+                chunks = c.completions.create(
+                    model=MODEL, prompt=PROMPTS[i], max_tokens=14, stream=True
+                )
+                got[i] = "".join(ch.choices[0].text for ch in chunks)
+            else:
+                got[i] = (
+                    c.completions.create(model=MODEL, prompt=PROMPTS[i], max_tokens=14)
+                    .choices[0]
+                    .text
+                )
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        for i in range(4):
+            assert got[i] == tuner.generate(PROMPTS[i], max_new_tokens=14)[0].text
+        sampled = c.completions.create(
+            model=MODEL, prompt=PROMPTS[5], max_tokens=10, temperature=0.8, seed=11
+        )
+        want = tuner.generate(
+            PROMPTS[5], max_new_tokens=10, temperature=0.8, seed=11, speculative="auto"
+        )
+        assert sampled.choices[0].text == want[0].text
+        proposed = metric(u, "proxytune_speculative_drafts_proposed_total")
+        accepted = metric(u, "proxytune_speculative_drafts_accepted_total")
+        assert proposed > 0 and 0 <= accepted <= proposed
+    with pytest.raises(ConfigError, match="continuous batching"):
+        create_app(tuner, ServerSettings(speculative=2, continuous=True))
+    with pytest.raises(ConfigError, match="no pair"):
+        create_app(tuner.alone("base"), ServerSettings(speculative=2))
+    with pytest.raises(ConfigError, match="draft length"):
+        create_app(tuner, ServerSettings(speculative="fast"))
+
+
 def test_a_black_box_tuner_whose_base_is_this_server(tiny_dirs, monkeypatch):
     """proxytune as both ends: one server serves the base plainly (top-20 log-probs), a tuner
     steers it through that API with a local pair, and a second server serves the tuner."""
@@ -504,6 +554,22 @@ def test_cli_serve_with_env_key_drains_in_flight_work_on_sigterm(tiny_dirs):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cli_serve_speculative_option(tiny_dirs, monkeypatch, capsys):
+    import proxytune.server
+    from proxytune.cli import main
+
+    seen = {}
+    monkeypatch.setattr(proxytune.server, "serve", lambda t, s, **kw: seen.update(settings=s))
+    models = ["--base", str(tiny_dirs["base"]), "--expert", str(tiny_dirs["expert"])]
+    models += ["--anti-expert", str(tiny_dirs["anti"]), "--device", "cpu"]
+    assert main(["serve", *models, "--speculative", "auto"]) == 0
+    assert seen["settings"].speculative == "auto"
+    assert main(["serve", *models, "--speculative", "4"]) == 0
+    assert seen["settings"].speculative == 4
+    assert main(["serve", "--speculative", "fast"]) == 2  # refused before any model loads
+    assert "draft length >= 1 or 'auto'" in capsys.readouterr().err
 
 
 def test_server_limits_logprobs_and_max_tokens(tuner):

@@ -20,6 +20,7 @@ from proxytune.sampling import shape_scores
 from proxytune.schedules import Constant
 from proxytune.specs import ModelSpec
 from proxytune.speculative import (
+    RoundCosts,
     SpeculativeStats,
     best_draft_length,
     parse_draft_length,
@@ -150,7 +151,8 @@ def test_draft_length_settings():
     for bad in (0, -1, "x", 1.5, True):
         with pytest.raises(ConfigError):
             parse_draft_length(bad)
-    assert best_draft_length(0.95, 0.1) > best_draft_length(0.5, 0.1) >= 1
+    flat = RoundCosts(draft_ratio=0.1).round_cost  # before any measurement
+    assert best_draft_length(0.95, flat) > best_draft_length(0.5, flat) >= 1
 
 
 def test_cli_speculative(tiny_dirs, capsys):
@@ -304,6 +306,64 @@ def test_sampled_tokens_follow_the_target_distribution(k, settings):
     assert tv(draft, joint.sum(2)) > 0.2
 
 
+class Clock:
+    """A fake clock that the timed mock models advance: forwards cost what the test says."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class Timed(Scripted):
+    """:class:`Scripted` with 64 positions, whose forwards advance ``clock`` by
+    ``per_call + per_position * width``."""
+
+    def __init__(self, seed, clock, per_call, per_position):
+        super().__init__(seed)
+        g = torch.Generator().manual_seed(seed)
+        self.table = torch.randn(64, VOCAB, VOCAB, generator=g) * 1.5
+        self.context_length = 64
+        self.clock, self.per_call, self.per_position = clock, per_call, per_position
+
+    def start(self, prompts, use_cache=True):
+        state, first = super().start(prompts, use_cache)
+        return TimedState(self, state.seqs), first
+
+
+class TimedState(ScriptedState):
+    def advance(self, tokens):
+        self.model.clock.now += self.model.per_call + self.model.per_position * tokens.shape[1]
+        return super().advance(tokens)
+
+
+@pytest.mark.parametrize(
+    ("verify_call", "verify_position", "drafts"), [(0, 1, "few"), (1, 0, "many")]
+)
+def test_auto_learns_what_drafting_costs(verify_call, verify_position, drafts):
+    """``k='auto'`` measures its rounds: where verifying ``n`` positions costs ``n`` times one
+    (a compute-bound CPU) it soon drafts nothing (plain steps); where it costs the same at any
+    width (memory-bound, a GPU) it keeps drafting several tokens per round."""
+    clock = Clock()
+    base = Member("base", Timed(0, clock, verify_call, verify_position))
+    expert = Member("expert[0]", Timed(1, clock, 0.2, 0.0))
+    anti = Member("anti_expert[0]", Timed(2, clock, verify_call, verify_position))
+    pair = Pair(expert, anti, Constant(0.7))
+    config = GenerationConfig(max_new_tokens=40, n=4, ignore_eos=True)  # greedy: timed
+    stats = SpeculativeStats()
+    rounds = speculative_decode(
+        base, [pair], ["ab"], config, VOCAB, (), k="auto", stats=stats, clock=clock
+    )
+    emitted = sum(len(updates) for updates in rounds)
+    assert emitted == 4 * 40
+    drafts_per_row_round = stats.proposed / stats.row_rounds
+    if drafts == "few":
+        assert drafts_per_row_round < 0.3 and stats.tokens_per_round < 1.3
+    else:
+        assert drafts_per_row_round > 1.0 and stats.tokens_per_round > 1.4
+
+
 # -- rollback, stacked roles, int8 ---------------------------------------------------------------
 
 
@@ -419,3 +479,33 @@ def test_a_shared_prefix_is_prefilled_once_and_changes_nothing(drafting):
     alone = cached.generate([preamble + "Rain"], max_new_tokens=6)  # a later request: a hit
     assert lm.reused_tokens == before + 2 * len(prefix)  # base and expert roles
     assert ids(alone) == ids(drafting.generate([preamble + "Rain"], max_new_tokens=6))
+
+
+def test_one_pass_lora_pair_rolls_back_and_stays_exact(tiny_dirs, tmp_path):
+    """Expert = a LoRA adapter on the anti-expert's weights, both served by one model
+    (``backends/lora_pair.py``): the drafter runs on its own, the anti-expert verifies, and
+    both roll back per row; greedy output equals the plain loop's."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(3)
+    small = AutoModelForCausalLM.from_pretrained(tiny_dirs["anti"])
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(small, lora).save_pretrained(tmp_path / "adapter")
+    cpu = {"device": "cpu", "dtype": "float32"}
+    anti = ModelSpec(str(tiny_dirs["anti"]), **cpu)
+    expert = ModelSpec(str(tiny_dirs["anti"]), adapter=str(tmp_path / "adapter"), **cpu)
+    one_pass = ProxyTuner.from_specs(ModelSpec(str(tiny_dirs["base"]), **cpu), [(expert, anti, 1)])
+    assert type(one_pass.pairs[0].expert.model).__name__ == "LoraView"
+    want = one_pass.generate(PROMPTS, max_new_tokens=16)
+    for k in (2, "auto"):
+        stats = SpeculativeStats()
+        got = one_pass.generate(PROMPTS, max_new_tokens=16, speculative=k, stats=stats)
+        assert ids(got) == ids(want)
+        assert stats.proposed > 0
+    sampled = one_pass.generate(PROMPTS, max_new_tokens=8, speculative=3, temperature=0.9, seed=5)
+    alone = [
+        one_pass.generate([p], max_new_tokens=8, speculative=3, temperature=0.9, seed=5)[0]
+        for p in PROMPTS
+    ]
+    assert ids(sampled) == ids(alone)

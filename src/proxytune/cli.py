@@ -382,12 +382,21 @@ def serve(
     max_tokens: Annotated[int | None, Opt(help="Cap on a request's max_tokens.")] = None,
     shutdown_timeout: Annotated[float, Opt(help="Seconds to finish in-flight work.")] = 30.0,
     no_kl_metric: Annotated[bool, Opt(help="Skip the steering KL in /metrics.")] = False,
+    speculative: Annotated[
+        str | None,
+        Opt(
+            help="Speculative decoding for every request: draft length K or 'auto' (exact "
+            "output; one loop per request instead of continuous batching)."
+        ),
+    ] = None,
     log_level: Annotated[str, Opt(help="critical | error | warning | info | debug")] = "info",
 ) -> None:
     """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""
     from .server import ServerSettings
     from .server import serve as run_server
+    from .speculative import parse_draft_length
 
+    draft = None if speculative in (None, "0") else parse_draft_length(speculative)
     tuner = _build_tuner(
         recipe,
         base,
@@ -415,6 +424,7 @@ def serve(
         max_tokens=max_tokens,
         kl_metric=not no_kl_metric,
         shutdown_timeout=shutdown_timeout,
+        speculative=draft,
     )
     run_server(tuner, settings, host=host, port=port, log_level=log_level)
 

@@ -290,8 +290,8 @@ class CrossFeeder:
             if not hasattr(state, "rollback"):
                 raise ConfigError(
                     f"the {names[side]} has another tokenizer than the base, and the "
-                    "different-tokenizer mode needs a decode state that can roll back (a "
-                    "one-pass LoRA pair cannot: set PROXYTUNE_ONE_PASS=0)"
+                    "different-tokenizer mode needs a decode state that can roll back "
+                    "(RollbackState.rollback), and this one cannot"
                 )
         self.vmap, self.states, self.logits = vmap, states, logits
         self.options, self.device = options, device

@@ -10,7 +10,7 @@ from .errors import ConfigError
 from .prompts import PromptFormat
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZE = (None, "int8")
+QUANTIZE = (None, "int8", "bnb8", "bnb4")
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,8 @@ class ModelSpec:
     """Allow loading pickle (``.bin``) weights; off by default because pickle can run code."""
     quantize: str | None = None
     """``int8``: dynamic int8 quantization of the linear layers on the CPU (not the output
-    head); see :mod:`proxytune.backends.quantize`."""
+    head); ``bnb8`` / ``bnb4``: bitsandbytes 8-bit or 4-bit NF4 weights (CUDA, or the CPU with
+    bitsandbytes >= 0.45); see :mod:`proxytune.backends.quantize`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():

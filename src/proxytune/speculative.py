@@ -24,8 +24,9 @@ why per-row draft lengths, early finishes (EOS, stop strings, budget) and ``k='a
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -111,21 +112,112 @@ def parse_draft_length(value: int | str) -> int | str:
     return value
 
 
-def best_draft_length(acceptance: float, cost_ratio: float, longest: int = AUTO_LONGEST) -> int:
-    """The draft length that maximises expected tokens per unit of work (``k='auto'``).
-
-    With independent acceptances at rate ``a`` a round emits ``(1 - a**(k+1)) / (1 - a)``
-    tokens on average and costs one verification (1) plus ``k`` drafter forwards
-    (``cost_ratio`` each: drafter weight bytes / verifiers' weight bytes).
-
-    >>> best_draft_length(0.9, 0.25), best_draft_length(0.3, 0.25)
-    (6, 1)
-    """
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a round with ``k`` drafts emits on average when each draft is accepted
+    independently at rate ``acceptance``: ``(1 - a**(k+1)) / (1 - a)`` (1 for ``k = 0``)."""
     a = min(max(acceptance, 0.0), 0.99)
-    best, best_rate = 1, 0.0
-    for k in range(1, longest + 1):
-        rate = (1 - a ** (k + 1)) / (1 - a) / (1 + cost_ratio * k)
-        if rate > best_rate + 1e-12:
+    return (1 - a ** (k + 1)) / (1 - a)
+
+
+@dataclass
+class RoundCosts:
+    """What a speculative round costs, learned from the rounds run so far (``k='auto'``).
+
+    A round with ``k`` drafts runs the drafter ``max(k, 1)`` times (once more, with
+    probability ``a**k``, for the bonus position) and each verifier once on ``k + 1``
+    positions (its *width*). Seconds are measured per drafter forward and per verification
+    width (moving averages). Before any measurement, a verification costs the same at every
+    width (memory-bound decoding, as on a GPU) and a drafter forward ``draft_ratio`` of one
+    (weight bytes). Widths not measured yet are guessed optimistically, so that they get
+    tried: no dearer than the widest measured one below them, and a narrower one as if cost
+    grew linearly with width from zero. Where a width-``n`` forward costs about ``n`` times a
+    width-1 forward (a compute-bound CPU), ``auto`` thus learns to draft nothing: each round
+    is then one plain step.
+
+    >>> flat = RoundCosts(draft_ratio=0.25)
+    >>> best_draft_length(0.9, flat.round_cost), best_draft_length(0.3, flat.round_cost)
+    (7, 1)
+    >>> linear = RoundCosts(draft_ratio=0.25, draft=0.25, verify={n: n for n in range(1, 10)})
+    >>> best_draft_length(0.9, linear.round_cost)
+    0
+    >>> seen = RoundCosts(0.25, verify={3: 3.0})  # unseen widths: optimistic guesses
+    >>> seen.verify_cost(5), seen.verify_cost(1)
+    (3.0, 1.0)
+    """
+
+    draft_ratio: float
+    draft: float | None = None
+    """Seconds per drafter forward (``None`` before the first)."""
+    verify: dict[int, float] = field(default_factory=dict)
+    """Seconds of all verifiers' forwards together, by width."""
+    smoothing: float = 0.3
+
+    def observe_draft(self, seconds: float, forwards: int) -> None:
+        if forwards > 0:
+            self.draft = self._mix(self.draft, seconds / forwards)
+
+    def observe_verify(self, width: int, seconds: float) -> None:
+        if width > 0:
+            self.verify[width] = self._mix(self.verify.get(width), seconds)
+
+    def _mix(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.smoothing * (new - old)
+
+    def verify_cost(self, width: int) -> float:
+        """Seconds (or, before any measurement, units of one verification) at ``width``."""
+        if width in self.verify:
+            return self.verify[width]
+        if not self.verify:
+            return self.draft / self.draft_ratio if self.draft else 1.0
+        below = [n for n in self.verify if n < width]
+        above = [n for n in self.verify if n > width]
+        if below and above:
+            lo, hi = max(below), min(above)
+            t = (width - lo) / (hi - lo)
+            return self.verify[lo] + t * (self.verify[hi] - self.verify[lo])
+        if below:
+            return self.verify[max(below)]
+        hi = min(above)
+        return self.verify[hi] * width / hi
+
+    def draft_cost(self) -> float:
+        if self.draft is not None:
+            return self.draft
+        return self.draft_ratio * self.verify_cost(min(self.verify, default=1))
+
+    def round_cost(self, k: int, acceptance: float) -> float:
+        """Expected cost of a round with ``k`` drafts."""
+        a = min(max(acceptance, 0.0), 0.99)
+        forwards = max(k, 1) + (a**k if k > 0 else 0.0)
+        return forwards * self.draft_cost() + self.verify_cost(k + 1)
+
+
+def best_draft_length(
+    acceptance: float,
+    round_cost: Callable[[int, float], float],
+    longest: int = AUTO_LONGEST,
+) -> int:
+    """The draft length in ``0..longest`` that maximises expected tokens per unit of cost
+    (``k='auto'``); ``round_cost(k, acceptance)``: e.g. :meth:`RoundCosts.round_cost`."""
+    best, best_rate = 0, 0.0
+    for k in range(longest + 1):
+        rate = expected_tokens(acceptance, k) / round_cost(k, acceptance)
+        if rate > best_rate * (1 + 1e-9):
+            best, best_rate = k, rate
+    return best
+
+
+def best_batch_draft_length(
+    acceptances: Sequence[float], costs: RoundCosts, longest: int = AUTO_LONGEST
+) -> int:
+    """One draft length for a batch, whose rounds cost what their longest draft costs: the
+    ``k`` in ``0..longest`` that maximises the rows' expected tokens per unit of cost."""
+    mean = sum(acceptances) / len(acceptances)
+    best, best_rate = 0, 0.0
+    for k in range(longest + 1):
+        tokens = sum(expected_tokens(a, k) for a in acceptances)
+        rate = tokens / costs.round_cost(k, mean)
+        if rate > best_rate * (1 + 1e-9):
             best, best_rate = k, rate
     return best
 
@@ -166,11 +258,13 @@ def speculative_decode(
     *,
     k: int | str = AUTO,
     stats: SpeculativeStats | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[list[StepUpdate]]:
     """:func:`~proxytune.generation.decode` with speculative rounds: same arguments, same
     updates (one list per new token position; a round yields up to ``K + 1`` of them).
 
-    ``k``: draft length (an int) or ``"auto"`` (per row, from its running acceptance rate).
+    ``k``: draft length (an int) or ``"auto"`` (per row, from its running acceptance rate and
+    the measured cost of drafting and verifying: :class:`RoundCosts`; ``clock`` times them).
     ``stats``: filled in with acceptance counts as the iterator is consumed. When the rule
     runs no pair model (``alpha=0``, the ``base`` rule) there is nothing to draft with and
     this is the plain loop.
@@ -208,6 +302,7 @@ def speculative_decode(
         penalised=penalised,
         k=k,
         stats=stats if stats is not None else SpeculativeStats(),
+        clock=clock,
     )
     return run.run(rendered, rows, rooms)
 
@@ -237,12 +332,34 @@ class _Speculator:
     penalised: bool
     k: int | str
     stats: SpeculativeStats
+    clock: Callable[[], float] = time.perf_counter
 
     def __post_init__(self) -> None:
         self.device = self.base.model.device
         self.verifiers = [m for m in self.members if m is not self.drafter]
         verify_size = sum(_size(m.model) for m in self.verifiers) or 1.0
-        self.cost_ratio = _size(self.drafter.model) / verify_size
+        self.costs = RoundCosts(draft_ratio=_size(self.drafter.model) / verify_size)
+        # Seeded sampling must give the same tokens on every run, batched or alone: its draft
+        # lengths then come from each row's own acceptance history and the weight-size prior,
+        # never from timings (which vary run to run) or from the other rows.
+        self.reproducible = not self.config.greedy and self.config.seed is not None
+        self.timed = self.k == AUTO and not self.reproducible
+
+    def _now(self) -> float:
+        """The clock, after the device's queued work (CUDA runs asynchronously)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return self.clock()
+
+    def _drafter_step(self, state: DecodeState, tokens: torch.Tensor) -> torch.Tensor:
+        """The drafter's logits after ``tokens`` (one forward), timed for ``auto``."""
+        self.stats.draft_forwards += 1
+        if not self.timed:
+            return state.advance(tokens)[:, -1]
+        t0 = self._now()
+        out = state.advance(tokens)[:, -1]
+        self.costs.observe_draft(self._now() - t0, 1)
+        return out
 
     # the loop --------------------------------------------------------------------------------
 
@@ -271,8 +388,7 @@ class _Speculator:
                 if not active:
                     break
                 if j == len(expert):  # some row accepted all K: score the bonus position
-                    expert.append(states[self.drafter.role].advance(drafts[:, j - 1 :])[:, -1])
-                    self.stats.draft_forwards += 1
+                    expert.append(self._drafter_step(states[self.drafter.role], drafts[:, j - 1 :]))
                 logits = {self.drafter.role: expert[j][active]}
                 for m in self.verifiers:
                     logits[m.role] = verified[m.role][active, j]
@@ -337,8 +453,8 @@ class _Speculator:
                 raise ConfigError(
                     f"speculative decoding rolls every model back to the accepted drafts, and "
                     f"the {m.role} ({m.model.name}) cannot: its decode state has no rollback() "
-                    "(a one-pass LoRA pair, for instance: set PROXYTUNE_ONE_PASS=0 to load the "
-                    "expert as its own model)"
+                    "(a model of your own behind the LogitsModel protocol must implement "
+                    "RollbackState.rollback; otherwise decode without speculative)"
                 )
         return states, first
 
@@ -346,10 +462,13 @@ class _Speculator:
         """Per row: how many drafts to test. Never more than the row can still emit minus one
         (its last token is the bonus), nor past any row's context (the batch feeds ``K``)."""
         left = [r.budget - len(r.tracker.ids) - 1 for r in rows]
-        if self.k == AUTO:
-            wanted = [best_draft_length(rates[r.index], self.cost_ratio) for r in rows]
-        else:
+        if self.k != AUTO:
             wanted = [int(self.k)] * len(rows)
+        elif self.reproducible:
+            wanted = [best_draft_length(rates[r.index], self.costs.round_cost) for r in rows]
+        else:  # the batch pays for its longest draft: choose one length for every row
+            big_k = best_batch_draft_length([rates[r.index] for r in rows], self.costs)
+            wanted = [big_k] * len(rows)
         cap = min(room - len(r.tracker.ids) - 1 for r, room in zip(rows, rooms, strict=True))
         return [max(0, min(w, n, cap)) for w, n in zip(wanted, left, strict=True)]
 
@@ -368,8 +487,7 @@ class _Speculator:
         if pending is None:
             expert = [first[self.drafter.role]]
         else:
-            expert = [state.advance(pending)[:, -1]]
-            self.stats.draft_forwards += 1
+            expert = [self._drafter_step(state, pending)]
         drafts = torch.zeros((len(rows), big_k), dtype=torch.long, device=self.device)
         q: list[torch.Tensor] = []
         for j in range(big_k):
@@ -382,8 +500,7 @@ class _Speculator:
                     drafts[n, j] = probs[n].argmax()
             q.append(probs)
             if j + 1 < big_k:
-                expert.append(state.advance(drafts[:, j : j + 1])[:, -1])
-                self.stats.draft_forwards += 1
+                expert.append(self._drafter_step(state, drafts[:, j : j + 1]))
         return drafts, q, expert
 
     def _verify(
@@ -396,11 +513,14 @@ class _Speculator:
         """Each verifier's ``(B, K+1, W)`` logits at positions ``0..K``, one forward each."""
         feed = drafts if pending is None else torch.cat([pending, drafts], dim=1)
         out = {}
+        t0 = self._now() if self.timed else 0.0
         for m in self.verifiers:
             parts = [] if pending is not None else [first[m.role][:, None]]
             if feed.shape[1] > 0:
                 parts.append(states[m.role].advance(feed))
             out[m.role] = torch.cat([t.to(self.device) for t in parts], dim=1)
+        if self.timed and feed.shape[1] > 0:
+            self.costs.observe_verify(feed.shape[1], self._now() - t0)
         return out
 
     def _target(

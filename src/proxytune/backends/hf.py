@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ConfigError, ModelLoadError
 from ..specs import ModelSpec
+from .quantize import BNB_METHODS, METHODS, bnb_config
 
 
 def pick_device(device: str) -> torch.device:
@@ -72,6 +73,12 @@ def load_hf(spec: ModelSpec) -> HFModel:
     source, gguf_file = resolve_source(spec.path)
     device = pick_device(spec.device)
     dtype = pick_dtype(spec.dtype, device)
+    bnb = spec.quantize in BNB_METHODS
+    if bnb and gguf_file is not None:
+        raise ConfigError(
+            f"quantize={spec.quantize!r} quantizes safetensors weights while loading; "
+            f"{spec.path!r} is a GGUF file: convert it first (the embedded models are)"
+        )
     common: dict[str, Any] = {
         "revision": spec.revision,
         "trust_remote_code": spec.trust_remote_code,
@@ -85,14 +92,19 @@ def load_hf(spec: ModelSpec) -> HFModel:
     weights: dict[str, Any] = {}
     if gguf_file is None and not spec.allow_pickle:
         weights["use_safetensors"] = True
+    if bnb:
+        weights["quantization_config"] = bnb_config(spec.quantize, dtype)
+        weights["device_map"] = {"": str(device)}  # bitsandbytes places the weights itself
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common, **weights)
     except Exception as err:
         raise ModelLoadError(_load_hint(spec.path, "model", err)) from err
     if spec.adapter is not None:
-        model = _apply_adapter(model, spec.adapter)
-    model.to(device).eval()
-    if spec.quantize is not None:
+        model = _apply_adapter(model, spec.adapter, merge=not bnb)
+    if not bnb:
+        model.to(device)
+    model.eval()
+    if spec.quantize in METHODS:
         from .quantize import quantize_model
 
         model = quantize_model(model, spec.quantize, device)
@@ -101,13 +113,16 @@ def load_hf(spec: ModelSpec) -> HFModel:
     )
 
 
-def _apply_adapter(model: Any, adapter: str) -> Any:
+def _apply_adapter(model: Any, adapter: str, merge: bool = True) -> Any:
+    """``model`` with the LoRA ``adapter``: merged into float weights, or kept as side layers
+    over quantized ones (``merge=False``; merging would round the update into 4/8 bits)."""
     if not Path(adapter).expanduser().is_dir():
         raise ModelLoadError(f"adapter directory {adapter!r} does not exist")
     from peft import PeftModel
 
     try:
-        return PeftModel.from_pretrained(model, str(Path(adapter).expanduser())).merge_and_unload()
+        peft_model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
+        return peft_model.merge_and_unload() if merge else peft_model
     except Exception as err:
         raise ModelLoadError(
             f"could not apply adapter {adapter!r}: {err}. Check that it was trained on this "

@@ -18,8 +18,10 @@ accumulation is exact, so a row's output is bit for bit the same whatever else i
 (and the rounding error is smaller than with one scale for all rows). Measured effect on
 speed, memory and output: docs/speed.md.
 
-Only the CPU is supported: on CUDA, 8/4-bit weights need bitsandbytes, which the machines this
-project is tested on do not have (docs/speed.md).
+``quantize="bnb8"`` / ``"bnb4"`` load the model through bitsandbytes instead (LLM.int8 8-bit
+weights, or 4-bit NF4 with double quantization), on CUDA or, with bitsandbytes >= 0.45, on the
+CPU: :func:`bnb_config` builds transformers' ``BitsAndBytesConfig``; the output head stays in
+float here too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from torch import nn
 from ..errors import ConfigError
 
 METHODS = ("int8",)
+"""Applied after loading, by :func:`quantize_model`."""
+BNB_METHODS = ("bnb8", "bnb4")
+"""Applied while loading, by transformers' bitsandbytes integration (:func:`bnb_config`)."""
 
 
 class Int8Linear(nn.Module):
@@ -92,8 +97,34 @@ def quantize_model(model: Any, method: str, device: torch.device) -> Any:
     return model
 
 
+def bnb_config(method: str, dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for ``method`` (``bnb8`` or ``bnb4``); 4-bit
+    layers compute in ``dtype``. Raises a :class:`ConfigError` naming the fix when
+    bitsandbytes is not installed."""
+    if method not in BNB_METHODS:
+        raise ConfigError(f"bitsandbytes quantization is one of {BNB_METHODS}, got {method!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            f"quantize={method!r} needs bitsandbytes: pip install bitsandbytes (or "
+            "'proxytune[bnb]'), or use quantize='int8' on the CPU"
+        ) from err
+    from transformers import BitsAndBytesConfig
+
+    if method == "bnb8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype,
+    )
+
+
 def weight_bytes(model: Any) -> int:
-    """Bytes of the model's weights, int8 weights included (for reports)."""
+    """Bytes of the model's weights as stored: int8 weights at 1 byte, bitsandbytes 4-bit
+    weights at their packed size (for reports)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     total = 0

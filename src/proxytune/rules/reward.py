@@ -41,7 +41,7 @@ def args_scores(
     A candidate the inner rule rules out stays out, whatever its reward.
 
     >>> args_scores(torch.zeros(1, 3), torch.tensor([[2, 0]]), torch.tensor([[1.0, -1.0]]), 0.5)
-    tensor([[-0.5000,   -inf,  0.5000]])
+    tensor([[-0.5000,    -inf,  0.5000]])
     """
     picked = scores.gather(-1, candidates)  # (B, k)
     rescored = torch.where(torch.isneginf(picked), picked, picked + w * rewards.to(picked))

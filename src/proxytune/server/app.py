@@ -66,6 +66,10 @@ class ServerSettings:
     continuous: bool | None = None
     """Continuous batching (None: wherever the tuner decodes locally); False runs every
     request on the tuner's own loop, interleaved step by step (black-box bases always do)."""
+    speculative: int | str | None = None
+    """A draft length or ``"auto"``: every request is decoded speculatively (the expert
+    drafts; exact output), on the tuner's own loop instead of continuous batching. Lowers a
+    request's latency; at high concurrency continuous batching has the higher throughput."""
 
 
 def create_app(tuner: Any, settings: ServerSettings | None = None) -> FastAPI:
@@ -79,6 +83,7 @@ def create_app(tuner: Any, settings: ServerSettings | None = None) -> FastAPI:
         kl=settings.kl_metric and bool(tuner.pairs),
         metrics=metrics,
         continuous=settings.continuous,
+        speculative=settings.speculative,
     )
     metrics.gauge(
         "proxytune_queue_depth",

@@ -64,4 +64,7 @@ class StepStats:
     rows: int = 0
     kl_sum: float = 0.0
     kl_rows: int = 0
+    drafts_proposed: int = 0
+    """Speculative drafts tested against the target in this step."""
+    drafts_accepted: int = 0
     failed: list[Job] = field(default_factory=list)

@@ -225,6 +225,20 @@ class Metrics:
                 lambda: self.kl.mean(),
             )
         )
+        self.drafts_proposed = self._add(
+            Counter(
+                "proxytune_speculative_drafts_proposed_total",
+                "Speculative draft tokens tested against the proxy-tuned distribution.",
+                lock,
+            )
+        )
+        self.drafts_accepted = self._add(
+            Counter(
+                "proxytune_speculative_drafts_accepted_total",
+                "Speculative draft tokens accepted (accepted / proposed: the acceptance rate).",
+                lock,
+            )
+        )
         self.failures = self._add(
             Counter(
                 "proxytune_generation_failures_total",

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigError
+from ..speculative import parse_draft_length
 from .batch import ContinuousBatch
 from .job import Job
 from .metrics import Metrics
@@ -54,12 +56,30 @@ class _Ticket:
     queued_at: float
 
 
+def check_speculative(tuner: Any, k: int | str, continuous: bool | None) -> int | str:
+    """The server's ``speculative`` option, checked once at startup."""
+    if continuous:
+        raise ConfigError(
+            "speculative decoding runs each request on the tuner's own loop, so it cannot be "
+            "combined with continuous batching: leave continuous unset (or False)"
+        )
+    if getattr(tuner, "blackbox", False):
+        raise ConfigError(
+            "speculative decoding needs full logits from a local base of the pair's tokenizer; "
+            "this tuner has an API base or a pair of another tokenizer: leave speculative unset"
+        )
+    if not tuner.pairs:
+        raise ConfigError("speculative decoding drafts with an expert: this tuner has no pair")
+    return parse_draft_length(k)
+
+
 class Scheduler:
     """Owns the models' running batch; one worker thread, any number of submitting threads.
 
     ``continuous``: decode requests together in one :class:`~.batch.ContinuousBatch` (default
     where the tuner decodes locally), or run each on the tuner's own loop,
-    :class:`~.serial.EngineLoop` (default for black-box tuners).
+    :class:`~.serial.EngineLoop` (default for black-box tuners). ``speculative`` (a draft
+    length or ``"auto"``) decodes every request speculatively, on the tuner's own loop.
     """
 
     def __init__(
@@ -70,12 +90,18 @@ class Scheduler:
         kl: bool = True,
         metrics: Metrics | None = None,
         continuous: bool | None = None,
+        speculative: int | str | None = None,
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        if speculative is not None:
+            speculative = check_speculative(tuner, speculative, continuous)
+            continuous = False
         if continuous is None:  # black-box bases and cross-tokenizer pairs run their own loop
             continuous = not getattr(tuner, "blackbox", False)
-        self.batch: Any = ContinuousBatch(tuner, kl=kl) if continuous else EngineLoop(tuner)
+        self.batch: Any = (
+            ContinuousBatch(tuner, kl=kl) if continuous else EngineLoop(tuner, speculative)
+        )
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -224,6 +250,9 @@ class Scheduler:
             m.generation_tokens.inc(len(updates))
         if stats.kl_rows:
             m.kl.add(stats.kl_sum, stats.kl_rows)
+        if stats.drafts_proposed:
+            m.drafts_proposed.inc(stats.drafts_proposed)
+            m.drafts_accepted.inc(stats.drafts_accepted)
         # only this thread changes _running while it runs, so reading it unlocked is safe
         tickets = dict(self._running)
         with self._cond:

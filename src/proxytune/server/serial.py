@@ -7,6 +7,10 @@ top-k log-probabilities, a pair of another tokenizer: ``tuner.blackbox``) are se
 ``ProxyTuner.generate`` runs, and the worker advances every running request by one step in
 turn. Requests make progress together and stay exact, but do not share forwards, and the
 steering-KL metric is not measured.
+
+The server's ``speculative`` option runs here too: every request is
+``tuner.steps(..., speculative=K)`` (:mod:`proxytune.speculative`), which lowers each request's
+latency (fewer base forwards per token) at the price of continuous batching's sharing.
 """
 
 from __future__ import annotations
@@ -18,15 +22,21 @@ from typing import Any
 from ..config import GenerationConfig
 from ..prompts import Prompt
 from ..results import StepUpdate
+from ..speculative import SpeculativeStats
 from .controls import request_alphas, request_rule
 from .job import Job, StepStats
 
 
 class EngineLoop:
-    """Same interface as :class:`~.batch.ContinuousBatch`, for the scheduler."""
+    """Same interface as :class:`~.batch.ContinuousBatch`, for the scheduler.
 
-    def __init__(self, tuner: Any) -> None:
+    ``speculative``: a draft length or ``"auto"`` for every request (``None``: the plain
+    loop); :attr:`speculation` sums the drafts of every request since start."""
+
+    def __init__(self, tuner: Any, speculative: int | str | None = None) -> None:
         self.tuner = tuner
+        self.speculative = speculative
+        self.speculation = SpeculativeStats()
         self.running: list[Job] = []
         self.stats = StepStats()
         self.deferred: list[Job] = []
@@ -49,7 +59,10 @@ class EngineLoop:
         chosen = None if rule is None else request_rule(t, rule)
         seed = config.seed if config.seed is not None else secrets.randbits(62)
         config = config.updated(seed=seed)
-        steps = t.steps(list(prompts), alphas, config, rule=chosen)
+        extra: dict[str, Any] = {}
+        if self.speculative is not None:
+            extra = {"speculative": self.speculative, "stats": self.speculation}
+        steps = t.steps(list(prompts), alphas, config, rule=chosen, **extra)
         base = [t.base.prompt.render(p, t.tokenizer) for p in prompts]
         context = t.base.model.context_length or 1 << 62
         return Job(
@@ -86,6 +99,7 @@ class EngineLoop:
     def step(self, new_jobs: Sequence[Job] = ()) -> list[tuple[Job, StepUpdate]]:
         """One step of every running request, in arrival order."""
         self.stats = StepStats()
+        before = (self.speculation.proposed, self.speculation.accepted)
         self.retire()
         for job in new_jobs:
             if not job.cancelled:
@@ -108,4 +122,6 @@ class EngineLoop:
                     job.rows_left -= 1
                 out.append((job, u))
         self.stats.rows = len(out)
+        self.stats.drafts_proposed = self.speculation.proposed - before[0]
+        self.stats.drafts_accepted = self.speculation.accepted - before[1]
         return out

@@ -1,7 +1,8 @@
 """Making the expert: supervised fine-tuning and DPO of the small model, full or LoRA.
 
 >>> from proxytune.training import TrainConfig, train                       # doctest: +SKIP
->>> result = train(TrainConfig(model="small", data="sft.jsonl", out="expert", lora=True))
+>>> config = TrainConfig(model="small", data="sft.jsonl", out="expert", lora=True)
+>>> result = train(config)                                                    # doctest: +SKIP
 >>> tuner = ProxyTuner.from_specs(big, [(result.expert_spec(), small, 1.0)])  # doctest: +SKIP
 
 The heavy libraries load when a run starts, not on import.

@@ -1,0 +1,96 @@
+"""bitsandbytes 8/4-bit models (``quantize: bnb8 | bnb4``), on the CPU backend of bitsandbytes."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from proxytune import ModelSpec, ProxyTuner
+from proxytune.errors import ConfigError
+
+bnb = pytest.importorskip("bitsandbytes")
+
+PROMPTS = ["The quick brown fox", "Rain", "def add(a, b):\n    return", "Once upon a"]
+
+
+def ids(results):
+    return [r.token_ids for r in results]
+
+
+def quantized(tiny_dirs, method, alpha=0.5):
+    def spec(name):
+        return ModelSpec(str(tiny_dirs[name]), device="cpu", quantize=method)
+
+    return ProxyTuner.from_specs(spec("base"), [(spec("expert"), spec("anti"), alpha)])
+
+
+@pytest.fixture(scope="module")
+def nf4(tiny_dirs):
+    return quantized(tiny_dirs, "bnb4")
+
+
+@pytest.mark.parametrize("method", ["bnb4", "bnb8"])
+def test_layers_are_quantized_and_alpha_zero_is_the_quantized_base(tiny_dirs, method):
+    t = quantized(tiny_dirs, method)
+    model = t.base.model.model
+    kind = {"bnb4": bnb.nn.Linear4bit, "bnb8": bnb.nn.Linear8bitLt}[method]
+    assert isinstance(model.model.layers[0].mlp.up_proj, kind)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear  # the head stays in float
+    enc = t.tokenizer(PROMPTS[0], return_tensors="pt")
+    want = model.generate(**enc, max_new_tokens=8, do_sample=False)[0, enc.input_ids.shape[1] :]
+    assert t.generate(PROMPTS[0], alpha=0.0, max_new_tokens=8)[0].token_ids == want.tolist()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_dirs["base"]).eval()
+    with torch.no_grad():
+        a, b = model(**enc).logits, plain(**enc).logits
+    assert float((a - b).abs().max()) > 0  # really another model
+
+
+def test_nf4_is_weight_only_so_batches_and_speculation_stay_exact(nf4):
+    want = nf4.generate(PROMPTS, max_new_tokens=12)
+    assert ids(want) == [nf4.generate([p], max_new_tokens=12)[0].token_ids for p in PROMPTS]
+    assert ids(nf4.generate(PROMPTS, max_new_tokens=12, speculative=3)) == ids(want)
+    assert nf4.generate(PROMPTS, alpha=0.0, max_new_tokens=6) != want  # the pair steers
+
+
+def test_missing_bitsandbytes_and_gguf_get_clear_errors(tiny_dirs, monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails
+    with pytest.raises(ConfigError, match="pip install bitsandbytes"):
+        ProxyTuner.from_specs(ModelSpec(str(tiny_dirs["base"]), device="cpu", quantize="bnb4"), [])
+    monkeypatch.undo()
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match="GGUF"):
+        ProxyTuner.from_specs(ModelSpec(str(gguf), device="cpu", quantize="bnb8"), [])
+    with pytest.raises(ConfigError, match="quantize must be one of"):
+        ModelSpec("x", quantize="bnb2")
+
+
+def test_a_lora_expert_over_4bit_weights_one_pass_or_not(tiny_dirs, tmp_path, monkeypatch):
+    """QLoRA-style: the adapter stays unmerged over the 4-bit layers, whether the pair shares
+    one model (one pass) or the expert is loaded on its own; both give the same tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(3)
+    small = AutoModelForCausalLM.from_pretrained(tiny_dirs["anti"])
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    get_peft_model(small, lora).save_pretrained(tmp_path / "adapter")
+
+    def spec(name, **kw):
+        return ModelSpec(str(tiny_dirs[name]), device="cpu", quantize="bnb4", **kw)
+
+    got = {}
+    for one_pass in ("1", "0"):
+        monkeypatch.setenv("PROXYTUNE_ONE_PASS", one_pass)
+        expert = spec("anti", adapter=str(tmp_path / "adapter"))
+        t = ProxyTuner.from_specs(spec("base"), [(expert, spec("anti"), 1.0)])
+        if one_pass == "0":  # the expert alone: PEFT layers around 4-bit ones
+            modules = list(t.pairs[0].expert.model.model.modules())
+            assert any(isinstance(m, bnb.nn.Linear4bit) for m in modules)
+            assert any(type(m).__name__ == "Linear4bit" and hasattr(m, "lora_A") for m in modules)
+        got[one_pass] = ids(t.generate(PROMPTS, max_new_tokens=10))
+        assert ids(t.generate(PROMPTS, max_new_tokens=10, speculative=2)) == got[one_pass]
+    assert got["1"] == got["0"]
+    assert got["1"] != ids(t.alone("base").generate(PROMPTS, max_new_tokens=10))
