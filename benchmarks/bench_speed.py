@@ -27,15 +27,28 @@ import os
 import platform
 import resource
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from queue import Empty
 from typing import Any
 
 from bench_generate import PROMPTS  # the same prompts as the base-vs-proxy benchmark
 
 KINDS = ("base", "naive", "stacked", "speculative")
-SYSTEMS = (*KINDS, *(f"{k}-{q}" for q in ("int8", "int8all") for k in KINDS))
-"""``KIND[-int8|-int8all]``: -int8 quantizes the pair's models, -int8all every model."""
+QUANTIZE = ("int8", "bnb8", "bnb4")
+SYSTEMS = (*KINDS, *(f"{k}-{q}{a}" for q in QUANTIZE for a in ("", "all") for k in KINDS))
+"""``KIND[-Q|-Qall][:K]``: -Q quantizes the pair's models with Q (int8: ours, CPU; bnb8, bnb4:
+bitsandbytes), -Qall every model; ``:K`` gives a speculative system its own draft length (else
+``--k``)."""
+
+
+def system_name(text: str) -> str:
+    """``text`` if it names a system (argparse type)."""
+    name, _, k = text.partition(":")
+    if name not in SYSTEMS or (
+        k and not (name.startswith("speculative") and (k.isdigit() or k == "auto"))
+    ):
+        raise argparse.ArgumentTypeError(f"unknown system {text!r}; systems: {', '.join(SYSTEMS)}")
+    return text
 
 
 def build(system: str, args: dict[str, Any]) -> Any:
@@ -46,14 +59,15 @@ def build(system: str, args: dict[str, Any]) -> Any:
 
     overrides = {"device": args["device"]} if args["device"] else {}
     recipe = load_recipe(args["recipe"] or default_recipe_path(), **overrides)
-    kind, _, quant = system.partition("-")
+    kind, _, quant = system.partition(":")[0].partition("-")
     if quant:
+        method = quant.removesuffix("all")
 
         def q(spec: Any) -> Any:
-            return None if spec is None else replace(spec, quantize="int8")
+            return None if spec is None else replace(spec, quantize=method)
 
         pairs = [(q(e), q(a), alpha) for e, a, alpha in recipe.pairs]
-        base = q(recipe.base) if quant == "int8all" else recipe.base
+        base = q(recipe.base) if quant.endswith("all") else recipe.base
         recipe = replace(recipe, base=base, pairs=pairs)
     tuner = ProxyTuner.from_recipe(recipe)
     if kind == "base":
@@ -105,7 +119,10 @@ def measure(system: str, batch: int, args: dict[str, Any], out: Any) -> None:
     t0 = time.perf_counter()
     tuner = build(system, args)
     load_s = time.perf_counter() - t0
-    spec = args["k"] if system.startswith("speculative") else None  # KIND-...
+    name, _, k = system.partition(":")
+    spec = None
+    if name.startswith("speculative"):  # KIND-...
+        spec = (int(k) if k.isdigit() else k) if k else args["k"]
     prompts = (PROMPTS * (batch // len(PROMPTS) + 1))[:batch]
     tuner.generate(prompts[:1], max_new_tokens=3, speculative=spec)  # warm-up
     if torch.cuda.is_available():
@@ -142,6 +159,8 @@ def measure(system: str, batch: int, args: dict[str, Any], out: Any) -> None:
             "weights_gib": weight_gib(tuner),
             "acceptance": stats.acceptance_rate if spec else None,
             "tokens_per_round": stats.tokens_per_round if spec else None,
+            "drafts_per_round": stats.proposed / stats.row_rounds if stats.row_rounds else None,
+            "costs": None if stats.costs is None else asdict(stats.costs),
             "ids": [ids[r] for r in sorted(ids)],
             "load_avg": (load_before, os.getloadavg()[0]),
         }
@@ -168,7 +187,7 @@ def run(system: str, batch: int, args: dict[str, Any]) -> dict[str, Any]:
 def reference(system: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
     """What ``system``'s output must equal: naive proxy-tuning on the same (float or int8)
     models; naive-int8(all) is compared with float naive (the effect of int8)."""
-    kind, _, quant = system.partition("-")
+    kind, _, quant = system.partition(":")[0].partition("-")
     if kind == "base" or system == "naive":
         return None
     same = f"naive-{quant}" if quant else "naive"
@@ -206,6 +225,7 @@ def table(results: list[dict[str, Any]], markdown: bool) -> str:
         "RSS at end",
         "weights GiB",
         "accept",
+        "drafts/round",
         "tok/round",
         "= ref",
     ]
@@ -231,23 +251,48 @@ def table(results: list[dict[str, Any]], markdown: bool) -> str:
                 f"{r.get('rss_gib', 0.0):.2f}",
                 f"{r['weights_gib']:.2f}",
                 "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
+                "-" if r.get("drafts_per_round") is None else f"{r['drafts_per_round']:.2f}",
                 "-" if r["tokens_per_round"] is None else f"{r['tokens_per_round']:.2f}",
                 same,
             ]
         )
     if markdown:
         rows = [head, ["---"] * len(head), *lines]
-        return "\n".join("| " + " | ".join(row) + " |" for row in rows)
-    widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
-    return "\n".join(
-        "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in [head, *lines]
+        text = "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    else:
+        widths = [max(len(row[i]) for row in [head, *lines]) for i in range(len(head))]
+        text = "\n".join(
+            "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True))
+            for row in [head, *lines]
+        )
+    notes = [cost_line(r) for r in results if r.get("costs")]
+    return "\n".join([text, *notes])
+
+
+def cost_line(result: dict[str, Any]) -> str:
+    """What ``k='auto'`` measured: seconds per drafter forward and per verification width,
+    and each width's cost relative to width 1 (about 1 where decoding is memory-bound)."""
+    costs = result["costs"]
+    verify = {int(n): t for n, t in costs["verify"].items()}
+    one = verify.get(1)
+    widths = ", ".join(
+        f"{n}: {t:.3f}s" + (f" (x{t / one:.2f})" if one else "") for n, t in sorted(verify.items())
     )
+    draft = "-" if costs["draft"] is None else f"{costs['draft']:.3f}s"
+    return f"\n{result['system']} measured: drafter forward {draft}; verification by width {widths}"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default=None, help="recipe file (default: embedded default)")
-    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS[:4]), choices=SYSTEMS)
+    parser.add_argument(
+        "--systems",
+        nargs="+",
+        default=list(SYSTEMS[:4]),
+        type=system_name,
+        metavar="SYSTEM",
+        help=f"{', '.join(SYSTEMS)}; a speculative one may end in :K (its draft length)",
+    )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32])
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--k", default="auto", help="draft length for speculative, or 'auto'")

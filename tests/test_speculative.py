@@ -362,6 +362,16 @@ def test_auto_learns_what_drafting_costs(verify_call, verify_position, drafts):
         assert drafts_per_row_round < 0.3 and stats.tokens_per_round < 1.3
     else:
         assert drafts_per_row_round > 1.0 and stats.tokens_per_round > 1.4
+    # the same stats carry the measured costs into the next call: no exploring again
+    proposed, costs = stats.proposed, stats.costs
+    assert costs is not None and costs.draft is not None and costs.verify
+    again = speculative_decode(
+        base, [pair], ["ab"], config, VOCAB, (), k="auto", stats=stats, clock=clock
+    )
+    assert sum(len(updates) for updates in again) == 4 * 40
+    assert stats.costs is costs
+    if drafts == "few":
+        assert stats.proposed == proposed
 
 
 # -- rollback, stacked roles, int8 ---------------------------------------------------------------

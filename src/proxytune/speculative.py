@@ -77,6 +77,10 @@ class SpeculativeStats:
     """Tokens emitted (every row)."""
     draft_forwards: int = 0
     """Forwards of the drafting model (one token each)."""
+    costs: RoundCosts | None = None
+    """What ``k='auto'`` measured (seconds per drafter forward and per verification width);
+    ``None`` where it did not time its rounds (a fixed ``k``, seeded sampling). A call given
+    stats that already hold costs starts from them (the server shares one across requests)."""
 
     @property
     def acceptance_rate(self) -> float:
@@ -128,9 +132,10 @@ class RoundCosts:
     positions (its *width*). Seconds are measured per drafter forward and per verification
     width (moving averages). Before any measurement, a verification costs the same at every
     width (memory-bound decoding, as on a GPU) and a drafter forward ``draft_ratio`` of one
-    (weight bytes). Widths not measured yet are guessed optimistically, so that they get
-    tried: no dearer than the widest measured one below them, and a narrower one as if cost
-    grew linearly with width from zero. Where a width-``n`` forward costs about ``n`` times a
+    (weight bytes). Widths not measured yet are interpolated between measured ones, or guessed
+    optimistically so that they get tried: a wider one continues the slope of the two widest
+    measured widths (flat if only one is measured), a narrower one as if cost grew linearly
+    with width from zero. Where a width-``n`` forward costs about ``n`` times a
     width-1 forward (a compute-bound CPU), ``auto`` thus learns to draft nothing: each round
     is then one plain step.
 
@@ -175,8 +180,14 @@ class RoundCosts:
             lo, hi = max(below), min(above)
             t = (width - lo) / (hi - lo)
             return self.verify[lo] + t * (self.verify[hi] - self.verify[lo])
-        if below:
-            return self.verify[max(below)]
+        if below:  # wider than any measured: continue the last slope (flat if only one)
+            lo = max(below)
+            lower = [n for n in below if n < lo]
+            if not lower:
+                return self.verify[lo]
+            prev = max(lower)
+            slope = max(0.0, (self.verify[lo] - self.verify[prev]) / (lo - prev))
+            return self.verify[lo] + slope * (width - lo)
         hi = min(above)
         return self.verify[hi] * width / hi
 
@@ -338,12 +349,17 @@ class _Speculator:
         self.device = self.base.model.device
         self.verifiers = [m for m in self.members if m is not self.drafter]
         verify_size = sum(_size(m.model) for m in self.verifiers) or 1.0
-        self.costs = RoundCosts(draft_ratio=_size(self.drafter.model) / verify_size)
+        prior = RoundCosts(draft_ratio=_size(self.drafter.model) / verify_size)
         # Seeded sampling must give the same tokens on every run, batched or alone: its draft
         # lengths then come from each row's own acceptance history and the weight-size prior,
         # never from timings (which vary run to run) or from the other rows.
         self.reproducible = not self.config.greedy and self.config.seed is not None
         self.timed = self.k == AUTO and not self.reproducible
+        self.costs = prior
+        if self.timed:  # carry on from what earlier calls with the same stats measured
+            if self.stats.costs is None:
+                self.stats.costs = prior
+            self.costs = self.stats.costs
 
     def _now(self) -> float:
         """The clock, after the device's queued work (CUDA runs asynchronously)."""

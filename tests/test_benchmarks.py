@@ -1,0 +1,40 @@
+"""The benchmark scripts run end to end (tiny models, a few tokens): their figures are not
+checked here, only that every system runs and that exact systems agree with naive proxy-tuning."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_bench_speed_runs_every_kind_of_system(tmp_path, tiny_dirs):
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(
+        f"""
+base: {{model: "{tiny_dirs["base"]}", prompt: raw}}
+pairs:
+  - expert: {{model: "{tiny_dirs["anti"]}", prompt: chat}}
+    anti_expert: {{model: "{tiny_dirs["anti"]}", prompt: raw}}
+model_defaults: {{device: cpu, dtype: float32}}
+"""
+    )
+    out = tmp_path / "speed.json"
+    systems = ["base", "naive", "stacked", "speculative", "speculative-bnb4"]
+    cmd = [sys.executable, str(BENCHMARKS / "bench_speed.py"), "--recipe", str(recipe)]
+    cmd += ["--batch-sizes", "2", "--max-new-tokens", "6", "--threads", "1", "--markdown"]
+    cmd += ["--systems", *systems, "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| speculative | " in done.stdout and "speculative measured:" in done.stdout
+    results = {r["system"]: r for r in json.loads(out.read_text())["results"]}
+    assert list(results) == systems
+    assert all(r["tokens"] == 2 * 6 for r in results.values())
+    for exact in ("stacked", "speculative"):
+        assert results[exact]["ids"] == results["naive"]["ids"]
+    assert results["speculative"]["acceptance"] is not None
