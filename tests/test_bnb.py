@@ -33,7 +33,7 @@ def nf4(tiny_dirs):
 
 
 @pytest.mark.parametrize("method", ["bnb4", "bnb8"])
-def test_layers_are_quantized_and_alpha_zero_is_the_quantized_base(tiny_dirs, method):
+def test_layers_are_quantized_and_alpha_zero_is_the_quantized_base(tiny_dirs, method, caplog):
     t = quantized(tiny_dirs, method)
     model = t.base.model.model
     kind = {"bnb4": bnb.nn.Linear4bit, "bnb8": bnb.nn.Linear8bitLt}[method]
@@ -46,6 +46,8 @@ def test_layers_are_quantized_and_alpha_zero_is_the_quantized_base(tiny_dirs, me
     with torch.no_grad():
         a, b = model(**enc).logits, plain(**enc).logits
     assert float((a - b).abs().max()) > 0  # really another model
+    casts = [r for r in caplog.records if "inputs will be cast" in r.getMessage()]
+    assert len(casts) <= 1  # bitsandbytes' per-forward warning, once per process
 
 
 def test_nf4_is_weight_only_so_batches_and_speculation_stay_exact(nf4):

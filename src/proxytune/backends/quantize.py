@@ -26,6 +26,7 @@ float here too.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -113,6 +114,7 @@ def bnb_config(method: str, dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
     if method == "bnb8":
+        _once(logging.getLogger("bitsandbytes.autograd._functions"), "inputs will be cast")
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -120,6 +122,27 @@ def bnb_config(method: str, dtype: torch.dtype) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
     )
+
+
+class _OnceFilter(logging.Filter):
+    """Lets the first record containing ``text`` through, drops the repeats."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.text, self.seen = text, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.text not in record.getMessage():
+            return True
+        first, self.seen = not self.seen, True
+        return first
+
+
+def _once(logger: logging.Logger, text: str) -> None:
+    """Log ``logger``'s messages containing ``text`` once per process, not once per forward
+    (bitsandbytes' 8-bit layers warn on every call whose input is not float16)."""
+    if not any(isinstance(f, _OnceFilter) and f.text == text for f in logger.filters):
+        logger.addFilter(_OnceFilter(text))
 
 
 def weight_bytes(model: Any) -> int:
