@@ -1,4 +1,4 @@
-"""Speed of proxy-tuning: base alone vs naive, stacked and speculative proxy-tuning.
+"""Speed of proxy-tuning: base alone vs naive, overlapped, stacked and speculative proxy-tuning.
 
     .venv/bin/python benchmarks/bench_speed.py                        # embedded default, 1 8 32
     .venv/bin/python benchmarks/bench_speed.py --batch-sizes 1 8 --max-new-tokens 16 \\
@@ -8,14 +8,17 @@ Every (system, batch size) runs in its own process on the same prompts (greedy, 
 that every system does the same work), so its peak RSS is its own: weights, caches and
 activations. Prints, per batch size, tokens/s, time to first token and peak memory with their
 ratios to the base alone, the speculative acceptance rate, and how many rows match naive
-proxy-tuning token for token (stacked and speculative must match all; int8 shows its effect).
-On a shared machine, wall-clock speed follows the load; tokens per CPU-second (with
-``--threads 1``) is the steadier figure.
+proxy-tuning token for token (overlap, stacked and speculative must match all; quantized
+models show their effect). On a shared machine, wall-clock speed follows the load; tokens per
+CPU-second (with ``--threads 1``) is the steadier figure, except for overlapped systems, which
+use more than one core by design.
 
 Systems: base (the base model alone: the speed to match), naive (the three models one after
-the other), stacked (expert and anti-expert, one shared model, in one forward), speculative
-(the expert drafts, base and anti-expert verify); each also as KIND-int8 (the pair's models
-quantized to int8, CPU only) and KIND-int8all (every model int8).
+the other), overlap (the pair's forwards beside the base's, in another thread), stacked
+(expert and anti-expert, one shared model, in one forward), speculative (the expert drafts,
+base and anti-expert verify), speculative+overlap; each also as KIND-Q (the pair's models
+quantized with Q: int8, ours, CPU only; bnb8 or bnb4, bitsandbytes) and KIND-Qall (every
+model).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from typing import Any
 
 from bench_generate import PROMPTS  # the same prompts as the base-vs-proxy benchmark
 
-KINDS = ("base", "naive", "stacked", "speculative")
+KINDS = ("base", "naive", "overlap", "stacked", "speculative", "speculative+overlap")
 QUANTIZE = ("int8", "bnb8", "bnb4")
 SYSTEMS = (*KINDS, *(f"{k}-{q}{a}" for q in QUANTIZE for a in ("", "all") for k in KINDS))
 """``KIND[-Q|-Qall][:K]``: -Q quantizes the pair's models with Q (int8: ours, CPU; bnb8, bnb4:
@@ -70,6 +73,7 @@ def build(system: str, args: dict[str, Any]) -> Any:
         base = q(recipe.base) if quant.endswith("all") else recipe.base
         recipe = replace(recipe, base=base, pairs=pairs)
     tuner = ProxyTuner.from_recipe(recipe)
+    tuner.overlap = kind.endswith("overlap")
     if kind == "base":
         return tuner.alone("base")
     if kind == "stacked":
@@ -288,7 +292,7 @@ def main() -> None:
     parser.add_argument(
         "--systems",
         nargs="+",
-        default=list(SYSTEMS[:4]),
+        default=list(KINDS),
         type=system_name,
         metavar="SYSTEM",
         help=f"{', '.join(SYSTEMS)}; a speculative one may end in :K (its draft length)",

@@ -24,17 +24,17 @@ model_defaults: {{device: cpu, dtype: float32}}
 """
     )
     out = tmp_path / "speed.json"
-    systems = ["base", "naive", "stacked", "speculative", "speculative-bnb4"]
+    systems = ["base", "naive", "overlap", "stacked", "speculative+overlap", "speculative-bnb4"]
     cmd = [sys.executable, str(BENCHMARKS / "bench_speed.py"), "--recipe", str(recipe)]
     cmd += ["--batch-sizes", "2", "--max-new-tokens", "6", "--threads", "1", "--markdown"]
     cmd += ["--systems", *systems, "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "| speculative | " in done.stdout and "speculative measured:" in done.stdout
+    assert "| speculative+overlap | " in done.stdout and "overlap measured:" in done.stdout
     results = {r["system"]: r for r in json.loads(out.read_text())["results"]}
     assert list(results) == systems
     assert all(r["tokens"] == 2 * 6 for r in results.values())
-    for exact in ("stacked", "speculative"):
+    for exact in ("overlap", "stacked", "speculative+overlap"):
         assert results[exact]["ids"] == results["naive"]["ids"]
-    assert results["speculative"]["acceptance"] is not None
+    assert results["speculative+overlap"]["acceptance"] is not None

@@ -42,7 +42,10 @@ def rows_of(updates: list) -> dict[int, list[int]]:
     return rows
 
 
-def test_requests_joining_between_steps_each_equal_the_request_alone(tuner):
+@pytest.mark.parametrize("overlap", [False, True])
+def test_requests_joining_between_steps_each_equal_the_request_alone(tuner, overlap, monkeypatch):
+    """Also with the roles' forwards overlapped (``tuner.overlap``): the same tokens."""
+    monkeypatch.setattr(tuner, "overlap", overlap)
     batch = ContinuousBatch(tuner)
     cases = [  # (prompt, alpha, active pairs, settings)
         (PROMPTS[0], None, None, {"max_new_tokens": 12}),
@@ -60,7 +63,7 @@ def test_requests_joining_between_steps_each_equal_the_request_alone(tuner):
         alone_alpha = None if active == [] else alpha
         if isinstance(alpha, dict):
             alone_alpha = Linear(0.0, 2.0, 5)
-        want.append(alone.generate(prompt, alpha=alone_alpha, **settings)[0])
+        want.append(alone.generate(prompt, alpha=alone_alpha, overlap=False, **settings)[0])
     got = run(batch, {0: jobs[:2], 3: jobs[2:4], 4: [jobs[4]], 7: [jobs[5]]})
     for job, ref in zip(jobs, want, strict=True):
         updates = got[id(job)]

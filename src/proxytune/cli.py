@@ -121,6 +121,9 @@ def generate(
         str | None,
         Opt(help="Speculative decoding: the expert drafts K tokens (or 'auto'); same output."),
     ] = None,
+    overlap: Annotated[
+        bool, Opt(help="Run the models' forwards at once where they can; same output.")
+    ] = False,
     base_url: Annotated[
         str | None, Opt(help="Base behind an OpenAI-compatible API (http://host:port/v1).")
     ] = None,
@@ -180,6 +183,7 @@ def generate(
     )
     if rule is not None or rule_arg:
         tuner = tuner.with_rule(_rule_spec(tuner, rule, rule_arg))
+    tuner.overlap = overlap
     settings: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -389,6 +393,9 @@ def serve(
             "output; one loop per request instead of continuous batching)."
         ),
     ] = None,
+    overlap: Annotated[
+        bool, Opt(help="Run the models' forwards at once where they can; same output.")
+    ] = False,
     log_level: Annotated[str, Opt(help="critical | error | warning | info | debug")] = "info",
 ) -> None:
     """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""
@@ -410,6 +417,7 @@ def serve(
         dtype,
         trust_remote_code,
     )
+    tuner.overlap = overlap
     if served_model_name is None:
         if recipe is None and base is not None:
             served_model_name = Path(base.rstrip("/")).name.removesuffix(".gguf")

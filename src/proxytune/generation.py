@@ -21,6 +21,7 @@ from .backends.base import DecodeState, LogitsModel
 from .config import GenerationConfig
 from .detokenize import TextTracker
 from .errors import ConfigError, NumericalError, PromptTooLongError
+from .overlap import engine, run_grouped
 from .prompts import Prompt, PromptFormat
 from .results import StepUpdate, TokenLogprob
 from .rules import Combiner, PairInfo, Request, Rule, Sides, StepContext, make_rule
@@ -198,13 +199,15 @@ def decode(
     vocab_size: int,
     eos_token_ids: Sequence[int],
     rule: Rule | None = None,
+    overlap: bool = False,
 ) -> Iterator[list[StepUpdate]]:
     """Generate for every prompt (x ``config.n``), yielding each step's new tokens.
 
     ``rule``: a :class:`~proxytune.rules.Rule` (default: the paper's ``proxy``). Prompts are
     rendered and checked and the rule is bound here, at once; the models run as the iterator
     is consumed. Rows that finish are dropped from every model's batch. Closing the iterator
-    cancels the work.
+    cancels the work. ``overlap``: models on different engines run their forwards at once
+    (:mod:`proxytune.overlap`; same output).
     """
     if not prompts:
         raise ConfigError("no prompts given: pass at least one prompt")
@@ -217,7 +220,18 @@ def decode(
     )
     rows = make_rows(base, members, rendered, len(prompts), config, penalised)
     return _run(
-        base, pairs, needs, members, rendered, rows, config, vocab_size, eos, penalised, combine
+        base,
+        pairs,
+        needs,
+        members,
+        rendered,
+        rows,
+        config,
+        vocab_size,
+        eos,
+        penalised,
+        combine,
+        overlap,
     )
 
 
@@ -233,14 +247,11 @@ def _run(
     eos: set[int],
     penalised: bool,
     combine: Combiner,
+    overlap: bool = False,
 ) -> Iterator[list[StepUpdate]]:
     """Prefill every model, then decode until every row has finished."""
     device = base.model.device
-    states: dict[str, DecodeState] = {}
-    logits: dict[str, torch.Tensor] = {}
-    for m in members:
-        prompt_ids = [rendered[m.role][r.prompt_index] for r in rows]
-        states[m.role], logits[m.role] = m.model.start(prompt_ids, use_cache=config.use_cache)
+    states, logits = start_all(members, rendered, rows, config.use_cache, overlap)
 
     live = rows
     step = 0
@@ -284,8 +295,43 @@ def _run(
             live = [live[i] for i in keep]
             chosen = chosen[index]
         next_ids = chosen.view(-1, 1)
-        logits = {role: state.advance(next_ids)[:, -1] for role, state in states.items()}
+        logits = {
+            role: out[:, -1]
+            for role, out in advance_all(members, states, next_ids, overlap).items()
+        }
         step += 1
+
+
+def start_all(
+    members: Sequence[Member],
+    rendered: dict[str, list[list[int]]],
+    rows: Sequence[_Row],
+    use_cache: bool,
+    overlap: bool = False,
+) -> tuple[dict[str, DecodeState], dict[str, torch.Tensor]]:
+    """Prefill every member on its rows' prompts (at once with ``overlap``): each member's
+    decode state and next-token logits."""
+
+    def start(m: Member) -> Callable[[], tuple[DecodeState, torch.Tensor]]:
+        prompt_ids = [rendered[m.role][r.prompt_index] for r in rows]
+        return lambda: m.model.start(prompt_ids, use_cache=use_cache)
+
+    done = run_grouped([(engine(m.model), start(m)) for m in members], overlap)
+    states = {m.role: state for m, (state, _) in zip(members, done, strict=True)}
+    logits = {m.role: first for m, (_, first) in zip(members, done, strict=True)}
+    return states, logits
+
+
+def advance_all(
+    members: Sequence[Member],
+    states: dict[str, DecodeState],
+    tokens: torch.Tensor,
+    overlap: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Feed ``tokens`` ``(B, K)`` to every member's state (at once with ``overlap``):
+    ``(B, K, W)`` logits per role."""
+    calls = [(engine(m.model), lambda state=states[m.role]: state.advance(tokens)) for m in members]
+    return {m.role: out for m, out in zip(members, run_grouped(calls, overlap), strict=True)}
 
 
 def model_logprobs(

@@ -40,6 +40,7 @@ from .generation import (
     Pair,
     _logprob_records,
     _Row,
+    advance_all,
     checked_scores,
     decode,
     emit,
@@ -48,6 +49,7 @@ from .generation import (
     plan,
     render_prompts,
 )
+from .overlap import engine, run_grouped
 from .prompts import Prompt
 from .results import StepUpdate
 from .rules import Combiner, Rule, Sides, StepContext
@@ -270,15 +272,17 @@ def speculative_decode(
     k: int | str = AUTO,
     stats: SpeculativeStats | None = None,
     clock: Callable[[], float] = time.perf_counter,
+    overlap: bool = False,
 ) -> Iterator[list[StepUpdate]]:
     """:func:`~proxytune.generation.decode` with speculative rounds: same arguments, same
     updates (one list per new token position; a round yields up to ``K + 1`` of them).
 
     ``k``: draft length (an int) or ``"auto"`` (per row, from its running acceptance rate and
     the measured cost of drafting and verifying: :class:`RoundCosts`; ``clock`` times them).
-    ``stats``: filled in with acceptance counts as the iterator is consumed. When the rule
-    runs no pair model (``alpha=0``, the ``base`` rule) there is nothing to draft with and
-    this is the plain loop.
+    ``stats``: filled in with acceptance counts as the iterator is consumed. ``overlap``: the
+    verifiers (and the prefills) of different engines run at once (:mod:`proxytune.overlap`).
+    When the rule runs no pair model (``alpha=0``, the ``base`` rule) there is nothing to draft
+    with and this is the plain loop.
     """
     if not prompts:
         raise ConfigError("no prompts given: pass at least one prompt")
@@ -286,7 +290,7 @@ def speculative_decode(
     combine, needs, running = plan(rule, base, pairs, prompts, vocab_size, eos_token_ids)
     drafter = pick_drafter(pairs, needs)
     if drafter is None:
-        return decode(base, pairs, prompts, config, vocab_size, eos_token_ids, rule)
+        return decode(base, pairs, prompts, config, vocab_size, eos_token_ids, rule, overlap)
     members = [base, *running]
     rendered = render_prompts(members, prompts)
     penalised = bool(
@@ -314,6 +318,7 @@ def speculative_decode(
         k=k,
         stats=stats if stats is not None else SpeculativeStats(),
         clock=clock,
+        overlap=overlap,
     )
     return run.run(rendered, rows, rooms)
 
@@ -344,6 +349,7 @@ class _Speculator:
     k: int | str
     stats: SpeculativeStats
     clock: Callable[[], float] = time.perf_counter
+    overlap: bool = False
 
     def __post_init__(self) -> None:
         self.device = self.base.model.device
@@ -457,14 +463,19 @@ class _Speculator:
     ) -> tuple[dict[str, DecodeState], dict[str, torch.Tensor]]:
         """Prefill every model. The drafter runs ahead of the others, so a model that would
         batch it with another role (``start_alone``) is asked to keep it on its own."""
-        states: dict[str, DecodeState] = {}
-        first: dict[str, torch.Tensor] = {}
-        for m in self.members:
+
+        def start(m: Member) -> Callable[[], tuple[DecodeState, torch.Tensor]]:
             ids = [rendered[m.role][r.prompt_index] for r in rows]
-            start = m.model.start
+            begin = m.model.start
             if m is self.drafter:
-                start = getattr(m.model, "start_alone", start)
-            states[m.role], first[m.role] = start(ids, use_cache=self.config.use_cache)
+                begin = getattr(m.model, "start_alone", begin)
+            return lambda: begin(ids, use_cache=self.config.use_cache)
+
+        calls = [(engine(m.model), start(m)) for m in self.members]
+        done = run_grouped(calls, self.overlap)
+        states = {m.role: state for m, (state, _) in zip(self.members, done, strict=True)}
+        first = {m.role: logits for m, (_, logits) in zip(self.members, done, strict=True)}
+        for m in self.members:
             if not hasattr(states[m.role], "rollback"):
                 raise ConfigError(
                     f"speculative decoding rolls every model back to the accepted drafts, and "
@@ -530,10 +541,11 @@ class _Speculator:
         feed = drafts if pending is None else torch.cat([pending, drafts], dim=1)
         out = {}
         t0 = self._now() if self.timed else 0.0
+        fed = advance_all(self.verifiers, states, feed, self.overlap) if feed.shape[1] else {}
         for m in self.verifiers:
             parts = [] if pending is not None else [first[m.role][:, None]]
             if feed.shape[1] > 0:
-                parts.append(states[m.role].advance(feed))
+                parts.append(fed[m.role])
             out[m.role] = torch.cat([t.to(self.device) for t in parts], dim=1)
         if self.timed and feed.shape[1] > 0:
             self.costs.observe_verify(feed.shape[1], self._now() - t0)

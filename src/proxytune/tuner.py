@@ -61,6 +61,10 @@ class ProxyTuner:
         )
         """Pair index -> :class:`~proxytune.crosstok.VocabMap` for pairs of another tokenizer."""
         self.rule = self._checked_rule(rule if combine is None else legacy_rule(combine))
+        self.overlap = False
+        """Run the forwards of models on different engines at once (:mod:`proxytune.overlap`;
+        the same output, less time where one forward leaves the machine idle). Per call:
+        ``steps(..., overlap=...)``."""
 
     def with_rule(self, rule: RuleSpec) -> ProxyTuner:
         """The same models and defaults under another rule (nothing is reloaded)."""
@@ -298,6 +302,7 @@ class ProxyTuner:
         rule: RuleSpec = None,
         speculative: int | str | None = None,
         stats: Any = None,
+        overlap: bool | None = None,
         **settings: Any,
     ) -> Iterator[list[StepUpdate]]:
         """Low-level streaming: every step's new token of every live row.
@@ -308,6 +313,8 @@ class ProxyTuner:
         ``stats``: a :class:`~proxytune.speculative.SpeculativeStats` it fills in (or, for an
         API base or a pair of another tokenizer, a
         :class:`~proxytune.backends.blackbox.BlackBoxStats`: calls, tokens, coverage).
+        ``overlap``: run the models' forwards at once where they can (default:
+        :attr:`overlap`).
         """
         cfg = config.updated(**settings) if config is not None else self.config(**settings)
         pairs = self._pairs_with(alpha)
@@ -336,11 +343,14 @@ class ProxyTuner:
                 options=self.cross_options,
                 stats=stats,
             )
+        concurrent = self.overlap if overlap is None else bool(overlap)
         if speculative:
             from .speculative import speculative_decode
 
-            return speculative_decode(*args, rule=chosen_rule, k=speculative, stats=stats)
-        return decode(*args, rule=chosen_rule)
+            return speculative_decode(
+                *args, rule=chosen_rule, k=speculative, stats=stats, overlap=concurrent
+            )
+        return decode(*args, rule=chosen_rule, overlap=concurrent)
 
     def generate(
         self,
@@ -350,17 +360,26 @@ class ProxyTuner:
         rule: RuleSpec = None,
         speculative: int | str | None = None,
         stats: Any = None,
+        overlap: bool | None = None,
         **settings: Any,
     ) -> list[GenerationResult]:
-        """Generate for each prompt (``n`` samples each, prompt-major order); ``speculative``
-        and ``stats`` as in :meth:`steps`."""
+        """Generate for each prompt (``n`` samples each, prompt-major order); ``speculative``,
+        ``stats`` and ``overlap`` as in :meth:`steps`."""
         prompt_list = _as_prompt_list(prompts)
         cfg = self.config(**settings)
         text: dict[int, list[str]] = {}
         ids: dict[int, list[int]] = {}
         lps: dict[int, list[TokenLogprob]] = {}
         done: dict[int, StepUpdate] = {}
-        steps = self.steps(prompt_list, alpha, cfg, rule=rule, speculative=speculative, stats=stats)
+        steps = self.steps(
+            prompt_list,
+            alpha,
+            cfg,
+            rule=rule,
+            speculative=speculative,
+            stats=stats,
+            overlap=overlap,
+        )
         for updates in steps:
             for u in updates:
                 text.setdefault(u.row, []).append(u.delta)

@@ -44,6 +44,7 @@ from ..generation import (
     render_prompts,
     row_seed,
 )
+from ..overlap import engine, run_grouped
 from ..prompts import Prompt
 from ..results import StepUpdate, TokenLogprob
 from ..rules import StepContext
@@ -253,11 +254,19 @@ class ContinuousBatch:
             slots.rows = [slots.rows[i] for i in keep]
 
     def _advance(self) -> None:
-        for slots in self.slots.values():
+        """Feed each role its rows' last ids (the roles' forwards at once where the tuner
+        asks for :attr:`~proxytune.tuner.ProxyTuner.overlap`)."""
+        models = {m.role: m.model for m in self.members}
+        calls, filled = [], []
+        for role, slots in self.slots.items():
             if slots.state is None:
                 continue
             ids = torch.tensor([r.last for r in slots.rows], dtype=torch.long).view(-1, 1)
-            slots.logits = slots.state.advance(ids)[:, -1]
+            calls.append((engine(models[role]), lambda s=slots.state, x=ids: s.advance(x)))
+            filled.append(slots)
+        outs = run_grouped(calls, bool(getattr(self.tuner, "overlap", False)))
+        for slots, out in zip(filled, outs, strict=True):
+            slots.logits = out[:, -1]
 
     def _admit(self, jobs: Sequence[Job]) -> None:
         """Prefill ``jobs`` and merge them into the running batch.

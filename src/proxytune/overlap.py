@@ -1,0 +1,94 @@
+"""Several models' forwards at once: one thread per engine, the weights a model computes with.
+
+Proxy-tuning runs a base and one or more expert/anti-expert pairs per token, one forward after
+the other. A batch-1 forward does not keep every core of a CPU busy (torch's intra-op threads
+barely help there: docs/speed.md measures it), and on a GPU each forward spends host time
+launching kernels; so running the base's forward in the calling thread while the pair's run in
+another hides much of the small models' time. Roles that compute with the same weights (the
+embedded default's expert and anti-expert, a stacked group, a one-pass LoRA pair) form one
+engine and run one after the other in one thread, in the order given, as they would
+sequentially. Each forward computes exactly what it computes alone, so the output is the same
+with or without overlap.
+
+On CUDA the threads share each device's default stream: the host-side work overlaps, and
+models on different devices run at the same time; separate CUDA streams are not used.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+WORKERS = 8
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def engine(model: Any) -> Any:
+    """The object whose weights ``model`` computes with: views and wrappers (``host``,
+    ``lm``, ``model`` attributes) are followed down to the innermost one."""
+    seen = {id(model)}
+    while True:
+        inner = None
+        for attr in ("host", "lm", "model"):
+            candidate = getattr(model, attr, None)
+            if candidate is not None and id(candidate) not in seen:
+                inner = candidate
+                break
+        if inner is None:
+            return model
+        seen.add(id(inner))
+        model = inner
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="proxytune-overlap")
+        return _pool
+
+
+def run_grouped(calls: Sequence[tuple[Hashable, Callable[[], T]]], overlap: bool) -> list[T]:
+    """Run ``calls`` (``(engine key, thunk)`` pairs) and return their results in order.
+
+    With ``overlap``, the calls of each engine run in order in one thread, the first engine's
+    in the calling thread and the others' in worker threads, all engines at once. If a call
+    fails, every other engine still finishes its calls before the first error is raised.
+    """
+    if not overlap:
+        return [call() for _, call in calls]
+    groups: dict[Hashable, list[int]] = {}
+    for i, (key, _) in enumerate(calls):
+        groups.setdefault(key, []).append(i)
+    if len(groups) < 2:
+        return [call() for _, call in calls]
+    results: list[Any] = [None] * len(calls)
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(indices: list[int]) -> None:  # autograd modes are per thread: take the caller's
+        with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+            for i in indices:
+                results[i] = calls[i][1]()
+
+    first, *rest = groups.values()
+    futures: list[Future[None]] = [_executor().submit(run, indices) for indices in rest]
+    error: BaseException | None = None
+    try:
+        run(first)
+    except BaseException as err:
+        error = err
+    for future in futures:
+        try:
+            future.result()
+        except BaseException as err:
+            error = error or err
+    if error is not None:
+        raise error
+    return results
