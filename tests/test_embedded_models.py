@@ -72,6 +72,16 @@ def test_proxy_tuned_generation_runs_and_differs_from_base(default_tuner):
     assert steered.token_ids != base.token_ids
 
 
+def test_the_default_overlaps_its_forwards_and_changes_nothing(default_tuner):
+    assert default_tuner.overlap is True  # the recipe says so
+    prompts = ["def is_prime(n):", "Write a haiku about the sea."]
+    overlapped = default_tuner.generate(prompts, max_new_tokens=8, logprobs=True)
+    sequential = default_tuner.generate(prompts, max_new_tokens=8, logprobs=True, overlap=False)
+    assert [r.token_ids for r in overlapped] == [r.token_ids for r in sequential]
+    for a, b in zip(overlapped, sequential, strict=True):
+        assert [lp.logprob for lp in a.logprobs] == [lp.logprob for lp in b.logprobs]
+
+
 def test_converted_checkpoints_are_safetensors():
     require_models()
     for name in (BIG, SMALL):

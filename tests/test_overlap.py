@@ -216,3 +216,39 @@ def test_cli_overlap_for_generate_and_serve(tiny_dirs, capsys, monkeypatch):
     monkeypatch.setattr(proxytune.server, "serve", lambda t, s, **kw: seen.update(tuner=t))
     assert main(["serve", *models, "--overlap"]) == 0
     assert seen["tuner"].overlap is True
+
+
+def test_a_recipe_turns_overlap_on_and_the_cli_can_turn_it_off(tiny_dirs, tmp_path, monkeypatch):
+    import proxytune.server
+    from proxytune.cli import main
+    from proxytune.errors import ConfigError
+    from proxytune.recipe import parse_recipe
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"""
+base: {{model: "{tiny_dirs["base"]}"}}
+pairs: [{{expert: "{tiny_dirs["expert"]}", anti_expert: "{tiny_dirs["anti"]}"}}]
+model_defaults: {{device: cpu}}
+overlap: true
+"""
+    )
+    assert ProxyTuner.from_recipe(recipe).overlap is True
+    seen = {}
+    monkeypatch.setattr(proxytune.server, "serve", lambda t, s, **kw: seen.update(tuner=t))
+    assert main(["serve", "--recipe", str(recipe)]) == 0 and seen["tuner"].overlap is True
+    assert main(["serve", "--recipe", str(recipe), "--no-overlap"]) == 0
+    assert seen["tuner"].overlap is False
+    with pytest.raises(ConfigError, match="'overlap' must be true or false"):
+        parse_recipe({"base": "x", "overlap": "yes"})
+
+
+def test_mps_models_never_run_in_threads():
+    from proxytune.overlap import can_overlap
+
+    class On:
+        def __init__(self, kind):
+            self.device = torch.device(kind)
+
+    assert can_overlap([On("cpu"), On("cpu")]) and can_overlap([object()])
+    assert not can_overlap([On("cpu"), On("mps")])

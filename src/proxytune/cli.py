@@ -122,8 +122,13 @@ def generate(
         Opt(help="Speculative decoding: the expert drafts K tokens (or 'auto'); same output."),
     ] = None,
     overlap: Annotated[
-        bool, Opt(help="Run the models' forwards at once where they can; same output.")
-    ] = False,
+        bool | None,
+        Opt(
+            "--overlap/--no-overlap",
+            help="Run the models' forwards at once where they can; same output "
+            "(default: the recipe's).",
+        ),
+    ] = None,
     base_url: Annotated[
         str | None, Opt(help="Base behind an OpenAI-compatible API (http://host:port/v1).")
     ] = None,
@@ -183,7 +188,8 @@ def generate(
     )
     if rule is not None or rule_arg:
         tuner = tuner.with_rule(_rule_spec(tuner, rule, rule_arg))
-    tuner.overlap = overlap
+    if overlap is not None:
+        tuner.overlap = overlap
     settings: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -394,8 +400,13 @@ def serve(
         ),
     ] = None,
     overlap: Annotated[
-        bool, Opt(help="Run the models' forwards at once where they can; same output.")
-    ] = False,
+        bool | None,
+        Opt(
+            "--overlap/--no-overlap",
+            help="Run the models' forwards at once where they can; same output "
+            "(default: the recipe's).",
+        ),
+    ] = None,
     log_level: Annotated[str, Opt(help="critical | error | warning | info | debug")] = "info",
 ) -> None:
     """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""
@@ -417,7 +428,8 @@ def serve(
         dtype,
         trust_remote_code,
     )
-    tuner.overlap = overlap
+    if overlap is not None:
+        tuner.overlap = overlap
     if served_model_name is None:
         if recipe is None and base is not None:
             served_model_name = Path(base.rstrip("/")).name.removesuffix(".gguf")

@@ -11,7 +11,8 @@ sequentially. Each forward computes exactly what it computes alone, so the outpu
 with or without overlap.
 
 On CUDA the threads share each device's default stream: the host-side work overlaps, and
-models on different devices run at the same time; separate CUDA streams are not used.
+models on different devices run at the same time; separate CUDA streams are not used. On MPS
+nothing is overlapped (:func:`can_overlap`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ def engine(model: Any) -> Any:
             return model
         seen.add(id(inner))
         model = inner
+
+
+def can_overlap(models: Sequence[Any]) -> bool:
+    """Whether ``models`` may run in several threads: not on Apple's MPS, whose command
+    queues torch does not make safe across threads (there they run one after the other)."""
+    return all(getattr(getattr(m, "device", None), "type", None) != "mps" for m in models)
 
 
 def _executor() -> ThreadPoolExecutor:

@@ -9,6 +9,7 @@ Example (``recipes/default.yaml`` is the embedded default)::
         alpha: 1.0            # or {schedule: linear, start: 0, end: 1, steps: 32}
     rule: {name: plausible, tau: 0.1}   # optional: a steering rule (`proxytune rules`)
     cross_tokenizer: false               # true / {min_coverage: 0.5}: pairs of another tokenizer
+    overlap: false                       # true: models' forwards at once (docs/speed.md)
     model_defaults: {device: auto, dtype: auto}
     generation: {max_new_tokens: 128, temperature: 0}
 
@@ -42,6 +43,7 @@ TOP_LEVEL = {
     "name",
     "description",
     "cross_tokenizer",
+    "overlap",
 }
 PAIR_KEYS = {"expert", "anti_expert", "alpha"}
 
@@ -60,6 +62,8 @@ class Recipe:
     """The steering rule (a :class:`~proxytune.rules.Rule`); ``None`` is the paper's."""
     cross_tokenizer: Any = None
     """The different-tokenizer mode (a :class:`~proxytune.crosstok.CrossOptions`) or ``None``."""
+    overlap: bool = False
+    """Run the models' forwards at once (:attr:`ProxyTuner.overlap`)."""
 
 
 def default_recipe_path() -> Path:
@@ -108,6 +112,9 @@ def parse_recipe(data: Mapping[str, Any], name: str = "recipe", **model_override
         alpha = pair.get("alpha", 1.0)
         as_schedule(alpha, f"pairs[{i}].alpha")  # validate now, not at the first token
         pairs.append((expert, anti, alpha))
+    overlap = data.get("overlap", False)
+    if not isinstance(overlap, bool):
+        raise ConfigError(f"'overlap' must be true or false, got {overlap!r}")
     gen = data.get("generation") or {}
     if not isinstance(gen, Mapping):
         raise ConfigError("'generation' must be a mapping of decoding settings")
@@ -119,6 +126,7 @@ def parse_recipe(data: Mapping[str, Any], name: str = "recipe", **model_override
         description=str(data.get("description", "")),
         rule=_rule(data.get("rule"), pairs),
         cross_tokenizer=_cross(data.get("cross_tokenizer")),
+        overlap=overlap,
     )
 
 

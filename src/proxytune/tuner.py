@@ -12,6 +12,7 @@ from .config import GenerationConfig
 from .crosstok import CrossOptions, check_vocabularies
 from .errors import ConfigError
 from .generation import Member, Pair, decode
+from .overlap import can_overlap
 from .prompts import Prompt, PromptFormat
 from .results import GenerationResult, StepUpdate, TokenLogprob
 from .rules import Request, Rule, RuleBase, legacy_rule, make_rule
@@ -276,9 +277,11 @@ class ProxyTuner:
         from .recipe import Recipe, load_recipe
 
         r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        return cls.from_specs(
+        tuner = cls.from_specs(
             r.base, r.pairs, r.generation, rule=r.rule, cross_tokenizer=r.cross_tokenizer
         )
+        tuner.overlap = r.overlap
+        return tuner
 
     def alone(self, role: str = "base") -> ProxyTuner:
         """The model of ``role`` (``base``, ``expert[0]``, ...) decoding on its own prompt."""
@@ -344,6 +347,7 @@ class ProxyTuner:
                 stats=stats,
             )
         concurrent = self.overlap if overlap is None else bool(overlap)
+        concurrent = concurrent and can_overlap([m.model for m in self.members])
         if speculative:
             from .speculative import speculative_decode
 

@@ -44,7 +44,7 @@ from ..generation import (
     render_prompts,
     row_seed,
 )
-from ..overlap import engine, run_grouped
+from ..overlap import can_overlap, engine, run_grouped
 from ..prompts import Prompt
 from ..results import StepUpdate, TokenLogprob
 from ..rules import StepContext
@@ -264,7 +264,8 @@ class ContinuousBatch:
             ids = torch.tensor([r.last for r in slots.rows], dtype=torch.long).view(-1, 1)
             calls.append((engine(models[role]), lambda s=slots.state, x=ids: s.advance(x)))
             filled.append(slots)
-        outs = run_grouped(calls, bool(getattr(self.tuner, "overlap", False)))
+        overlap = bool(getattr(self.tuner, "overlap", False)) and can_overlap(models.values())
+        outs = run_grouped(calls, overlap)
         for slots, out in zip(filled, outs, strict=True):
             slots.logits = out[:, -1]
 
