@@ -73,12 +73,9 @@ def test_missing_bitsandbytes_and_gguf_get_clear_errors(tiny_dirs, monkeypatch, 
 def test_a_lora_expert_over_4bit_weights_one_pass_or_not(tiny_dirs, tmp_path, monkeypatch):
     """QLoRA-style: the adapter stays unmerged over the 4-bit layers, whether the pair shares
     one model (one pass) or the expert is loaded on its own; both give the same tokens."""
-    from peft import LoraConfig, get_peft_model
+    from proxytune.testing import save_tiny_lora
 
-    torch.manual_seed(3)
-    small = AutoModelForCausalLM.from_pretrained(tiny_dirs["anti"])
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(small, lora).save_pretrained(tmp_path / "adapter")
+    save_tiny_lora(tiny_dirs["anti"], tmp_path / "adapter", seed=3)
 
     def spec(name, **kw):
         return ModelSpec(str(tiny_dirs[name]), device="cpu", quantize="bnb4", **kw)

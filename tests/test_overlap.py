@@ -120,13 +120,9 @@ def test_overlapped_output_is_the_sequential_output(request, which):
 
 
 def test_a_one_pass_lora_pair_overlaps_with_the_base(tiny_dirs, tmp_path):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from proxytune.testing import save_tiny_lora
 
-    torch.manual_seed(5)
-    small = AutoModelForCausalLM.from_pretrained(tiny_dirs["anti"])
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(small, lora).save_pretrained(tmp_path / "adapter")
+    save_tiny_lora(tiny_dirs["anti"], tmp_path / "adapter", seed=5)
     cpu = {"device": "cpu", "dtype": "float32"}
     anti = ModelSpec(str(tiny_dirs["anti"]), **cpu)
     expert = ModelSpec(str(tiny_dirs["anti"]), adapter=str(tmp_path / "adapter"), **cpu)

@@ -325,15 +325,10 @@ def test_models_whose_caches_cannot_merge_take_new_requests_once_the_batch_drain
 def test_one_pass_lora_pairs_batch_continuously_too(tiny_dirs, tmp_path):
     """Expert = a LoRA adapter on the anti-expert's model, both roles in one forward pass
     (``backends/lora_pair.py``): requests still join between steps and match running alone."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
     from proxytune import ModelSpec
+    from proxytune.testing import save_tiny_lora
 
-    torch.manual_seed(7)
-    small = AutoModelForCausalLM.from_pretrained(tiny_dirs["anti"])
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(small, lora).save_pretrained(tmp_path / "adapter")
+    save_tiny_lora(tiny_dirs["anti"], tmp_path / "adapter", seed=7)
     cpu = {"device": "cpu", "dtype": "float32"}
     one_pass = ProxyTuner.from_specs(
         ModelSpec(str(tiny_dirs["base"]), **cpu),

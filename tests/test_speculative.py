@@ -495,13 +495,9 @@ def test_one_pass_lora_pair_rolls_back_and_stays_exact(tiny_dirs, tmp_path):
     """Expert = a LoRA adapter on the anti-expert's weights, both served by one model
     (``backends/lora_pair.py``): the drafter runs on its own, the anti-expert verifies, and
     both roll back per row; greedy output equals the plain loop's."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from proxytune.testing import save_tiny_lora
 
-    torch.manual_seed(3)
-    small = AutoModelForCausalLM.from_pretrained(tiny_dirs["anti"])
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    get_peft_model(small, lora).save_pretrained(tmp_path / "adapter")
+    save_tiny_lora(tiny_dirs["anti"], tmp_path / "adapter", seed=3)
     cpu = {"device": "cpu", "dtype": "float32"}
     anti = ModelSpec(str(tiny_dirs["anti"]), **cpu)
     expert = ModelSpec(str(tiny_dirs["anti"]), adapter=str(tmp_path / "adapter"), **cpu)

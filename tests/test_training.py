@@ -361,15 +361,9 @@ PROMPTS = ["The quick brown fox", "Rain", "def add(a, b):\n    return"]
 def random_adapter(tiny_dirs, tmp_path_factory) -> Path:
     """A LoRA adapter with random (non-zero) A and B on the anti-expert: a strong, arbitrary
     change, so that any mix-up of the rows would show."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    from proxytune.testing import save_tiny_lora
 
-    torch.manual_seed(7)
-    model = AutoModelForCausalLM.from_pretrained(tiny_dirs["anti"])
-    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-    out = tmp_path_factory.mktemp("adapter") / "random"
-    get_peft_model(model, lora).save_pretrained(out)
-    return out
+    return save_tiny_lora(tiny_dirs["anti"], tmp_path_factory.mktemp("adapter") / "random", 7)
 
 
 def pair_specs(tiny_dirs, adapter):

@@ -19,6 +19,14 @@ app = typer.Typer(
 )
 
 Opt = typer.Option
+OverlapOption = Annotated[
+    bool | None,
+    Opt(
+        "--overlap/--no-overlap",
+        help="Run the models' forwards at once where they can; same output "
+        "(default: the recipe's).",
+    ),
+]
 
 
 def _build_tuner(
@@ -121,14 +129,7 @@ def generate(
         str | None,
         Opt(help="Speculative decoding: the expert drafts K tokens (or 'auto'); same output."),
     ] = None,
-    overlap: Annotated[
-        bool | None,
-        Opt(
-            "--overlap/--no-overlap",
-            help="Run the models' forwards at once where they can; same output "
-            "(default: the recipe's).",
-        ),
-    ] = None,
+    overlap: OverlapOption = None,
     base_url: Annotated[
         str | None, Opt(help="Base behind an OpenAI-compatible API (http://host:port/v1).")
     ] = None,
@@ -399,14 +400,7 @@ def serve(
             "output; one loop per request instead of continuous batching)."
         ),
     ] = None,
-    overlap: Annotated[
-        bool | None,
-        Opt(
-            "--overlap/--no-overlap",
-            help="Run the models' forwards at once where they can; same output "
-            "(default: the recipe's).",
-        ),
-    ] = None,
+    overlap: OverlapOption = None,
     log_level: Annotated[str, Opt(help="critical | error | warning | info | debug")] = "info",
 ) -> None:
     """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""

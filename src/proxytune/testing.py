@@ -106,6 +106,21 @@ def save_tiny_model(path: str | Path, seed: int = 0, head_padding: int = 0, **kw
     return path
 
 
+def save_tiny_lora(model_dir: str | Path, path: str | Path, seed: int = 0) -> Path:
+    """Save a random LoRA adapter (every linear layer, rank 4, non-zero ``B``: it changes the
+    model) for the model in ``model_dir`` into ``path``; the global RNG is left untouched."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        get_peft_model(model, lora).save_pretrained(path)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def serve_in_thread(app: Any, start_timeout: float = 20.0) -> Iterator[str]:
     """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a thread.
