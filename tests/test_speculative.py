@@ -152,7 +152,8 @@ def test_draft_length_settings():
         with pytest.raises(ConfigError):
             parse_draft_length(bad)
     flat = RoundCosts(draft_ratio=0.1).round_cost  # before any measurement
-    assert best_draft_length(0.95, flat) > best_draft_length(0.5, flat) >= 1
+    assert best_draft_length([0.95], flat) > best_draft_length([0.5], flat) >= 1
+    assert best_draft_length([0.95, 0.5], flat) == best_draft_length([0.95, 0.5, 0.5, 0.95], flat)
 
 
 def test_cli_speculative(tiny_dirs, capsys):

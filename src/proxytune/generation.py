@@ -308,13 +308,19 @@ def start_all(
     rows: Sequence[_Row],
     use_cache: bool,
     overlap: bool = False,
+    alone: Member | None = None,
 ) -> tuple[dict[str, DecodeState], dict[str, torch.Tensor]]:
     """Prefill every member on its rows' prompts (at once with ``overlap``): each member's
-    decode state and next-token logits."""
+    decode state and next-token logits. ``alone`` (speculative decoding's drafter, which runs
+    ahead of the others) is started with ``start_alone`` where its model has one, so that it
+    is not batched with another role."""
 
     def start(m: Member) -> Callable[[], tuple[DecodeState, torch.Tensor]]:
         prompt_ids = [rendered[m.role][r.prompt_index] for r in rows]
-        return lambda: m.model.start(prompt_ids, use_cache=use_cache)
+        begin = m.model.start
+        if m is alone:
+            begin = getattr(m.model, "start_alone", begin)
+        return lambda: begin(prompt_ids, use_cache=use_cache)
 
     done = run_grouped([(engine(m.model), start(m)) for m in members], overlap)
     states = {m.role: state for m, (state, _) in zip(members, done, strict=True)}
@@ -330,7 +336,11 @@ def advance_all(
 ) -> dict[str, torch.Tensor]:
     """Feed ``tokens`` ``(B, K)`` to every member's state (at once with ``overlap``):
     ``(B, K, W)`` logits per role."""
-    calls = [(engine(m.model), lambda state=states[m.role]: state.advance(tokens)) for m in members]
+
+    def key(m: Member) -> object:  # engines matter only when overlapping (keep the hot path)
+        return engine(m.model) if overlap else None
+
+    calls = [(key(m), lambda state=states[m.role]: state.advance(tokens)) for m in members]
     return {m.role: out for m, out in zip(members, run_grouped(calls, overlap), strict=True)}
 
 

@@ -48,8 +48,8 @@ from .generation import (
     model_logprobs,
     plan,
     render_prompts,
+    start_all,
 )
-from .overlap import engine, run_grouped
 from .prompts import Prompt
 from .results import StepUpdate
 from .rules import Combiner, Rule, Sides, StepContext
@@ -142,10 +142,10 @@ class RoundCosts:
     is then one plain step.
 
     >>> flat = RoundCosts(draft_ratio=0.25)
-    >>> best_draft_length(0.9, flat.round_cost), best_draft_length(0.3, flat.round_cost)
+    >>> best_draft_length([0.9], flat.round_cost), best_draft_length([0.3], flat.round_cost)
     (7, 1)
     >>> linear = RoundCosts(draft_ratio=0.25, draft=0.25, verify={n: n for n in range(1, 10)})
-    >>> best_draft_length(0.9, linear.round_cost)
+    >>> best_draft_length([0.9], linear.round_cost)
     0
     >>> seen = RoundCosts(0.25, verify={3: 3.0})  # unseen widths: optimistic guesses
     >>> seen.verify_cost(5), seen.verify_cost(1)
@@ -206,30 +206,19 @@ class RoundCosts:
 
 
 def best_draft_length(
-    acceptance: float,
+    acceptances: Sequence[float],
     round_cost: Callable[[int, float], float],
     longest: int = AUTO_LONGEST,
 ) -> int:
-    """The draft length in ``0..longest`` that maximises expected tokens per unit of cost
-    (``k='auto'``); ``round_cost(k, acceptance)``: e.g. :meth:`RoundCosts.round_cost`."""
-    best, best_rate = 0, 0.0
-    for k in range(longest + 1):
-        rate = expected_tokens(acceptance, k) / round_cost(k, acceptance)
-        if rate > best_rate * (1 + 1e-9):
-            best, best_rate = k, rate
-    return best
-
-
-def best_batch_draft_length(
-    acceptances: Sequence[float], costs: RoundCosts, longest: int = AUTO_LONGEST
-) -> int:
-    """One draft length for a batch, whose rounds cost what their longest draft costs: the
-    ``k`` in ``0..longest`` that maximises the rows' expected tokens per unit of cost."""
+    """The draft length in ``0..longest`` that maximises the expected tokens of rows with
+    these acceptance rates per unit of cost of their round (``k='auto'``; a batch's round
+    costs what its longest draft costs); ``round_cost(k, acceptance)``: e.g.
+    :meth:`RoundCosts.round_cost`, given the rows' mean acceptance."""
     mean = sum(acceptances) / len(acceptances)
     best, best_rate = 0, 0.0
     for k in range(longest + 1):
         tokens = sum(expected_tokens(a, k) for a in acceptances)
-        rate = tokens / costs.round_cost(k, mean)
+        rate = tokens / round_cost(k, mean)
         if rate > best_rate * (1 + 1e-9):
             best, best_rate = k, rate
     return best
@@ -463,18 +452,9 @@ class _Speculator:
     ) -> tuple[dict[str, DecodeState], dict[str, torch.Tensor]]:
         """Prefill every model. The drafter runs ahead of the others, so a model that would
         batch it with another role (``start_alone``) is asked to keep it on its own."""
-
-        def start(m: Member) -> Callable[[], tuple[DecodeState, torch.Tensor]]:
-            ids = [rendered[m.role][r.prompt_index] for r in rows]
-            begin = m.model.start
-            if m is self.drafter:
-                begin = getattr(m.model, "start_alone", begin)
-            return lambda: begin(ids, use_cache=self.config.use_cache)
-
-        calls = [(engine(m.model), start(m)) for m in self.members]
-        done = run_grouped(calls, self.overlap)
-        states = {m.role: state for m, (state, _) in zip(self.members, done, strict=True)}
-        first = {m.role: logits for m, (_, logits) in zip(self.members, done, strict=True)}
+        states, first = start_all(
+            self.members, rendered, rows, self.config.use_cache, self.overlap, self.drafter
+        )
         for m in self.members:
             if not hasattr(states[m.role], "rollback"):
                 raise ConfigError(
@@ -492,9 +472,10 @@ class _Speculator:
         if self.k != AUTO:
             wanted = [int(self.k)] * len(rows)
         elif self.reproducible:
-            wanted = [best_draft_length(rates[r.index], self.costs.round_cost) for r in rows]
+            cost = self.costs.round_cost
+            wanted = [best_draft_length([rates[r.index]], cost) for r in rows]
         else:  # the batch pays for its longest draft: choose one length for every row
-            big_k = best_batch_draft_length([rates[r.index] for r in rows], self.costs)
+            big_k = best_draft_length([rates[r.index] for r in rows], self.costs.round_cost)
             wanted = [big_k] * len(rows)
         cap = min(room - len(r.tracker.ids) - 1 for r, room in zip(rows, rooms, strict=True))
         return [max(0, min(w, n, cap)) for w, n in zip(wanted, left, strict=True)]

@@ -257,14 +257,15 @@ class ContinuousBatch:
         """Feed each role its rows' last ids (the roles' forwards at once where the tuner
         asks for :attr:`~proxytune.tuner.ProxyTuner.overlap`)."""
         models = {m.role: m.model for m in self.members}
+        overlap = bool(getattr(self.tuner, "overlap", False)) and can_overlap(models.values())
         calls, filled = [], []
         for role, slots in self.slots.items():
             if slots.state is None:
                 continue
             ids = torch.tensor([r.last for r in slots.rows], dtype=torch.long).view(-1, 1)
-            calls.append((engine(models[role]), lambda s=slots.state, x=ids: s.advance(x)))
+            key = engine(models[role]) if overlap else None
+            calls.append((key, lambda s=slots.state, x=ids: s.advance(x)))
             filled.append(slots)
-        overlap = bool(getattr(self.tuner, "overlap", False)) and can_overlap(models.values())
         outs = run_grouped(calls, overlap)
         for slots, out in zip(filled, outs, strict=True):
             slots.logits = out[:, -1]
