@@ -74,10 +74,12 @@ def measure(system: str, args: dict[str, Any], out: Any) -> None:
     )
 
 
-def run(system: str, args: dict[str, Any]) -> dict[str, Any]:
+def run_child(target: Any, args: tuple[Any, ...], label: str) -> dict[str, Any]:
+    """``target(*args, queue)`` in a fresh (spawned) process, so that its peak memory is its
+    own; returns what it put on the queue. A child that dies ends the benchmark."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=measure, args=(system, args, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     while True:  # a child that dies must not leave us waiting forever
         try:
@@ -85,9 +87,13 @@ def run(system: str, args: dict[str, Any]) -> dict[str, Any]:
             break
         except Empty:
             if not proc.is_alive():
-                raise SystemExit(f"the {system} run failed (exit code {proc.exitcode})") from None
+                raise SystemExit(f"{label} failed (exit code {proc.exitcode})") from None
     proc.join()
     return result
+
+
+def run(system: str, args: dict[str, Any]) -> dict[str, Any]:
+    return run_child(measure, (system, args), f"the {system} run")
 
 
 def main() -> None:

@@ -25,16 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import resource
 import time
 from dataclasses import asdict, replace
-from queue import Empty
 from typing import Any
 
-from bench_generate import PROMPTS  # the same prompts as the base-vs-proxy benchmark
+from bench_generate import PROMPTS, run_child  # the same prompts as the base-vs-proxy benchmark
 
 KINDS = ("base", "naive", "overlap", "stacked", "speculative", "speculative+overlap")
 QUANTIZE = ("int8", "bnb8", "bnb4")
@@ -172,20 +170,7 @@ def measure(system: str, batch: int, args: dict[str, Any], out: Any) -> None:
 
 
 def run(system: str, batch: int, args: dict[str, Any]) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=measure, args=(system, batch, args, queue))
-    proc.start()
-    while True:  # a child that dies must not leave us waiting forever
-        try:
-            result = queue.get(timeout=5)
-            break
-        except Empty:
-            if not proc.is_alive():
-                code = proc.exitcode
-                raise SystemExit(f"{system} at batch {batch} failed (exit {code})") from None
-    proc.join()
-    return result
+    return run_child(measure, (system, batch, args), f"{system} at batch {batch}")
 
 
 def reference(system: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any] | None:

@@ -84,6 +84,26 @@ class GenerationConfig:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def penalised(self) -> bool:
+        """Whether a penalty reads each row's history (prompt and generated ids)."""
+        return bool(
+            self.repetition_penalty != 1.0 or self.presence_penalty or self.frequency_penalty
+        )
+
+    def sampling(self) -> dict[str, float | int]:
+        """The settings of :func:`~proxytune.sampling.next_tokens` and
+        :func:`~proxytune.sampling.shape_scores` (without history and generators)."""
+        return {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "min_p": self.min_p,
+            "repetition_penalty": self.repetition_penalty,
+            "presence_penalty": self.presence_penalty,
+            "frequency_penalty": self.frequency_penalty,
+        }
+
     def updated(self, **overrides: Any) -> GenerationConfig:
         """A copy with ``overrides`` applied; ``None`` values are ignored; unknown keys refused."""
         known = {f.name for f in fields(self)}

@@ -215,9 +215,7 @@ def decode(
     members = [base, *running]
     rendered = render_prompts(members, prompts)
     eos = set() if config.ignore_eos else set(eos_token_ids)
-    penalised = bool(
-        config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty
-    )
+    penalised = config.penalised
     rows = make_rows(base, members, rendered, len(prompts), config, penalised)
     return _run(
         base,
@@ -268,13 +266,7 @@ def _run(
         scores = checked_scores(combine, ctx)
         chosen = next_tokens(
             scores,
-            temperature=config.temperature,
-            top_k=config.top_k,
-            top_p=config.top_p,
-            min_p=config.min_p,
-            repetition_penalty=config.repetition_penalty,
-            presence_penalty=config.presence_penalty,
-            frequency_penalty=config.frequency_penalty,
+            **config.sampling(),
             history=[r.history for r in live] if penalised else None,
             generators=None if config.greedy else [r.generator for r in live],
         )

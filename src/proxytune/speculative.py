@@ -282,9 +282,7 @@ def speculative_decode(
         return decode(base, pairs, prompts, config, vocab_size, eos_token_ids, rule, overlap)
     members = [base, *running]
     rendered = render_prompts(members, prompts)
-    penalised = bool(
-        config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty
-    )
+    penalised = config.penalised
     rows = make_rows(base, members, rendered, len(prompts), config, penalised)
     rooms = [  # ids each row may still feed, as make_rows counts them
         min(
@@ -575,21 +573,10 @@ class _Speculator:
     ) -> torch.Tensor:
         """:func:`~proxytune.sampling.shape_scores` with each row's history plus its first
         ``j`` drafts."""
-        c = self.config
         history = None
         if self.penalised:
             history = [r.history + drafts[n, :j].tolist() for n, r in enumerate(rows)]
-        return shape_scores(
-            scores,
-            temperature=c.temperature,
-            top_k=c.top_k,
-            top_p=c.top_p,
-            min_p=c.min_p,
-            repetition_penalty=c.repetition_penalty,
-            presence_penalty=c.presence_penalty,
-            frequency_penalty=c.frequency_penalty,
-            history=history,
-        )
+        return shape_scores(scores, **self.config.sampling(), history=history)
 
     def _decide(
         self,

@@ -125,9 +125,7 @@ def blackbox_decode(
     combine, needs, running = plan(rule, base, pairs, prompts, vocab_size, eos_token_ids)
     members = [base, *running]
     rendered = render_prompts(members, prompts)
-    penalised = bool(
-        config.repetition_penalty != 1.0 or config.presence_penalty or config.frequency_penalty
-    )
+    penalised = config.penalised
     rows = make_rows(base, members, rendered, len(prompts), config, penalised)
     loop = _Loop(
         base=base,
@@ -187,13 +185,7 @@ class _Loop:
             scores = checked_scores(_restricted(self.combine, ctx.support), ctx)
             chosen = next_tokens(
                 scores,
-                temperature=self.config.temperature,
-                top_k=self.config.top_k,
-                top_p=self.config.top_p,
-                min_p=self.config.min_p,
-                repetition_penalty=self.config.repetition_penalty,
-                presence_penalty=self.config.presence_penalty,
-                frequency_penalty=self.config.frequency_penalty,
+                **self.config.sampling(),
                 history=[r.history for r in live] if self.penalised else None,
                 generators=None if self.config.greedy else [r.generator for r in live],
             )

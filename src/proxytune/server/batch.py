@@ -158,9 +158,7 @@ class ContinuousBatch:
 
     def _rows_of(self, job: Job) -> list[_Row]:
         cfg = job.config
-        penalised = bool(
-            cfg.repetition_penalty != 1.0 or cfg.presence_penalty or cfg.frequency_penalty
-        )
+        penalised = cfg.penalised
         tokenizer = self.base.model.tokenizer
         rows = []
         for p in range(len(job.prompts)):
