@@ -728,6 +728,66 @@ def analyze(
     )
 
 
+@app.command()
+def reproduce(
+    out: Annotated[str, Opt(help="Experiment folder (created; reused to resume).")] = (
+        "runs/reproduce"
+    ),
+    preset: Annotated[
+        str, Opt(help="cpu (embedded models, 2 cores) | gpu (Llama-2 7B/13B) | tiny.")
+    ] = "cpu",
+    tasks: Annotated[str | None, Opt(help="Tasks, e.g. 'arith,sort_words,truthfulqa'.")] = None,
+    small: Annotated[
+        str | None, Opt(help="Small model (expert = its LoRA; anti-expert = it).")
+    ] = None,
+    big: Annotated[str | None, Opt(help="Big model (the base; tuned = its LoRA).")] = None,
+    split: Annotated[
+        list[str], Opt(help="Split sizes TASK=TRAIN,VALIDATION,TEST (repeatable).")
+    ] = [],  # noqa: B006
+    alphas: Annotated[str | None, Opt(help="Validation sweep, e.g. '0.5,1,2'.")] = None,
+    rules: Annotated[
+        str | None, Opt(help="Rules compared, e.g. 'proxy,product,plausible'.")
+    ] = None,
+    seed: Annotated[int | None, Opt(help="Seed of the data, splits and training.")] = None,
+    epochs: Annotated[float | None, Opt(help="Training epochs (expert and tuned).")] = None,
+    learning_rate: Annotated[float | None, Opt(help="LoRA learning rate.")] = None,
+    eval_batch_size: Annotated[int | None, Opt(help="Examples per evaluation batch.")] = None,
+    analysis_examples: Annotated[
+        int | None, Opt(help="Test prompts replayed token by token per task (0: none).")
+    ] = None,
+    until: Annotated[str, Opt(help="Stop after this stage (data ... report).")] = "report",
+    device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps")] = None,
+    dtype: Annotated[str | None, Opt(help="auto | float32 | bfloat16 | float16")] = None,
+    progress: Annotated[bool, Opt(help="Show progress bars.")] = True,
+) -> None:
+    """Reproduce the paper's experiment in miniature: make the data, train the expert and the
+    directly tuned reference, evaluate, and write the tables (docs/reproduction.md).
+    Run it again to resume; finished stages are skipped."""
+    from .reproduce.command import build_config
+    from .reproduce.pipeline import reproduce as run_reproduction
+
+    config = build_config(
+        preset,
+        out,
+        split,
+        tasks=tasks,
+        small=small,
+        big=big,
+        alphas=alphas,
+        rules=rules,
+        seed=seed,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        eval_batch_size=eval_batch_size,
+        analysis_examples=analysis_examples,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+    )
+    run_reproduction(config, until=until)
+    print(f"results: {config.out}/results.md")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input) instead of exiting."""
     try:

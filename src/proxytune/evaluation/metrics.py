@@ -112,21 +112,29 @@ def multiple_choice_scores(
     - ``acc_norm``: the same with log-likelihoods divided by each option's length in bytes;
     - ``mc2``: the probability mass on the correct options, normalised over all options
       (TruthfulQA's MC2 when several options are true).
-    Ties go to the first option.
+    Ties share the credit: options tied for the best score count as a uniform random pick
+    among them (so a rule that rules out every option, all ``-inf``, scores chance, not the
+    first option's label). Options at ``-inf`` carry no mass in ``mc2`` unless all are.
     """
     right = set(correct)
     if not logprobs or not right:
         raise ValueError("multiple choice needs at least one option and one correct index")
-    best = max(range(len(logprobs)), key=lambda i: (logprobs[i], -i))
     normed = [lp / max(n, 1) for lp, n in zip(logprobs, lengths, strict=True)]
-    best_norm = max(range(len(normed)), key=lambda i: (normed[i], -i))
     top = max(logprobs)
-    weights = [math.exp(lp - top) for lp in logprobs]
+    # all options ruled out (-inf): no information, uniform mass
+    weights = [1.0 if top == -math.inf else math.exp(lp - top) for lp in logprobs]
     return {
-        "acc": float(best in right),
-        "acc_norm": float(best_norm in right),
+        "acc": _tied_best_share(logprobs, right),
+        "acc_norm": _tied_best_share(normed, right),
         "mc2": sum(w for i, w in enumerate(weights) if i in right) / sum(weights),
     }
+
+
+def _tied_best_share(scores: Sequence[float], right: set[int]) -> float:
+    """The share of the options tied for the highest score that are correct."""
+    top = max(scores)
+    tied = [i for i, s in enumerate(scores) if s == top]
+    return sum(i in right for i in tied) / len(tied)
 
 
 def gap_closed(proxy: float | None, base: float | None, tuned: float | None) -> float | None:

@@ -1,0 +1,58 @@
+"""``proxytune reproduce``'s option parsing: text options to a :class:`ReproduceConfig`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigError
+from .config import preset
+from .tasks import SPLITS
+
+
+def parse_sizes(items: list[str], tasks: tuple[str, ...]) -> dict[str, dict[str, int]]:
+    """``--split TASK=TRAIN,VALIDATION,TEST`` (repeatable) to per-task split sizes."""
+    out: dict[str, dict[str, int]] = {}
+    for item in items:
+        name, sep, sizes = item.partition("=")
+        parts = sizes.split(",")
+        if sep and name.strip() not in tasks:
+            raise ConfigError(f"--split {item!r}: {name.strip()!r} is not among the tasks {tasks}")
+        if not sep or len(parts) != 3:
+            raise ConfigError(
+                f"--split {item!r}: write TASK=TRAIN,VALIDATION,TEST, e.g. arith=100,24,100"
+            )
+        try:
+            out[name.strip()] = dict(zip(SPLITS, (int(p) for p in parts), strict=True))
+        except ValueError:
+            raise ConfigError(f"--split {item!r}: sizes must be whole numbers") from None
+    return out
+
+
+def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be numbers separated by commas, got {text!r}") from None
+
+
+def parse_names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def build_config(preset_name: str, out: str, split: list[str], **options: Any) -> Any:
+    """The preset with the options given on the command line (``None``: the preset's)."""
+    tasks = parse_names(options.pop("tasks", None))
+    options["alphas"] = parse_floats(options.pop("alphas", None), "--alphas")
+    options["rules"] = parse_names(options.pop("rules", None))
+    if tasks is not None:
+        options["tasks"] = tasks
+    config = preset(preset_name, out, **options)
+    if split:
+        sizes = {**config.sizes, **parse_sizes(split, config.tasks)}
+        config = config.with_overrides(sizes=sizes)
+        config.__post_init__()
+    return config

@@ -1,0 +1,199 @@
+"""``ReproduceConfig``: every setting of a reproduction run, the presets, and the settings
+each stage depends on (its resume key)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from ..errors import ConfigError
+from .tasks import DATA_VERSION, SPLITS, task_kind
+
+SMALL = "embedded:qwen2.5-coder-0.5b-instruct"
+BIG = "embedded:qwen2.5-coder-1.5b-instruct"
+
+DEFAULT_SIZES = {"train": 100, "validation": 24, "test": 100}
+FIXED_SIZES = {"truthfulqa": {"train": 70, "validation": 24, "test": 100}}
+"""Tasks on a fixed data set get sizes that fit it (TruthfulQA: 299 questions)."""
+
+RULES: dict[str, Any] = {
+    "proxy": "proxy",
+    "product": "product",
+    "plausible": {"name": "plausible", "tau": 0.1},
+    "gated": {"name": "gated"},
+    "rerank": {"name": "rerank", "k": 10},
+    "mixture": "mixture",
+}
+"""Steering rules a run can compare, by the name used in its tables."""
+
+
+@dataclass(frozen=True)
+class ReproduceConfig:
+    """A reproduction: data, the trained expert and reference, and the evaluation."""
+
+    out: str
+    tasks: tuple[str, ...] = ("arith", "sort_words", "truthfulqa")
+    small: str = SMALL
+    """The small model: the expert is a LoRA of it, the anti-expert is it untuned."""
+    big: str = BIG
+    """The base; the reference ("tuned") is a LoRA of it trained the same way."""
+    sizes: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per task: ``{"train": n, "validation": n, "test": n}``; missing tasks get the defaults."""
+    seed: int = 0
+    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
+    """Validation sweep; each rule is tested at its best alpha."""
+    rules: tuple[str, ...] = ("proxy", "product", "plausible")
+    epochs: float = 1.0
+    learning_rate: float = 4e-4
+    lora_r: int = 16
+    train_batch_size: int = 4
+    eval_batch_size: int = 16
+    analysis_examples: int = 24
+    """Test prompts of each generate task replayed token by token (0: no analysis)."""
+    device: str = "auto"
+    dtype: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise ConfigError("give at least one task")
+        for name in self.tasks:
+            task_kind(name)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ConfigError(f"tasks must be distinct, got {list(self.tasks)}")
+        for name in self.sizes:
+            if name not in self.tasks:
+                raise ConfigError(f"split sizes given for {name!r}, which is not among the tasks")
+        unknown = [r for r in self.rules if r not in RULES]
+        if unknown or not self.rules:
+            raise ConfigError(f"unknown rule(s) {unknown}; choose from {', '.join(RULES)}")
+        if "proxy" not in self.rules:
+            raise ConfigError("rules must include 'proxy' (the paper's rule: gap closed uses it)")
+        if not self.alphas or any(not a > 0 for a in self.alphas):
+            raise ConfigError(f"alphas must be positive numbers, got {list(self.alphas)}")
+        for name, value in (
+            ("epochs", self.epochs),
+            ("learning_rate", self.learning_rate),
+            ("lora_r", self.lora_r),
+            ("train_batch_size", self.train_batch_size),
+            ("eval_batch_size", self.eval_batch_size),
+        ):
+            if not value > 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.analysis_examples < 0:
+            raise ConfigError("analysis_examples must be >= 0")
+
+    def split_sizes(self, task: str) -> dict[str, int]:
+        sizes = dict(FIXED_SIZES.get(task, DEFAULT_SIZES))
+        sizes.update(self.sizes.get(task, {}))
+        bad = sorted(set(sizes) - set(SPLITS))
+        if bad:
+            raise ConfigError(f"task {task!r}: unknown split(s) {bad}; splits are {SPLITS}")
+        return sizes
+
+    # what each stage depends on ------------------------------------------------------------
+
+    def stage_settings(self, stage: str) -> dict[str, Any]:
+        """The settings a stage's results depend on (its own and its inputs')."""
+        data = {
+            "tasks": list(self.tasks),
+            "sizes": {t: self.split_sizes(t) for t in self.tasks},
+            "seed": self.seed,
+            "version": DATA_VERSION,
+        }
+        training = {
+            "epochs": self.epochs,
+            "learning_rate": self.learning_rate,
+            "lora_r": self.lora_r,
+            "batch_size": self.train_batch_size,
+            "seed": self.seed,
+        }
+        if stage == "data":
+            return data
+        if stage == "expert":
+            return {"data": data, "model": self.small, **training}
+        if stage == "tuned":
+            return {"data": data, "model": self.big, **training}
+        evaluation = {
+            "data": data,
+            "small": self.small,
+            "big": self.big,
+            "training": training,
+            "alphas": list(self.alphas),
+            "rules": list(self.rules),
+        }
+        if stage in ("validation", "test", "analysis", "report"):
+            if stage == "analysis":
+                evaluation["analysis_examples"] = self.analysis_examples
+            return evaluation
+        raise ConfigError(f"unknown stage {stage!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def with_overrides(self, **changes: Any) -> ReproduceConfig:
+        return replace(self, **changes)
+
+
+def settings_key(settings: dict[str, Any]) -> str:
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def differences(old: Any, new: Any, path: str = "") -> list[str]:
+    """Human-readable paths where two settings trees differ (``a.b: 1 -> 2``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            sub = f"{path}.{key}" if path else str(key)
+            out += differences(old.get(key), new.get(key), sub)
+        return out
+    return [] if old == new else [f"{path or 'settings'}: {old!r} -> {new!r}"]
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {},
+    "tiny": {
+        "sizes": {
+            "arith": {"train": 8, "validation": 4, "test": 6},
+            "sort_words": {"train": 8, "validation": 4, "test": 6},
+            "truthfulqa": {"train": 6, "validation": 4, "test": 6},
+        },
+        "alphas": (0.5, 1.0),
+        "epochs": 1.0,
+        "train_batch_size": 4,
+        "eval_batch_size": 4,
+        "analysis_examples": 2,
+    },
+    "gpu": {
+        "small": "meta-llama/Llama-2-7b-hf",
+        "big": "meta-llama/Llama-2-13b-hf",
+        "sizes": {
+            "arith": {"train": 2000, "validation": 200, "test": 1000},
+            "sort_words": {"train": 2000, "validation": 200, "test": 1000},
+            "truthfulqa": {"train": 100, "validation": 49, "test": 150},
+        },
+        "alphas": (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
+        "rules": ("proxy", "product", "plausible", "gated", "rerank", "mixture"),
+        "epochs": 2.0,
+        "learning_rate": 2e-4,
+        "train_batch_size": 16,
+        "eval_batch_size": 64,
+        "analysis_examples": 100,
+        "dtype": "bfloat16",
+    },
+}
+"""``cpu``: the embedded Qwen2.5-Coder 0.5B / 1.5B, sized for about an hour on 2 cores;
+``tiny``: the test suite's size; ``gpu``: Llama-2 7B / 13B (hub ids) on one large GPU."""
+
+
+def preset(name: str, out: str, **overrides: Any) -> ReproduceConfig:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    tasks = values.get("tasks", ReproduceConfig.tasks)
+    # a preset sizes every task; keep the sizes of the tasks chosen
+    values["sizes"] = {t: s for t, s in values.get("sizes", {}).items() if t in tasks}
+    return ReproduceConfig(out=out, **values)

@@ -1,0 +1,214 @@
+"""The reproduction's tables (Markdown, CSV, JSON) and the alpha-sweep plot, from the stored
+per-example results and stage stamps."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..evaluation.runner import _safe
+from ..evaluation.store import ResultStore
+from .stats import Estimate, aligned, gap_interval, mean_interval
+from .tasks import task_kind
+
+if TYPE_CHECKING:
+    from .pipeline import Experiment
+
+REFERENCES = ("base", "expert", "tuned")
+
+
+def per_example(out: Path, task: str, split: str, system: str, metric: str) -> dict[str, Any]:
+    """``{example id: score}`` of one system's stored results."""
+    rows = ResultStore(out / "eval" / task / split / f"{_safe(system)}.jsonl").load()
+    return {i: r.get("scores", {}).get(metric) for i, r in rows.items()}
+
+
+def task_results(exp: Experiment, task: str) -> dict[str, Any]:
+    """Every system's score per metric with intervals, and gap closed per rule."""
+    kind = task_kind(task)
+    chosen = exp.chosen_alphas()[task]
+    systems = [*REFERENCES, *exp.config.rules]
+    ids = sorted(ResultStore(exp.out / "eval" / task / "test" / "base.jsonl").load())
+    out: dict[str, Any] = {"n": len(ids), "primary": kind.primary, "metrics": {}}
+    for metric in kind.metrics:
+        scores = aligned({s: per_example(exp.out, task, "test", s, metric) for s in systems}, ids)
+        rows: dict[str, Any] = {}
+        for s in systems:
+            est = mean_interval(scores[s])
+            row: dict[str, Any] = {"estimate": est, "alpha": chosen.get(s)}
+            if s in exp.config.rules:
+                gap, undefined = gap_interval(scores[s], scores["base"], scores["tuned"])
+                row.update(gap=gap, gap_undefined_resamples=undefined)
+            rows[s] = row
+        out["metrics"][metric] = rows
+    return out
+
+
+def write_results(exp: Experiment) -> dict[str, Any]:
+    """Write ``results.md``, ``results.csv``, ``results.json`` and ``alpha_sweep.png``."""
+    tasks = {t: task_results(exp, t) for t in exp.config.tasks}
+    stages = {}
+    for stage in ("data", "expert", "tuned", "validation", "test", "analysis"):
+        stamp = exp.done(stage)
+        if stamp is not None:
+            stages[stage] = {"seconds": stamp["seconds"], **stamp.get("result", {})}
+    data = {
+        "config": exp.config.to_dict(),
+        "stages": stages,
+        "tasks": _plain(tasks),
+    }
+    (exp.out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    _write_csv(exp.out / "results.csv", tasks)
+    plot = _plot_sweep(exp, stages.get("validation", {}).get("sweep", {}))
+    (exp.out / "results.md").write_text(markdown(exp, tasks, stages, plot), encoding="utf-8")
+    return data
+
+
+def markdown(exp: Experiment, tasks: dict[str, Any], stages: dict[str, Any], plot: Any) -> str:
+    cfg = exp.config
+    lines = [
+        "# Proxy-tuning reproduction",
+        "",
+        f"Small model (expert = LoRA of it, anti-expert = it untuned): `{cfg.small}`; base and "
+        f"directly tuned reference (LoRA, same data and recipe): `{cfg.big}`. Scores in %, "
+        "95% bootstrap intervals in brackets; gap closed = (proxy - base) / (tuned - base).",
+        "",
+        "## Main result",
+        "",
+        "| task | metric | n | base | expert | proxy (alpha) | tuned | gap closed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for task, res in tasks.items():
+        for metric, rows in res["metrics"].items():
+            proxy = rows["proxy"]
+            lines.append(
+                f"| {task} | {metric} | {res['n']} | {rows['base']['estimate'].percent()} | "
+                f"{rows['expert']['estimate'].percent()} | "
+                f"{proxy['estimate'].percent()} ({proxy['alpha']:g}) | "
+                f"{rows['tuned']['estimate'].percent()} | {proxy['gap'].percent()} |"
+            )
+    lines += [
+        "",
+        "## Steering rules compared (each at its alpha chosen on validation)",
+        "",
+        "| task | metric | " + " | ".join(cfg.rules) + " |",
+        "|---|---|" + "---|" * len(cfg.rules),
+    ]
+    for task, res in tasks.items():
+        for metric, rows in res["metrics"].items():
+            cells = [
+                f"{rows[r]['estimate'].percent()} (a={rows[r]['alpha']:g}; gap "
+                f"{rows[r]['gap'].percent()})"
+                for r in cfg.rules
+            ]
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    sweep = stages.get("validation", {}).get("sweep", {})
+    if sweep:
+        lines += ["", "## Validation sweep (primary metric, %)", ""]
+        alphas = [f"{a:g}" for a in cfg.alphas]
+        lines += [
+            "| task | rule | " + " | ".join(alphas) + " |",
+            "|---|---|" + "---|" * len(alphas),
+        ]
+        for task, rules in sweep.items():
+            for rule, points in rules.items():
+                cells = ["-" if points.get(a) is None else f"{100 * points[a]:.1f}" for a in alphas]
+                lines.append(f"| {task} | {rule} | " + " | ".join(cells) + " |")
+    classes = stages.get("analysis", {}).get("classes", {})
+    if classes:
+        lines += [
+            "",
+            "## What steering changed (proxy, test prompts)",
+            "",
+            "| task | tokens | changed top choice | changed: number / word / format | "
+            "all tokens: number / word / format | mean abs shift (nats): number / word / format |",
+            "|---|---|---|---|---|---|",
+        ]
+        for task, c in classes.items():
+            ch, al, sh = c["changed_by_class"], c["tokens_by_class"], c["mean_abs_shift_by_class"]
+            shifts = " / ".join("-" if sh[k] is None else f"{sh[k]:.3f}" for k in sh)
+            lines.append(
+                f"| {task} | {c['tokens']} | {c['changed']} | "
+                f"{ch['number']} / {ch['word']} / {ch['format']} | "
+                f"{al['number']} / {al['word']} / {al['format']} | {shifts} |"
+            )
+    lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {s} | {v['seconds']:.0f} |" for s, v in stages.items()]
+    if plot is not None:
+        lines += ["", f"![alpha sweep]({plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, tasks: dict[str, Any]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "task",
+                "metric",
+                "system",
+                "alpha",
+                "n",
+                "score",
+                "low",
+                "high",
+                "gap_closed",
+                "gap_low",
+                "gap_high",
+            ]
+        )
+        for task, res in tasks.items():
+            for metric, rows in res["metrics"].items():
+                for system, row in rows.items():
+                    e: Estimate = row["estimate"]
+                    g: Estimate | None = row.get("gap")
+                    gap = (None, None, None) if g is None else (g.value, g.low, g.high)
+                    w.writerow(
+                        [
+                            task,
+                            metric,
+                            system,
+                            row.get("alpha"),
+                            res["n"],
+                            e.value,
+                            e.low,
+                            e.high,
+                            *gap,
+                        ]
+                    )
+
+
+def _plot_sweep(exp: Experiment, sweep: dict[str, Any]) -> Path | None:
+    """Validation score against alpha, one panel per task, one line per rule."""
+    if not sweep:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(sweep), 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    for i, (task, rules) in enumerate(sweep.items()):
+        ax = fig.add_subplot(1, len(sweep), i + 1)
+        for rule, points in rules.items():
+            xs = [float(a) for a, v in points.items() if v is not None]
+            ys = [100 * v for v in points.values() if v is not None]
+            ax.plot(xs, ys, marker="o", label=rule)
+        ax.set_title(f"{task} (validation)")
+        ax.set_xlabel("alpha")
+        ax.set_ylabel(f"{task_kind(task).primary} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = exp.out / "alpha_sweep.png"
+    fig.savefig(path)
+    return path
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Estimate):
+        return {"value": value.value, "low": value.low, "high": value.high}
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value

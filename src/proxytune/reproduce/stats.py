@@ -1,0 +1,73 @@
+"""Bootstrap intervals for mean scores and for gap closed (pure functions over per-example
+scores; the same resampled examples for every system, so the gap's interval is paired)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..evaluation.metrics import gap_closed
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A point estimate with its 95% percentile-bootstrap interval."""
+
+    value: float | None
+    low: float | None
+    high: float | None
+
+    def percent(self) -> str:
+        if self.value is None:
+            return "-"
+        if self.low is None or self.high is None:
+            return f"{100 * self.value:.1f}"
+        return f"{100 * self.value:.1f} [{100 * self.low:.1f}, {100 * self.high:.1f}]"
+
+
+def _resamples(n: int, draws: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(draws, n))
+
+
+def mean_interval(scores: Sequence[float], draws: int = 2000, seed: int = 0) -> Estimate:
+    """The mean of ``scores`` and its 95% bootstrap interval."""
+    x = np.asarray(scores, dtype=float)
+    if x.size == 0:
+        return Estimate(None, None, None)
+    means = x[_resamples(x.size, draws, seed)].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return Estimate(float(x.mean()), float(low), float(high))
+
+
+def gap_interval(
+    proxy: Sequence[float],
+    base: Sequence[float],
+    tuned: Sequence[float],
+    draws: int = 2000,
+    seed: int = 0,
+) -> tuple[Estimate, int]:
+    """Gap closed ``(P - B) / (T - B)`` on paired per-example scores, with its 95% bootstrap
+    interval over the resamples where ``T != B``; also returns how many resamples had no gap
+    (the interval is left open when more than 5% of them do)."""
+    p, b, t = (np.asarray(v, dtype=float) for v in (proxy, base, tuned))
+    if not (p.size == b.size == t.size) or p.size == 0:
+        return Estimate(None, None, None), 0
+    point = gap_closed(float(p.mean()), float(b.mean()), float(t.mean()))
+    idx = _resamples(p.size, draws, seed)
+    pm, bm, tm = p[idx].mean(axis=1), b[idx].mean(axis=1), t[idx].mean(axis=1)
+    defined = np.abs(tm - bm) > 1e-12
+    undefined = int((~defined).sum())
+    if point is None or undefined > 0.05 * draws:
+        return Estimate(point, None, None), undefined
+    gaps = (pm[defined] - bm[defined]) / (tm[defined] - bm[defined])
+    low, high = np.percentile(gaps, [2.5, 97.5])
+    return Estimate(point, float(low), float(high)), undefined
+
+
+def aligned(
+    per_system: Mapping[str, Mapping[str, float | None]], ids: Sequence[str]
+) -> dict[str, list[float]]:
+    """Per system, the scores of ``ids`` in that order (a missing score counts as 0)."""
+    return {name: [float(scores.get(i) or 0.0) for i in ids] for name, scores in per_system.items()}

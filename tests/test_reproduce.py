@@ -1,0 +1,243 @@
+"""``proxytune reproduce``: the tasks and their scores, the statistics, and a tiny end-to-end
+run on the tiny test models (every stage, resume, refusal to mix settings, bad input)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from proxytune.cli import main
+from proxytune.errors import ConfigError
+from proxytune.evaluation.metrics import multiple_choice_scores
+from proxytune.reproduce import STAGES, Experiment, preset, reproduce
+from proxytune.reproduce.analysis import token_class
+from proxytune.reproduce.command import parse_sizes
+from proxytune.reproduce.stats import gap_interval, mean_interval
+from proxytune.reproduce.tasks import (
+    TASKS,
+    arith_score,
+    check_disjoint,
+    letter_score,
+    make_splits,
+    sort_score,
+    task_kind,
+)
+from proxytune.testing import save_tiny_model
+
+# --- tasks ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_splits_are_disjoint_deterministic_and_sized(name: str) -> None:
+    kind = task_kind(name)
+    sizes = {"train": 20, "validation": 10, "test": 30}
+    a = make_splits(kind, sizes, seed=3)
+    assert a == make_splits(kind, sizes, seed=3)
+    assert a != make_splits(kind, sizes, seed=4)
+    assert {s: len(rows) for s, rows in a.items()} == sizes
+    fields = "question" if name != "sort_words" else "words"
+    seen = [r[fields] for rows in a.values() for r in rows]
+    assert len(seen) == len(set(seen))  # no example in two splits
+    ids = [r["id"] for rows in a.values() for r in rows]
+    assert len(ids) == len(set(ids))
+
+
+def test_check_disjoint_refuses_a_shared_example() -> None:
+    row = {"question": "q", "answer": "1"}
+    with pytest.raises(ConfigError, match="both train and test"):
+        check_disjoint("t", {"train": [{**row, "id": "a"}], "test": [{**row, "id": "b"}]})
+
+
+def test_arith_examples_are_right_and_scored_both_ways() -> None:
+    for ex in make_splits(task_kind("arith"), {"train": 5, "validation": 5, "test": 40}, 0)["test"]:
+        assert ex["completion"] == f" {ex['answer']}"
+    ex = {"answer": "265"}
+    assert arith_score("265", ex) == {"acc": 1.0, "strict": 1.0}
+    assert arith_score("23 * 14 = 322, 322 - 57 = 265", ex) == {"acc": 1.0, "strict": 0.0}
+    assert arith_score("It is 265 apples, not 300", ex) == {"acc": 0.0, "strict": 0.0}
+    assert arith_score("To determine how many", ex) == {"acc": 0.0, "strict": 0.0}
+    assert arith_score(None, ex) == {"acc": 0.0, "strict": 0.0}
+
+
+def test_sort_score_separates_order_from_format() -> None:
+    ex = {"words": "pear apple fig", "answer": "apple | fig | pear"}
+    assert sort_score("apple | fig | pear", ex) == {"acc": 1.0, "strict": 1.0}
+    assert sort_score("apple, fig, pear", ex) == {"acc": 1.0, "strict": 0.0}
+    assert sort_score("1. Apple\n2. Fig\n3. Pear", ex) == {"acc": 1.0, "strict": 0.0}
+    assert sort_score("apple | pear | fig", ex) == {"acc": 0.0, "strict": 0.0}
+    assert sort_score("apple | fig", ex) == {"acc": 0.0, "strict": 0.0}
+
+
+def test_truthfulqa_letters_point_at_the_true_option() -> None:
+    rows = task_kind("truthfulqa").make(299, 0)
+    assert len(rows) == 299
+    letters = {r["answer"] for r in rows}
+    assert len(letters) > 2  # shuffled: the true option is not always A
+    for r in rows[:20]:
+        line = next(x for x in r["options"].split("\n") if x.startswith(r["answer"] + ". "))
+        assert line  # the gold letter names an option
+    assert letter_score("B", {"answer": "B"}) == {"acc": 1.0, "strict": 1.0}
+    assert letter_score("B. Nothing happens", {"answer": "B"}) == {"acc": 1.0, "strict": 0.0}
+    assert letter_score("A", {"answer": "B"}) == {"acc": 0.0, "strict": 0.0}
+
+
+def test_fixed_data_refuses_splits_that_do_not_fit() -> None:
+    with pytest.raises(ConfigError, match="has 299 examples but the splits ask for 400"):
+        make_splits(task_kind("truthfulqa"), {"train": 200, "validation": 100, "test": 100}, 0)
+
+
+def test_token_classes() -> None:
+    assert [token_class(t) for t in ("12", " 3", " The", "|", " ", ".")] == [
+        "number",
+        "number",
+        "word",
+        "format",
+        "format",
+        "format",
+    ]
+
+
+# --- statistics -------------------------------------------------------------------------
+
+
+def test_mean_interval_brackets_the_mean() -> None:
+    est = mean_interval([1.0] * 30 + [0.0] * 70)
+    assert est.value == pytest.approx(0.3)
+    assert est.low < 0.3 < est.high
+    assert est.low > 0.15 and est.high < 0.45
+    assert mean_interval([1.0] * 10).low == 1.0  # no spread, no width
+
+
+def test_gap_interval_matches_the_hand_computation() -> None:
+    rng = np.random.default_rng(0)
+    base = (rng.random(200) < 0.2).astype(float)
+    tuned = np.maximum(base, (rng.random(200) < 0.6).astype(float))
+    proxy = np.where(rng.random(200) < 0.5, tuned, base)
+    est, undefined = gap_interval(proxy, base, tuned)
+    expected = (proxy.mean() - base.mean()) / (tuned.mean() - base.mean())
+    assert est.value == pytest.approx(expected)
+    assert est.low < est.value < est.high
+    assert undefined == 0
+    same, undefined = gap_interval(base, base, base)
+    assert same.value is None and undefined == 2000
+
+
+def test_tied_options_share_the_credit() -> None:
+    inf = float("-inf")
+    s = multiple_choice_scores([inf, inf, inf, inf], [1, 1, 1, 1], [0])
+    assert s["acc"] == 0.25  # every option ruled out: chance, not "the first wins"
+    assert s["mc2"] == 0.25
+    s = multiple_choice_scores([-1.0, -1.0, -5.0], [1, 1, 1], [1])
+    assert s["acc"] == 0.5
+
+
+# --- end to end on tiny models ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    root = tmp_path_factory.mktemp("repro-models")
+    small = save_tiny_model(root / "small", seed=1, context=1024)
+    big = save_tiny_model(root / "big", seed=0, context=1024)
+    return str(small), str(big)
+
+
+def _config(out: Path, tiny_pair: tuple[str, str], **overrides):
+    small, big = tiny_pair
+    return preset("tiny", str(out), small=small, big=big, device="cpu", progress=False, **overrides)
+
+
+def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair) -> None:
+    out = tmp_path / "exp"
+    lines: list[str] = []
+    data = reproduce(_config(out, tiny_pair), log=lines.append)
+    assert [line.split("]")[0][1:] for line in lines] == list(STAGES)
+    assert all(" s" in line for line in lines)  # one summary line per stage, with wall time
+    for name in (
+        "results.md",
+        "results.csv",
+        "results.json",
+        "alpha_sweep.png",
+        "expert/adapter_model.safetensors",
+        "tuned/adapter_model.safetensors",
+        "analysis/arith/report.html",
+    ):
+        assert (out / name).is_file(), name
+    table = (out / "results.md").read_text()
+    assert "| arith | acc | 6 |" in table and "gap closed" in table
+    assert set(data["tasks"]) == {"arith", "sort_words", "truthfulqa"}
+    for task in data["tasks"]:
+        splits = {
+            s: [json.loads(x) for x in (out / "data" / task / f"{s}.jsonl").open()]
+            for s in ("train", "validation", "test")
+        }
+        check_disjoint(task, splits)
+        test_ids = {r["id"] for r in splits["test"]}
+        stored = [
+            json.loads(x)["id"] for x in (out / "eval" / task / "test" / "proxy.jsonl").open()
+        ]
+        assert set(stored) == test_ids  # evaluated on the test split only
+    # the training file holds no validation or test prompt
+    train_prompts = {json.loads(x)["prompt"] for x in (out / "data" / "train.jsonl").open()}
+    assert len(train_prompts) == 8 + 8 + 6
+    csv_rows = (out / "results.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("task,metric,system,alpha")
+
+    # resume: every stage is skipped, nothing is retrained or re-evaluated
+    before = (out / "expert" / "adapter_model.safetensors").stat().st_mtime_ns
+    again: list[str] = []
+    reproduce(_config(out, tiny_pair), log=again.append)
+    assert all("skipped" in line for line in again)
+    assert (out / "expert" / "adapter_model.safetensors").stat().st_mtime_ns == before
+
+    # a changed evaluation setting is refused by name, and nothing is lost
+    with pytest.raises(ConfigError, match=r"stage 'validation'.*alphas"):
+        reproduce(_config(out, tiny_pair, alphas=(0.5, 1.5)), log=lambda _: None)
+    # changed data: another experiment
+    with pytest.raises(ConfigError, match=r"holds another experiment.*seed"):
+        reproduce(_config(out, tiny_pair, seed=1), log=lambda _: None)
+    assert (out / "results.md").read_text() == table
+
+
+def test_interrupted_stage_resumes_and_finished_ones_are_kept(tmp_path, tiny_pair) -> None:
+    out = tmp_path / "exp"
+    config = _config(out, tiny_pair, tasks=("sort_words",))
+    reproduce(config, until="expert", log=lambda _: None)
+    assert (out / "stages" / "expert.json").is_file()
+    assert not (out / "stages" / "tuned.json").exists()
+    lines: list[str] = []
+    reproduce(config, until="validation", log=lines.append)
+    assert "skipped" in lines[0] and "skipped" in lines[1]
+    assert "skipped" not in lines[2] and lines[2].startswith("[tuned]")
+
+
+def test_bad_input_is_refused_clearly(tmp_path, tiny_pair) -> None:
+    with pytest.raises(ConfigError, match="unknown task 'gsm8k'; choose from arith"):
+        _config(tmp_path / "x", tiny_pair, tasks=("gsm8k",))
+    with pytest.raises(ConfigError, match="unknown rule"):
+        _config(tmp_path / "x", tiny_pair, rules=("proxy", "magic"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty and holds no reproduction"):
+        reproduce(_config(foreign, tiny_pair), log=lambda _: None)
+    assert (foreign / "notes.txt").read_text() == "mine"  # untouched
+    big = _config(
+        tmp_path / "big",
+        tiny_pair,
+        sizes={"truthfulqa": {"train": 250, "validation": 40, "test": 100}},
+    )
+    with pytest.raises(ConfigError, match="make the splits smaller"):
+        Experiment(big, lambda _: None).run("data")
+    with pytest.raises(ConfigError, match="TASK=TRAIN,VALIDATION,TEST"):
+        parse_sizes(["arith=1,2"], ("arith",))
+
+
+def test_cli_refuses_an_unknown_task_in_one_line(tmp_path, capsys) -> None:
+    code = main(["reproduce", "--out", str(tmp_path / "o"), "--tasks", "arith,nope"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: unknown task 'nope'") and "\n" not in err
