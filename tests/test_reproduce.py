@@ -4,6 +4,7 @@ run on the tiny test models (every stage, resume, refusal to mix settings, bad i
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from proxytune.reproduce.tasks import (
     TASKS,
     arith_score,
     check_disjoint,
+    eval_task,
     letter_score,
     make_splits,
     sort_score,
@@ -60,6 +62,8 @@ def test_arith_examples_are_right_and_scored_both_ways() -> None:
     assert arith_score("It is 265 apples, not 300", ex) == {"acc": 0.0, "strict": 0.0}
     assert arith_score("To determine how many", ex) == {"acc": 0.0, "strict": 0.0}
     assert arith_score(None, ex) == {"acc": 0.0, "strict": 0.0}
+    assert arith_score("$265", ex) == {"acc": 1.0, "strict": 0.0}
+    assert arith_score("265.0", ex)["strict"] == 0.0
 
 
 def test_sort_score_separates_order_from_format() -> None:
@@ -82,6 +86,8 @@ def test_truthfulqa_letters_point_at_the_true_option() -> None:
     assert letter_score("B", {"answer": "B"}) == {"acc": 1.0, "strict": 1.0}
     assert letter_score("B. Nothing happens", {"answer": "B"}) == {"acc": 1.0, "strict": 0.0}
     assert letter_score("A", {"answer": "B"}) == {"acc": 0.0, "strict": 0.0}
+    assert letter_score("(B) nothing", {"answer": "B"})["acc"] == 1.0
+    assert letter_score("A lot of people say B", {"answer": "A"})["acc"] == 0.0
 
 
 def test_fixed_data_refuses_splits_that_do_not_fit() -> None:
@@ -155,7 +161,7 @@ def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair)
     lines: list[str] = []
     data = reproduce(_config(out, tiny_pair), log=lines.append)
     assert [line.split("]")[0][1:] for line in lines] == list(STAGES)
-    assert all(" s" in line for line in lines)  # one summary line per stage, with wall time
+    assert all(re.search(r"\d+ s$", line) for line in lines)  # a summary line with wall time
     for name in (
         "results.md",
         "results.csv",
@@ -180,9 +186,16 @@ def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair)
             json.loads(x)["id"] for x in (out / "eval" / task / "test" / "proxy.jsonl").open()
         ]
         assert set(stored) == test_ids  # evaluated on the test split only
-    # the training file holds no validation or test prompt
+    # the training file holds every train example and no validation or test prompt
     train_prompts = {json.loads(x)["prompt"] for x in (out / "data" / "train.jsonl").open()}
     assert len(train_prompts) == 8 + 8 + 6
+    held_out = {
+        eval_task(task_kind(t), str(out / "data" / t / f"{s}.jsonl")).render(ex)
+        for t in data["tasks"]
+        for s in ("validation", "test")
+        for ex in eval_task(task_kind(t), str(out / "data" / t / f"{s}.jsonl")).examples()
+    }
+    assert len(held_out) == 3 * 4 + 3 * 6 and not held_out & train_prompts
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert csv_rows[0].startswith("task,metric,system,alpha")
 
@@ -190,7 +203,8 @@ def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair)
     before = (out / "expert" / "adapter_model.safetensors").stat().st_mtime_ns
     again: list[str] = []
     reproduce(_config(out, tiny_pair), log=again.append)
-    assert all("skipped" in line for line in again)
+    assert all("skipped" in line for line in again[:-1])
+    assert again[-1].startswith("[report]")  # the tables are rewritten from stored results
     assert (out / "expert" / "adapter_model.safetensors").stat().st_mtime_ns == before
 
     # a changed evaluation setting is refused by name, and nothing is lost
@@ -202,16 +216,34 @@ def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair)
     assert (out / "results.md").read_text() == table
 
 
-def test_interrupted_stage_resumes_and_finished_ones_are_kept(tmp_path, tiny_pair) -> None:
+def test_interrupted_stages_resume_where_they_stopped(tmp_path, tiny_pair) -> None:
     out = tmp_path / "exp"
     config = _config(out, tiny_pair, tasks=("sort_words",))
     reproduce(config, until="expert", log=lambda _: None)
-    assert (out / "stages" / "expert.json").is_file()
     assert not (out / "stages" / "tuned.json").exists()
     lines: list[str] = []
-    reproduce(config, until="validation", log=lines.append)
+    reproduce(config, until="test", log=lines.append)
     assert "skipped" in lines[0] and "skipped" in lines[1]
     assert "skipped" not in lines[2] and lines[2].startswith("[tuned]")
+
+    # a test stage killed mid-write: finished examples are kept, the torn line is dropped,
+    # only the rest runs again
+    results = out / "eval" / "sort_words" / "test"
+    kept = (results / "proxy.jsonl").read_text().splitlines(keepends=True)[:2]
+    (results / "proxy.jsonl").write_text("".join(kept) + '{"id": "sort_words/te')
+    untouched = (results / "base.jsonl").stat().st_mtime_ns
+    (out / "stages" / "test.json").unlink()
+    reproduce(config, until="test", log=lambda _: None)
+    again = (results / "proxy.jsonl").read_text().splitlines(keepends=True)
+    assert again[:2] == kept and len(again) == 6
+    assert (results / "base.jsonl").stat().st_mtime_ns == untouched
+
+    # training interrupted, then resumed with another model: refused by name
+    (out / "stages" / "tuned.json").unlink()
+    assert list((out / "tuned").glob("checkpoint-*"))
+    other = config.with_overrides(big=tiny_pair[0])
+    with pytest.raises(ConfigError, match=r"stage 'tuned' was interrupted.*model"):
+        reproduce(other, until="tuned", log=lambda _: None)
 
 
 def test_bad_input_is_refused_clearly(tmp_path, tiny_pair) -> None:
@@ -232,6 +264,9 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_pair) -> None:
     )
     with pytest.raises(ConfigError, match="make the splits smaller"):
         Experiment(big, lambda _: None).run("data")
+    # nothing was finished there, so the same folder takes the corrected sizes
+    Experiment(_config(tmp_path / "big", tiny_pair), lambda _: None).run("data")
+    assert (tmp_path / "big" / "stages" / "data.json").is_file()
     with pytest.raises(ConfigError, match="TASK=TRAIN,VALIDATION,TEST"):
         parse_sizes(["arith=1,2"], ("arith",))
 

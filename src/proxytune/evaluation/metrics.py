@@ -131,7 +131,9 @@ def multiple_choice_scores(
 
 
 def _tied_best_share(scores: Sequence[float], right: set[int]) -> float:
-    """The share of the options tied for the highest score that are correct."""
+    """The share of the options tied for the highest score that are correct (NaN counts as
+    ``-inf``)."""
+    scores = [-math.inf if math.isnan(s) else s for s in scores]
     top = max(scores)
     tied = [i for i, s in enumerate(scores) if s == top]
     return sum(i in right for i in tied) / len(tied)

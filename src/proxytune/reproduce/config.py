@@ -122,7 +122,8 @@ class ReproduceConfig:
             "big": self.big,
             "training": training,
             "alphas": list(self.alphas),
-            "rules": list(self.rules),
+            "rules": {r: RULES[r] for r in self.rules},
+            "dtype": self.dtype,
         }
         if stage in ("validation", "test", "analysis", "report"):
             if stage == "analysis":

@@ -13,7 +13,7 @@ whose stamp matches is skipped, one whose stamp differs is refused by name):
 5. ``test``: base, expert, tuned and each rule at its chosen alpha on the test split.
 6. ``analysis``: token-level records of what the proxy changed on test prompts.
 7. ``report``: ``results.md`` / ``.csv`` / ``.json`` with 95% bootstrap intervals and gap
-   closed, and ``alpha_sweep.png``.
+   closed, and ``alpha_sweep.png``; rewritten on every run from the stored results.
 
 Evaluation itself resumes inside a stage (per system and batch, :mod:`..evaluation.store`).
 """
@@ -59,9 +59,16 @@ class Experiment:
                 f"--out {str(self.out)!r} is not empty and holds no reproduction "
                 f"({MARKER} is missing); give a new or empty directory"
             )
-        if marker.is_file():
-            old = json.loads(marker.read_text(encoding="utf-8"))
-            changed = differences(old["settings"]["data"], self.config.stage_settings("data"))
+        finished = list((self.out / "stages").glob("*.json"))
+        if marker.is_file() and finished:  # without finished stages there is nothing to keep
+            try:
+                old = json.loads(marker.read_text(encoding="utf-8"))["settings"]["data"]
+            except (ValueError, KeyError, TypeError):
+                raise ConfigError(
+                    f"{str(marker)!r} is damaged; give another --out (the results there are "
+                    "kept as they are)"
+                ) from None
+            changed = differences(old, self.config.stage_settings("data"))
             if changed:
                 raise ConfigError(
                     f"--out {str(self.out)!r} holds another experiment (data settings "
@@ -88,7 +95,13 @@ class Experiment:
         path = self.stamp_path(stage)
         if not path.is_file():
             return None
-        stamp = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            stamp = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError:
+            raise ConfigError(
+                f"{str(path)!r} is damaged; delete it to run stage {stage!r} again"
+            ) from None
+
         settings = self.config.stage_settings(stage)
         if stamp.get("key") != settings_key(settings):
             changed = differences(stamp.get("settings"), settings)
@@ -193,6 +206,7 @@ class Experiment:
                 return
             meta = read_meta(out)
             has_checkpoint = meta is not None and any(out.glob("checkpoint-*"))
+            self._check_started(stage, has_checkpoint)
             config = TrainConfig(
                 model=model,
                 data=str(self.out / "data" / "train.jsonl"),
@@ -218,6 +232,25 @@ class Experiment:
             info["summary"] = f"LoRA of {model}" + (
                 f", loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
             )
+
+    def _check_started(self, stage: str, resuming: bool) -> None:
+        """Record the settings an interrupted stage started with; resume only under those."""
+        path = self.out / "stages" / f"{stage}.started.json"
+        settings = self.config.stage_settings(stage)
+        if resuming and path.is_file():
+            started = json.loads(path.read_text(encoding="utf-8"))
+            if started.get("key") != settings_key(settings):
+                changed = differences(started.get("settings"), settings)
+                raise ConfigError(
+                    f"stage {stage!r} was interrupted in {str(self.out / stage)!r} under other "
+                    f"settings ({'; '.join(changed[:4])}); put them back to resume it, or "
+                    "give another --out"
+                )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            json.dumps({"key": settings_key(settings), "settings": settings}, default=str),
+            encoding="utf-8",
+        )
 
     def train_expert(self) -> None:
         self._train("expert", self.config.small)
@@ -272,14 +305,21 @@ class Experiment:
         from ..evaluation import evaluate
 
         kind = task_kind(task)
-        return evaluate(
-            eval_task(kind, str(self.data_file(task, split))),
-            systems,
-            self.out / "eval" / task / split,
-            batch_size=self.config.eval_batch_size,
-            progress=self.config.progress,
-            write_summary=False,
-        )
+        try:
+            return evaluate(
+                eval_task(kind, str(self.data_file(task, split))),
+                systems,
+                self.out / "eval" / task / split,
+                batch_size=self.config.eval_batch_size,
+                progress=self.config.progress,
+                write_summary=False,
+            )
+        except ConfigError as err:
+            if "other settings" not in str(err):
+                raise
+            raise ConfigError(
+                f"{str(err).split(' (changed')[0]}: results are never mixed; give another --out"
+            ) from None
 
     # evaluation stages -------------------------------------------------------------------
 
@@ -394,13 +434,13 @@ class Experiment:
             )
 
     def report(self) -> dict[str, Any]:
+        """Always rewritten: the tables are derived from the stored results alone."""
         from .report import write_results
 
-        with self.stage("report") as info:
-            if info["skipped"]:
-                return json.loads((self.out / "results.json").read_text(encoding="utf-8"))
-            data = write_results(self)
-            info["summary"] = f"tables in {self.out / 'results.md'}"
+        start = time.perf_counter()
+        data = write_results(self)
+        seconds = time.perf_counter() - start
+        self.log(f"[report] tables in {self.out / 'results.md'}; {seconds:.0f} s")
         return data
 
 

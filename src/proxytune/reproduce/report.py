@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,41 @@ def task_results(exp: Experiment, task: str) -> dict[str, Any]:
     return out
 
 
+def outputs(out: Path, task: str, system: str) -> dict[str, str]:
+    """``{example id: first output, stripped}`` of one system's stored test results."""
+    rows = ResultStore(out / "eval" / task / "test" / f"{_safe(system)}.jsonl").load()
+    return {i: (r.get("outputs") or [""])[0].strip() for i, r in rows.items()}
+
+
+def follow(exp: Experiment, task: str) -> dict[str, Any]:
+    """Whose answers the proxy gives: how often its output equals the expert's and the
+    tuned model's, and its accuracy where the expert was right or wrong (primary metric).
+    A proxy that merely copies the small expert is right only where the expert is."""
+    metric = task_kind(task).primary
+    proxy, expert = outputs(exp.out, task, "proxy"), outputs(exp.out, task, "expert")
+    tuned = outputs(exp.out, task, "tuned")
+    p_score = per_example(exp.out, task, "test", "proxy", metric)
+    e_score = per_example(exp.out, task, "test", "expert", metric)
+    ids = sorted(proxy)
+    if not ids:
+        return {}
+
+    def share(items: list[str], test: Any) -> float | None:
+        return sum(1 for i in items if test(i)) / len(items) if items else None
+
+    expert_right = [i for i in ids if (e_score.get(i) or 0) > 0]
+    expert_wrong = [i for i in ids if not (e_score.get(i) or 0) > 0]
+    return {
+        "metric": metric,
+        "same_as_expert": share(ids, lambda i: proxy[i] == expert.get(i)),
+        "same_as_tuned": share(ids, lambda i: proxy[i] == tuned.get(i)),
+        "expert_right": len(expert_right),
+        "proxy_right_where_expert_right": share(expert_right, lambda i: (p_score.get(i) or 0) > 0),
+        "expert_wrong": len(expert_wrong),
+        "proxy_right_where_expert_wrong": share(expert_wrong, lambda i: (p_score.get(i) or 0) > 0),
+    }
+
+
 def write_results(exp: Experiment) -> dict[str, Any]:
     """Write ``results.md``, ``results.csv``, ``results.json`` and ``alpha_sweep.png``."""
     tasks = {t: task_results(exp, t) for t in exp.config.tasks}
@@ -54,26 +90,38 @@ def write_results(exp: Experiment) -> dict[str, Any]:
         stamp = exp.done(stage)
         if stamp is not None:
             stages[stage] = {"seconds": stamp["seconds"], **stamp.get("result", {})}
+    following = {t: follow(exp, t) for t in exp.config.tasks}
     data = {
         "config": exp.config.to_dict(),
         "stages": stages,
         "tasks": _plain(tasks),
+        "follow": following,
     }
     (exp.out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     _write_csv(exp.out / "results.csv", tasks)
     plot = _plot_sweep(exp, stages.get("validation", {}).get("sweep", {}))
-    (exp.out / "results.md").write_text(markdown(exp, tasks, stages, plot), encoding="utf-8")
+    text = markdown(exp, tasks, stages, plot, following)
+    (exp.out / "results.md").write_text(text, encoding="utf-8")
     return data
 
 
-def markdown(exp: Experiment, tasks: dict[str, Any], stages: dict[str, Any], plot: Any) -> str:
+def markdown(
+    exp: Experiment,
+    tasks: dict[str, Any],
+    stages: dict[str, Any],
+    plot: Any,
+    following: dict[str, Any],
+) -> str:
     cfg = exp.config
     lines = [
         "# Proxy-tuning reproduction",
         "",
         f"Small model (expert = LoRA of it, anti-expert = it untuned): `{cfg.small}`; base and "
         f"directly tuned reference (LoRA, same data and recipe): `{cfg.big}`. Scores in %, "
-        "95% bootstrap intervals in brackets; gap closed = (proxy - base) / (tuned - base).",
+        "95% bootstrap intervals in brackets; gap closed = (proxy - base) / (tuned - base), "
+        "its interval from the same resampled examples for every system (`[unstable]`: in "
+        "over 2.5% of resamples the tuned model did not beat the base, so the ratio has no "
+        "stable interval).",
         "",
         "## Main result",
         "",
@@ -116,6 +164,22 @@ def markdown(exp: Experiment, tasks: dict[str, Any], stages: dict[str, Any], plo
             for rule, points in rules.items():
                 cells = ["-" if points.get(a) is None else f"{100 * points[a]:.1f}" for a in alphas]
                 lines.append(f"| {task} | {rule} | " + " | ".join(cells) + " |")
+    if any(following.values()):
+        lines += [
+            "",
+            "## Whose answers the proxy gives (test, primary metric)",
+            "",
+            "| task | proxy output = expert's | = tuned's | proxy right where expert right "
+            "| proxy right where expert wrong |",
+            "|---|---|---|---|---|",
+        ]
+        for task, f in following.items():
+            if f:
+                lines.append(
+                    f"| {task} | {_pct(f['same_as_expert'])} | {_pct(f['same_as_tuned'])} | "
+                    f"{_pct(f['proxy_right_where_expert_right'])} (n={f['expert_right']}) | "
+                    f"{_pct(f['proxy_right_where_expert_wrong'])} (n={f['expert_wrong']}) |"
+                )
     classes = stages.get("analysis", {}).get("classes", {})
     if classes:
         lines += [
@@ -139,6 +203,10 @@ def markdown(exp: Experiment, tasks: dict[str, Any], stages: dict[str, Any], plo
     if plot is not None:
         lines += ["", f"![alpha sweep]({plot.name})"]
     return "\n".join(lines) + "\n"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _write_csv(path: Path, tasks: dict[str, Any]) -> None:
@@ -184,8 +252,15 @@ def _plot_sweep(exp: Experiment, sweep: dict[str, Any]) -> Path | None:
     """Validation score against alpha, one panel per task, one line per rule."""
     if not sweep:
         return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        warnings.warn(
+            "matplotlib is not installed: no alpha_sweep.png (pip install matplotlib)",
+            stacklevel=2,
+        )
+        return None
 
     fig = Figure(figsize=(4.2 * len(sweep), 3.6), dpi=110)
     FigureCanvasAgg(fig)

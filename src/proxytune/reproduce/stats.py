@@ -23,7 +23,7 @@ class Estimate:
         if self.value is None:
             return "-"
         if self.low is None or self.high is None:
-            return f"{100 * self.value:.1f}"
+            return f"{100 * self.value:.1f} [unstable]"
         return f"{100 * self.value:.1f} [{100 * self.low:.1f}, {100 * self.high:.1f}]"
 
 
@@ -49,17 +49,19 @@ def gap_interval(
     seed: int = 0,
 ) -> tuple[Estimate, int]:
     """Gap closed ``(P - B) / (T - B)`` on paired per-example scores, with its 95% bootstrap
-    interval over the resamples where ``T != B``; also returns how many resamples had no gap
-    (the interval is left open when more than 5% of them do)."""
+    interval; also returns how many resamples had no gap in the point estimate's direction
+    (``T - B`` zero or of the other sign). The ratio is unstable there, so the interval is
+    left open (``None``) when more than 2.5% of the resamples are such."""
     p, b, t = (np.asarray(v, dtype=float) for v in (proxy, base, tuned))
     if not (p.size == b.size == t.size) or p.size == 0:
         return Estimate(None, None, None), 0
     point = gap_closed(float(p.mean()), float(b.mean()), float(t.mean()))
     idx = _resamples(p.size, draws, seed)
     pm, bm, tm = p[idx].mean(axis=1), b[idx].mean(axis=1), t[idx].mean(axis=1)
-    defined = np.abs(tm - bm) > 1e-12
+    direction = np.sign(t.mean() - b.mean())
+    defined = (np.abs(tm - bm) > 1e-12) & (np.sign(tm - bm) == direction)
     undefined = int((~defined).sum())
-    if point is None or undefined > 0.05 * draws:
+    if point is None or undefined > 0.025 * draws:
         return Estimate(point, None, None), undefined
     gaps = (pm[defined] - bm[defined]) / (tm[defined] - bm[defined])
     low, high = np.percentile(gaps, [2.5, 97.5])
