@@ -40,7 +40,7 @@ def test_splits_are_disjoint_deterministic_and_sized(name: str) -> None:
     assert a == make_splits(kind, sizes, seed=3)
     assert a != make_splits(kind, sizes, seed=4)
     assert {s: len(rows) for s, rows in a.items()} == sizes
-    fields = "question" if name != "sort_words" else "words"
+    fields = {"arith": "operands", "sort_words": "words"}.get(name, "question")
     seen = [r[fields] for rows in a.values() for r in rows]
     assert len(seen) == len(set(seen))  # no example in two splits
     ids = [r["id"] for rows in a.values() for r in rows]

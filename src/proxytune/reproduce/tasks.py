@@ -3,8 +3,8 @@ evaluation :class:`~proxytune.evaluation.Task` that scores each split.
 
 Three kinds, as in the paper's evaluation (maths, a learned behaviour, truthfulness):
 
-- ``arith``: two-step arithmetic word problems (``a * b +/- c``) answered with the number
-  alone. The instruct base, asked in this raw format, starts explaining instead; tuning
+- ``arith``: multiplication word problems (``a * b``, a 12-39, b 3-19) answered with the
+  number alone. The instruct base, asked in this raw format, starts explaining instead; tuning
   teaches the bare answer. ``acc`` extracts the last number of the output (the paper's GSM
   extraction), ``strict`` needs the number and nothing else.
 - ``sort_words``: sort 4-6 words alphabetically. An instruct model can sort, but tuning
@@ -31,7 +31,7 @@ from ..evaluation.extract import last_number, normalize_number
 from ..evaluation.tasks import Task, data_dir, read_rows
 
 SPLITS = ("train", "validation", "test")
-DATA_VERSION = 2
+DATA_VERSION = 3
 """Bump when a generator changes: stamped data of another version is never reused."""
 
 Example = dict[str, Any]
@@ -106,30 +106,26 @@ _ITEMS = (
 def _arith_one(rng: random.Random) -> Example:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
     a, b = rng.randint(12, 39), rng.randint(3, 19)
-    product = a * b
-    if rng.random() < 0.5:
-        c = rng.randint(11, 99)
-        answer = product + c
-        question = rng.choice(
-            (
-                f"{name} buys {a} bags of {b} {item} and already has {c}. How many now?",
-                f"A shop has {a} boxes of {b} {item} and {c} loose {item}. How many in all?",
-            )
+    question = rng.choice(
+        (
+            f"{name} buys {a} bags of {b} {item}. How many {item} is that?",
+            f"A shop has {a} boxes of {b} {item}. How many {item} in all?",
+            f"{name} collects {b} {item} a day for {a} days. How many {item} in all?",
+            f"{name} has {a} rows of {b} {item}. How many {item} are there?",
         )
-    else:
-        c = rng.randint(11, min(99, product - 1))
-        answer = product - c
-        question = rng.choice(
-            (
-                f"{name} has {a} boxes of {b} {item} and gives away {c}. How many are left?",
-                f"{name} collects {b} {item} a day for {a} days and loses {c}. How many are left?",
-            )
-        )
-    return {"question": question, "answer": str(answer), "completion": f" {answer}"}
+    )
+    return {
+        "question": question,
+        "operands": f"{a}*{b}",
+        "answer": str(a * b),
+        "completion": f" {a * b}",
+    }
 
 
 def make_arith(n: int, seed: int) -> list[Example]:
-    return _distinct(_arith_one, n, seed, "question")
+    """``n`` problems, no two with the same product to compute (so no test product is ever
+    trained on, in other words)."""
+    return _distinct(_arith_one, n, seed, "operands")
 
 
 def arith_score(answer: str | None, example: Mapping[str, Any]) -> dict[str, float]:
@@ -240,7 +236,7 @@ TASKS: dict[str, TaskKind] = {
     "arith": TaskKind(
         name="arith",
         kind="generate",
-        description="two-step arithmetic word problems, numeric answer (maths)",
+        description="multiplication word problems, numeric answer (maths)",
         make=make_arith,
         primary="acc",
         metrics=("acc", "strict"),
