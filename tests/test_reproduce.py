@@ -276,3 +276,25 @@ def test_cli_refuses_an_unknown_task_in_one_line(tmp_path, capsys) -> None:
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: unknown task 'nope'") and "\n" not in err
+
+
+def test_variants_script_runs_on_a_finished_run(tmp_path, tiny_pair) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "exp"
+    reproduce(_config(out, tiny_pair, tasks=("arith",)), log=lambda _: None)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "repro_variants.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    table = (out / "variants.md").read_text()
+    for name in ("proxy", "calibrated T=2", "gated", "alpha fades"):
+        assert f"| arith | acc | {name} |" in table
+    stored = [json.loads(x) for x in (out / "eval" / "arith" / "variants" / "gated.jsonl").open()]
+    assert len(stored) == 6

@@ -1,0 +1,88 @@
+"""Steering variants on a finished ``proxytune reproduce`` run: does calibration, gating or an
+alpha schedule let the base's own skill through where plain proxy-tuning copies the expert?
+
+    python benchmarks/repro_variants.py runs/reproduce --tasks arith,sort_words
+
+Each variant runs on the test split at the proxy's alpha chosen on validation, with the run's
+trained models; results go to ``OUT/eval/TASK/variants/`` (resumable like every evaluation) and
+a table with 95% bootstrap intervals and gap closed is printed and written to
+``OUT/variants.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from proxytune.evaluation import evaluate
+from proxytune.evaluation.systems import System
+from proxytune.reproduce import Experiment, ReproduceConfig
+from proxytune.reproduce.report import per_example
+from proxytune.reproduce.stats import aligned, gap_interval, mean_interval
+from proxytune.reproduce.tasks import eval_task, task_kind
+from proxytune.schedules import Linear
+
+
+def variants(alpha: float) -> dict[str, tuple[Any, Any]]:
+    """name -> (alpha, rule)."""
+    return {
+        # flatten the pair's distributions before taking their log-ratio (calibration)
+        "calibrated T=2": (
+            alpha,
+            {"name": "proxy", "temperatures": {"expert": 2.0, "anti_expert": 2.0}},
+        ),
+        # steer only where the expert is more confident than the base
+        "gated": (alpha, {"name": "gated"}),
+        # full steer on the first tokens (format), fading to a quarter by the fourth
+        "alpha fades": (Linear(alpha, alpha / 4, 4), "proxy"),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out", help="a finished reproduce run's folder")
+    parser.add_argument("--tasks", default=None, help="comma-separated; default: all generate")
+    args = parser.parse_args()
+    out = Path(args.out)
+    config = ReproduceConfig(**json.loads((out / "reproduce.json").read_text())["config"])
+    exp = Experiment(config, print)
+    tasks = args.tasks.split(",") if args.tasks else list(config.tasks)
+    lines = ["| task | metric | system | score | gap closed |", "|---|---|---|---|---|"]
+    for task in tasks:
+        kind = task_kind(task)
+        alpha = exp.chosen_alphas()[task]["proxy"]
+        systems = [
+            System(name, exp.proxy_tuner(), "other", a, rule)
+            for name, (a, rule) in variants(alpha).items()
+        ]
+        evaluate(
+            eval_task(kind, str(exp.data_file(task, "test"))),
+            systems,
+            out / "eval" / task / "variants",
+            batch_size=config.eval_batch_size,
+            write_summary=False,
+        )
+        for metric in kind.metrics:
+            ids = sorted(per_example(out, task, "test", "base", metric))
+            stored = {
+                s: per_example(out, task, "test", s, metric) for s in ("base", "tuned", "proxy")
+            }
+            stored.update(
+                {s.name: per_example(out, task, "variants", s.name, metric) for s in systems}
+            )
+            scores = aligned(stored, ids)
+            for name in ["proxy", *(s.name for s in systems)]:
+                gap, _ = gap_interval(scores[name], scores["base"], scores["tuned"])
+                lines.append(
+                    f"| {task} | {metric} | {name} | "
+                    f"{mean_interval(scores[name]).percent()} | {gap.percent()} |"
+                )
+    table = "\n".join(lines) + "\n"
+    (out / "variants.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
