@@ -1,7 +1,7 @@
 """Steering variants on a finished ``proxytune reproduce`` run: does calibration, gating or an
 alpha schedule let the base's own skill through where plain proxy-tuning copies the expert?
 
-    python benchmarks/repro_variants.py runs/reproduce --tasks arith,sort_words
+    python benchmarks/repro_variants.py runs/reproduce --tasks sort_words --variants alpha=4,gated
 
 Each variant runs on the test split at the proxy's alpha chosen on validation, with the run's
 trained models; results go to ``OUT/eval/TASK/variants/`` (resumable like every evaluation) and
@@ -26,24 +26,43 @@ from proxytune.schedules import Linear
 
 
 def variants(alpha: float) -> dict[str, tuple[Any, Any]]:
-    """name -> (alpha, rule)."""
+    """name -> (alpha, rule), around the proxy's chosen ``alpha``."""
     return {
         # flatten the pair's distributions before taking their log-ratio (calibration)
-        "calibrated T=2": (
+        "calibrated": (
             alpha,
             {"name": "proxy", "temperatures": {"expert": 2.0, "anti_expert": 2.0}},
         ),
         # steer only where the expert is more confident than the base
         "gated": (alpha, {"name": "gated"}),
         # full steer on the first tokens (format), fading to a quarter by the fourth
-        "alpha fades": (Linear(alpha, alpha / 4, 4), "proxy"),
+        "fading": (Linear(alpha, alpha / 4, 4), "proxy"),
     }
+
+
+def chosen(names: list[str], alpha: float) -> dict[str, tuple[Any, Any]]:
+    """The variants asked for: names from :func:`variants`, or ``alpha=A`` (plain proxy)."""
+    known = variants(alpha)
+    out = {}
+    for name in names:
+        if name.startswith("alpha="):
+            out[f"proxy@{float(name[6:]):g}"] = (float(name[6:]), "proxy")
+        elif name in known:
+            out[name] = known[name]
+        else:
+            raise SystemExit(f"unknown variant {name!r}; use {', '.join(known)} or alpha=A")
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out", help="a finished reproduce run's folder")
-    parser.add_argument("--tasks", default=None, help="comma-separated; default: all generate")
+    parser.add_argument("--tasks", default=None, help="comma-separated; default: all")
+    parser.add_argument(
+        "--variants",
+        default="calibrated,gated,fading",
+        help="comma-separated: calibrated, gated, fading, alpha=A",
+    )
     args = parser.parse_args()
     out = Path(args.out)
     config = ReproduceConfig(**json.loads((out / "reproduce.json").read_text())["config"])
@@ -55,7 +74,7 @@ def main() -> None:
         alpha = exp.chosen_alphas()[task]["proxy"]
         systems = [
             System(name, exp.proxy_tuner(), "other", a, rule)
-            for name, (a, rule) in variants(alpha).items()
+            for name, (a, rule) in chosen(args.variants.split(","), alpha).items()
         ]
         evaluate(
             eval_task(kind, str(exp.data_file(task, "test"))),

@@ -286,7 +286,7 @@ def test_variants_script_runs_on_a_finished_run(tmp_path, tiny_pair) -> None:
     reproduce(_config(out, tiny_pair, tasks=("arith",)), log=lambda _: None)
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "repro_variants.py"
     done = subprocess.run(
-        [sys.executable, str(script), str(out)],
+        [sys.executable, str(script), str(out), "--variants", "calibrated,gated,fading,alpha=3"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -294,7 +294,7 @@ def test_variants_script_runs_on_a_finished_run(tmp_path, tiny_pair) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     table = (out / "variants.md").read_text()
-    for name in ("proxy", "calibrated T=2", "gated", "alpha fades"):
+    for name in ("proxy", "calibrated", "gated", "fading", "proxy@3"):
         assert f"| arith | acc | {name} |" in table
     stored = [json.loads(x) for x in (out / "eval" / "arith" / "variants" / "gated.jsonl").open()]
     assert len(stored) == 6
