@@ -44,13 +44,13 @@ class ReproduceConfig:
     seed: int = 0
     alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
     """Validation sweep; each rule is tested at its best alpha."""
-    rules: tuple[str, ...] = ("proxy", "product", "plausible")
+    rules: tuple[str, ...] = ("proxy", "product")
     epochs: float = 1.0
     learning_rate: float = 4e-4
     lora_r: int = 16
     train_batch_size: int = 4
-    eval_batch_size: int = 16
-    analysis_examples: int = 24
+    eval_batch_size: int = 24
+    analysis_examples: int = 12
     """Test prompts of each generate task replayed token by token (0: no analysis)."""
     device: str = "auto"
     dtype: str = "auto"
