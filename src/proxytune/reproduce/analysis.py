@@ -1,21 +1,28 @@
 """Which kinds of token steering acts on: the paper found proxy-tuning changes style and
-reasoning tokens far more than knowledge tokens; here tokens are split into numbers, words
-and format (punctuation, separators, whitespace) and counted where steering changed the
-greedy choice."""
+reasoning tokens far more than knowledge tokens; here tokens are split into numbers, words,
+format (punctuation, separators, whitespace) and end (end-of-sequence and other special
+tokens), and counted where steering changed the greedy choice."""
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 from ..analysis.records import SequenceRecord
 
-CLASSES = ("number", "word", "format")
+CLASSES = ("number", "word", "format", "end")
+
+
+_SPECIAL = re.compile(r"<\|[^|<>]+\|>|</s>|<eos>")
 
 
 def token_class(text: str) -> str:
-    """``number`` (has a digit), ``word`` (has a letter) or ``format`` (neither)."""
+    """``end`` (a special token such as end-of-sequence), ``number`` (has a digit), ``word``
+    (has a letter) or ``format`` (neither)."""
+    if _SPECIAL.fullmatch(text.strip()):
+        return "end"
     if any(c.isdigit() for c in text):
         return "number"
     if any(c.isalpha() for c in text):

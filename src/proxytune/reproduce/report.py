@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..evaluation.runner import _safe
 from ..evaluation.store import ResultStore
+from .analysis import CLASSES, token_classes
 from .stats import Estimate, aligned, gap_interval, mean_interval
 from .tasks import task_kind
 
@@ -96,6 +97,7 @@ def write_results(exp: Experiment) -> dict[str, Any]:
         "stages": stages,
         "tasks": _plain(tasks),
         "follow": following,
+        "token_classes": token_classes_of(exp),
     }
     (exp.out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     _write_csv(exp.out / "results.csv", tasks)
@@ -180,14 +182,15 @@ def markdown(
                     f"{_pct(f['proxy_right_where_expert_right'])} (n={f['expert_right']}) | "
                     f"{_pct(f['proxy_right_where_expert_wrong'])} (n={f['expert_wrong']}) |"
                 )
-    classes = stages.get("analysis", {}).get("classes", {})
+    classes = token_classes_of(exp)
     if classes:
         lines += [
             "",
             "## What steering changed (proxy, test prompts)",
             "",
-            "| task | tokens | changed top choice | changed: number / word / format | "
-            "all tokens: number / word / format | mean abs shift (nats): number / word / format |",
+            "| task | tokens | changed top choice | changed: number / word / format / end | "
+            "all tokens: number / word / format / end | "
+            "mean abs shift (nats): number / word / format / end |",
             "|---|---|---|---|---|---|",
         ]
         for task, c in classes.items():
@@ -195,14 +198,28 @@ def markdown(
             shifts = " / ".join("-" if sh[k] is None else f"{sh[k]:.3f}" for k in sh)
             lines.append(
                 f"| {task} | {c['tokens']} | {c['changed']} | "
-                f"{ch['number']} / {ch['word']} / {ch['format']} | "
-                f"{al['number']} / {al['word']} / {al['format']} | {shifts} |"
+                + " / ".join(str(ch[k]) for k in CLASSES)
+                + " | "
+                + " / ".join(str(al[k]) for k in CLASSES)
+                + f" | {shifts} |"
             )
     lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {s} | {v['seconds']:.0f} |" for s, v in stages.items()]
     if plot is not None:
         lines += ["", f"![alpha sweep]({plot.name})"]
     return "\n".join(lines) + "\n"
+
+
+def token_classes_of(exp: Experiment) -> dict[str, Any]:
+    """Per task, :func:`.analysis.token_classes` of the saved token records."""
+    from ..analysis.records import load_records
+
+    out = {}
+    for task in exp.config.tasks:
+        path = exp.out / "analysis" / task / "records.jsonl"
+        if path.is_file():
+            out[task] = token_classes(load_records(path))
+    return out
 
 
 def _pct(value: float | None) -> str:
