@@ -102,7 +102,7 @@ def write_results(exp: Experiment) -> dict[str, Any]:
     (exp.out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     _write_csv(exp.out / "results.csv", tasks)
     plot = _plot_sweep(exp, stages.get("validation", {}).get("sweep", {}))
-    text = markdown(exp, tasks, stages, plot, following)
+    text = markdown(exp, tasks, stages, plot, following, data["token_classes"])
     (exp.out / "results.md").write_text(text, encoding="utf-8")
     return data
 
@@ -113,6 +113,7 @@ def markdown(
     stages: dict[str, Any],
     plot: Any,
     following: dict[str, Any],
+    classes: dict[str, Any],
 ) -> str:
     cfg = exp.config
     lines = [
@@ -182,7 +183,6 @@ def markdown(
                     f"{_pct(f['proxy_right_where_expert_right'])} (n={f['expert_right']}) | "
                     f"{_pct(f['proxy_right_where_expert_wrong'])} (n={f['expert_wrong']}) |"
                 )
-    classes = token_classes_of(exp)
     if classes:
         lines += [
             "",
