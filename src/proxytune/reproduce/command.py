@@ -54,5 +54,4 @@ def build_config(preset_name: str, out: str, split: list[str], **options: Any) -
     if split:
         sizes = {**config.sizes, **parse_sizes(split, config.tasks)}
         config = config.with_overrides(sizes=sizes)
-        config.__post_init__()
     return config
