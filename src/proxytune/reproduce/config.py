@@ -154,6 +154,14 @@ def differences(old: Any, new: Any, path: str = "") -> list[str]:
     return [] if old == new else [f"{path or 'settings'}: {old!r} -> {new!r}"]
 
 
+def changed_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> str | None:
+    """What differs (the first four paths) when ``recorded`` (a stamp with ``key`` and
+    ``settings``) was made under other ``settings``; ``None`` when they match."""
+    if recorded.get("key") == settings_key(settings):
+        return None
+    return "; ".join(differences(recorded.get("settings"), settings)[:4])
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
     "tiny": {

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .config import RULES, ReproduceConfig, differences, settings_key
+from .config import RULES, ReproduceConfig, changed_settings, differences, settings_key
 from .tasks import SPLITS, eval_task, make_splits, sft_rows, task_kind
 
 STAGES = ("data", "expert", "tuned", "validation", "test", "analysis", "report")
@@ -102,12 +102,11 @@ class Experiment:
                 f"{str(path)!r} is damaged; delete it to run stage {stage!r} again"
             ) from None
 
-        settings = self.config.stage_settings(stage)
-        if stamp.get("key") != settings_key(settings):
-            changed = differences(stamp.get("settings"), settings)
+        changed = changed_settings(stamp, self.config.stage_settings(stage))
+        if changed is not None:
             raise ConfigError(
                 f"stage {stage!r} in {str(self.out)!r} was finished with other settings "
-                f"({'; '.join(changed[:4])}); results are never mixed: give another --out "
+                f"({changed}); results are never mixed: give another --out "
                 "(or put the old settings back)"
             )
         return stamp
@@ -239,12 +238,11 @@ class Experiment:
         settings = self.config.stage_settings(stage)
         if resuming and path.is_file():
             started = json.loads(path.read_text(encoding="utf-8"))
-            if started.get("key") != settings_key(settings):
-                changed = differences(started.get("settings"), settings)
+            changed = changed_settings(started, settings)
+            if changed is not None:
                 raise ConfigError(
                     f"stage {stage!r} was interrupted in {str(self.out / stage)!r} under other "
-                    f"settings ({'; '.join(changed[:4])}); put them back to resume it, or "
-                    "give another --out"
+                    f"settings ({changed}); put them back to resume it, or give another --out"
                 )
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(
