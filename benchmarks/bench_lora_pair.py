@@ -95,7 +95,7 @@ def worker(args: argparse.Namespace) -> dict:
     tuner = None
     if args.base:
         base = ModelSpec(args.base, prompt="raw", **opts)
-        tuner = ProxyTuner.from_specs(base, [(expert, small, 1.0)], one_pass=one_pass)
+        tuner = ProxyTuner.from_specs(base, [(expert, small, 1.0)], options={"one_pass": one_pass})
         e, a = tuner.pairs[0].expert.model, tuner.pairs[0].anti_expert.model
     elif one_pass:
         loaded: dict = {}

@@ -55,7 +55,6 @@ def system_name(text: str) -> str:
 def build(system: str, args: dict[str, Any]) -> Any:
     """The tuner of ``system``, loaded from the recipe."""
     from proxytune import ProxyTuner
-    from proxytune.backends.stacked import stack_shared
     from proxytune.recipe import default_recipe_path, load_recipe
 
     overrides = {"device": args["device"]} if args["device"] else {}
@@ -70,13 +69,10 @@ def build(system: str, args: dict[str, Any]) -> Any:
         pairs = [(q(e), q(a), alpha) for e, a, alpha in recipe.pairs]
         base = q(recipe.base) if quant.endswith("all") else recipe.base
         recipe = replace(recipe, base=base, pairs=pairs)
-    tuner = ProxyTuner.from_recipe(recipe)
-    tuner.overlap = kind.endswith("overlap")
-    if kind == "base":
-        return tuner.alone("base")
-    if kind == "stacked":
-        return stack_shared(tuner)
-    return tuner
+    tuner = ProxyTuner.from_recipe(
+        recipe, overlap=kind.endswith("overlap"), stacked=kind == "stacked"
+    )
+    return tuner.alone("base") if kind == "base" else tuner
 
 
 def weight_gib(tuner: Any) -> float:
@@ -113,7 +109,7 @@ def measure(system: str, batch: int, args: dict[str, Any], out: Any) -> None:
     """Load ``system`` and time one greedy batch of ``batch`` prompts (child process)."""
     import torch
 
-    from proxytune.speculative import SpeculativeStats
+    from proxytune.engine.speculative import SpeculativeStats
 
     if args["threads"]:
         torch.set_num_threads(args["threads"])

@@ -23,13 +23,13 @@ from proxytune.backends.api import (  # noqa: E402
     EndpointError,
     _completions_url,
 )
-from proxytune.backends.blackbox import BlackBoxStats  # noqa: E402
 from proxytune.backends.hf import HFModel  # noqa: E402
 from proxytune.backends.topk import topk_row  # noqa: E402
 from proxytune.cli import main  # noqa: E402
 from proxytune.crosstok import _byte_encoder  # noqa: E402
+from proxytune.engine import Member, Pair  # noqa: E402
+from proxytune.engine.blackbox import BlackBoxStats  # noqa: E402
 from proxytune.errors import ConfigError  # noqa: E402
-from proxytune.generation import Member, Pair  # noqa: E402
 from proxytune.prompts import PromptFormat  # noqa: E402
 from proxytune.recipe import parse_recipe  # noqa: E402
 from proxytune.server import ServerSettings, create_app  # noqa: E402

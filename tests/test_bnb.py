@@ -70,7 +70,7 @@ def test_missing_bitsandbytes_and_gguf_get_clear_errors(tiny_dirs, monkeypatch, 
         ModelSpec("x", quantize="bnb2")
 
 
-def test_a_lora_expert_over_4bit_weights_one_pass_or_not(tiny_dirs, tmp_path, monkeypatch):
+def test_a_lora_expert_over_4bit_weights_one_pass_or_not(tiny_dirs, tmp_path):
     """QLoRA-style: the adapter stays unmerged over the 4-bit layers, whether the pair shares
     one model (one pass) or the expert is loaded on its own; both give the same tokens."""
     from proxytune.testing import save_tiny_lora
@@ -82,9 +82,9 @@ def test_a_lora_expert_over_4bit_weights_one_pass_or_not(tiny_dirs, tmp_path, mo
 
     got = {}
     for one_pass in ("1", "0"):
-        monkeypatch.setenv("PROXYTUNE_ONE_PASS", one_pass)
         expert = spec("anti", adapter=str(tmp_path / "adapter"))
-        t = ProxyTuner.from_specs(spec("base"), [(expert, spec("anti"), 1.0)])
+        options = {"one_pass": one_pass == "1"}
+        t = ProxyTuner.from_specs(spec("base"), [(expert, spec("anti"), 1.0)], options=options)
         if one_pass == "0":  # the expert alone: PEFT layers around 4-bit ones
             modules = list(t.pairs[0].expert.model.model.modules())
             assert any(isinstance(m, bnb.nn.Linear4bit) for m in modules)

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from proxytune import ProxyTuner
-from proxytune.backends.blackbox import BlackBoxStats
 from proxytune.backends.hf import HFModel
 from proxytune.cli import main
 from proxytune.crosstok import CoverageError, CrossFeeder, CrossOptions, token_bytes, vocab_map
+from proxytune.engine import Member, Pair
+from proxytune.engine.blackbox import BlackBoxStats
 from proxytune.errors import ConfigError, VocabularyMismatchError
-from proxytune.generation import Member, Pair
 from proxytune.prompts import PromptFormat
 from proxytune.recipe import parse_recipe
 from proxytune.schedules import Linear

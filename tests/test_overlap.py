@@ -10,11 +10,10 @@ import pytest
 import torch
 
 from proxytune import ModelSpec, ProxyTuner
-from proxytune.backends.stacked import stack_shared
 from proxytune.config import GenerationConfig
-from proxytune.generation import Member, Pair, decode
+from proxytune.engine import Member, Pair, decode, prepare
+from proxytune.engine.speculative import SpeculativeStats
 from proxytune.overlap import engine, run_grouped
-from proxytune.speculative import SpeculativeStats
 
 PROMPTS = ["The quick brown fox", "Rain", "def add(a, b):\n    return", "Once upon a"]
 
@@ -73,7 +72,7 @@ def test_engines_follow_views_down_to_the_shared_weights(tiny_dirs):
     )
     base, expert, anti = (m.model for m in t.members)
     assert engine(expert) is engine(anti) is not engine(base)
-    stacked = stack_shared(t)
+    stacked = t.with_options(stacked=True)
     views = [m.model for m in stacked.members]
     assert engine(views[1]) is engine(views[2]) is engine(anti)
 
@@ -110,13 +109,10 @@ def test_overlapped_output_is_the_sequential_output(request, which):
     stats = SpeculativeStats()
     spec = t.generate(PROMPTS, max_new_tokens=16, speculative="auto", overlap=True, stats=stats)
     assert ids(spec) == ids(t.generate(PROMPTS, max_new_tokens=16)) and stats.proposed > 0
-    t.overlap = True  # the tuner's default
-    try:
-        assert ids(stack_shared(t).generate(PROMPTS, max_new_tokens=10)) == ids(
-            t.generate(PROMPTS, max_new_tokens=10, overlap=False)
-        )
-    finally:
-        t.overlap = False
+    on = t.with_options(overlap=True)  # the tuner's default
+    assert ids(on.with_options(stacked=True).generate(PROMPTS, max_new_tokens=10)) == ids(
+        t.generate(PROMPTS, max_new_tokens=10, overlap=False)
+    )
 
 
 def test_a_one_pass_lora_pair_overlaps_with_the_base(tiny_dirs, tmp_path):
@@ -183,8 +179,8 @@ def test_the_decode_loop_runs_the_pair_beside_the_base():
     config = GenerationConfig(max_new_tokens=5, ignore_eos=True)
     for overlap in (False, True):
         log.clear()
-        out = [u.token_id for ups in decode(base, [pair], ["ab"], config, 5, (), None, overlap)
-               for u in ups]  # fmt: skip
+        request = prepare(base, [pair], ["ab"], config, 5, ())
+        out = [u.token_id for ups in decode(request, overlap) for u in ups]
         assert len(out) == 5
         threads = {name: {t for n, t in log if n == name} for name, _ in log}
         main = threading.current_thread().name
@@ -226,7 +222,7 @@ def test_a_recipe_turns_overlap_on_and_the_cli_can_turn_it_off(tiny_dirs, tmp_pa
 base: {{model: "{tiny_dirs["base"]}"}}
 pairs: [{{expert: "{tiny_dirs["expert"]}", anti_expert: "{tiny_dirs["anti"]}"}}]
 model_defaults: {{device: cpu}}
-overlap: true
+engine: {{overlap: true}}
 """
     )
     assert ProxyTuner.from_recipe(recipe).overlap is True
@@ -236,7 +232,7 @@ overlap: true
     assert main(["serve", "--recipe", str(recipe), "--no-overlap"]) == 0
     assert seen["tuner"].overlap is False
     with pytest.raises(ConfigError, match="'overlap' must be true or false"):
-        parse_recipe({"base": "x", "overlap": "yes"})
+        parse_recipe({"base": "x", "engine": {"overlap": "yes"}})
 
 
 def test_mps_models_never_run_in_threads():

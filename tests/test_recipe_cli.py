@@ -94,7 +94,7 @@ def test_default_recipe_ships_and_parses():
     assert r.base.path == "embedded:qwen2.5-coder-1.5b-instruct"
     assert r.pairs[0][0].prompt.kind == "chat"
     assert r.pairs[0][1].prompt == r.base.prompt and r.base.prompt.template == "{prompt}\n"
-    assert r.overlap is True
+    assert r.engine.overlap is True
 
 
 def test_cli_generate_json(tiny_dirs, capsys):

@@ -593,10 +593,10 @@ def test_server_limits_logprobs_and_max_tokens(tuner):
 
 
 def test_a_failing_rule_fails_its_request_with_500_and_the_server_keeps_serving(tuner):
-    def combine(base_lp, pairs, alphas):  # a broken custom rule: NaN when alpha is 7
-        return base_lp * math.nan if alphas and alphas[0] == 7.0 else base_lp
+    def combine(ctx):  # a broken custom rule: NaN when alpha is 7
+        return ctx.base * math.nan if ctx.alphas and ctx.alphas[0] == 7.0 else ctx.base
 
-    broken = ProxyTuner(tuner.base, tuner.pairs, tuner.defaults, combine=combine)
+    broken = ProxyTuner(tuner.base, tuner.pairs, tuner.defaults, rule=combine)
     with serve_in_thread(create_app(broken, ServerSettings(model_name=MODEL))) as u:
         bad = {"prompt": "x", "max_tokens": 4, "alpha": 7}
         r = httpx.post(f"{u}{C}", json=bad)

@@ -1,4 +1,4 @@
-"""Continuous batching (``proxytune.server.batch``/``scheduler``) on tiny models, no HTTP.
+"""Continuous batching (``engine.continuous``/``server.scheduler``) on tiny models, no HTTP.
 
 The property everything rests on: a request's tokens do not depend on which other requests
 share its batch, or on when it joined.
@@ -13,10 +13,11 @@ import pytest
 import torch
 
 from proxytune import ProxyTuner
+from proxytune.arithmetic import steering_kl
+from proxytune.engine.continuous import ContinuousBatch
+from proxytune.engine.controls import MAX_ABS_ALPHA, request_alphas
 from proxytune.errors import ConfigError, NumericalError
 from proxytune.schedules import Linear
-from proxytune.server.batch import ContinuousBatch, steering_kl
-from proxytune.server.controls import MAX_ABS_ALPHA, request_alphas
 from proxytune.server.scheduler import Finished, Scheduler, ShuttingDown
 
 PROMPTS = ["The quick brown fox", "def add(a, b):", "Rain falls on", "Once upon a time there was"]
@@ -44,9 +45,8 @@ def rows_of(updates: list) -> dict[int, list[int]]:
 
 @pytest.mark.parametrize("overlap", [False, True])
 def test_requests_joining_between_steps_each_equal_the_request_alone(tuner, overlap, monkeypatch):
-    """Also with the roles' forwards overlapped (``tuner.overlap``): the same tokens."""
-    monkeypatch.setattr(tuner, "overlap", overlap)
-    batch = ContinuousBatch(tuner)
+    """Also with the roles' forwards overlapped (``options.overlap``): the same tokens."""
+    batch = ContinuousBatch(tuner.with_options(overlap=overlap))
     cases = [  # (prompt, alpha, active pairs, settings)
         (PROMPTS[0], None, None, {"max_new_tokens": 12}),
         (PROMPTS[1], 0.5, None, {"max_new_tokens": 9, "ignore_eos": True}),
@@ -172,14 +172,14 @@ def test_cancelled_requests_leave_the_batch_at_the_next_step(tuner):
 
 
 def test_a_failing_combination_fails_its_own_request_only(tuner):
-    def combine(base_lp, pairs, alphas):
-        if alphas and alphas[0] == 7.0:
-            return torch.full_like(base_lp, math.nan)
+    def combine(ctx):
+        if ctx.alphas and ctx.alphas[0] == 7.0:
+            return torch.full_like(ctx.base, math.nan)
         from proxytune.arithmetic import combine_proxy
 
-        return combine_proxy(base_lp, pairs, alphas)
+        return combine_proxy(ctx.base, *ctx.ran())
 
-    broken = ProxyTuner(tuner.base, tuner.pairs, tuner.defaults, combine=combine)
+    broken = ProxyTuner(tuner.base, tuner.pairs, tuner.defaults, rule=combine)
     batch = ContinuousBatch(broken)
     cfg = tuner.config(max_new_tokens=6)
     good, bad = batch.prepare([PROMPTS[0]], cfg), batch.prepare([PROMPTS[1]], cfg, 7.0)

@@ -9,23 +9,22 @@ import torch
 
 from proxytune import ProxyTuner
 from proxytune.arithmetic import combine_proxy, log_probs
-from proxytune.backends.prefix import cache_prefixes, common_prefix
+from proxytune.backends.prefix import common_prefix
 from proxytune.backends.quantize import Int8Linear
-from proxytune.backends.stacked import LockstepError, StackedView, stack_shared
+from proxytune.backends.stacked import LockstepError, StackedView
 from proxytune.cli import main
-from proxytune.config import GenerationConfig
-from proxytune.errors import ConfigError
-from proxytune.generation import Member, Pair
-from proxytune.sampling import shape_scores
-from proxytune.schedules import Constant
-from proxytune.specs import ModelSpec
-from proxytune.speculative import (
+from proxytune.config import GenerationConfig, parse_draft_length
+from proxytune.engine import Member, Pair, prepare
+from proxytune.engine.speculative import (
     RoundCosts,
     SpeculativeStats,
     best_draft_length,
-    parse_draft_length,
     speculative_decode,
 )
+from proxytune.errors import ConfigError
+from proxytune.sampling import shape_scores
+from proxytune.schedules import Constant
+from proxytune.specs import ModelSpec
 
 PROMPTS = ["The quick brown fox", "Rain", "def add(a, b):\n    return", "Once upon a"]
 
@@ -288,7 +287,8 @@ def test_sampled_tokens_follow_the_target_distribution(k, settings):
     )
     stats = SpeculativeStats()
     rows: dict[int, list[int]] = {}
-    for updates in speculative_decode(base, [pair], [prompt], config, VOCAB, (), k=k, stats=stats):
+    request = prepare(base, [pair], [prompt], config, VOCAB, ())
+    for updates in speculative_decode(request, k=k, stats=stats):
         for u in updates:
             rows.setdefault(u.row, []).append(u.token_id)
     samples = torch.tensor(list(rows.values()))
@@ -354,7 +354,7 @@ def test_auto_learns_what_drafting_costs(verify_call, verify_position, drafts):
     config = GenerationConfig(max_new_tokens=40, n=4, ignore_eos=True)  # greedy: timed
     stats = SpeculativeStats()
     rounds = speculative_decode(
-        base, [pair], ["ab"], config, VOCAB, (), k="auto", stats=stats, clock=clock
+        prepare(base, [pair], ["ab"], config, VOCAB, ()), k="auto", stats=stats, clock=clock
     )
     emitted = sum(len(updates) for updates in rounds)
     assert emitted == 4 * 40
@@ -367,7 +367,7 @@ def test_auto_learns_what_drafting_costs(verify_call, verify_position, drafts):
     proposed, costs = stats.proposed, stats.costs
     assert costs is not None and costs.draft is not None and costs.verify
     again = speculative_decode(
-        base, [pair], ["ab"], config, VOCAB, (), k="auto", stats=stats, clock=clock
+        prepare(base, [pair], ["ab"], config, VOCAB, ()), k="auto", stats=stats, clock=clock
     )
     assert sum(len(updates) for updates in again) == 4 * 40
     assert stats.costs is costs
@@ -405,7 +405,7 @@ def test_stacked_roles_share_one_forward_and_change_nothing(tiny_dirs):
         anti_expert=str(tiny_dirs["expert"]),  # one model, two prompts: chat and raw
         device="cpu",
     )
-    stacked = stack_shared(plain)
+    stacked = plain.with_options(stacked=True)
     assert isinstance(stacked.pairs[0].expert.model, StackedView)
     assert stacked.base.model is plain.base.model  # not shared: left alone
     lm = plain.pairs[0].expert.model
@@ -432,7 +432,7 @@ def test_stacked_roles_driven_apart_raise(tiny_dirs):
         expert=str(tiny_dirs["expert"]),
         anti_expert=str(tiny_dirs["expert"]),
     )
-    view = stack_shared(plain).pairs[0].expert.model
+    view = plain.with_options(stacked=True).pairs[0].expert.model
     a, _ = view.start([[5, 6]])
     b, _ = view.start([[7, 8, 9]])
     a.advance(torch.tensor([[1]]))
@@ -472,7 +472,7 @@ def test_int8_models_decode_batched_and_speculatively(tiny_dirs):
 
 
 def test_a_shared_prefix_is_prefilled_once_and_changes_nothing(drafting):
-    cached = cache_prefixes(drafting, min_tokens=4)
+    cached = drafting.with_options(prefix_cache=True, prefix_min_tokens=4)
     lm = cached.base.model
     assert cached.pairs[0].expert.model is lm  # roles on one model share one cache
     preamble = "Question: what is two plus three? Answer: five. Question: "

@@ -13,8 +13,8 @@ from proxytune import ModelSpec, ProxyTuner
 from proxytune.arithmetic import combine_proxy, log_probs
 from proxytune.backends.lora_pair import LockstepError, LoraView, resolve_adapter_dir
 from proxytune.cli import main
+from proxytune.engine.prepare import render_prompts
 from proxytune.errors import ConfigError
-from proxytune.generation import render_prompts
 from proxytune.testing import save_tiny_model
 from proxytune.training import DataError, TrainConfig, load_sft, train
 from proxytune.training.encode import IGNORE, Encoder, TruncationWarning, fit_sft
@@ -376,7 +376,7 @@ def pair_specs(tiny_dirs, adapter):
 def both_paths(tiny_dirs, random_adapter):
     base, expert, anti = pair_specs(tiny_dirs, random_adapter)
     one = ProxyTuner.from_specs(base, [(expert, anti, 1.5)])
-    two = ProxyTuner.from_specs(base, [(expert, anti, 1.5)], one_pass=False)
+    two = ProxyTuner.from_specs(base, [(expert, anti, 1.5)], options={"one_pass": False})
     return one, two
 
 
@@ -459,7 +459,7 @@ def test_lockstep_states_follow_continuous_batching(tiny_dirs, random_adapter):
     decoding) give the two-model logits."""
     base, expert, anti = pair_specs(tiny_dirs, random_adapter)
     one = ProxyTuner.from_specs(base, [(expert, anti, 1.0)])
-    two = ProxyTuner.from_specs(base, [(expert, anti, 1.0)], one_pass=False)
+    two = ProxyTuner.from_specs(base, [(expert, anti, 1.0)], options={"one_pass": False})
 
     def run(tuner):
         e, a = tuner.pairs[0].expert.model, tuner.pairs[0].anti_expert.model
@@ -497,10 +497,9 @@ def test_lockstep_violation_is_refused(both_paths):
         sa.advance(torch.tensor([[4]]))
 
 
-def test_one_pass_opt_out_by_environment(tiny_dirs, random_adapter, monkeypatch):
-    monkeypatch.setenv("PROXYTUNE_ONE_PASS", "0")
+def test_one_pass_opt_out_by_engine_option(tiny_dirs, random_adapter):
     base, expert, anti = pair_specs(tiny_dirs, random_adapter)
-    tuner = ProxyTuner.from_specs(base, [(expert, anti, 1.0)])
+    tuner = ProxyTuner.from_specs(base, [(expert, anti, 1.0)], options={"one_pass": False})
     assert not isinstance(tuner.pairs[0].expert.model, LoraView)
 
 
@@ -516,7 +515,7 @@ def test_two_adapters_on_one_anti_expert_share_one_model(tiny_dirs, random_adapt
     second = ModelSpec(str(tiny_dirs["anti"]), adapter=str(tmp_path / "second"), **CPU)
     pairs = [(first, anti, 1.0), (second, anti, 0.5)]
     one = ProxyTuner.from_specs(base, pairs)
-    two = ProxyTuner.from_specs(base, pairs, one_pass=False)
+    two = ProxyTuner.from_specs(base, pairs, options={"one_pass": False})
     hosts = {id(m.model.host) for p in one.pairs for m in p.members}
     assert len(hosts) == 1  # one small model, two adapters
     got = one.generate(PROMPTS, max_new_tokens=12)

@@ -7,7 +7,9 @@ Heavy libraries (``transformers``) load only when a model does.
 
 from __future__ import annotations
 
-from .config import GenerationConfig
+from typing import TYPE_CHECKING
+
+from .config import EngineOptions, GenerationConfig
 from .errors import (
     ConfigError,
     EmbeddedModelError,
@@ -21,6 +23,9 @@ from .prompts import PromptFormat
 from .results import GenerationResult, StepUpdate, TokenLogprob
 from .schedules import Constant, Linear
 from .specs import ModelSpec
+
+if TYPE_CHECKING:  # type checkers see the class; at run time it loads (with torch) on first use
+    from .tuner import ProxyTuner
 
 __version__ = "0.1.0"
 
@@ -37,6 +42,7 @@ __all__ = [
     "ConfigError",
     "Constant",
     "EmbeddedModelError",
+    "EngineOptions",
     "GenerationConfig",
     "GenerationResult",
     "Linear",

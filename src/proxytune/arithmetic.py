@@ -144,3 +144,19 @@ def combine_proxy(
 ) -> torch.Tensor:
     """The default rule: :func:`proxy_scores` over each pair's :func:`proxy_offset`."""
     return proxy_scores(base_lp, [proxy_offset(e, a) for e, a in pairs], alphas)
+
+
+def steering_kl(scores: torch.Tensor, base_lp: torch.Tensor) -> torch.Tensor:
+    """``KL(steered || base)`` per row, in nats: ``(B, V)`` scores and base log-probs -> ``(B,)``.
+
+    ``scores`` are the combined (unnormalised) scores; tokens the steered distribution rules
+    out contribute nothing (``0 * log 0 = 0``).
+
+    >>> base = torch.log(torch.tensor([[0.5, 0.5]]))
+    >>> steering_kl(torch.log(torch.tensor([[1.0, 0.0]])), base)
+    tensor([0.6931])
+    """
+    lp = torch.log_softmax(scores.float(), dim=-1)
+    p = lp.exp()
+    terms = torch.where(p > 0, p * (lp - base_lp.float()), torch.zeros_like(p))
+    return terms.sum(dim=-1)

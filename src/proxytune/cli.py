@@ -190,7 +190,7 @@ def generate(
     if rule is not None or rule_arg:
         tuner = tuner.with_rule(_rule_spec(tuner, rule, rule_arg))
     if overlap is not None:
-        tuner.overlap = overlap
+        tuner = tuner.with_options(overlap=overlap)
     settings: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
@@ -207,12 +207,13 @@ def generate(
         settings.update(logprobs=True, top_logprobs=top_logprobs)
     spec: dict[str, Any] = {}
     if speculative not in (None, "0"):
-        from .speculative import SpeculativeStats, parse_draft_length
+        from .config import parse_draft_length
+        from .engine.speculative import SpeculativeStats
 
         spec = {"speculative": parse_draft_length(speculative), "stats": SpeculativeStats()}
     bill: dict[str, Any] = {}
     if tuner.blackbox and not spec:  # an API base or a pair of another tokenizer: the bill
-        from .backends.blackbox import BlackBoxStats
+        from .engine.blackbox import BlackBoxStats
 
         bill = {"stats": BlackBoxStats()}
     if compare:
@@ -404,9 +405,9 @@ def serve(
     log_level: Annotated[str, Opt(help="critical | error | warning | info | debug")] = "info",
 ) -> None:
     """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""
+    from .config import parse_draft_length
     from .server import ServerSettings
     from .server import serve as run_server
-    from .speculative import parse_draft_length
 
     draft = None if speculative in (None, "0") else parse_draft_length(speculative)
     tuner = _build_tuner(
@@ -423,7 +424,7 @@ def serve(
         trust_remote_code,
     )
     if overlap is not None:
-        tuner.overlap = overlap
+        tuner = tuner.with_options(overlap=overlap)
     if served_model_name is None:
         if recipe is None and base is not None:
             served_model_name = Path(base.rstrip("/")).name.removesuffix(".gguf")

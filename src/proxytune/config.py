@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, fields, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from .errors import ConfigError
@@ -128,5 +128,100 @@ def _require_int(value: Any, name: str, minimum: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+AUTO_DRAFT = "auto"
+
+
+def parse_draft_length(value: int | str) -> int | str:
+    """A speculative draft length as given by a user: an integer >= 1 (``"4"`` too) or
+    ``"auto"``."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == AUTO_DRAFT:
+            return AUTO_DRAFT
+        if text.isdigit():
+            value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(
+            f"speculative must be a draft length >= 1 or 'auto', got {value!r}; "
+            "leave it unset (or 0 on the command line) for the plain loop"
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How the engine runs the models: speed features that leave the output as it is.
+
+    The one place to turn them on, from Python (``ProxyTuner(..., options=...)``,
+    :meth:`~proxytune.tuner.ProxyTuner.with_options`), a recipe's ``engine:`` mapping, the
+    command line (``--overlap``, ``--speculative``, ``--stacked``, ``--prefix-cache``,
+    ``--one-pass/--two-pass``) and the server (the same flags).
+
+    >>> EngineOptions.parse({"overlap": True, "speculative": "4"})  # doctest: +NORMALIZE_WHITESPACE
+    EngineOptions(overlap=True, speculative=4, stacked=False, prefix_cache=False,
+                  prefix_min_tokens=16, one_pass=True)
+    """
+
+    overlap: bool = False
+    """Run the forwards of models on different weights at once (:mod:`proxytune.overlap`)."""
+    speculative: int | str | None = None
+    """Speculative proxy decoding: a draft length or ``"auto"``; ``None`` (or 0): off."""
+    stacked: bool = False
+    """Roles that share one loaded model run in one forward (:mod:`~.backends.stacked`)."""
+    prefix_cache: bool = False
+    """Prefill repeated prompt prefixes once per model (:mod:`~.backends.prefix`)."""
+    prefix_min_tokens: int = 16
+    """The shortest shared prefix worth caching (with ``prefix_cache``)."""
+    one_pass: bool = True
+    """A LoRA expert of its anti-expert's model runs in the same forward
+    (:mod:`~.backends.lora_pair`); applies when models load."""
+
+    def __post_init__(self) -> None:
+        for name in ("overlap", "stacked", "prefix_cache", "one_pass"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(
+                    f"engine option {name!r} must be true or false, got {getattr(self, name)!r}"
+                )
+        _require_int(self.prefix_min_tokens, "prefix_min_tokens", 1)
+        if self.stacked and self.prefix_cache:
+            raise ConfigError(
+                "engine options stacked and prefix_cache do not compose (each wraps the "
+                "shared model its own way); choose one"
+            )
+        draft = self.speculative
+        if draft in (0, "0", "", False):
+            draft = None
+        draft = None if draft is None else parse_draft_length(draft)
+        object.__setattr__(self, "speculative", draft)
+
+    @classmethod
+    def parse(cls, value: EngineOptions | Mapping[str, Any] | None) -> EngineOptions:
+        """Options from a mapping (a recipe's ``engine:``), an instance, or ``None``."""
+        if value is None:
+            return cls()
+        if isinstance(value, EngineOptions):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"engine options must be a mapping, got {value!r}")
+        return cls().updated(**value)
+
+    def updated(self, **changes: Any) -> EngineOptions:
+        """A copy with ``changes`` applied; ``None`` values are ignored; unknown keys refused."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def wraps_models(self) -> tuple[bool, bool, int]:
+        """What changes the loaded models' wrappers (``stacked``, ``prefix_cache`` and its
+        length): options equal here run on the same model objects."""
+        return (self.stacked, self.prefix_cache, self.prefix_min_tokens)
+
+
 DEFAULT_CONFIG = GenerationConfig()
-__all__ = ["DEFAULT_CONFIG", "GenerationConfig"]
+__all__ = ["DEFAULT_CONFIG", "EngineOptions", "GenerationConfig", "parse_draft_length"]

@@ -17,10 +17,12 @@ from typing import Any
 import torch
 
 from .backends.base import DecodeState
+from .engine.members import Member, Pair
+from .engine.prepare import plan, render_prompts
+from .engine.step import checked_scores, model_logprobs, step_context
 from .errors import ConfigError
-from .generation import Member, Pair, checked_scores, model_logprobs, plan, render_prompts
 from .prompts import Prompt
-from .rules import Rule, StepContext
+from .rules import Rule
 
 
 class ProxyLogitsProcessor:
@@ -68,13 +70,13 @@ class ProxyLogitsProcessor:
         base_lp, pair_lps = model_logprobs(
             self.base, self.pairs, self.needs, logits, self.vocab_size, scores.device
         )
-        ctx = StepContext(
-            base=base_lp,
-            pairs=pair_lps,
-            alphas=tuple(p.alpha(self.step) for p in self.pairs),
-            step=self.step,
-            prompt_index=tuple(i // self.repeat for i in range(scores.shape[0])),
-            generated=input_ids[:, self.prompt_width :].tolist(),
+        ctx = step_context(
+            base_lp,
+            pair_lps,
+            self.pairs,
+            self.step,
+            [i // self.repeat for i in range(scores.shape[0])],
+            input_ids[:, self.prompt_width :].tolist(),
         )
         combined = checked_scores(self.combine, ctx)
         self.step += 1

@@ -9,7 +9,7 @@ Example (``recipes/default.yaml`` is the embedded default)::
         alpha: 1.0            # or {schedule: linear, start: 0, end: 1, steps: 32}
     rule: {name: plausible, tau: 0.1}   # optional: a steering rule (`proxytune rules`)
     cross_tokenizer: false               # true / {min_coverage: 0.5}: pairs of another tokenizer
-    overlap: false                       # true: models' forwards at once (docs/speed.md)
+    engine: {overlap: true}              # engine options (EngineOptions; docs/speed.md)
     model_defaults: {device: auto, dtype: auto}
     generation: {max_new_tokens: 128, temperature: 0}
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import yaml
 
-from .config import GenerationConfig
+from .config import EngineOptions, GenerationConfig
 from .errors import ConfigError
 from .schedules import as_schedule
 from .specs import ModelSpec
@@ -43,7 +43,7 @@ TOP_LEVEL = {
     "name",
     "description",
     "cross_tokenizer",
-    "overlap",
+    "engine",
 }
 PAIR_KEYS = {"expert", "anti_expert", "alpha"}
 
@@ -62,8 +62,8 @@ class Recipe:
     """The steering rule (a :class:`~proxytune.rules.Rule`); ``None`` is the paper's."""
     cross_tokenizer: Any = None
     """The different-tokenizer mode (a :class:`~proxytune.crosstok.CrossOptions`) or ``None``."""
-    overlap: bool = False
-    """Run the models' forwards at once (:attr:`ProxyTuner.overlap`)."""
+    engine: EngineOptions = field(default_factory=EngineOptions)
+    """How the engine runs the models (overlap, speculative, stacked, prefix cache, one pass)."""
 
 
 def default_recipe_path() -> Path:
@@ -88,6 +88,11 @@ def parse_recipe(data: Mapping[str, Any], name: str = "recipe", **model_override
     """Validate a recipe mapping; every error names the offending key."""
     if not isinstance(data, Mapping):
         raise ConfigError("a recipe must be a mapping with at least a 'base' key")
+    if "overlap" in data:
+        raise ConfigError(
+            "recipe key 'overlap' moved under 'engine': write engine: {overlap: "
+            f"{str(data['overlap']).lower()}}}"
+        )
     unknown = sorted(set(data) - TOP_LEVEL)
     if unknown:
         raise ConfigError(f"unknown recipe key(s) {unknown}; known: {sorted(TOP_LEVEL)}")
@@ -112,9 +117,10 @@ def parse_recipe(data: Mapping[str, Any], name: str = "recipe", **model_override
         alpha = pair.get("alpha", 1.0)
         as_schedule(alpha, f"pairs[{i}].alpha")  # validate now, not at the first token
         pairs.append((expert, anti, alpha))
-    overlap = data.get("overlap", False)
-    if not isinstance(overlap, bool):
-        raise ConfigError(f"'overlap' must be true or false, got {overlap!r}")
+    try:
+        engine = EngineOptions.parse(data.get("engine"))
+    except ConfigError as err:
+        raise ConfigError(f"engine: {err}") from None
     gen = data.get("generation") or {}
     if not isinstance(gen, Mapping):
         raise ConfigError("'generation' must be a mapping of decoding settings")
@@ -126,7 +132,7 @@ def parse_recipe(data: Mapping[str, Any], name: str = "recipe", **model_override
         description=str(data.get("description", "")),
         rule=_rule(data.get("rule"), pairs),
         cross_tokenizer=_cross(data.get("cross_tokenizer")),
-        overlap=overlap,
+        engine=engine,
     )
 
 

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
 from .backends.base import LogitsModel
-from .config import GenerationConfig
+from .config import EngineOptions, GenerationConfig
 from .crosstok import CrossOptions, check_vocabularies
+from .engine.capabilities import is_top_k_only
+from .engine.members import Member, Pair
+from .engine.plain import decode
+from .engine.prepare import Prepared, prepare
 from .errors import ConfigError
-from .generation import Member, Pair, decode
 from .overlap import can_overlap
 from .prompts import Prompt, PromptFormat
 from .results import GenerationResult, StepUpdate, TokenLogprob
-from .rules import Request, Rule, RuleBase, legacy_rule, make_rule
+from .rules import Request, Rule, RuleBase, make_rule
 from .schedules import Schedule, as_schedule
 from .specs import ModelSpec
 
@@ -23,6 +26,8 @@ AlphaSpec = float | Schedule | Mapping[str, Any]
 RuleSpec = str | Mapping[str, Any] | Rule | None
 """A rule name, ``{name: ..., **settings}``, a :class:`~proxytune.rules.Rule`, or a step
 function ``StepContext -> (B, V)``; ``None`` is the paper's ``proxy`` rule."""
+OptionsSpec = EngineOptions | Mapping[str, Any] | None
+"""Engine options (:class:`~proxytune.config.EngineOptions`) or a mapping of them."""
 
 
 class ProxyTuner:
@@ -32,6 +37,9 @@ class ProxyTuner:
     ...                                    anti_expert="small-base", alpha=1.0)  # doctest: +SKIP
     >>> tuner.generate("Write a haiku about rain.", max_new_tokens=40)[0].text  # doctest: +SKIP
     >>> tuner.generate("...", rule={"name": "plausible", "tau": 0.1})  # doctest: +SKIP
+
+    ``options``: how the engine runs the models (:class:`~proxytune.config.EngineOptions`:
+    overlap, speculative, stacked, prefix cache, one-pass LoRA pair); none changes the output.
     """
 
     def __init__(
@@ -41,16 +49,13 @@ class ProxyTuner:
         defaults: GenerationConfig | None = None,
         rule: RuleSpec = None,
         *,
-        combine: Callable[..., Any] | None = None,
         cross_tokenizer: bool | Mapping[str, Any] | CrossOptions | None = False,
+        options: OptionsSpec = None,
     ) -> None:
-        if combine is not None and rule is not None:
-            raise ConfigError("give a rule or a (legacy) combine function, not both")
-        self.combine = combine
-        """Legacy: a three-argument ``combine(base_lp, pair_lps, alphas)`` (the first engine's
-        hook, still read by the server); prefer ``rule``, which sees the whole StepContext."""
-        self.base = base
-        self.pairs = list(pairs)
+        self.options = EngineOptions.parse(options)
+        """How the engine runs the models; change with :meth:`with_options`."""
+        self._loaded = (base, list(pairs))
+        self.base, self.pairs = _wrapped(base, list(pairs), self.options)
         self.defaults = defaults or GenerationConfig()
         roles = [m.role for m in self.members]
         if len(set(roles)) != len(roles):
@@ -61,17 +66,35 @@ class ProxyTuner:
             self.base, self.pairs, self.cross_options
         )
         """Pair index -> :class:`~proxytune.crosstok.VocabMap` for pairs of another tokenizer."""
-        self.rule = self._checked_rule(rule if combine is None else legacy_rule(combine))
-        self.overlap = False
-        """Run the forwards of models on different engines at once (:mod:`proxytune.overlap`;
-        the same output, less time where one forward leaves the machine idle). Per call:
-        ``steps(..., overlap=...)``."""
+        self.rule = self._checked_rule(rule)
+
+    @property
+    def overlap(self) -> bool:
+        """Whether the models' forwards run at once by default (``options.overlap``)."""
+        return self.options.overlap
 
     def with_rule(self, rule: RuleSpec) -> ProxyTuner:
         """The same models and defaults under another rule (nothing is reloaded)."""
         other = copy.copy(self)
         other.rule = self._checked_rule(rule)
-        other.combine = None
+        return other
+
+    def with_options(self, options: OptionsSpec = None, **changes: Any) -> ProxyTuner:
+        """The same models under other engine options (``options`` and/or single ``changes``
+        such as ``overlap=True``); nothing is reloaded. ``one_pass`` applies when models load:
+        give it to :meth:`from_specs` or :meth:`from_recipe` instead."""
+        new = (self.options if options is None else EngineOptions.parse(options)).updated(
+            **changes
+        )
+        if new.one_pass != self.options.one_pass:
+            raise ConfigError(
+                "the one_pass engine option applies when the models load; pass it to "
+                "from_specs()/from_recipe() (or --two-pass on the command line)"
+            )
+        other = copy.copy(self)
+        other.options = new
+        if new.wraps_models != self.options.wraps_models:
+            other.base, other.pairs = _wrapped(*self._loaded, new)
         return other
 
     def _checked_rule(self, rule: RuleSpec) -> Rule:
@@ -110,8 +133,8 @@ class ProxyTuner:
     @property
     def blackbox(self) -> bool:
         """Whether generation runs the black-box loop: an API base (top-k only) or a pair of
-        another tokenizer (:mod:`proxytune.backends.blackbox`)."""
-        return bool(self.cross_maps) or bool(getattr(self.base.model, "top_k_only", False))
+        another tokenizer (:mod:`proxytune.engine.blackbox`)."""
+        return bool(self.cross_maps) or is_top_k_only(self.base.model)
 
     # construction ---------------------------------------------------------------------------
 
@@ -131,6 +154,7 @@ class ProxyTuner:
         trust_remote_code: bool = False,
         rule: RuleSpec = None,
         cross_tokenizer: bool | Mapping[str, Any] | CrossOptions | None = False,
+        options: OptionsSpec = None,
         **defaults: Any,
     ) -> ProxyTuner:
         """Load one base and (optionally) one pair; the expert sees its chat template by default.
@@ -163,6 +187,7 @@ class ProxyTuner:
             GenerationConfig().updated(**defaults),
             rule=rule,
             cross_tokenizer=cross_tokenizer,
+            options=options,
         )
 
     @classmethod
@@ -182,6 +207,7 @@ class ProxyTuner:
         rule: RuleSpec = None,
         cross_tokenizer: bool | Mapping[str, Any] | CrossOptions | None = False,
         base_options: Mapping[str, Any] | None = None,
+        options: OptionsSpec = None,
         **defaults: Any,
     ) -> ProxyTuner:
         """A base behind an OpenAI-compatible completions endpoint, steered by a local pair.
@@ -215,6 +241,7 @@ class ProxyTuner:
             GenerationConfig().updated(**defaults),
             rule=rule,
             cross_tokenizer=cross_tokenizer,
+            options=options,
         )
 
     @classmethod
@@ -224,15 +251,16 @@ class ProxyTuner:
         pairs: Sequence[tuple[ModelSpec | None, ModelSpec | None, AlphaSpec]] = (),
         defaults: GenerationConfig | None = None,
         loaded: dict[tuple[Any, ...], LogitsModel] | None = None,
-        one_pass: bool = True,
         rule: RuleSpec = None,
         cross_tokenizer: bool | Mapping[str, Any] | CrossOptions | None = False,
+        options: OptionsSpec = None,
     ) -> ProxyTuner:
         """Load every model once (roles with the same load settings share weights).
 
         An expert that is a LoRA adapter of its anti-expert's model shares that model and runs
-        in the same forward pass (:mod:`proxytune.backends.lora_pair`) unless ``one_pass`` is
-        False (or ``cross_tokenizer`` is set: that mode rolls pair states back). A trained
+        in the same forward pass (:mod:`proxytune.backends.lora_pair`) unless the engine option
+        ``one_pass`` is off (or ``cross_tokenizer`` is set: that mode rolls pair states back). A
+        trained
         adapter directory may stand alone as a model path. ``base`` may be an
         :class:`~proxytune.backends.api.APISpec` (a base behind an API).
         """
@@ -253,7 +281,8 @@ class ProxyTuner:
 
         api_base = isinstance(base, APISpec)
         base_member = None if api_base else member("base", base)
-        one_pass = one_pass and not CrossOptions.parse(cross_tokenizer)
+        engine_options = EngineOptions.parse(options)
+        one_pass = engine_options.one_pass and not CrossOptions.parse(cross_tokenizer)
         built = []
         for i, (e, a, alpha) in enumerate(pairs):
             if one_pass:
@@ -266,22 +295,35 @@ class ProxyTuner:
                 )
             )
         if base_member is None:  # an API base, built last: it may borrow a pair's tokenizer
-            from .backends.api import api_member
+            from .backends.api import load_api_model
 
-            base_member = api_member(base, built, cache)  # type: ignore[arg-type]
-        return cls(base_member, built, defaults, rule, cross_tokenizer=cross_tokenizer)
+            local = [m.model for p in built for m in p.members]
+            api = load_api_model(base, local, cache)  # type: ignore[arg-type]
+            base_member = Member("base", api, base.prompt)
+        return cls(
+            base_member,
+            built,
+            defaults,
+            rule,
+            cross_tokenizer=cross_tokenizer,
+            options=engine_options,
+        )
 
     @classmethod
-    def from_recipe(cls, recipe: Any) -> ProxyTuner:
-        """From a :class:`~proxytune.recipe.Recipe` or the path of a YAML/TOML recipe file."""
+    def from_recipe(cls, recipe: Any, **options: Any) -> ProxyTuner:
+        """From a :class:`~proxytune.recipe.Recipe` or the path of a YAML/TOML recipe file;
+        ``options``: engine options that override the recipe's ``engine:``."""
         from .recipe import Recipe, load_recipe
 
         r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-        tuner = cls.from_specs(
-            r.base, r.pairs, r.generation, rule=r.rule, cross_tokenizer=r.cross_tokenizer
+        return cls.from_specs(
+            r.base,
+            r.pairs,
+            r.generation,
+            rule=r.rule,
+            cross_tokenizer=r.cross_tokenizer,
+            options=r.engine.updated(**options),
         )
-        tuner.overlap = r.overlap
-        return tuner
 
     def alone(self, role: str = "base") -> ProxyTuner:
         """The model of ``role`` (``base``, ``expert[0]``, ...) decoding on its own prompt."""
@@ -295,6 +337,55 @@ class ProxyTuner:
     def config(self, **settings: Any) -> GenerationConfig:
         """The tuner's defaults with ``settings`` applied (validated)."""
         return self.defaults.updated(**settings)
+
+    def prepare(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        alpha: AlphaSpec | Sequence[AlphaSpec] | None = None,
+        config: GenerationConfig | None = None,
+        *,
+        rule: RuleSpec = None,
+        **settings: Any,
+    ) -> Prepared:
+        """Check, bind and render one call (:func:`~proxytune.engine.prepare.prepare`); the
+        models do not run. ``alpha``, ``rule`` and ``settings`` as in :meth:`steps`."""
+        cfg = config.updated(**settings) if config is not None else self.config(**settings)
+        eos = cfg.eos_token_ids if cfg.eos_token_ids is not None else self.eos_token_ids
+        chosen = self.rule if rule is None else self._checked_rule(rule)
+        pairs = self._pairs_with(alpha)
+        prompt_list = _as_prompt_list(prompts)
+        return prepare(self.base, pairs, prompt_list, cfg, self.vocab_size, eos, chosen)
+
+    def run(
+        self,
+        prepared: Prepared,
+        *,
+        speculative: int | str | None = None,
+        stats: Any = None,
+        overlap: bool | None = None,
+    ) -> Iterator[list[StepUpdate]]:
+        """Decode a :meth:`prepare` d call in the loop these models need (plain, speculative
+        or black-box); ``speculative``, ``stats`` and ``overlap`` as in :meth:`steps`."""
+        draft = self.options.speculative if speculative is None else speculative
+        if self.blackbox:
+            if draft:
+                raise ConfigError(
+                    "speculative decoding needs full logits from a base of the pair's "
+                    "tokenizer; an API base or a pair of another tokenizer runs the plain "
+                    "black-box loop (leave speculative unset)"
+                )
+            from .engine.blackbox import blackbox_decode
+
+            return blackbox_decode(
+                prepared, cross=self.cross_maps, options=self.cross_options, stats=stats
+            )
+        concurrent = self.options.overlap if overlap is None else bool(overlap)
+        concurrent = concurrent and can_overlap([m.model for m in self.members])
+        if draft:
+            from .engine.speculative import speculative_decode
+
+            return speculative_decode(prepared, k=draft, stats=stats, overlap=concurrent)
+        return decode(prepared, overlap=concurrent)
 
     def steps(
         self,
@@ -312,49 +403,17 @@ class ProxyTuner:
 
         ``rule`` (here and in :meth:`generate`, :meth:`stream`) overrides the tuner's rule for
         this call only. ``speculative``: a draft length or ``"auto"`` for speculative proxy
-        decoding (:mod:`proxytune.speculative`; same output distribution, fewer base forwards);
-        ``stats``: a :class:`~proxytune.speculative.SpeculativeStats` it fills in (or, for an
-        API base or a pair of another tokenizer, a
-        :class:`~proxytune.backends.blackbox.BlackBoxStats`: calls, tokens, coverage).
+        decoding (:mod:`proxytune.engine.speculative`; same output distribution, fewer base
+        forwards; default: ``options.speculative``); ``stats``: a
+        :class:`~proxytune.engine.speculative.SpeculativeStats` it fills in (or, for an API
+        base or a pair of another tokenizer, a
+        :class:`~proxytune.engine.blackbox.BlackBoxStats`: calls, tokens, coverage).
         ``overlap``: run the models' forwards at once where they can (default:
-        :attr:`overlap`).
+        ``options.overlap``). Everything is checked here; the models run as the iterator is
+        consumed.
         """
-        cfg = config.updated(**settings) if config is not None else self.config(**settings)
-        pairs = self._pairs_with(alpha)
-        args = (
-            self.base,
-            pairs,
-            _as_prompt_list(prompts),
-            cfg,
-            self.vocab_size,
-            cfg.eos_token_ids if cfg.eos_token_ids is not None else self.eos_token_ids,
-        )
-        chosen_rule = self.rule if rule is None else self._checked_rule(rule)
-        if self.blackbox:
-            if speculative:
-                raise ConfigError(
-                    "speculative decoding needs full logits from a base of the pair's "
-                    "tokenizer; an API base or a pair of another tokenizer runs the plain "
-                    "black-box loop (leave speculative unset)"
-                )
-            from .backends.blackbox import blackbox_decode
-
-            return blackbox_decode(
-                *args,
-                rule=chosen_rule,
-                cross=self.cross_maps,
-                options=self.cross_options,
-                stats=stats,
-            )
-        concurrent = self.overlap if overlap is None else bool(overlap)
-        concurrent = concurrent and can_overlap([m.model for m in self.members])
-        if speculative:
-            from .speculative import speculative_decode
-
-            return speculative_decode(
-                *args, rule=chosen_rule, k=speculative, stats=stats, overlap=concurrent
-            )
-        return decode(*args, rule=chosen_rule, overlap=concurrent)
+        prepared = self.prepare(prompts, alpha, config, rule=rule, **settings)
+        return self.run(prepared, speculative=speculative, stats=stats, overlap=overlap)
 
     def generate(
         self,
@@ -466,6 +525,32 @@ class ProxyTuner:
             replace(p, alpha=as_schedule(v, f"alpha of pair {i}"))  # type: ignore[arg-type]
             for i, (p, v) in enumerate(zip(self.pairs, values, strict=True))
         ]
+
+
+def _wrapped(
+    base: Member, pairs: list[Pair], options: EngineOptions
+) -> tuple[Member, list[Pair]]:
+    """The members with the model wrappers ``options`` ask for (stacked roles, prefix cache)."""
+    if not (options.stacked or options.prefix_cache):
+        return base, pairs
+    members = [base, *(m for p in pairs for m in (p.expert, p.anti_expert) if m is not None)]
+    models = [m.model for m in members]
+    if options.stacked:
+        from .backends.stacked import stack_shared
+
+        wrapped = stack_shared(models)
+    else:
+        from .backends.prefix import cache_prefixes
+
+        wrapped = cache_prefixes(models, options.prefix_min_tokens)
+    swap = {id(m): replace(m, model=w) for m, w in zip(members, wrapped, strict=True)}
+
+    def side(m: Member | None) -> Member | None:
+        return None if m is None else swap[id(m)]
+
+    return swap[id(base)], [
+        replace(p, expert=side(p.expert), anti_expert=side(p.anti_expert)) for p in pairs
+    ]
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -1,5 +1,22 @@
-"""Model backends behind one narrow protocol (see :mod:`proxytune.backends.base`)."""
+"""Model backends behind one narrow protocol (see :mod:`proxytune.backends.base`).
 
-from .base import DecodeState, LogitsModel
+Backends import nothing above them: not the engine, rules or sampling.
+"""
 
-__all__ = ["DecodeState", "LogitsModel"]
+from .base import (
+    DecodeState,
+    ExtendableState,
+    LogitsModel,
+    RollbackState,
+    StartsAlone,
+    TopKOnly,
+)
+
+__all__ = [
+    "DecodeState",
+    "ExtendableState",
+    "LogitsModel",
+    "RollbackState",
+    "StartsAlone",
+    "TopKOnly",
+]

@@ -42,7 +42,7 @@ __all__ = [
     "EndpointPrompt",
     "Position",
     "_completions_url",
-    "api_member",
+    "load_api_model",
     "load_api_tokenizer",
     "prompt_text",
 ]
@@ -250,15 +250,13 @@ def load_api_tokenizer(spec: APISpec, fallback: Any) -> Any:
         raise ModelLoadError(f"could not load the tokenizer {spec.tokenizer!r}: {err}") from err
 
 
-def api_member(spec: APISpec, pairs: Sequence[Any], cache: dict[tuple[Any, ...], Any]) -> Any:
-    """The base :class:`~proxytune.generation.Member` of an API base (one client per spec in
-    ``cache``); it borrows the first pair model's tokenizer unless ``spec.tokenizer`` is set,
-    and lives on that model's device."""
-    from ..generation import Member
-
-    local = [m.model for p in pairs for m in p.members]
+def load_api_model(
+    spec: APISpec, local: Sequence[Any], cache: dict[tuple[Any, ...], Any]
+) -> APIModel:
+    """The model of an API base (one client per spec in ``cache``); it borrows the first local
+    model's tokenizer unless ``spec.tokenizer`` is set, and lives on that model's device."""
     if spec.load_key not in cache:
         tokenizer = load_api_tokenizer(spec, local[0].tokenizer if local else None)
         device = local[0].device if local else torch.device("cpu")
         cache[spec.load_key] = APIModel(spec, tokenizer, device)
-    return Member("base", cache[spec.load_key], spec.prompt)
+    return cache[spec.load_key]

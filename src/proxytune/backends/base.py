@@ -1,8 +1,21 @@
-"""The seam between the decode loop and a model: full next-token logits, with a cache.
+"""The seam between the engine and a model: full next-token logits, with a cache.
 
-A backend turns token ids into logits; it never sees text, alphas or sampling. The loop
+A backend turns token ids into logits; it never sees text, alphas or sampling. The engine
 keeps one :class:`DecodeState` per model role, so two roles may share one set of weights
 (the expert and anti-expert of the prompt-based set-up) while each keeps its own cache.
+
+:class:`LogitsModel` and :class:`DecodeState` are all a backend must implement. The optional
+capabilities below are separate protocols: a backend implements the ones it can, and the
+engine checks for them in one place (:mod:`proxytune.engine.capabilities`).
+
+===================  =========================================  ==========================
+capability           protocol                                   used by
+===================  =========================================  ==========================
+rollback             :class:`RollbackState`                     speculative decoding
+extend / compact     :class:`ExtendableState`                   the server's running batch
+start alone          :class:`StartsAlone`                       the speculative drafter
+top-k only           :class:`TopKOnly`                          an API base (black-box loop)
+===================  =========================================  ==========================
 """
 
 from __future__ import annotations
@@ -39,6 +52,24 @@ class RollbackState(DecodeState, Protocol):
 
 
 @runtime_checkable
+class ExtendableState(DecodeState, Protocol):
+    """A :class:`DecodeState` that rows can join between steps (continuous batching)."""
+
+    @property
+    def can_extend(self) -> bool:
+        """Whether :meth:`extend` can merge another state into this one now."""
+        ...
+
+    def extend(self, other: Any) -> None:
+        """Append the rows of ``other`` (a state of the same model) after this one's."""
+        ...
+
+    def compact(self) -> None:
+        """Free the cache space left by rows that were dropped."""
+        ...
+
+
+@runtime_checkable
 class LogitsModel(Protocol):
     """A causal LM that exposes full next-token logits (local weights)."""
 
@@ -66,3 +97,23 @@ class LogitsModel(Protocol):
     ) -> tuple[DecodeState, torch.Tensor]:
         """Prefill ``prompts`` (ragged); return the state and last-position logits ``(B, W)``."""
         ...
+
+
+@runtime_checkable
+class StartsAlone(Protocol):
+    """A model whose states normally run together with another role's (a stacked group, a
+    one-pass LoRA pair) and that can also start a state that runs on its own."""
+
+    def start_alone(
+        self, prompts: Sequence[Sequence[int]], use_cache: bool = True
+    ) -> tuple[DecodeState, torch.Tensor]:
+        """As :meth:`LogitsModel.start`, never grouped with another role."""
+        ...
+
+
+@runtime_checkable
+class TopKOnly(Protocol):
+    """A model that returns only its top-k log-probs per step (a base behind an API); the
+    engine runs it in the black-box loop (:mod:`proxytune.engine.blackbox`)."""
+
+    top_k_only: bool

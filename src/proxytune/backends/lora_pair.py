@@ -18,8 +18,8 @@ as every role is in proxy-tuning (anything else raises :class:`LockstepError`).
 A view started on its own (``tuner.alone("expert[0]")``, ``start_alone``) runs alone, still on
 the shared weights.
 
-:func:`pair_models` wires this into :meth:`ProxyTuner.from_specs`; set
-``PROXYTUNE_ONE_PASS=0`` (or ``one_pass=False``) to load the expert as a separate merged model.
+:func:`pair_models` wires this into :meth:`ProxyTuner.from_specs`; the engine option
+``one_pass: false`` (``--two-pass``) loads the expert as a separate merged model.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch
 from ..errors import ModelLoadError, ProxyTuneError
 from ..specs import ModelSpec
 from .hf import HFDecodeState, HFModel, load_hf
-from .lora_specs import ONE_PASS_ENV, one_pass_enabled, pairable, resolve_adapter_dir
+from .lora_specs import pairable, resolve_adapter_dir
 
 __all__ = ["LockstepError", "LoraHost", "LoraView", "pair_models", "resolve_adapter_dir"]
 
@@ -58,7 +58,7 @@ def pair_models(
     :meth:`ProxyTuner.from_specs`). Several adapters on the same anti-expert share one host.
     Returns whether the pair runs in one pass; if not, nothing was loaded.
     """
-    if not (one_pass_enabled() and pairable(expert, anti)):
+    if not pairable(expert, anti):
         return False
     assert expert is not None and anti is not None and expert.adapter is not None
     if expert.load_key in loaded:
@@ -367,13 +367,13 @@ class _Joint:
                 raise LockstepError(
                     f"the expert and anti-expert of a one-pass LoRA pair got different "
                     f"{op} calls; drive both with the same tokens and rows (as proxy-tuning "
-                    f"does), or load them as two models ({ONE_PASS_ENV}=0)"
+                    "does), or load them as two models (engine option one_pass: false)"
                 )
             return result
         if len(other) >= MAX_LAG:
             raise LockstepError(
                 "one role of a one-pass LoRA pair ran ahead of the other; advance both in "
-                f"lockstep, or load them as two models ({ONE_PASS_ENV}=0)"
+                "lockstep, or load them as two models (engine option one_pass: false)"
             )
         with self.host.lock:
             self.host.lm.row_adapters = self.labels  # type: ignore[union-attr]

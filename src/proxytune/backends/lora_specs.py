@@ -6,14 +6,12 @@ No heavy imports here: these look at directories and ``adapter_config.json`` onl
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ModelLoadError
 from ..specs import ModelSpec
 
-ONE_PASS_ENV = "PROXYTUNE_ONE_PASS"
 TRAIN_META = "proxytune_train.json"
 """Written by ``proxytune train`` next to what it saves; names the base model of an adapter."""
 
@@ -78,8 +76,3 @@ def _is_lora(adapter: str) -> bool:
     except (OSError, ValueError):
         return False  # let the ordinary loader report it
     return str(config.get("peft_type", "")).upper() == "LORA"
-
-
-def one_pass_enabled() -> bool:
-    """Off when ``PROXYTUNE_ONE_PASS`` is ``0``, ``false``, ``no`` or ``off``."""
-    return os.environ.get(ONE_PASS_ENV, "1").strip().lower() not in ("0", "false", "no", "off")

@@ -1,6 +1,6 @@
 """A repeated prompt prefix (a system prompt, a few-shot preamble) prefilled once per model.
 
->>> tuner = cache_prefixes(ProxyTuner.from_recipe("default"))  # doctest: +SKIP
+>>> tuner = ProxyTuner.from_recipe("default").with_options(prefix_cache=True)  # doctest: +SKIP
 
 :class:`PrefixCachingModel` wraps an :class:`~proxytune.backends.hf.HFModel`. When the prompts
 of a batch, or a prompt and a recent one, start with the same ids (at least ``min_tokens``),
@@ -14,10 +14,8 @@ mask hides the padding and the explicit positions skip it, as they skip left pad
 
 from __future__ import annotations
 
-import copy
 from collections import OrderedDict, deque
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -154,22 +152,16 @@ class PrefixCachingModel:
         return state, logits[:, -1]
 
 
-def cache_prefixes(tuner: Any, min_tokens: int = 16, capacity: int = 8) -> Any:
-    """A copy of ``tuner`` whose models prefill shared prompt prefixes once
-    (:class:`PrefixCachingModel`; roles that share a model share its cache)."""
+def cache_prefixes(
+    models: Sequence[Any], min_tokens: int = 16, capacity: int = 8
+) -> list[Any]:
+    """``models`` (one per role) with each :class:`~proxytune.backends.hf.HFModel` wrapped in a
+    :class:`PrefixCachingModel` (roles that share a model share its cache); others as given."""
     wrapped: dict[int, PrefixCachingModel] = {}
 
-    def wrap(member: Any) -> Any:
-        if member is None or type(member.model) is not HFModel:
-            return member
-        model = wrapped.setdefault(
-            id(member.model), PrefixCachingModel(member.model, min_tokens, capacity)
-        )
-        return replace(member, model=model)
+    def wrap(model: Any) -> Any:
+        if type(model) is not HFModel:
+            return model
+        return wrapped.setdefault(id(model), PrefixCachingModel(model, min_tokens, capacity))
 
-    other = copy.copy(tuner)
-    other.base = wrap(tuner.base)
-    other.pairs = [
-        replace(p, expert=wrap(p.expert), anti_expert=wrap(p.anti_expert)) for p in tuner.pairs
-    ]
-    return other
+    return [wrap(m) for m in models]

@@ -6,7 +6,7 @@ and the ``B`` anti-expert rows form one batch::
 
     (B, k) ids -> one forward on (2B, k) -> (B, k, W) logits for each role
 
->>> tuner = stack_shared(ProxyTuner.from_recipe("default"))  # doctest: +SKIP
+>>> tuner = ProxyTuner.from_recipe("default").with_options(stacked=True)  # doctest: +SKIP
 
 The decode loop needs no change. Each role keeps its own :class:`StackedState` and calls
 ``advance``/``keep``/``rollback`` as usual; the first role of a group to call an operation runs
@@ -20,11 +20,9 @@ weights. Not for the server's continuous batching (no ``extend``).
 
 from __future__ import annotations
 
-import copy
 import weakref
 from collections import Counter, deque
 from collections.abc import Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -187,24 +185,17 @@ class StackedView:
         return self.host.lm.start(prompts, use_cache=use_cache)
 
 
-def stack_shared(tuner: Any) -> Any:
-    """A copy of ``tuner`` whose roles that share one loaded model run in one forward pass.
-
-    Only :class:`~proxytune.backends.hf.HFModel` roles are stacked; the rest are unchanged.
-    """
-    members = [tuner.base, *(m for p in tuner.pairs for m in p.members)]
-    counts = Counter(id(m.model) for m in members)
+def stack_shared(models: Sequence[Any]) -> list[Any]:
+    """``models`` (one per role, in role order) with every model that serves two or more roles
+    replaced by :class:`StackedView` s of one :class:`StackHost`, so that those roles run in one
+    forward pass. Only :class:`~proxytune.backends.hf.HFModel` models are stacked; the rest are
+    returned as they are."""
+    counts = Counter(id(m) for m in models)
     hosts: dict[int, StackHost] = {}
 
-    def wrap(member: Any) -> Any:
-        if member is None or counts[id(member.model)] < 2 or type(member.model) is not HFModel:
-            return member
-        host = hosts.setdefault(id(member.model), StackHost(member.model))
-        return replace(member, model=StackedView(host))
+    def wrap(model: Any) -> Any:
+        if counts[id(model)] < 2 or type(model) is not HFModel:
+            return model
+        return StackedView(hosts.setdefault(id(model), StackHost(model)))
 
-    other = copy.copy(tuner)
-    other.base = wrap(tuner.base)
-    other.pairs = [
-        replace(p, expert=wrap(p.expert), anti_expert=wrap(p.anti_expert)) for p in tuner.pairs
-    ]
-    return other
+    return [wrap(m) for m in models]

@@ -17,11 +17,8 @@ With ``k = V`` nothing is estimated and the row is the endpoint's distribution e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
-
-from ..rules import StepContext
 
 MISSING_RULES = ("uniform", "floor", "none")
 """How unseen tokens get a base log-prob: ``uniform`` (the leftover mass spread evenly,
@@ -105,24 +102,3 @@ def coverage(base_lp: torch.Tensor, mapped: torch.Tensor) -> torch.Tensor:
     """``(B,)``: the base's probability mass on the ``mapped`` tokens, ``(B, V)`` bool."""
     p = torch.softmax(base_lp.float(), dim=-1)
     return 1.0 - (p * ~mapped).sum(-1)  # exactly 1 when every token mapped
-
-
-@dataclass(frozen=True)
-class TopKContext(StepContext):
-    """A :class:`~proxytune.rules.StepContext` whose base is known only in part.
-
-    ``base`` is still a full ``(B, V)`` row (the missing-mass rule fills it in), so every
-    rule runs unchanged; a rule that cares can read what was estimated.
-    """
-
-    base_known: torch.Tensor | None = None
-    """``(B, V)`` bool: tokens whose base log-prob the endpoint returned; ``None``: all."""
-    support: torch.Tensor | None = None
-    """``(B, V)`` bool: the tokens this step may choose (``None``: every token)."""
-    coverage: torch.Tensor | None = None
-    """``(B,)``: the share of the base's mass that mapped to ids / got a pair value."""
-
-    @property
-    def base_top_k(self) -> bool:
-        """True when the base's row is partly estimated (an API base with ``k < V``)."""
-        return self.base_known is not None and not bool(self.base_known.all())

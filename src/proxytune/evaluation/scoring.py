@@ -22,10 +22,11 @@ from typing import Any
 import torch
 
 from ..arithmetic import log_probs
+from ..engine.members import Member
+from ..engine.prepare import plan
+from ..engine.step import checked_scores, model_logprobs, step_context
 from ..errors import ConfigError, PromptTooLongError
-from ..generation import Member, checked_scores, model_logprobs, plan
 from ..prompts import Prompt
-from ..rules import StepContext
 
 MEMORY_BUDGET = 1 << 27
 """Most logits (floats) held at once per chunk of positions: 512 MiB in float32."""
@@ -253,14 +254,8 @@ def _score_batch(
             targets = torch.tensor([conts[i][j] for i in live], device=device)
             for k, (pairs, (combine, needs, _)) in enumerate(zip(variants, plans, strict=True)):
                 base_lp, pair_lps = model_logprobs(base, pairs, needs, logits, vocab, device)
-                ctx = StepContext(
-                    base=base_lp,
-                    pairs=pair_lps,
-                    alphas=tuple(p.alpha(j) for p in pairs),
-                    step=j,
-                    prompt_index=tuple(live),
-                    generated=[conts[i][:j] for i in live],
-                )
+                generated = [conts[i][:j] for i in live]
+                ctx = step_context(base_lp, pair_lps, pairs, j, live, generated)
                 scores = torch.log_softmax(checked_scores(combine, ctx).float(), dim=-1)
                 extra = None
                 if detail:

@@ -19,13 +19,12 @@ from .base import (
     FunctionRule,
     RuleBase,
     calibrate,
-    legacy_rule,
     make_rule,
     register,
     spec_of,
 )
 from .combine import Base, Mixture, Pairs, Product, Proxy, mixture_scores, product_scores
-from .context import Combiner, PairInfo, Request, Rule, Sides, StepContext
+from .context import Combiner, PairInfo, Request, Rule, Sides, StepContext, TopKContext
 from .filters import Plausible, Rerank, Tokens, plausible_mask, top_k_mask
 from .reward import Args, RewardScorer, args_scores, load_reward_model
 from .spec import describe, merge_specs, parse_rule_args
@@ -53,13 +52,13 @@ __all__ = [
     "Sides",
     "StepContext",
     "Tokens",
+    "TopKContext",
     "args_scores",
     "calibrate",
     "choose_alphas",
     "confidence_gate",
     "describe",
     "entropy",
-    "legacy_rule",
     "load_reward_model",
     "make_rule",
     "merge_specs",

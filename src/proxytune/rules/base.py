@@ -8,7 +8,7 @@ that :meth:`RuleBase.bind` returns, never in the rule.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
@@ -302,16 +302,3 @@ class FunctionRule:
 
     def __str__(self) -> str:
         return getattr(self.fn, "__name__", repr(self.fn))
-
-
-def legacy_rule(combine: Callable[..., torch.Tensor]) -> FunctionRule:
-    """A rule from the first engine's hook ``combine(base_lp, pair_lps, alphas)``.
-
-    The function sees only the pairs the loop ran, as it always did.
-    """
-
-    def step(ctx: StepContext) -> torch.Tensor:
-        return combine(ctx.base, *ctx.ran())
-
-    step.__name__ = getattr(combine, "__name__", "combine")
-    return FunctionRule(step)

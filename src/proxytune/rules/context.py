@@ -110,3 +110,24 @@ class Rule(Protocol):
     def bind(self, request: Request) -> Combiner:
         """Validate against the model set, do per-request work, return the step function."""
         ...
+
+
+@dataclass(frozen=True)
+class TopKContext(StepContext):
+    """A :class:`StepContext` whose base is known only in part.
+
+    ``base`` is still a full ``(B, V)`` row (the missing-mass rule fills it in), so every
+    rule runs unchanged; a rule that cares can read what was estimated.
+    """
+
+    base_known: torch.Tensor | None = None
+    """``(B, V)`` bool: tokens whose base log-prob the endpoint returned; ``None``: all."""
+    support: torch.Tensor | None = None
+    """``(B, V)`` bool: the tokens this step may choose (``None``: every token)."""
+    coverage: torch.Tensor | None = None
+    """``(B,)``: the share of the base's mass that mapped to ids / got a pair value."""
+
+    @property
+    def base_top_k(self) -> bool:
+        """True when the base's row is partly estimated (an API base with ``k < V``)."""
+        return self.base_known is not None and not bool(self.base_known.all())

@@ -3,12 +3,11 @@
 >>> from proxytune.server import ServerSettings, serve           # doctest: +SKIP
 >>> serve(tuner, ServerSettings(model_name="steered"), port=8000)  # doctest: +SKIP
 
-Modules: :mod:`.protocol` (OpenAI request/response models and parsing), :mod:`.controls`
-(alpha, active pairs, rule per request), :mod:`.batch` (continuous batching over the tuner's
-models), :mod:`.serial` (the tuner's own loop, for black-box tuners), :mod:`.scheduler` (queue
-and worker thread), :mod:`.render` (engine output -> OpenAI JSON and server-sent events),
-:mod:`.tokens` (token text and bytes), :mod:`.metrics` (Prometheus), :mod:`.gate` (API key,
-request counts), :mod:`.app` (FastAPI routes, ``serve``).
+Modules: :mod:`.protocol` (OpenAI request/response models and parsing), :mod:`.serial` (the tuner's
+own loop, for black-box tuners), :mod:`.scheduler` (queue and worker thread, driving
+:class:`~proxytune.engine.continuous.ContinuousBatch`), :mod:`.render` (engine output -> OpenAI JSON
+and server-sent events), :mod:`.tokens` (token text and bytes), :mod:`.metrics` (Prometheus),
+:mod:`.gate` (API key, request counts), :mod:`.app` (FastAPI routes, ``serve``).
 """
 
 from __future__ import annotations

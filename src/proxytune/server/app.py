@@ -24,10 +24,10 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine.continuous import Job
 from ..errors import ConfigError, PromptTooLongError
 from ..schedules import Constant
 from .gate import Gate
-from .job import Job
 from .metrics import Metrics
 from .protocol import (
     APIError,

@@ -13,8 +13,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from ..engine.continuous import Job
 from ..results import StepUpdate, TokenLogprob
-from .job import Job
 from .metrics import Metrics
 from .protocol import (
     APIError,

@@ -1,12 +1,13 @@
 """The scheduler: a bounded queue in front of one worker thread that drives the running batch.
 
 Requests are validated and rendered by the caller, then queued (:meth:`Scheduler.submit`). The
-worker admits queued requests between decode steps, in arrival order, as long as the batch has
-room for all of a request's rows; it runs one step of :class:`~.batch.ContinuousBatch` at a time
-and hands each request its new tokens through the request's ``sink``. A request's sink receives,
-in order: lists of :class:`~proxytune.results.StepUpdate` (one list per step), then exactly one
-:class:`Finished` (``error`` set if it failed or was cancelled by shutdown). Cancelled requests
-(the client went away) are dropped between steps and get no further events.
+worker admits queued requests between decode steps, in arrival order, as long as the batch has room
+for all of a request's rows; it runs one step of the running batch
+(:class:`~proxytune.engine.continuous.ContinuousBatch`) at a time and hands each request its new
+tokens through the request's ``sink``. A request's sink receives, in order: lists of
+:class:`~proxytune.results.StepUpdate` (one list per step), then exactly one :class:`Finished`
+(``error`` set if it failed or was cancelled by shutdown). Cancelled requests (the client went away)
+are dropped between steps and get no further events.
 """
 
 from __future__ import annotations
@@ -21,10 +22,9 @@ from typing import Any
 
 import torch
 
+from ..config import parse_draft_length
+from ..engine.continuous import ContinuousBatch, Job
 from ..errors import ConfigError
-from ..speculative import parse_draft_length
-from .batch import ContinuousBatch
-from .job import Job
 from .metrics import Metrics
 from .serial import EngineLoop
 
@@ -76,10 +76,11 @@ def check_speculative(tuner: Any, k: int | str, continuous: bool | None) -> int 
 class Scheduler:
     """Owns the models' running batch; one worker thread, any number of submitting threads.
 
-    ``continuous``: decode requests together in one :class:`~.batch.ContinuousBatch` (default
-    where the tuner decodes locally), or run each on the tuner's own loop,
-    :class:`~.serial.EngineLoop` (default for black-box tuners). ``speculative`` (a draft
-    length or ``"auto"``) decodes every request speculatively, on the tuner's own loop.
+    ``continuous``: decode requests together in one
+    :class:`~proxytune.engine.continuous.ContinuousBatch` (default where the tuner decodes locally),
+    or run each on the tuner's own loop, :class:`~.serial.EngineLoop` (default for black-box
+    tuners). ``speculative`` (a draft length or ``"auto"``) decodes every request speculatively, on
+    the tuner's own loop.
     """
 
     def __init__(
@@ -94,6 +95,8 @@ class Scheduler:
     ) -> None:
         if max_batch_size < 1 or max_queue < 1:
             raise ValueError("max_batch_size and max_queue must be >= 1")
+        if speculative is None:  # the tuner's engine options (a recipe's, the CLI's)
+            speculative = tuner.options.speculative
         if speculative is not None:
             speculative = check_speculative(tuner, speculative, continuous)
             continuous = False

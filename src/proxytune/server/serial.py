@@ -1,6 +1,6 @@
 """The fallback scheduler core: each request runs the tuner's own loop, interleaved by step.
 
-:class:`~.batch.ContinuousBatch` re-implements the local decode loop so that requests can
+:class:`~proxytune.engine.continuous.ContinuousBatch` runs requests in one batch so that they
 share forwards. Tuners whose generation runs another loop (a black-box API base that returns
 top-k log-probabilities, a pair of another tokenizer: ``tuner.blackbox``) are served by
 :class:`EngineLoop` instead: every request is ``tuner.steps(...)`` itself, exactly what
@@ -9,26 +9,26 @@ turn. Requests make progress together and stay exact, but do not share forwards,
 steering-KL metric is not measured.
 
 The server's ``speculative`` option runs here too: every request is
-``tuner.steps(..., speculative=K)`` (:mod:`proxytune.speculative`), which lowers each request's
-latency (fewer base forwards per token) at the price of continuous batching's sharing.
+``tuner.steps(..., speculative=K)`` (:mod:`proxytune.engine.speculative`), which lowers each
+request's latency (fewer base forwards per token) at the price of continuous batching's sharing.
 """
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from typing import Any
 
 from ..config import GenerationConfig
+from ..engine.continuous import Job, StepStats
+from ..engine.controls import request_alphas, request_rule
+from ..engine.speculative import SpeculativeStats
 from ..prompts import Prompt
 from ..results import StepUpdate
-from ..speculative import SpeculativeStats
-from .controls import request_alphas, request_rule
-from .job import Job, StepStats
 
 
 class EngineLoop:
-    """Same interface as :class:`~.batch.ContinuousBatch`, for the scheduler.
+    """Same interface as :class:`~proxytune.engine.continuous.ContinuousBatch`, for the
+    scheduler.
 
     ``speculative``: a draft length or ``"auto"`` for every request (``None``: the plain
     loop); :attr:`speculation` sums the drafts of every request since start."""
@@ -57,25 +57,11 @@ class EngineLoop:
         if alpha is not None or active_pairs is not None:
             alphas, _ = request_alphas(t.pairs, alpha, active_pairs)  # switched off: alpha 0
         chosen = None if rule is None else request_rule(t, rule)
-        seed = config.seed if config.seed is not None else secrets.randbits(62)
-        config = config.updated(seed=seed)
+        prepared = t.prepare(list(prompts), alphas, config, rule=chosen)
         extra: dict[str, Any] = {}
         if self.speculative is not None:
             extra = {"speculative": self.speculative, "stats": self.speculation}
-        steps = t.steps(list(prompts), alphas, config, rule=chosen, **extra)
-        base = [t.base.prompt.render(p, t.tokenizer) for p in prompts]
-        context = t.base.model.context_length or 1 << 62
-        return Job(
-            prompts=list(prompts),
-            rendered={"base": base},
-            config=config,
-            pairs=[],
-            needs=[],
-            combine=None,  # type: ignore[arg-type]  (the engine binds its own)
-            seed=seed,
-            rooms=[context - len(ids) for ids in base],
-            steps=steps,
-        )
+        return Job(prepared, steps=t.run(prepared, **extra))
 
     @property
     def live_rows(self) -> int:

@@ -11,9 +11,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..errors import ConfigError
-from ..generation import Pair
 from ..rules import Rule
 from ..schedules import Constant, Schedule, as_schedule
+from .members import Pair
 
 
 def request_alphas(

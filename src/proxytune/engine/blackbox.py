@@ -1,12 +1,13 @@
 """The decode loop for a black-box base (top-k log-probs from an API) and for pairs of another
-tokenizer. The plain loop (:func:`proxytune.generation.decode`) needs full logits from every
+tokenizer. The plain loop (:func:`proxytune.engine.plain.decode`) needs full logits from every
 model in one vocabulary; this one, per step::
 
     base    an API row: the endpoint's top-k, completed by the missing-mass rule
-            (:func:`~.topk.topk_row`), or a local base's full log-probs
+            (:func:`~proxytune.backends.topk.topk_row`), or a local base's full log-probs
     pairs   same tokenizer: their log-probs; another tokenizer: read through
             :class:`~proxytune.crosstok.CrossFeeder` in the base's ids
-    rule    the same rules, on a :class:`~.topk.TopKContext` (which says what was estimated)
+    rule    the same rules, on a :class:`~proxytune.rules.TopKContext` (which says what was
+            estimated)
     support an API base: the endpoint's candidates | each expert's own top tokens; the rule's
             scores outside it are -inf
     sample, emit, append (as the plain loop, with the same helpers)
@@ -17,35 +18,21 @@ plain loop's.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
-from ..arithmetic import log_probs
-from ..config import GenerationConfig
+from ..backends.api import APIModel, APIUsage, prompt_text
+from ..backends.api_state import APIBaseState, ChunkStats
+from ..backends.base import DecodeState
+from ..backends.topk import coverage, expert_support, restrict, topk_row
 from ..crosstok import CoverageError, CrossFeeder, CrossOptions, VocabMap
-from ..errors import ConfigError
-from ..generation import (
-    Member,
-    Pair,
-    _logprob_records,
-    _Row,
-    checked_scores,
-    emit,
-    make_rows,
-    plan,
-    render_prompts,
-)
-from ..prompts import Prompt
 from ..results import StepUpdate
-from ..rules import Combiner, Rule, StepContext
-from ..sampling import next_tokens
-from .api import APIModel, APIUsage, prompt_text
-from .api_state import APIBaseState, ChunkStats
-from .base import DecodeState
-from .topk import TopKContext, coverage, expert_support, restrict, topk_row
+from ..rules import Combiner, StepContext, TopKContext
+from .prepare import Prepared, Row
+from .step import checked_scores, choose, emit_all, member_logprobs, records_for, step_context
 
 
 @dataclass
@@ -105,98 +92,54 @@ class BlackBoxStats:
 
 
 def blackbox_decode(
-    base: Member,
-    pairs: Sequence[Pair],
-    prompts: Sequence[Prompt],
-    config: GenerationConfig,
-    vocab_size: int,
-    eos_token_ids: Sequence[int],
-    rule: Rule | None = None,
+    prepared: Prepared,
     *,
     cross: dict[int, VocabMap] | None = None,
     options: CrossOptions | None = None,
     stats: BlackBoxStats | None = None,
 ) -> Iterator[list[StepUpdate]]:
-    """:func:`~proxytune.generation.decode` for an API base and/or pairs of another tokenizer
-    (``cross``: pair index -> its :class:`~proxytune.crosstok.VocabMap`). Same arguments and
-    updates; ``stats`` fills in as the iterator is consumed."""
-    if not prompts:
-        raise ConfigError("no prompts given: pass at least one prompt")
-    combine, needs, running = plan(rule, base, pairs, prompts, vocab_size, eos_token_ids)
-    members = [base, *running]
-    rendered = render_prompts(members, prompts)
-    penalised = config.penalised
-    rows = make_rows(base, members, rendered, len(prompts), config, penalised)
+    """:func:`~proxytune.engine.plain.decode` for an API base and/or pairs of another tokenizer
+    (``cross``: pair index -> its :class:`~proxytune.crosstok.VocabMap`). The same updates;
+    ``stats`` fills in as the iterator is consumed."""
     loop = _Loop(
-        base=base,
-        pairs=pairs,
-        needs=needs,
-        running=running,
-        combine=combine,
-        config=config,
-        vocab_size=vocab_size,
-        eos=set() if config.ignore_eos else set(eos_token_ids),
-        penalised=penalised,
+        prepared=prepared,
         cross=cross or {},
         options=options or CrossOptions(),
         stats=stats if stats is not None else BlackBoxStats(),
     )
-    return loop.run(rendered, rows, prompts)
+    return loop.run(prepared.rows())
 
 
 @dataclass
 class _Loop:
-    base: Member
-    pairs: Sequence[Pair]
-    needs: Sequence[tuple[bool, bool]]
-    running: Sequence[Member]
-    combine: Combiner
-    config: GenerationConfig
-    vocab_size: int
-    eos: set[int]
-    penalised: bool
+    prepared: Prepared
     cross: dict[int, VocabMap]
     options: CrossOptions
     stats: BlackBoxStats
 
-    def run(
-        self, rendered: dict[str, list[list[int]]], rows: list[_Row], prompts: Sequence[Prompt]
-    ) -> Iterator[list[StepUpdate]]:
-        device = self.base.model.device
-        api = self.base.model if isinstance(self.base.model, APIModel) else None
+    def run(self, rows: list[Row]) -> Iterator[list[StepUpdate]]:
+        p = self.prepared
+        device = p.device
+        api = p.base.model if isinstance(p.base.model, APIModel) else None
+        base_ids = [p.rendered[p.base.role][r.prompt_index] for r in rows]
         base_state: Any
         if api is not None:
-            texts = [prompt_text(self.base.prompt, prompts[r.prompt_index], api.tokenizer)
+            texts = [prompt_text(p.base.prompt, p.prompts[r.prompt_index], api.tokenizer)
                      for r in rows]  # fmt: skip
-            ids = [rendered[self.base.role][r.prompt_index] for r in rows]
-            base_state = APIBaseState(api, ids, texts, self.stats.chunks, self.stats.api)
+            base_state = APIBaseState(api, base_ids, texts, self.stats.chunks, self.stats.api)
             base_logits = None
         else:
-            base_state, base_logits = self.base.model.start(
-                [rendered[self.base.role][r.prompt_index] for r in rows],
-                use_cache=self.config.use_cache,
-            )
-        states, logits, feeders = self._start_pairs(rendered, rows, device)
+            base_state, base_logits = p.base.model.start(base_ids, use_cache=p.config.use_cache)
+        states, logits, feeders = self._start_pairs(rows)
         live = rows
         seen = {r.index: [0.0, 0] for r in rows}  # coverage sum and count per row
         step = 0
         while True:
             ctx = self._context(step, live, api, base_state, base_logits, logits, feeders, seen)
-            scores = checked_scores(_restricted(self.combine, ctx.support), ctx)
-            chosen = next_tokens(
-                scores,
-                **self.config.sampling(),
-                history=[r.history for r in live] if self.penalised else None,
-                generators=None if self.config.greedy else [r.generator for r in live],
-            )
-            records = _logprob_records(scores, chosen, self.config, self.base.model.tokenizer)
-            updates, keep = [], []
-            for i, row in enumerate(live):
-                record = records[i] if records else None
-                update = emit(row, int(chosen[i]), record, self.eos, self.penalised)
-                if update.finish_reason is None:
-                    keep.append(i)
-                updates.append(update)
+            scores = checked_scores(_restricted(p.combine, ctx.support), ctx)
+            chosen = choose(scores, live, p.config)
+            records = records_for(scores, chosen, p.config, p.base.model.tokenizer)
+            updates, keep = emit_all(p, live, chosen, records)
             self.stats.steps += 1
             self.stats.emitted += len(updates)
             self.stats.text_scored = sum(f.scored for f in feeders.values())
@@ -231,7 +174,7 @@ class _Loop:
     def _context(
         self,
         step: int,
-        live: list[_Row],
+        live: list[Row],
         api: APIModel | None,
         base_state: Any,
         base_logits: torch.Tensor | None,
@@ -241,15 +184,16 @@ class _Loop:
     ) -> TopKContext:
         """Everything the rule sees at this step: the base's row (an API's completed top-k, or
         full log-probs), the pairs in the base's ids, the support and the coverage."""
-        device = self.base.model.device
-        alphas = tuple(p.alpha(step) for p in self.pairs)
+        p = self.prepared
+        device = p.device
+        alphas = tuple(pair.alpha(step) for pair in p.pairs)
         known = support = None
         if api is not None:
-            cand_ids, cand_lps, cov = base_state.step([r.budget - len(r.tracker.ids) for r in live])
-            base_lp, known = topk_row(cand_ids, cand_lps, self.vocab_size, api.spec.missing_mass)
+            cand_ids, cand_lps, cov = base_state.step([r.budget - len(r.ids) for r in live])
+            base_lp, known = topk_row(cand_ids, cand_lps, p.vocab_size, api.spec.missing_mass)
         else:
             assert base_logits is not None
-            base_lp = log_probs(base_logits, self.vocab_size).to(device)
+            base_lp = member_logprobs(p.base, base_logits, p.vocab_size, device)
             cov = torch.ones(len(live), device=device)
         pair_lps, mapped = self._pair_logprobs(base_lp, logits, feeders, device)
         for i, m in mapped.items():
@@ -261,36 +205,40 @@ class _Loop:
             extra = expert_support([e for e, _ in pair_lps], top)
             support = known if extra is None else known | extra
         self._check_coverage(live, cov, seen, step)
-        return TopKContext(
-            base=base_lp,
-            pairs=pair_lps,
-            alphas=alphas,
-            step=step,
-            prompt_index=tuple(r.prompt_index for r in live),
-            generated=[r.tracker.ids for r in live],
+        ctx = step_context(
+            base_lp,
+            pair_lps,
+            p.pairs,
+            step,
+            [r.prompt_index for r in live],
+            [r.ids for r in live],
+            kind=TopKContext,
             base_known=known,
             support=support,
             coverage=cov,
         )
+        assert isinstance(ctx, TopKContext)
+        return ctx
 
     def _start_pairs(
-        self, rendered: dict[str, list[list[int]]], rows: list[_Row], device: torch.device
+        self, rows: list[Row]
     ) -> tuple[dict[str, DecodeState], dict[str, torch.Tensor], dict[int, CrossFeeder]]:
         """Prefill every running pair model: same-tokenizer ones as states of their own,
         other-tokenizer pairs behind a :class:`~proxytune.crosstok.CrossFeeder`."""
+        p = self.prepared
         states: dict[str, DecodeState] = {}
         logits: dict[str, torch.Tensor] = {}
         feeders: dict[int, CrossFeeder] = {}
-        running = {m.role for m in self.running}
-        for i, pair in enumerate(self.pairs):
+        running = {m.role for m in p.members[1:]}
+        for i, pair in enumerate(p.pairs):
             side_states: dict[int, DecodeState] = {}
             side_logits: dict[int, torch.Tensor] = {}
             names: dict[int, str] = {}
             for side, member in enumerate((pair.expert, pair.anti_expert)):
                 if member is None or member.role not in running:
                     continue
-                prompt_ids = [rendered[member.role][r.prompt_index] for r in rows]
-                state, first = member.model.start(prompt_ids, use_cache=self.config.use_cache)
+                prompt_ids = [p.rendered[member.role][r.prompt_index] for r in rows]
+                state, first = member.model.start(prompt_ids, use_cache=p.config.use_cache)
                 if i in self.cross:
                     side_states[side], side_logits[side] = state, first
                     names[side] = f"{member.role} ({member.model.name})"
@@ -298,7 +246,7 @@ class _Loop:
                     states[member.role], logits[member.role] = state, first
             if i in self.cross and side_states:
                 feeders[i] = CrossFeeder(
-                    self.cross[i], side_states, side_logits, self.options, device, names
+                    self.cross[i], side_states, side_logits, self.options, p.device, names
                 )
         return states, logits, feeders
 
@@ -311,9 +259,10 @@ class _Loop:
     ) -> tuple[tuple[tuple[torch.Tensor | None, torch.Tensor | None], ...], dict[int, Any]]:
         """Per pair ``(expert, anti-expert)`` ``(B, V)`` log-probs in the base's ids (``None``
         where not run), and per other-tokenizer pair its ``(B, V)`` mask of mapped tokens."""
+        p = self.prepared
         out = []
         mapped = {}
-        for i, pair in enumerate(self.pairs):
+        for i, pair in enumerate(p.pairs):
             if i in feeders:
                 sides, mapped[i] = feeders[i].rows(base_lp)
                 out.append((sides.get(0), sides.get(1)))
@@ -324,12 +273,12 @@ class _Loop:
                     pair_lp.append(None)
                     continue
                 raw = logits[member.role]
-                pair_lp.append(log_probs(raw, self.vocab_size).to(device))
+                pair_lp.append(member_logprobs(member, raw, p.vocab_size, device))
             out.append((pair_lp[0], pair_lp[1]))
         return tuple(out), mapped
 
     def _check_coverage(
-        self, live: list[_Row], cov: torch.Tensor, seen: dict[int, list[float]], step: int
+        self, live: list[Row], cov: torch.Tensor, seen: dict[int, list[float]], step: int
     ) -> None:
         """Record the step's coverage; refuse a row whose mean coverage is too low."""
         values = cov.tolist()

@@ -31,31 +31,19 @@ from typing import Any
 
 import torch
 
-from .arithmetic import log_probs
-from .backends.base import DecodeState
-from .config import GenerationConfig
-from .errors import ConfigError
-from .generation import (
-    Member,
-    Pair,
-    _logprob_records,
-    _Row,
-    advance_all,
-    checked_scores,
-    decode,
-    emit,
-    make_rows,
-    model_logprobs,
-    plan,
-    render_prompts,
-    start_all,
-)
-from .prompts import Prompt
-from .results import StepUpdate
-from .rules import Combiner, Rule, Sides, StepContext
-from .sampling import shape_scores
+from ..arithmetic import log_probs
+from ..backends.base import DecodeState
+from ..config import AUTO_DRAFT, parse_draft_length
+from ..results import StepUpdate
+from ..rules import Sides
+from ..sampling import shape_scores
+from .capabilities import require_rollback, rollback
+from .members import Member, Pair
+from .plain import advance_all, decode, start_all
+from .prepare import Prepared, Row
+from .step import emit, records_for, score
 
-AUTO = "auto"
+AUTO = AUTO_DRAFT
 AUTO_LONGEST = 8
 """The longest draft ``k='auto'`` chooses."""
 PRIOR = 0.6
@@ -100,22 +88,6 @@ class SpeculativeStats:
             "acceptance_rate": self.acceptance_rate,
             "tokens_per_round": self.tokens_per_round,
         }
-
-
-def parse_draft_length(value: int | str) -> int | str:
-    """``k`` as given by a user: an integer >= 1 (``"4"`` too) or ``"auto"``."""
-    if isinstance(value, str):
-        text = value.strip().lower()
-        if text == AUTO:
-            return AUTO
-        if text.isdigit():
-            value = int(text)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(
-            f"speculative must be a draft length >= 1 or 'auto', got {value!r}; "
-            "leave it unset (or 0 on the command line) for the plain loop"
-        )
-    return value
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -250,21 +222,15 @@ def pick_drafter(pairs: Sequence[Pair], needs: Sequence[Sides]) -> Member | None
 
 
 def speculative_decode(
-    base: Member,
-    pairs: Sequence[Pair],
-    prompts: Sequence[Prompt],
-    config: GenerationConfig,
-    vocab_size: int,
-    eos_token_ids: Sequence[int],
-    rule: Rule | None = None,
+    prepared: Prepared,
     *,
     k: int | str = AUTO,
     stats: SpeculativeStats | None = None,
     clock: Callable[[], float] = time.perf_counter,
     overlap: bool = False,
 ) -> Iterator[list[StepUpdate]]:
-    """:func:`~proxytune.generation.decode` with speculative rounds: same arguments, same
-    updates (one list per new token position; a round yields up to ``K + 1`` of them).
+    """:func:`~proxytune.engine.plain.decode` with speculative rounds: the same updates (one
+    list per new token position; a round yields up to ``K + 1`` of them).
 
     ``k``: draft length (an int) or ``"auto"`` (per row, from its running acceptance rate and
     the measured cost of drafting and verifying: :class:`RoundCosts`; ``clock`` times them).
@@ -273,47 +239,25 @@ def speculative_decode(
     When the rule runs no pair model (``alpha=0``, the ``base`` rule) there is nothing to draft
     with and this is the plain loop.
     """
-    if not prompts:
-        raise ConfigError("no prompts given: pass at least one prompt")
     k = parse_draft_length(k)
-    combine, needs, running = plan(rule, base, pairs, prompts, vocab_size, eos_token_ids)
-    drafter = pick_drafter(pairs, needs)
+    drafter = pick_drafter(prepared.pairs, prepared.needs)
     if drafter is None:
-        return decode(base, pairs, prompts, config, vocab_size, eos_token_ids, rule, overlap)
-    members = [base, *running]
-    rendered = render_prompts(members, prompts)
-    penalised = config.penalised
-    rows = make_rows(base, members, rendered, len(prompts), config, penalised)
-    rooms = [  # ids each row may still feed, as make_rows counts them
-        min(
-            (m.model.context_length or 1 << 62) - len(rendered[m.role][r.prompt_index])
-            for m in members
-        )
-        for r in rows
-    ]
+        return decode(prepared, overlap)
     run = _Speculator(
-        base=base,
-        pairs=pairs,
-        needs=needs,
-        members=members,
+        prepared=prepared,
         drafter=drafter,
-        combine=combine,
-        config=config,
-        vocab_size=vocab_size,
-        eos=set() if config.ignore_eos else set(eos_token_ids),
-        penalised=penalised,
         k=k,
         stats=stats if stats is not None else SpeculativeStats(),
         clock=clock,
         overlap=overlap,
     )
-    return run.run(rendered, rows, rooms)
+    return run.run(prepared.rows())
 
 
 def _size(model: Any) -> float:
     """Bytes of a loaded model's weights (int8 ones included), for the draft cost ratio: a
     decoding forward reads them all. 1 if unknown."""
-    from .backends.quantize import weight_bytes
+    from ..backends.quantize import weight_bytes
 
     inner = getattr(model, "model", None)
     if inner is None or not hasattr(inner, "modules"):
@@ -323,23 +267,20 @@ def _size(model: Any) -> float:
 
 @dataclass
 class _Speculator:
-    base: Member
-    pairs: Sequence[Pair]
-    needs: Sequence[Sides]
-    members: Sequence[Member]
+    prepared: Prepared
     drafter: Member
-    combine: Combiner
-    config: GenerationConfig
-    vocab_size: int
-    eos: set[int]
-    penalised: bool
     k: int | str
     stats: SpeculativeStats
     clock: Callable[[], float] = time.perf_counter
     overlap: bool = False
 
     def __post_init__(self) -> None:
-        self.device = self.base.model.device
+        p = self.prepared
+        self.config = p.config
+        self.vocab_size = p.vocab_size
+        self.penalised = p.penalised
+        self.device = p.device
+        self.members = p.members
         self.verifiers = [m for m in self.members if m is not self.drafter]
         verify_size = sum(_size(m.model) for m in self.verifiers) or 1.0
         prior = RoundCosts(draft_ratio=_size(self.drafter.model) / verify_size)
@@ -372,10 +313,9 @@ class _Speculator:
 
     # the loop --------------------------------------------------------------------------------
 
-    def run(
-        self, rendered: dict[str, list[list[int]]], rows: list[_Row], rooms: list[int]
-    ) -> Iterator[list[StepUpdate]]:
-        states, first = self._start(rendered, rows)
+    def run(self, rows: list[Row]) -> Iterator[list[StepUpdate]]:
+        states, first = self._start(rows)
+        rooms = [self.prepared.rooms[r.prompt_index] for r in rows]
         live = list(range(len(rows)))  # indices into rows / rooms / rates
         rates = [PRIOR] * len(rows)
         pending: torch.Tensor | None = None  # (B, 1): each row's last id, not yet fed
@@ -410,7 +350,9 @@ class _Speculator:
                     for a, n in enumerate(active)
                 ]
                 chosen = torch.tensor([t for t, _ in picks], device=self.device)
-                records = _logprob_records(scores, chosen, self.config, self.base.model.tokenizer)
+                records = records_for(
+                    scores, chosen, self.config, self.prepared.base.model.tokenizer
+                )
                 updates, still = [], []
                 for a, (n, (token, was_draft)) in enumerate(zip(active, picks, strict=True)):
                     row = rows[live[n]]
@@ -418,9 +360,8 @@ class _Speculator:
                         rates[live[n]] += SMOOTHING * (float(was_draft) - rates[live[n]])
                     accepted[n] += was_draft
                     last[n] = token
-                    update = emit(
-                        row, token, records[a] if records else None, self.eos, self.penalised
-                    )
+                    record = records[a] if records else None
+                    update = emit(row, token, record, self.prepared.eos, self.penalised)
                     updates.append(update)
                     if update.finish_reason is not None:
                         done[n] = True
@@ -439,34 +380,32 @@ class _Speculator:
                 if len(kept) < len(live):
                     state.keep(index)
                 fed = fed_drafter if role == self.drafter.role else big_k
-                state.rollback(torch.tensor([fed - accepted[n] for n in kept]))  # type: ignore[attr-defined]
+                rollback(state, torch.tensor([fed - accepted[n] for n in kept]))
             live = [live[n] for n in kept]
             pending = torch.tensor([[last[n]] for n in kept], device=self.device)
 
     # the steps -------------------------------------------------------------------------------
 
     def _start(
-        self, rendered: dict[str, list[list[int]]], rows: list[_Row]
+        self, rows: list[Row]
     ) -> tuple[dict[str, DecodeState], dict[str, torch.Tensor]]:
         """Prefill every model. The drafter runs ahead of the others, so a model that would
-        batch it with another role (``start_alone``) is asked to keep it on its own."""
+        batch it with another role is asked to keep it on its own."""
         states, first = start_all(
-            self.members, rendered, rows, self.config.use_cache, self.overlap, self.drafter
+            self.members,
+            self.prepared.rendered,
+            rows,
+            self.config.use_cache,
+            self.overlap,
+            self.drafter,
         )
-        for m in self.members:
-            if not hasattr(states[m.role], "rollback"):
-                raise ConfigError(
-                    f"speculative decoding rolls every model back to the accepted drafts, and "
-                    f"the {m.role} ({m.model.name}) cannot: its decode state has no rollback() "
-                    "(a model of your own behind the LogitsModel protocol must implement "
-                    "RollbackState.rollback; otherwise decode without speculative)"
-                )
+        require_rollback(states, self.members)
         return states, first
 
-    def _draft_lengths(self, rows: list[_Row], rooms: list[int], rates: list[float]) -> list[int]:
+    def _draft_lengths(self, rows: list[Row], rooms: list[int], rates: list[float]) -> list[int]:
         """Per row: how many drafts to test. Never more than the row can still emit minus one
         (its last token is the bonus), nor past any row's context (the batch feeds ``K``)."""
-        left = [r.budget - len(r.tracker.ids) - 1 for r in rows]
+        left = [r.budget - len(r.ids) - 1 for r in rows]
         if self.k != AUTO:
             wanted = [int(self.k)] * len(rows)
         elif self.reproducible:
@@ -475,7 +414,7 @@ class _Speculator:
         else:  # the batch pays for its longest draft: choose one length for every row
             big_k = best_draft_length([rates[r.index] for r in rows], self.costs.round_cost)
             wanted = [big_k] * len(rows)
-        cap = min(room - len(r.tracker.ids) - 1 for r, room in zip(rows, rooms, strict=True))
+        cap = min(room - len(r.ids) - 1 for r, room in zip(rows, rooms, strict=True))
         return [max(0, min(w, n, cap)) for w, n in zip(wanted, left, strict=True)]
 
     def _draft(
@@ -483,7 +422,7 @@ class _Speculator:
         states: dict[str, DecodeState],
         first: dict[str, torch.Tensor],
         pending: torch.Tensor | None,
-        rows: list[_Row],
+        rows: list[Row],
         lengths: list[int],
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """``(B, K)`` drafts, their ``(B, V)`` draw distributions ``q_j`` and the drafter's
@@ -532,7 +471,7 @@ class _Speculator:
 
     def _target(
         self,
-        rows: list[_Row],
+        rows: list[Row],
         j: int,
         drafts: torch.Tensor,
         logits: dict[str, torch.Tensor],
@@ -540,24 +479,14 @@ class _Speculator:
         """The plain loop's combined scores and sampling distribution at position ``j`` of
         ``rows``, ``(n, V)`` each: the rule runs once per group of rows at the same step (an
         alpha schedule, or the rule itself, may read the step)."""
-        steps = [len(r.tracker.ids) + j for r in rows]
+        steps = [len(r.ids) + j for r in rows]
         scores = shaped = None
         for step in sorted(set(steps)):
             sub = [n for n, s in enumerate(steps) if s == step]
             index = torch.tensor(sub, device=self.device)
             part = {role: t[index.to(t.device)] for role, t in logits.items()}
-            base_lp, pair_lps = model_logprobs(
-                self.base, self.pairs, self.needs, part, self.vocab_size, self.device
-            )
-            ctx = StepContext(
-                base=base_lp,
-                pairs=pair_lps,
-                alphas=tuple(p.alpha(step) for p in self.pairs),
-                step=step,
-                prompt_index=tuple(rows[n].prompt_index for n in sub),
-                generated=[rows[n].tracker.ids + drafts[n, :j].tolist() for n in sub],
-            )
-            got = checked_scores(self.combine, ctx)
+            generated = [rows[n].ids + drafts[n, :j].tolist() for n in sub]
+            got, _ = score(self.prepared, part, [rows[n] for n in sub], step, generated)
             shape = self._shape(got, [rows[n] for n in sub], j, drafts[index])
             if len(sub) == len(rows):
                 return got, shape
@@ -569,7 +498,7 @@ class _Speculator:
         return scores, shaped
 
     def _shape(
-        self, scores: torch.Tensor, rows: list[_Row], j: int, drafts: torch.Tensor
+        self, scores: torch.Tensor, rows: list[Row], j: int, drafts: torch.Tensor
     ) -> torch.Tensor:
         """:func:`~proxytune.sampling.shape_scores` with each row's history plus its first
         ``j`` drafts."""
@@ -580,7 +509,7 @@ class _Speculator:
 
     def _decide(
         self,
-        row: _Row,
+        row: Row,
         target: torch.Tensor,
         q: list[torch.Tensor],
         drafts: torch.Tensor,

@@ -1,6 +1,6 @@
 """Continuous batching: one running batch that requests join and leave between decode steps.
 
-:func:`~proxytune.generation.decode` runs one fixed batch from prefill to the last token. A
+:func:`~proxytune.engine.plain.decode` runs one fixed batch from prefill to the last token. A
 server needs more: requests arrive while others are decoding, each with its own alpha, active
 pairs, sampling settings, stop strings and budget. :class:`ContinuousBatch` keeps one decode state
 per model role and, between steps,
@@ -11,83 +11,119 @@ per model role and, between steps,
 
 Each model only holds the rows that need it: a request that switches a pair off (or whose rule
 does not read it) never runs that pair's models. Each request is scored exactly as
-:func:`~proxytune.generation.decode` scores it alone: its rule is bound to it once
-(:func:`~proxytune.generation.plan`), and every step it gets a
-:class:`~proxytune.rules.StepContext` of its own rows (:func:`~proxytune.generation.model_logprobs`,
-:func:`~proxytune.generation.checked_scores`); sampling groups rows by their settings and calls
-the same :func:`~proxytune.sampling.next_tokens`. Every step is row-wise, so a row's tokens do not
-depend on which other rows share its batch: under greedy decoding a request returns what it
-returns alone (and with a seed, the same samples). A request whose rule fails fails alone.
+:func:`~proxytune.engine.plain.decode` scores it alone: it is prepared once
+(:func:`~proxytune.engine.prepare.prepare`), every step its own rows go through the same step
+scorer (:func:`~proxytune.engine.step.score`), and sampling groups rows by their settings and
+calls the same :func:`~proxytune.engine.step.choose`. Every step is row-wise, so a row's tokens
+do not depend on which other rows share its batch: under greedy decoding a request returns what
+it returns alone (and with a seed, the same samples). A request whose rule fails fails alone.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from ..arithmetic import top_logprobs
+from ..arithmetic import steering_kl
 from ..backends.base import DecodeState
 from ..config import GenerationConfig
-from ..detokenize import TextTracker
 from ..errors import ConfigError
-from ..generation import (
-    Member,
-    Pair,
-    checked_scores,
-    model_logprobs,
-    plan,
-    render_prompts,
-    row_seed,
-)
 from ..overlap import can_overlap, engine, run_grouped
 from ..prompts import Prompt
 from ..results import StepUpdate, TokenLogprob
-from ..rules import StepContext
-from ..sampling import next_tokens
+from .capabilities import can_extend, compact
 from .controls import request_alphas, request_rule
-from .job import Job, StepStats
+from .members import Member, Pair
+from .prepare import Prepared, Row, prepare
+from .step import choose, emit, logprob_records, score
 
 log = logging.getLogger("proxytune.server")
 
-
-def steering_kl(scores: torch.Tensor, base_lp: torch.Tensor) -> torch.Tensor:
-    """``KL(steered || base)`` per row, in nats: ``(B, V)`` scores and base log-probs -> ``(B,)``.
-
-    ``scores`` are the combined (unnormalised) scores; tokens the steered distribution rules
-    out contribute nothing (``0 * log 0 = 0``).
-
-    >>> base = torch.log(torch.tensor([[0.5, 0.5]]))
-    >>> steering_kl(torch.log(torch.tensor([[1.0, 0.0]])), base)
-    tensor([0.6931])
-    """
-    lp = torch.log_softmax(scores.float(), dim=-1)
-    p = lp.exp()
-    terms = torch.where(p > 0, p * (lp - base_lp.float()), torch.zeros_like(p))
-    return terms.sum(dim=-1)
+__all__ = ["ContinuousBatch", "Job", "StepStats", "steering_kl"]
 
 
 @dataclass(eq=False)
-class _Row:
-    job: Job
-    index: int
-    prompt_index: int
-    sample_index: int
-    budget: int
-    tracker: TextTracker
-    history: list[int] | None
-    generator: torch.Generator | None
-    step: int = 0
+class Job:
+    """One request's share of the batch: ``len(prompts) * config.n`` rows and their settings.
+
+    Prepared (rendered, rule bound, validated) before it is queued. ``cancel()`` may be called
+    from any thread; the rows leave at the next step.
+    """
+
+    prepared: Prepared
+    steps: Iterator[list[StepUpdate]] | None = None
+    """The engine's own iterator, when the job runs on the server's ``EngineLoop``."""
+    cancelled: bool = False
+    error: BaseException | None = None
+    rows_left: int = 0
+
+    @property
+    def prompts(self) -> list[Prompt]:
+        return self.prepared.prompts
+
+    @property
+    def config(self) -> GenerationConfig:
+        return self.prepared.config
+
+    @property
+    def rendered(self) -> dict[str, list[list[int]]]:
+        """Each running member's token ids for each prompt."""
+        return self.prepared.rendered
+
+    @property
+    def rooms(self) -> list[int]:
+        """Per prompt: the most new tokens every running member's context still holds."""
+        return self.prepared.rooms
+
+    @property
+    def n_rows(self) -> int:
+        return self.prepared.n_rows
+
+    @property
+    def prompt_tokens(self) -> list[int]:
+        """Each prompt's length in the base model's tokens."""
+        return [len(ids) for ids in self.prepared.rendered[self.prepared.base.role]]
+
+    @property
+    def steered(self) -> bool:
+        """Whether any pair model runs for this request."""
+        return self.prepared.steered
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class StepStats:
+    """What one step did (for metrics)."""
+
+    rows: int = 0
+    kl_sum: float = 0.0
+    kl_rows: int = 0
+    drafts_proposed: int = 0
+    """Speculative drafts tested against the target in this step."""
+    drafts_accepted: int = 0
+    failed: list[Job] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Row(Row):
+    job: Job | None = None
     last: int = -1
     done: bool = False
 
     @property
     def gone(self) -> bool:
+        assert self.job is not None
         return self.done or self.job.cancelled or self.job.error is not None
+
+    @property
+    def step(self) -> int:
+        return len(self.ids)
 
 
 @dataclass
@@ -133,51 +169,17 @@ class ContinuousBatch:
         ``rule``: a rule name or ``{name: ..., **settings}`` for this request only (default:
         the tuner's own rule).
         """
-        if not prompts:
-            raise ConfigError("no prompts given: pass at least one prompt")
         schedules, active = request_alphas(self.pairs, alpha, active_pairs)
         pairs = [replace(p, alpha=s) for p, s in zip(self.pairs, schedules, strict=True)]
         chosen = self.tuner.rule if rule is None else request_rule(self.tuner, rule)
-
         eos = config.eos_token_ids if config.eos_token_ids is not None else self.eos
-        combine, needs, _ = plan(chosen, self.base, pairs, prompts, self.vocab_size, eos)
-        needs = [(e and on, a and on) for (e, a), on in zip(needs, active, strict=True)]
-        members = [self.base] + [
-            m
-            for p, (e, a) in zip(pairs, needs, strict=True)
-            for m, used in ((p.expert, e), (p.anti_expert, a))
-            if used and m is not None
-        ]
-        rendered = render_prompts(members, list(prompts))
-        rooms = [
-            min((m.model.context_length or 1 << 62) - len(rendered[m.role][p]) for m in members)
-            for p in range(len(prompts))
-        ]
-        seed = config.seed if config.seed is not None else secrets.randbits(62)
-        return Job(list(prompts), rendered, config, pairs, needs, combine, seed, rooms)
+        prepared = prepare(
+            self.base, pairs, list(prompts), config, self.vocab_size, eos, chosen, active
+        )
+        return Job(prepared)
 
     def _rows_of(self, job: Job) -> list[_Row]:
-        cfg = job.config
-        penalised = cfg.penalised
-        tokenizer = self.base.model.tokenizer
-        rows = []
-        for p in range(len(job.prompts)):
-            for s in range(cfg.n):
-                gen = None
-                if not cfg.greedy:
-                    gen = torch.Generator(device=self.device).manual_seed(row_seed(job.seed, s))
-                rows.append(
-                    _Row(
-                        job=job,
-                        index=len(rows),
-                        prompt_index=p,
-                        sample_index=s,
-                        budget=min(cfg.max_new_tokens, job.rooms[p]),
-                        tracker=TextTracker(tokenizer, cfg.stop),
-                        history=list(job.rendered["base"][p]) if penalised else None,
-                        generator=gen,
-                    )
-                )
+        rows = job.prepared.rows(_Row, job=job)
         job.rows_left = len(rows)
         return rows
 
@@ -202,9 +204,7 @@ class ContinuousBatch:
         states = [s.state for s in self.slots.values() if s.state is not None]
         if not states:
             self.hold = False
-        return not states or (
-            not self.hold and all(getattr(s, "can_extend", False) for s in states)
-        )
+        return not states or (not self.hold and all(can_extend(s) for s in states))
 
     def reset(self) -> None:
         """Forget every row (after a failed step); the models keep their weights."""
@@ -231,7 +231,7 @@ class ContinuousBatch:
         for i, row in enumerate(rows):
             if not ok[i] or row.job.error is not None:
                 continue
-            out.append((row.job, self._push(row, int(chosen[i]), records.get(i))))
+            out.append((row.job, self._push(row, int(chosen[i]), records.get(i))))  # type: ignore[arg-type]
         return out
 
     def retire(self) -> None:
@@ -246,16 +246,14 @@ class ContinuousBatch:
                 continue
             assert slots.state is not None
             slots.state.keep(torch.tensor(keep, device=self.device))
-            compact = getattr(slots.state, "compact", None)
-            if compact is not None:
-                compact()
+            compact(slots.state)
             slots.rows = [slots.rows[i] for i in keep]
 
     def _advance(self) -> None:
         """Feed each role its rows' last ids (the roles' forwards at once where the tuner
         asks for :attr:`~proxytune.tuner.ProxyTuner.overlap`)."""
         models = {m.role: m.model for m in self.members}
-        overlap = bool(getattr(self.tuner, "overlap", False)) and can_overlap(models.values())
+        overlap = self.tuner.options.overlap and can_overlap(models.values())
         calls, filled = [], []
         for role, slots in self.slots.items():
             if slots.state is None:
@@ -294,7 +292,7 @@ class ContinuousBatch:
             for role, (state, _, _) in started.items():
                 running = self.slots[role].state
                 if running is not None:
-                    running.extend(state)  # type: ignore[attr-defined]
+                    running.extend(state)  # type: ignore[attr-defined]  (can_join checked it)
                     merged.append(role)
         except Exception as err:
             log.warning("new requests wait for the running batch to drain: %s", err)
@@ -327,12 +325,12 @@ class ContinuousBatch:
         return slots.logits[index]
 
     def _scores(self, rows: list[_Row]) -> tuple[torch.Tensor, list[bool]]:
-        """Combined scores of every row: each request's bound rule on its own rows, exactly
-        as :func:`~proxytune.generation.decode` would run it. A request whose rule fails
-        (NaN, nothing left to sample, a bug) fails alone."""
+        """Combined scores of every row: each request's prepared rule on its own rows, exactly
+        as :func:`~proxytune.engine.plain.decode` would run it. A request whose rule or models
+        fail (NaN, nothing left to sample, a bug) fails alone."""
         groups: dict[Job, list[int]] = {}
         for i, r in enumerate(rows):
-            groups.setdefault(r.job, []).append(i)
+            groups.setdefault(r.job, []).append(i)  # type: ignore[arg-type]
         ok = [True] * len(rows)
         scores: torch.Tensor | None = None
         for job, idx in groups.items():
@@ -340,18 +338,7 @@ class ContinuousBatch:
             step = members[0].step  # a job's rows start together and advance together
             try:
                 logits = {role: self._logits(role, members) for role in job.rendered}
-                base_lp, pair_lps = model_logprobs(
-                    self.base, job.pairs, job.needs, logits, self.vocab_size, self.device
-                )
-                ctx = StepContext(
-                    base=base_lp,
-                    pairs=pair_lps,
-                    alphas=tuple(p.alpha(step) for p in job.pairs),
-                    step=step,
-                    prompt_index=tuple(r.prompt_index for r in members),
-                    generated=[r.tracker.ids for r in members],
-                )
-                part = checked_scores(job.combine, ctx)
+                part, base_lp = score(job.prepared, logits, members, step)
             except Exception as err:  # this request's rule or models: fail it, keep the rest
                 if not isinstance(err, ConfigError | ArithmeticError):
                     log.exception("scoring failed for one request")
@@ -374,42 +361,21 @@ class ContinuousBatch:
         return scores, ok
 
     def _choose(self, scores: torch.Tensor, rows: list[_Row], ok: list[bool]) -> torch.Tensor:
-        """One ``next_tokens`` call per group of rows with the same sampling settings."""
-        groups: dict[tuple[float, ...], list[int]] = {}
+        """One :func:`~proxytune.engine.step.choose` per group of rows with the same sampling
+        settings."""
+        groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(rows):
             if ok[i]:
-                c = r.job.config
-                key = (
-                    c.temperature,
-                    c.top_k,
-                    c.top_p,
-                    c.min_p,
-                    c.repetition_penalty,
-                    c.presence_penalty,
-                    c.frequency_penalty,
-                )
-                groups.setdefault(key, []).append(i)
+                c = r.job.config  # type: ignore[union-attr]
+                groups.setdefault((*c.sampling().values(), c.penalised), []).append(i)
         chosen = torch.zeros(len(rows), dtype=torch.long, device=scores.device)
-        for (temp, top_k, top_p, min_p, rep, pres, freq), idx in groups.items():
-            whole = len(idx) == len(rows)
-            index = torch.tensor(idx, device=scores.device)
+        for idx in groups.values():
             members = [rows[i] for i in idx]
-            penalised = members[0].history is not None
-            picked = next_tokens(
-                scores if whole else scores[index],
-                temperature=temp,
-                top_k=int(top_k),
-                top_p=top_p,
-                min_p=min_p,
-                repetition_penalty=rep,
-                presence_penalty=pres,
-                frequency_penalty=freq,
-                history=[r.history for r in members] if penalised else None,  # type: ignore[misc]
-                generators=None if temp == 0.0 else [r.generator for r in members],
-            )
-            if whole:
-                return picked
-            chosen[index] = picked
+            config = members[0].job.config  # type: ignore[union-attr]
+            if len(idx) == len(rows):
+                return choose(scores, members, config)
+            index = torch.tensor(idx, device=scores.device)
+            chosen[index] = choose(scores[index], members, config)
         return chosen
 
     def _records(
@@ -418,47 +384,24 @@ class ContinuousBatch:
         """Log-prob records for the rows that asked for them (grouped by ``top_logprobs``)."""
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
-            if ok[i] and r.job.config.logprobs:
-                groups.setdefault(r.job.config.top_logprobs, []).append(i)
-        convert = self.base.model.tokenizer.convert_ids_to_tokens
+            config = r.job.config  # type: ignore[union-attr]
+            if ok[i] and config.logprobs:
+                groups.setdefault(config.top_logprobs, []).append(i)
+        tokenizer = self.base.model.tokenizer
         out: dict[int, TokenLogprob] = {}
         for k, idx in groups.items():
             index = torch.tensor(idx, device=scores.device)
-            top = top_logprobs(scores[index], chosen[index], k)
-            for j, i in enumerate(idx):
-                ids = top.top_ids[j].tolist()
-                alts = list(zip(ids, convert(ids), top.top_logprobs[j].tolist(), strict=True))
-                tid = int(chosen[i])
-                out[i] = TokenLogprob(tid, convert(tid), float(top.chosen[j]), alts)
+            found = logprob_records(scores[index], chosen[index], k, tokenizer)
+            out.update(zip(idx, found, strict=True))
         return out
 
     def _push(self, row: _Row, token: int, record: TokenLogprob | None) -> StepUpdate:
-        """Append ``token`` to ``row``: text delta, stop checks, finish."""
-        cfg = row.job.config
+        """Append ``token`` to ``row`` (:func:`~proxytune.engine.step.emit`); count its finish."""
+        job = row.job
+        assert job is not None
         row.last = token
-        row.step += 1
-        if row.history is not None:
-            row.history.append(token)
-        delta = row.tracker.push(token)
-        finish, reason = None, None
-        eos = self.eos if cfg.eos_token_ids is None else cfg.eos_token_ids
-        if token in eos and not cfg.ignore_eos:
-            finish, reason = "stop", token
-        elif row.tracker.stopped:
-            finish, reason = "stop", row.tracker.stop_hit
-        elif len(row.tracker.ids) >= row.budget:
-            finish = "length"
-        if finish is not None:
-            delta += row.tracker.finish()
+        update = emit(row, token, record, job.prepared.eos, job.prepared.penalised)
+        if update.finish_reason is not None:
             row.done = True
-            row.job.rows_left -= 1
-        return StepUpdate(
-            row=row.index,
-            prompt_index=row.prompt_index,
-            sample_index=row.sample_index,
-            token_id=token,
-            delta=delta,
-            logprob=record,
-            finish_reason=finish,
-            stop_reason=reason,
-        )
+            job.rows_left -= 1
+        return update

@@ -1,0 +1,26 @@
+"""The decode engine: one preparation step, one step scorer, and the loops that drive them.
+
+==================  ==============================================================
+module              job
+==================  ==============================================================
+``members``         :class:`Member` (a model in a role) and :class:`Pair`
+``prepare``         :func:`prepare`: bind the rule, render prompts, rooms, EOS ids,
+                    rows (:class:`Prepared`)
+``step``            the step scorer (log-probs, finiteness, ``StepContext``, rule),
+                    sampling, log-prob records, :func:`~.step.emit`
+``capabilities``    the one place that asks what a backend can do
+``plain``           the plain loop (:func:`decode`)
+``speculative``     speculative proxy decoding (the expert drafts)
+``blackbox``        an API base (top-k) and pairs of another tokenizer
+``continuous``      the server's running batch (requests join and leave)
+``controls``        per-request alphas, active pairs and rules, validated
+==================  ==============================================================
+
+``docs/architecture.md`` walks a request through it.
+"""
+
+from .members import Member, Pair
+from .plain import decode
+from .prepare import Prepared, Row, prepare
+
+__all__ = ["Member", "Pair", "Prepared", "Row", "decode", "prepare"]

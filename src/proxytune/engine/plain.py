@@ -1,0 +1,94 @@
+"""The plain decode loop: one fixed batch from prefill to the last token.
+
+Every step: each running model scores its own sequence -> the step scorer
+(:func:`~.step.score`: log-probs, rule) -> sampling picks one id per row -> that id is
+appended to every model's sequence; rows that finish leave every model's batch. Text only
+appears at the edges (prompt rendering, :class:`~proxytune.detokenize.TextTracker`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from ..backends.base import DecodeState
+from ..overlap import engine, run_grouped
+from ..results import StepUpdate
+from .capabilities import start_alone
+from .members import Member
+from .prepare import Prepared, Row
+from .step import choose, emit_all, records_for, score
+
+
+def decode(prepared: Prepared, overlap: bool = False) -> Iterator[list[StepUpdate]]:
+    """Generate every row of ``prepared``, yielding each step's new tokens.
+
+    The models run as the iterator is consumed; closing it cancels the work. ``overlap``:
+    models on different engines run their forwards at once (:mod:`proxytune.overlap`; same
+    output).
+    """
+    p = prepared
+    rows = p.rows()
+    states, logits = start_all(p.members, p.rendered, rows, p.config.use_cache, overlap)
+    live: list[Row] = rows
+    step = 0
+    while True:
+        scores, _ = score(p, logits, live, step)
+        chosen = choose(scores, live, p.config)
+        records = records_for(scores, chosen, p.config, p.base.model.tokenizer)
+        updates, keep = emit_all(p, live, chosen, records)
+        yield updates
+        if not keep:
+            return
+        if len(keep) < len(live):
+            index = torch.tensor(keep, device=p.device)
+            for state in states.values():
+                state.keep(index)
+            live = [live[i] for i in keep]
+            chosen = chosen[index]
+        logits = {
+            role: out[:, -1]
+            for role, out in advance_all(p.members, states, chosen.view(-1, 1), overlap).items()
+        }
+        step += 1
+
+
+def start_all(
+    members: Sequence[Member],
+    rendered: dict[str, list[list[int]]],
+    rows: Sequence[Row],
+    use_cache: bool,
+    overlap: bool = False,
+    alone: Member | None = None,
+) -> tuple[dict[str, DecodeState], dict[str, torch.Tensor]]:
+    """Prefill every member on its rows' prompts (at once with ``overlap``): each member's
+    decode state and next-token logits. ``alone`` (speculative decoding's drafter, which runs
+    ahead of the others) is started on a state of its own."""
+
+    def start(m: Member) -> Callable[[], tuple[DecodeState, torch.Tensor]]:
+        prompt_ids = [rendered[m.role][r.prompt_index] for r in rows]
+        if m is alone:
+            return lambda: start_alone(m, prompt_ids, use_cache)
+        return lambda: m.model.start(prompt_ids, use_cache=use_cache)
+
+    done = run_grouped([(engine(m.model), start(m)) for m in members], overlap)
+    states = {m.role: state for m, (state, _) in zip(members, done, strict=True)}
+    logits = {m.role: first for m, (_, first) in zip(members, done, strict=True)}
+    return states, logits
+
+
+def advance_all(
+    members: Sequence[Member],
+    states: dict[str, DecodeState],
+    tokens: torch.Tensor,
+    overlap: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Feed ``tokens`` ``(B, K)`` to every member's state (at once with ``overlap``):
+    ``(B, K, W)`` logits per role."""
+
+    def key(m: Member) -> object:  # engines matter only when overlapping (keep the hot path)
+        return engine(m.model) if overlap else None
+
+    calls = [(key(m), lambda state=states[m.role]: state.advance(tokens)) for m in members]
+    return {m.role: out for m, out in zip(members, run_grouped(calls, overlap), strict=True)}
