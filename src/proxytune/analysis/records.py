@@ -21,9 +21,12 @@ import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..evaluation.scoring import render, score_ids
+
+if TYPE_CHECKING:
+    from ..tuner import ProxyTuner
 
 
 @dataclass
@@ -97,7 +100,7 @@ def token_texts(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 
 def analyze(
-    tuner: Any,
+    tuner: ProxyTuner,
     prompts: Sequence[str],
     *,
     alpha: Any = None,
@@ -128,7 +131,7 @@ def analyze(
 
 
 def _analyze_batch(
-    tuner: Any,
+    tuner: ProxyTuner,
     prompts: list[str],
     steering: dict[str, Any],
     top: int,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,9 +36,9 @@ from ..overlap import can_overlap, engine, run_grouped
 from ..prompts import Prompt
 from ..results import StepUpdate, TokenLogprob
 from .capabilities import can_extend, compact
-from .controls import request_alphas, request_rule
+from .controls import Steerable, prepare_request
 from .members import Member, Pair
-from .prepare import Prepared, Row, prepare
+from .prepare import Prepared, Row
 from .step import choose, emit, logprob_records, score
 
 log = logging.getLogger("proxytune.server")
@@ -138,7 +138,7 @@ class _Slots:
 class ContinuousBatch:
     """A running batch over a tuner's models; not thread-safe (one worker thread drives it)."""
 
-    def __init__(self, tuner: Any, kl: bool = True) -> None:
+    def __init__(self, tuner: Steerable, kl: bool = True) -> None:
         self.tuner = tuner
         self.base: Member = tuner.base
         self.pairs: list[Pair] = list(tuner.pairs)
@@ -169,14 +169,7 @@ class ContinuousBatch:
         ``rule``: a rule name or ``{name: ..., **settings}`` for this request only (default:
         the tuner's own rule).
         """
-        schedules, active = request_alphas(self.pairs, alpha, active_pairs)
-        pairs = [replace(p, alpha=s) for p, s in zip(self.pairs, schedules, strict=True)]
-        chosen = self.tuner.rule if rule is None else request_rule(self.tuner, rule)
-        eos = config.eos_token_ids if config.eos_token_ids is not None else self.eos
-        prepared = prepare(
-            self.base, pairs, list(prompts), config, self.vocab_size, eos, chosen, active
-        )
-        return Job(prepared)
+        return Job(prepare_request(self.tuner, prompts, config, alpha, active_pairs, rule))
 
     def _rows_of(self, job: Job) -> list[_Row]:
         rows = job.prepared.rows(_Row, job=job)

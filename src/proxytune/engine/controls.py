@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
+from ..config import EngineOptions, GenerationConfig
 from ..errors import ConfigError
+from ..prompts import Prompt
 from ..rules import Rule
 from ..schedules import Constant, Schedule, as_schedule
-from .members import Pair
+from .members import Member, Pair
+from .prepare import Prepared, prepare
 
 
 def request_alphas(
@@ -71,7 +74,45 @@ def _user_alpha(value: Any, where: str) -> Schedule:
     return schedule
 
 
-def request_rule(tuner: Any, spec: Any) -> Rule:
+class Steerable(Protocol):
+    """What the engine's request handling reads of a tuner (``ProxyTuner`` is one)."""
+
+    base: Member
+    pairs: list[Pair]
+    rule: Rule
+    vocab_size: int
+    options: EngineOptions
+
+    @property
+    def members(self) -> list[Member]: ...
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]: ...
+
+    def with_rule(self, rule: Any) -> Steerable: ...
+
+
+def prepare_request(
+    tuner: Steerable,
+    prompts: Sequence[Prompt],
+    config: GenerationConfig,
+    alpha: Any = None,
+    active_pairs: Sequence[int] | None = None,
+    rule: Any = None,
+) -> Prepared:
+    """One server request, validated and prepared: its alphas and active pairs
+    (:func:`request_alphas`), its rule (:func:`request_rule`; default the tuner's), then
+    :func:`~proxytune.engine.prepare.prepare`. A switched-off pair never runs."""
+    schedules, active = request_alphas(tuner.pairs, alpha, active_pairs)
+    pairs = [dataclasses.replace(p, alpha=s) for p, s in zip(tuner.pairs, schedules, strict=True)]
+    chosen = tuner.rule if rule is None else request_rule(tuner, rule)
+    eos = config.eos_token_ids if config.eos_token_ids is not None else tuner.eos_token_ids
+    return prepare(
+        tuner.base, pairs, list(prompts), config, tuner.vocab_size, eos, chosen, active
+    )
+
+
+def request_rule(tuner: Steerable, spec: Any) -> Rule:
     """A request's ``rule`` (a name or ``{name: ..., **settings}``), checked against the
     tuner's models. Rules that load models (``args``'s reward model) are refused: a request
     must not make the server read model files; put such a rule in the server's recipe."""

@@ -9,9 +9,12 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from ..tuner import ProxyTuner
 
 
 def parse_alphas(text: str | None) -> list[float]:
@@ -46,7 +49,7 @@ def parse_alphas(text: str | None) -> list[float]:
 
 
 def run_eval(
-    tuner: Any,
+    tuner: ProxyTuner,
     task_spec: str,
     *,
     alphas: Sequence[float] = (),
@@ -135,7 +138,7 @@ def run_eval(
 
 
 def run_analyze(
-    tuner: Any,
+    tuner: ProxyTuner,
     prompts: Sequence[str],
     *,
     alpha: float | None = None,

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from .scoring import score, score_rolling
+
+if TYPE_CHECKING:
+    from ..tuner import ProxyTuner
 
 try:  # the harness is optional
     from lm_eval.api.model import LM as _Base
@@ -59,7 +62,7 @@ class ProxyTuneLM(_Base):  # type: ignore[misc,valid-type]
 
     def __init__(
         self,
-        tuner: Any = None,
+        tuner: ProxyTuner = None,
         recipe: str | None = None,
         base: str | None = None,
         expert: str | None = None,

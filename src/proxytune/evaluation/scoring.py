@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from ..engine.prepare import plan
 from ..engine.step import checked_scores, model_logprobs, step_context
 from ..errors import ConfigError, PromptTooLongError
 from ..prompts import Prompt
+
+if TYPE_CHECKING:
+    from ..tuner import ProxyTuner
 
 MEMORY_BUDGET = 1 << 27
 """Most logits (floats) held at once per chunk of positions: 512 MiB in float32."""
@@ -74,7 +77,7 @@ class ContinuationScore:
         return all(t.greedy for t in self.tokens)
 
 
-def prefix_id(tuner: Any) -> int:
+def prefix_id(tuner: ProxyTuner) -> int:
     """The token that stands for an empty context: BOS if the tokenizer has one, else EOS."""
     tok = tuner.tokenizer
     for value in (getattr(tok, "bos_token_id", None), getattr(tok, "eos_token_id", None)):
@@ -85,12 +88,12 @@ def prefix_id(tuner: Any) -> int:
     raise ConfigError("the tokenizer has neither a BOS nor an EOS token to stand for no context")
 
 
-def encode(tuner: Any, text: str) -> list[int]:
+def encode(tuner: ProxyTuner, text: str) -> list[int]:
     """``text`` in the base tokenizer's ids, without special tokens."""
     return list(tuner.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def render(tuner: Any, prompt: Prompt) -> dict[str, list[int]]:
+def render(tuner: ProxyTuner, prompt: Prompt) -> dict[str, list[int]]:
     """Each member's ids for ``prompt`` in its own prompt format (an empty prompt -> the prefix
     token, so that the first continuation token has something to be predicted from)."""
     out = {}
@@ -101,7 +104,7 @@ def render(tuner: Any, prompt: Prompt) -> dict[str, list[int]]:
 
 
 def score(
-    tuner: Any,
+    tuner: ProxyTuner,
     prompts: Sequence[Prompt],
     continuations: Sequence[str],
     *,
@@ -138,7 +141,7 @@ def score(
 
 
 def score_ids(
-    tuner: Any,
+    tuner: ProxyTuner,
     prompt_ids: Sequence[Mapping[str, Sequence[int]] | Sequence[int]],
     continuations: Sequence[Sequence[int]],
     *,
@@ -165,7 +168,7 @@ def score_ids(
 
 
 def score_sweep(
-    tuner: Any,
+    tuner: ProxyTuner,
     prompt_ids: Sequence[Mapping[str, Sequence[int]] | Sequence[int]],
     continuations: Sequence[Sequence[int]],
     alphas: Sequence[Any],
@@ -210,7 +213,7 @@ def score_sweep(
 
 
 def _score_batch(
-    tuner: Any,
+    tuner: ProxyTuner,
     variants: Sequence[Sequence[Any]],
     rule: Any,
     prompt_ids: list[dict[str, list[int]]],
@@ -360,7 +363,7 @@ def rolling_windows(
 
 
 def score_rolling(
-    tuner: Any,
+    tuner: ProxyTuner,
     texts: Sequence[str],
     *,
     alpha: Any = None,

@@ -14,12 +14,15 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .runner import EvalReport, evaluate
 from .systems import System, standard_systems
 from .tasks import Task
+
+if TYPE_CHECKING:
+    from ..tuner import ProxyTuner
 
 
 @dataclass
@@ -89,7 +92,7 @@ def rule_label(rule: Any) -> str:
 
 def search(
     task: Task,
-    tuner: Any,
+    tuner: ProxyTuner,
     out_dir: str | Path,
     *,
     validation_size: int,

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
 from .scoring import ContinuationScore, score
+
+if TYPE_CHECKING:
+    from ..tuner import ProxyTuner
 
 ROLES = ("base", "expert", "proxy", "tuned", "other")
 
@@ -23,7 +26,7 @@ class System:
     """A named way of decoding: ``tuner`` with ``alpha`` and ``rule`` (``None``: the tuner's)."""
 
     name: str
-    tuner: Any
+    tuner: ProxyTuner
     role: str = "proxy"
     """``base``, ``expert``, ``proxy``, ``tuned`` (the reference for gap closed) or ``other``."""
     alpha: Any = None
@@ -65,7 +68,7 @@ class System:
 
 
 def standard_systems(
-    tuner: Any,
+    tuner: ProxyTuner,
     alphas: Sequence[float] | None = None,
     include: Sequence[str] = ("base", "expert", "proxy"),
     tuned: Any = None,

@@ -16,7 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -39,6 +39,9 @@ from .protocol import (
 )
 from .render import Accumulator, Renderer, abandon, collect_events, stream_events
 from .scheduler import QueueFull, Scheduler, ShuttingDown
+
+if TYPE_CHECKING:
+    from ..tuner import ProxyTuner
 
 log = logging.getLogger("proxytune.server")
 
@@ -72,7 +75,7 @@ class ServerSettings:
     request's latency; at high concurrency continuous batching has the higher throughput."""
 
 
-def create_app(tuner: Any, settings: ServerSettings | None = None) -> FastAPI:
+def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> FastAPI:
     """An app serving ``tuner``; its scheduler thread starts and stops with the app's lifespan."""
     settings = settings or ServerSettings()
     metrics = Metrics()
@@ -262,7 +265,7 @@ def _check_top(top: int | None, field: str, cap: int) -> None:
 
 def _prepare(
     scheduler: Scheduler,
-    tuner: Any,
+    tuner: ProxyTuner,
     req: Any,
     prompts: list[Any],
     max_tokens: int | None,
@@ -301,7 +304,7 @@ def _prepare(
         raise APIError(text, param=param) from None
 
 
-def _hide_paths(message: str, tuner: Any) -> str:
+def _hide_paths(message: str, tuner: ProxyTuner) -> str:
     """Engine messages name models by path; clients need not see the server's file system."""
     for m in tuner.members:
         message = message.replace(f" ({m.model.name})", "")
@@ -333,7 +336,7 @@ def _request_id(chat: bool) -> str:
 
 
 def serve(
-    tuner: Any,
+    tuner: ProxyTuner,
     settings: ServerSettings | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from ..engine.continuous import ContinuousBatch, Job
 from ..errors import ConfigError
 from .metrics import Metrics
 from .serial import EngineLoop
+
+if TYPE_CHECKING:
+    from ..tuner import ProxyTuner
 
 log = logging.getLogger("proxytune.server")
 
@@ -56,7 +59,7 @@ class _Ticket:
     queued_at: float
 
 
-def check_speculative(tuner: Any, k: int | str, continuous: bool | None) -> int | str:
+def check_speculative(tuner: ProxyTuner, k: int | str, continuous: bool | None) -> int | str:
     """The server's ``speculative`` option, checked once at startup."""
     if continuous:
         raise ConfigError(
@@ -85,7 +88,7 @@ class Scheduler:
 
     def __init__(
         self,
-        tuner: Any,
+        tuner: ProxyTuner,
         max_batch_size: int = 32,
         max_queue: int = 64,
         kl: bool = True,

@@ -16,14 +16,17 @@ request's latency (fewer base forwards per token) at the price of continuous bat
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import GenerationConfig
 from ..engine.continuous import Job, StepStats
-from ..engine.controls import request_alphas, request_rule
+from ..engine.controls import prepare_request
 from ..engine.speculative import SpeculativeStats
 from ..prompts import Prompt
 from ..results import StepUpdate
+
+if TYPE_CHECKING:
+    from ..tuner import ProxyTuner
 
 
 class EngineLoop:
@@ -33,7 +36,7 @@ class EngineLoop:
     ``speculative``: a draft length or ``"auto"`` for every request (``None``: the plain
     loop); :attr:`speculation` sums the drafts of every request since start."""
 
-    def __init__(self, tuner: Any, speculative: int | str | None = None) -> None:
+    def __init__(self, tuner: ProxyTuner, speculative: int | str | None = None) -> None:
         self.tuner = tuner
         self.speculative = speculative
         self.speculation = SpeculativeStats()
@@ -50,18 +53,13 @@ class EngineLoop:
         active_pairs: Sequence[int] | None = None,
         rule: Any = None,
     ) -> Job:
-        """Validate and render one request: ``tuner.steps`` checks everything before it
-        returns (the models run only as the iterator is consumed)."""
-        t = self.tuner
-        alphas = None
-        if alpha is not None or active_pairs is not None:
-            alphas, _ = request_alphas(t.pairs, alpha, active_pairs)  # switched off: alpha 0
-        chosen = None if rule is None else request_rule(t, rule)
-        prepared = t.prepare(list(prompts), alphas, config, rule=chosen)
+        """Validate and render one request (:func:`~proxytune.engine.controls.prepare_request`,
+        as the running batch does); the models run only as the iterator is consumed."""
+        prepared = prepare_request(self.tuner, prompts, config, alpha, active_pairs, rule)
         extra: dict[str, Any] = {}
         if self.speculative is not None:
             extra = {"speculative": self.speculative, "stats": self.speculation}
-        return Job(prepared, steps=t.run(prepared, **extra))
+        return Job(prepared, steps=self.tuner.run(prepared, **extra))
 
     @property
     def live_rows(self) -> int:
