@@ -1,0 +1,175 @@
+"""The engine's shape: layers, one preparation, engine options, the same checks in every loop."""
+
+from __future__ import annotations
+
+import ast
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+import proxytune
+from proxytune import EngineOptions, ProxyTuner
+from proxytune.backends.hf import HFModel
+from proxytune.engine import Member, Pair, prepare
+from proxytune.engine.speculative import SpeculativeStats
+from proxytune.errors import ConfigError, NumericalError, PromptTooLongError
+from proxytune.prompts import PromptFormat
+from proxytune.recipe import parse_recipe
+from proxytune.testing import build_model, build_tokenizer
+
+PACKAGE = Path(proxytune.__file__).parent
+PROMPTS = ["The quick brown fox", "Numbers: 0 1 2"]
+
+
+def imported_packages(path: Path) -> set[str]:
+    """The ``proxytune`` subpackages/modules a module imports (first name below proxytune)."""
+    tree = ast.parse(path.read_text())
+    here = path.relative_to(PACKAGE).parts[:-1]  # the module's package, below proxytune
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: climb from the module's package
+                base = list(here[: len(here) - (node.level - 1)])
+                parts = base + (node.module.split(".") if node.module else [])
+                names = parts[:1] or [alias.name for alias in node.names]
+                found.update(names)
+            elif node.module and node.module.startswith("proxytune."):
+                found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("proxytune."):
+                    found.add(alias.name.split(".")[1])
+    return found
+
+
+@pytest.mark.parametrize(
+    ("layer", "forbidden"),
+    [
+        ("backends", {"engine", "generation", "rules", "sampling", "tuner", "server", "cli"}),
+        ("engine", {"tuner", "server", "cli"}),
+        ("rules", {"engine", "tuner", "server", "cli"}),
+    ],
+)
+def test_each_layer_imports_nothing_above_it(layer, forbidden):
+    for path in sorted((PACKAGE / layer).glob("*.py")):
+        bad = imported_packages(path) & forbidden
+        assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
+
+
+@pytest.fixture(scope="module")
+def models():
+    tok = build_tokenizer(300)
+    return {
+        name: HFModel(build_model(tok, seed=seed), tok, name=name)
+        for name, seed in (("base", 0), ("expert", 1), ("anti", 2))
+    }
+
+
+def tuner_of(models, **kw) -> ProxyTuner:
+    pair = Pair(
+        Member("expert[0]", models["expert"], PromptFormat("chat")),
+        Member("anti_expert[0]", models["anti"]),
+    )
+    return ProxyTuner(Member("base", models["base"]), [pair], **kw)
+
+
+def test_prepare_checks_once_for_every_loop(models):
+    t = tuner_of(models)
+    with pytest.raises(ConfigError, match="no prompts given"):
+        t.prepare([])
+    request = t.prepare(PROMPTS, max_new_tokens=5, n=2)
+    assert [m.role for m in request.members] == ["base", "expert[0]", "anti_expert[0]"]
+    assert len(request.rows()) == 4 and request.steered
+    limit = models["base"].context_length
+    rooms = [limit - len(ids) for ids in request.rendered["base"]]
+    assert request.rooms == [
+        min(r, limit - len(e), limit - len(a))
+        for r, e, a in zip(
+            rooms, request.rendered["expert[0]"], request.rendered["anti_expert[0]"], strict=True
+        )
+    ]
+    alone = t.prepare(PROMPTS, alpha=0.0)  # the proxy rule skips a pair whose alpha is 0
+    assert [m.role for m in alone.members] == ["base"] and not alone.steered
+    with pytest.raises(PromptTooLongError, match="whose context holds"):
+        t.prepare("word " * (limit + 5))
+
+
+def test_prepared_runs_the_same_in_every_loop(models):
+    t = tuner_of(models)
+    def by_row(steps) -> dict[int, list[int]]:
+        rows: dict[int, list[int]] = {}
+        for updates in steps:
+            for u in updates:
+                rows.setdefault(u.row, []).append(u.token_id)
+        return rows
+
+    request = t.prepare(PROMPTS, max_new_tokens=10)
+    plain = by_row(t.run(request))
+    assert plain == by_row(t.steps(PROMPTS, max_new_tokens=10))
+    stats = SpeculativeStats()
+    assert by_row(t.run(request, speculative=2, stats=stats)) == plain and stats.proposed > 0
+
+
+def test_a_nan_model_is_named_in_the_black_box_loop_too(models):
+    """The black-box loop checks every model's logits as the plain loop does, so a broken
+    model is reported as a model problem, not as the rule's."""
+    def nan_copy(model: HFModel) -> HFModel:
+        broken = copy.deepcopy(model.model)
+        with torch.no_grad():
+            broken.lm_head.weight.fill_(float("nan"))
+        return HFModel(broken, model.tokenizer, name="nan-base")
+
+    big = build_tokenizer(400)  # another tokenizer: the pair runs in the black-box loop
+    nan_big = nan_copy(HFModel(build_model(big, seed=3), big, name="base400"))
+    pair = Pair(Member("expert[0]", models["expert"]), Member("anti_expert[0]", models["anti"]))
+    cross = ProxyTuner(Member("base", nan_big), [pair], cross_tokenizer=True)
+    assert cross.blackbox
+    with pytest.raises(NumericalError, match="model 'base \\(nan-base\\)' produced NaN"):
+        cross.generate(PROMPTS, max_new_tokens=3)
+    plain = tuner_of({**models, "base": nan_copy(models["base"])})
+    with pytest.raises(NumericalError, match="model 'base \\(nan-base\\)' produced NaN"):
+        plain.generate(PROMPTS, max_new_tokens=3)
+
+
+def test_engine_options_one_way_everywhere(models):
+    assert EngineOptions.parse(None) == EngineOptions()
+    assert EngineOptions.parse({"speculative": 0}).speculative is None
+    with pytest.raises(ConfigError, match="unknown engine option"):
+        EngineOptions.parse({"overlapp": True})
+    with pytest.raises(ConfigError, match="do not compose"):
+        EngineOptions(stacked=True, prefix_cache=True)
+    with pytest.raises(ConfigError, match="draft length"):
+        EngineOptions(speculative="fast")
+    r = parse_recipe({"base": "x", "engine": {"overlap": True, "speculative": "auto"}})
+    assert r.engine == EngineOptions(overlap=True, speculative="auto")
+    with pytest.raises(ConfigError, match="moved under 'engine'"):
+        parse_recipe({"base": "x", "overlap": True})
+    with pytest.raises(ConfigError, match="engine: unknown engine option"):
+        parse_recipe({"base": "x", "engine": {"fast": True}})
+
+    t = tuner_of(models)
+    assert t.options == EngineOptions() and not t.overlap
+    fast = t.with_options(overlap=True, speculative=3)
+    assert fast.overlap and t.options == EngineOptions()  # a copy: the original is unchanged
+    with pytest.raises(ConfigError, match="applies when the models load"):
+        t.with_options(one_pass=False)
+    stats = SpeculativeStats()
+    want = t.generate(PROMPTS, max_new_tokens=8)
+    got = fast.generate(PROMPTS, max_new_tokens=8, stats=stats)  # speculative by default
+    assert [r.token_ids for r in got] == [r.token_ids for r in want] and stats.proposed > 0
+    plain = fast.generate(PROMPTS, max_new_tokens=8, speculative=0, stats=SpeculativeStats())
+    assert [r.token_ids for r in plain] == [r.token_ids for r in want]
+
+
+def test_low_level_prepare_and_loops_agree(models):
+    """``engine.prepare`` + ``engine.decode`` is what the tuner runs."""
+    from proxytune.config import GenerationConfig
+    from proxytune.engine import decode
+
+    t = tuner_of(models)
+    config = GenerationConfig(max_new_tokens=6)
+    request = prepare(t.base, t.pairs, PROMPTS, config, t.vocab_size, t.eos_token_ids)
+    got = [u.token_id for ups in decode(request) for u in ups]
+    assert got == [u.token_id for ups in t.steps(PROMPTS, config=config) for u in ups]
