@@ -43,7 +43,7 @@ from .step import choose, emit, logprob_records, score
 
 log = logging.getLogger("proxytune.server")
 
-__all__ = ["ContinuousBatch", "Job", "StepStats", "steering_kl"]
+__all__ = ["ContinuousBatch", "Job", "RequestCore", "StepStats", "steering_kl"]
 
 
 @dataclass(eq=False)
@@ -135,7 +135,34 @@ class _Slots:
     logits: torch.Tensor | None = None
 
 
-class ContinuousBatch:
+class RequestCore:
+    """What the server's scheduler drives: requests in (:meth:`prepare`), steps out. Its two
+    kinds share how a request is prepared."""
+
+    tuner: Steerable
+
+    def prepare(
+        self,
+        prompts: Sequence[Prompt],
+        config: GenerationConfig,
+        alpha: Any = None,
+        active_pairs: Sequence[int] | None = None,
+        rule: Any = None,
+    ) -> Job:
+        """Validate, render and bind one request (any thread): raises ``ConfigError`` and
+        ``PromptTooLongError`` naming the problem. Nothing runs on the models here.
+
+        ``rule``: a rule name or ``{name: ..., **settings}`` for this request only (default:
+        the tuner's own rule); see :func:`~proxytune.engine.controls.prepare_request`.
+        """
+        return self.job(prepare_request(self.tuner, prompts, config, alpha, active_pairs, rule))
+
+    def job(self, prepared: Prepared) -> Job:
+        """The queued form of a prepared request."""
+        return Job(prepared)
+
+
+class ContinuousBatch(RequestCore):
     """A running batch over a tuner's models; not thread-safe (one worker thread drives it)."""
 
     def __init__(self, tuner: Steerable, kl: bool = True) -> None:
@@ -152,24 +179,6 @@ class ContinuousBatch:
         self.deferred: list[Job] = []
         """Jobs the last step could not merge; they wait until the batch has drained."""
         self.hold = False
-
-    # requests in ----------------------------------------------------------------------------
-
-    def prepare(
-        self,
-        prompts: Sequence[Prompt],
-        config: GenerationConfig,
-        alpha: Any = None,
-        active_pairs: Sequence[int] | None = None,
-        rule: Any = None,
-    ) -> Job:
-        """Validate, render and bind one request (any thread): raises ``ConfigError`` and
-        ``PromptTooLongError`` naming the problem. Nothing runs on the models here.
-
-        ``rule``: a rule name or ``{name: ..., **settings}`` for this request only (default:
-        the tuner's own rule).
-        """
-        return Job(prepare_request(self.tuner, prompts, config, alpha, active_pairs, rule))
 
     def _rows_of(self, job: Job) -> list[_Row]:
         rows = job.prepared.rows(_Row, job=job)

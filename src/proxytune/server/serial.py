@@ -18,18 +18,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from ..config import GenerationConfig
-from ..engine.continuous import Job, StepStats
-from ..engine.controls import prepare_request
+from ..engine.continuous import Job, RequestCore, StepStats
+from ..engine.prepare import Prepared
 from ..engine.speculative import SpeculativeStats
-from ..prompts import Prompt
 from ..results import StepUpdate
 
 if TYPE_CHECKING:
     from ..tuner import ProxyTuner
 
 
-class EngineLoop:
+class EngineLoop(RequestCore):
     """Same interface as :class:`~proxytune.engine.continuous.ContinuousBatch`, for the
     scheduler.
 
@@ -45,17 +43,9 @@ class EngineLoop:
         self.deferred: list[Job] = []
         self.can_join = True
 
-    def prepare(
-        self,
-        prompts: Sequence[Prompt],
-        config: GenerationConfig,
-        alpha: Any = None,
-        active_pairs: Sequence[int] | None = None,
-        rule: Any = None,
-    ) -> Job:
-        """Validate and render one request (:func:`~proxytune.engine.controls.prepare_request`,
-        as the running batch does); the models run only as the iterator is consumed."""
-        prepared = prepare_request(self.tuner, prompts, config, alpha, active_pairs, rule)
+    def job(self, prepared: Prepared) -> Job:
+        """A prepared request with its own iterator of the tuner's loop (the models run only
+        as it is consumed)."""
         extra: dict[str, Any] = {}
         if self.speculative is not None:
             extra = {"speculative": self.speculative, "stats": self.speculation}
