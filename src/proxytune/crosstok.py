@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from .arithmetic import log_probs
-from .backends.base import DecodeState
+from .backends.base import DecodeState, RollbackState
 from .errors import ConfigError, ProxyTuneError, VocabularyMismatchError
 from .vocab import byte_level_decoder, defined_size, shared_vocab_size
 
@@ -287,7 +287,7 @@ class CrossFeeder:
         names: dict[int, str],
     ) -> None:
         for side, state in states.items():
-            if not hasattr(state, "rollback"):
+            if not isinstance(state, RollbackState):
                 raise ConfigError(
                     f"the {names[side]} has another tokenizer than the base, and the "
                     "different-tokenizer mode needs a decode state that can roll back "

@@ -66,7 +66,7 @@ def check_speculative(tuner: ProxyTuner, k: int | str, continuous: bool | None) 
             "speculative decoding runs each request on the tuner's own loop, so it cannot be "
             "combined with continuous batching: leave continuous unset (or False)"
         )
-    if getattr(tuner, "blackbox", False):
+    if tuner.blackbox:
         raise ConfigError(
             "speculative decoding needs full logits from a local base of the pair's tokenizer; "
             "this tuner has an API base or a pair of another tokenizer: leave speculative unset"
@@ -104,7 +104,7 @@ class Scheduler:
             speculative = check_speculative(tuner, speculative, continuous)
             continuous = False
         if continuous is None:  # black-box bases and cross-tokenizer pairs run their own loop
-            continuous = not getattr(tuner, "blackbox", False)
+            continuous = not tuner.blackbox
         self.batch: Any = (
             ContinuousBatch(tuner, kl=kl) if continuous else EngineLoop(tuner, speculative)
         )
