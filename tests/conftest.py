@@ -30,7 +30,8 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def tuner(tiny_dirs: dict[str, Path]):
-    """base + one pair, alpha 1, CPU float32, the expert on its chat template."""
+    """base + one pair, alpha 1, CPU float32, the expert on its chat template (the paper's
+    formats: base and anti-expert raw; given explicitly, the defaults are ``auto``)."""
     from proxytune import ProxyTuner
 
     return ProxyTuner.from_pretrained(
@@ -38,6 +39,9 @@ def tuner(tiny_dirs: dict[str, Path]):
         expert=str(tiny_dirs["expert"]),
         anti_expert=str(tiny_dirs["anti"]),
         alpha=1.0,
+        base_prompt="raw",
+        expert_prompt="chat",
+        anti_expert_prompt="raw",
         device="cpu",
         dtype="float32",
     )

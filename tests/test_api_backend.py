@@ -177,6 +177,7 @@ def test_from_api_recipe_and_cli(chars, url, tmp_path, capsys):
     tuner = ProxyTuner.from_api(
         url, "tiny", expert=str(dirs["expert"]), anti_expert=str(dirs["anti"]),
         top_logprobs=k, device="cpu", dtype="float32",
+        expert_prompt="chat", anti_expert_prompt="raw", base_options={"prompt": "raw"},  # as local
     )  # fmt: skip
     assert tuner.generate(PROMPTS[0], max_new_tokens=8)[0].text == want
     recipe = tmp_path / "api.yaml"
@@ -191,6 +192,7 @@ def test_from_api_recipe_and_cli(chars, url, tmp_path, capsys):
     argv = ["generate", "--base-url", url, "--base-model", "tiny", "--top-logprobs", str(k)]
     argv += ["--expert", str(dirs["expert"]), "--anti-expert", str(dirs["anti"])]
     argv += ["--device", "cpu", "--max-new-tokens", "8", "--json", PROMPTS[0]]
+    argv += ["--base-prompt", "raw", "--anti-expert-prompt", "raw"]  # the reference's formats
     assert main(argv) == 0
     out = capsys.readouterr()
     assert json.loads(out.out)["text"] == want

@@ -212,6 +212,7 @@ def test_cli_cross_tokenizer_flag(setup, tmp_path, capsys):
         dirs[name] = str(tmp_path / name)
     argv = ["generate", "--base", dirs["base"], "--expert", dirs["expert"]]
     argv += ["--anti-expert", dirs["anti"], "--device", "cpu", "--max-new-tokens", "6"]
+    argv += ["--base-prompt", "raw", "--anti-expert-prompt", "raw"]  # the reference's formats
     assert main([*argv, PROMPTS[0]]) == 2
     assert "different-tokenizer mode" in capsys.readouterr().err
     assert main([*argv, "--cross-tokenizer", "--json", PROMPTS[0]]) == 0

@@ -130,6 +130,7 @@ def test_chat_format_without_template(tmp_path, tiny_dirs):
         str(tiny_dirs["base"]),
         expert=str(tmp_path),
         anti_expert=str(tiny_dirs["anti"]),
+        expert_prompt="chat",  # asked for explicitly ("auto" would pick raw here)
         device="cpu",
     )
     with pytest.raises(ConfigError, match="has no chat template; use 'raw'"):

@@ -49,7 +49,9 @@ def test_expert_equal_to_anti_expert_changes_nothing(tiny_dirs):
         expert=str(tiny_dirs["expert"]),
         anti_expert=str(tiny_dirs["expert"]),
         alpha=2.0,
+        base_prompt="raw",
         expert_prompt="raw",
+        anti_expert_prompt="raw",
         device="cpu",
     )
     # both roles share one set of weights but keep their own caches

@@ -51,6 +51,9 @@ def test_recipe_builds_the_same_tuner_as_the_api(tmp_path, tiny_dirs, suffix):
         expert=str(tiny_dirs["expert"]),
         anti_expert=str(tiny_dirs["anti"]),
         alpha=0.5,
+        base_prompt="raw",  # the recipe's formats (the defaults are "auto")
+        expert_prompt="chat",
+        anti_expert_prompt="raw",
         device="cpu",
     )
     assert [r.token_ids for r in t.generate(["Rain"])] == [

@@ -41,7 +41,9 @@ def drafting(tiny_dirs):
         expert=str(tiny_dirs["base"]),
         anti_expert=str(tiny_dirs["anti"]),
         alpha=0.5,
+        base_prompt="raw",
         expert_prompt="raw",
+        anti_expert_prompt="raw",
         device="cpu",
     )
 
@@ -110,7 +112,9 @@ def test_a_perfect_drafter_is_always_accepted(tiny_dirs):
         str(tiny_dirs["base"]),
         expert=str(tiny_dirs["base"]),
         anti_expert=str(tiny_dirs["base"]),
+        base_prompt="raw",
         expert_prompt="raw",
+        anti_expert_prompt="raw",
         device="cpu",
     )
     stats = SpeculativeStats()
@@ -403,6 +407,8 @@ def test_stacked_roles_share_one_forward_and_change_nothing(tiny_dirs):
         str(tiny_dirs["base"]),
         expert=str(tiny_dirs["expert"]),
         anti_expert=str(tiny_dirs["expert"]),  # one model, two prompts: chat and raw
+        expert_prompt="chat",
+        anti_expert_prompt="raw",
         device="cpu",
     )
     stacked = plain.with_options(stacked=True)

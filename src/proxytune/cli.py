@@ -19,6 +19,10 @@ app = typer.Typer(
 )
 
 Opt = typer.Option
+PROMPT_HELP = (
+    "auto | raw | chat | a '{prompt}' template (auto: a trained expert's own format, else chat "
+    "if the tokenizer has a chat template, else raw)."
+)
 OverlapOption = Annotated[
     bool | None,
     Opt(
@@ -99,9 +103,9 @@ def generate(
     expert: Annotated[list[str], Opt(help="Expert model (repeat for several pairs).")] = [],  # noqa: B006
     anti_expert: Annotated[list[str], Opt(help="Anti-expert model (repeat).")] = [],  # noqa: B006
     alpha: Annotated[list[float], Opt(help="Alpha, once for all pairs or once per pair.")] = [],  # noqa: B006
-    base_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
-    expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "chat",
-    anti_expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
+    base_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
+    expert_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
+    anti_expert_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
     device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps")] = None,
     dtype: Annotated[str | None, Opt(help="auto | float32 | bfloat16 | float16")] = None,
     trust_remote_code: Annotated[bool, Opt(help="Run model code from the hub.")] = False,
@@ -371,9 +375,9 @@ def serve(
     expert: Annotated[list[str], Opt(help="Expert model (repeat for several pairs).")] = [],  # noqa: B006
     anti_expert: Annotated[list[str], Opt(help="Anti-expert model (repeat).")] = [],  # noqa: B006
     alpha: Annotated[list[float], Opt(help="Default alpha, once or once per pair.")] = [],  # noqa: B006
-    base_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
-    expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "chat",
-    anti_expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
+    base_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
+    expert_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
+    anti_expert_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
     device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps")] = None,
     dtype: Annotated[str | None, Opt(help="auto | float32 | bfloat16 | float16")] = None,
     trust_remote_code: Annotated[bool, Opt(help="Run model code from the hub.")] = False,
@@ -566,13 +570,13 @@ def eval_command(
     alpha: Annotated[
         str | None, Opt(help="Alphas of the proxy systems: '0,0.5,1' or a range '0:2:0.25'.")
     ] = None,
-    base_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
-    expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "chat",
-    anti_expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
+    base_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
+    expert_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
+    anti_expert_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
     tuned: Annotated[
         str | None, Opt(help="A directly tuned model: the reference for gap closed.")
     ] = None,
-    tuned_prompt: Annotated[str, Opt(help="Prompt format of --tuned.")] = "chat",
+    tuned_prompt: Annotated[str, Opt(help="Prompt format of --tuned (as --base-prompt).")] = "auto",
     systems: Annotated[str, Opt(help="Which of base,expert,proxy to run.")] = "base,expert,proxy",
     rule: Annotated[str | None, Opt(help="Steering rule of the proxy systems.")] = None,
     rule_arg: Annotated[list[str], Opt(help="Rule setting key=value (repeatable).")] = [],  # noqa: B006
@@ -674,9 +678,9 @@ def analyze(
     expert: Annotated[list[str], Opt(help="Expert model (repeat for several pairs).")] = [],  # noqa: B006
     anti_expert: Annotated[list[str], Opt(help="Anti-expert model (repeat).")] = [],  # noqa: B006
     alpha: Annotated[list[float], Opt(help="Alpha, once for all pairs or once per pair.")] = [],  # noqa: B006
-    base_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
-    expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "chat",
-    anti_expert_prompt: Annotated[str, Opt(help="raw | chat | a '{prompt}' template.")] = "raw",
+    base_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
+    expert_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
+    anti_expert_prompt: Annotated[str, Opt(help=PROMPT_HELP)] = "auto",
     rule: Annotated[str | None, Opt(help="Steering rule.")] = None,
     rule_arg: Annotated[list[str], Opt(help="Rule setting key=value (repeatable).")] = [],  # noqa: B006
     device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps")] = None,

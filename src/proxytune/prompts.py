@@ -1,13 +1,18 @@
 """Per-model prompt formats: the same request rendered as each model expects it.
 
 The paper feeds the expert its chat template and the base and anti-expert the raw prompt.
-Formats are chosen explicitly per model role; nothing is inferred from a model's name.
+Formats are chosen per model role: ``raw``, ``chat``, a ``{prompt}`` template, or ``auto``,
+which :func:`resolve_prompt` turns into one of them once the model is known (the format a
+``proxytune train`` expert was tuned on, else ``chat`` when the tokenizer has a chat template,
+else ``raw``). Nothing is inferred from a model's name.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
@@ -46,12 +51,18 @@ def raw_text(prompt: Prompt) -> str:
     return "\n\n".join([*lines, "Assistant:"])
 
 
+KINDS = ("auto", "raw", "chat", "template")
+TRAINED_KINDS = ("chat", "raw")
+"""What ``proxytune train`` records as a run's ``expert_prompt``."""
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """How one model sees a prompt.
 
     ``kind``: ``"raw"`` (the text as is), ``"chat"`` (the tokenizer's chat template with the
-    generation prompt added), or ``"template"`` (``template.format(prompt=...)``).
+    generation prompt added), ``"template"`` (``template.format(prompt=...)``), or ``"auto"``
+    (one of ``chat``/``raw``, chosen by :func:`resolve_prompt` when the model is loaded).
     """
 
     kind: str = "raw"
@@ -60,16 +71,17 @@ class PromptFormat:
     add_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        if self.kind not in ("raw", "chat", "template"):
+        if self.kind not in KINDS:
             raise ConfigError(
-                f"prompt format must be 'raw', 'chat' or 'template', got {self.kind!r}"
+                f"prompt format must be 'auto', 'raw', 'chat' or 'template', got {self.kind!r}"
             )
         if self.kind == "template" and (not self.template or "{prompt}" not in self.template):
             raise ConfigError("a 'template' prompt format needs a template containing '{prompt}'")
 
     @classmethod
     def parse(cls, spec: str | Mapping[str, Any] | PromptFormat | None) -> PromptFormat:
-        """From ``"raw"``, ``"chat"``, a string containing ``{prompt}``, or a recipe mapping."""
+        """From ``"auto"``, ``"raw"``, ``"chat"``, a string containing ``{prompt}``, or a recipe
+        mapping."""
         if spec is None:
             return cls()
         if isinstance(spec, PromptFormat):
@@ -80,8 +92,16 @@ class PromptFormat:
             return cls(kind=spec)
         return cls(**dict(spec))
 
+    @property
+    def label(self) -> str:
+        """A short name for reports: the kind, or the template text of a ``template``."""
+        return self.template if self.kind == "template" else self.kind  # type: ignore[return-value]
+
     def render(self, prompt: Prompt, tokenizer: Any) -> list[int]:
-        """Token ids of ``prompt`` for a model with ``tokenizer``."""
+        """Token ids of ``prompt`` for a model with ``tokenizer`` (``auto`` not yet resolved:
+        by the tokenizer alone, see :func:`resolve_prompt`)."""
+        if self.kind == "auto":
+            return resolve_prompt(self, None, tokenizer).render(prompt, tokenizer)
         if self.kind == "chat":
             if not getattr(tokenizer, "chat_template", None):
                 raise ConfigError(
@@ -98,3 +118,62 @@ class PromptFormat:
         if self.system:
             text = f"{self.system}\n\n{text}"
         return list(tokenizer(text, add_special_tokens=self.add_special_tokens)["input_ids"])
+
+
+def resolve_prompt(
+    fmt: str | Mapping[str, Any] | PromptFormat | None, model: Any, tokenizer: Any
+) -> PromptFormat:
+    """The format a model gets: ``fmt`` as it is, unless it is ``auto``; then
+
+    1. the format a ``proxytune train`` expert was tuned on (``proxytune_train.json`` in its
+       adapter or model directory), with the run's system prompt unless ``fmt`` names one;
+    2. else ``chat`` when ``tokenizer`` has a chat template;
+    3. else ``raw``.
+
+    ``model``: a :class:`~proxytune.specs.ModelSpec` (its ``adapter`` and ``path`` are
+    looked at), a path, or ``None`` (the tokenizer alone decides). Reads at most two small
+    files; loads nothing.
+
+    >>> class Tok: chat_template = None
+    >>> resolve_prompt("auto", None, Tok()).kind
+    'raw'
+    >>> Tok.chat_template = "{{ messages }}"
+    >>> resolve_prompt("auto", "no/such/model", Tok()).kind
+    'chat'
+    >>> resolve_prompt("raw", None, Tok()).kind
+    'raw'
+    """
+    fmt = PromptFormat.parse(fmt)
+    if fmt.kind != "auto":
+        return fmt
+    trained = trained_format(model)
+    if trained is not None:
+        kind, system = trained
+        return replace(fmt, kind=kind, system=fmt.system if fmt.system is not None else system)
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    return replace(fmt, kind="chat" if has_chat else "raw")
+
+
+def trained_format(model: Any) -> tuple[str, str | None] | None:
+    """``(kind, system)`` a ``proxytune train`` run recorded for ``model`` (a spec or a path:
+    its adapter directory first, then its model directory), or ``None``."""
+    from .backends.lora_specs import TRAIN_META  # the file name, defined once
+
+    if model is None:
+        return None
+    if isinstance(model, (str, Path)):
+        places = [model]
+    else:
+        places = [getattr(model, "adapter", None), getattr(model, "path", None)]
+    for place in places:
+        if not isinstance(place, (str, Path)):
+            continue
+        try:
+            meta = json.loads((Path(place).expanduser() / TRAIN_META).read_text("utf-8"))
+        except (OSError, ValueError):
+            continue
+        kind = meta.get("expert_prompt") if isinstance(meta, Mapping) else None
+        if kind in TRAINED_KINDS:
+            system = meta.get("system")
+            return kind, system if isinstance(system, str) and system else None
+    return None

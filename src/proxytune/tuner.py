@@ -16,7 +16,7 @@ from .engine.plain import decode
 from .engine.prepare import Prepared, prepare
 from .errors import ConfigError
 from .overlap import can_overlap
-from .prompts import Prompt, PromptFormat
+from .prompts import Prompt, PromptFormat, resolve_prompt
 from .results import GenerationResult, StepUpdate, TokenLogprob
 from .rules import Request, Rule, RuleBase, make_rule
 from .schedules import Schedule, as_schedule
@@ -146,9 +146,9 @@ class ProxyTuner:
         anti_expert: str | ModelSpec | None = None,
         alpha: AlphaSpec = 1.0,
         *,
-        base_prompt: str | PromptFormat = "raw",
-        expert_prompt: str | PromptFormat = "chat",
-        anti_expert_prompt: str | PromptFormat = "raw",
+        base_prompt: str | PromptFormat = "auto",
+        expert_prompt: str | PromptFormat = "auto",
+        anti_expert_prompt: str | PromptFormat = "auto",
         device: str = "auto",
         dtype: str = "auto",
         trust_remote_code: bool = False,
@@ -157,7 +157,9 @@ class ProxyTuner:
         options: OptionsSpec = None,
         **defaults: Any,
     ) -> ProxyTuner:
-        """Load one base and (optionally) one pair; the expert sees its chat template by default.
+        """Load one base and (optionally) one pair; every prompt format defaults to ``auto``
+        (:func:`~proxytune.prompts.resolve_prompt`: a trained expert's own format, else the chat
+        template when the model has one, else raw).
 
         ``rule`` selects the steering rule (:mod:`proxytune.rules`); ``cross_tokenizer``
         allows a pair whose tokenizer differs from the base's (:mod:`proxytune.crosstok`);
@@ -200,8 +202,8 @@ class ProxyTuner:
         alpha: AlphaSpec = 1.0,
         *,
         top_logprobs: int = 20,
-        expert_prompt: str | PromptFormat = "chat",
-        anti_expert_prompt: str | PromptFormat = "raw",
+        expert_prompt: str | PromptFormat = "auto",
+        anti_expert_prompt: str | PromptFormat = "auto",
         device: str = "auto",
         dtype: str = "auto",
         rule: RuleSpec = None,
@@ -213,15 +215,16 @@ class ProxyTuner:
         """A base behind an OpenAI-compatible completions endpoint, steered by a local pair.
 
         ``base_options``: more :class:`~proxytune.backends.api.APISpec` settings (``tokenizer``,
-        ``chunk``, ``api_key_env``, ``logprobs``, ...). The API key is read from the
-        environment variable ``api_key_env`` (default ``OPENAI_API_KEY``).
+        ``chunk``, ``api_key_env``, ``logprobs``, ``prompt`` (default ``auto``), ...). The API
+        key is read from the environment variable ``api_key_env`` (default ``OPENAI_API_KEY``).
 
         >>> tuner = ProxyTuner.from_api("http://127.0.0.1:8000/v1", "llama-70b",
         ...                             expert="7b-chat", anti_expert="7b")  # doctest: +SKIP
         """
         from .backends.api import APISpec
 
-        spec = APISpec(url=url, model=model, top_logprobs=top_logprobs, **dict(base_options or {}))
+        settings = {"prompt": "auto", **dict(base_options or {})}
+        spec = APISpec(url=url, model=model, top_logprobs=top_logprobs, **settings)
 
         def side(model: str | ModelSpec | None, fmt: str | PromptFormat) -> ModelSpec | None:
             if model is None:
@@ -262,7 +265,8 @@ class ProxyTuner:
         ``one_pass`` is off (or ``cross_tokenizer`` is set: that mode rolls pair states back). A
         trained
         adapter directory may stand alone as a model path. ``base`` may be an
-        :class:`~proxytune.backends.api.APISpec` (a base behind an API).
+        :class:`~proxytune.backends.api.APISpec` (a base behind an API). A prompt format
+        ``auto`` is resolved here, once per model (:func:`~proxytune.prompts.resolve_prompt`).
         """
         from .backends.hf import load_hf
         from .backends.lora_pair import pair_models, resolve_adapter_dir
@@ -275,7 +279,8 @@ class ProxyTuner:
                 return None
             if spec.load_key not in cache:
                 cache[spec.load_key] = load_hf(spec)
-            return Member(role, cache[spec.load_key], spec.prompt)
+            model = cache[spec.load_key]
+            return Member(role, model, resolve_prompt(spec.prompt, spec, model.tokenizer))
 
         from .backends.api import APISpec
 
@@ -299,7 +304,7 @@ class ProxyTuner:
 
             local = [m.model for p in built for m in p.members]
             api = load_api_model(base, local, cache)  # type: ignore[arg-type]
-            base_member = Member("base", api, base.prompt)
+            base_member = Member("base", api, resolve_prompt(base.prompt, base, api.tokenizer))
         return cls(
             base_member,
             built,
