@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -150,3 +152,41 @@ def test_generation_config_is_immutable_and_validates_once():
     assert cfg.stop == ("###",)
     with pytest.raises(Exception):  # noqa: B017 - frozen dataclass
         cfg.temperature = 2.0  # type: ignore[misc]
+
+
+# -- optional extras: one line naming the install command, not a traceback -----------------------
+
+
+def test_plots_without_matplotlib_name_the_extra(monkeypatch, tmp_path):
+    from proxytune.analysis import write_report
+    from proxytune.analysis.plots import write_plots
+    from proxytune.extras import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # the import fails
+    with pytest.raises(MissingExtraError, match=r"pip install 'proxytune\[plots\]'"):
+        write_plots([], tmp_path)
+    with pytest.warns(UserWarning, match=r"no PNG plots: .*pip install 'proxytune\[plots\]'"):
+        paths = write_report([], tmp_path)  # the report goes on without pictures
+    assert paths["html"].is_file()
+
+
+def test_the_extras_table_matches_pyproject_and_the_lock():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from proxytune.extras import EXTRAS
+
+    root = Path(__file__).resolve().parents[1]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    locked = {
+        line.split("==")[0].strip().lower()
+        for line in (root / "requirements.lock").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    }
+    for extra, packages in EXTRAS.items():
+        names = {re.split(r"[<>=!~\[ ]", req)[0].lower() for req in declared[extra]}
+        assert names == set(packages), extra
+        assert names <= locked, extra

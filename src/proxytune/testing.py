@@ -127,7 +127,9 @@ def serve_in_thread(app: Any, start_timeout: float = 20.0) -> Iterator[str]:
 
     Yields the base URL (``http://127.0.0.1:PORT``); start and stop are bounded in time.
     """
-    import uvicorn
+    from .extras import require
+
+    uvicorn = require("uvicorn", "server", "serve_in_thread")
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

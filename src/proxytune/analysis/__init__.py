@@ -42,8 +42,8 @@ def write_report(
     paths["summary"].write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     try:
         plots = write_plots(records, out)
-    except ImportError:  # matplotlib is optional: the report goes on without pictures
-        warnings.warn("matplotlib is not installed: no PNG plots", stacklevel=2)
+    except ImportError as err:  # matplotlib is optional: the report goes on without pictures
+        warnings.warn(f"no PNG plots: {err}", stacklevel=2)
         plots = []
     paths.update({p.stem: p for p in plots})
     paths["html"] = write_html(

@@ -12,11 +12,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..extras import require
 from .records import SequenceRecord
 from .summary import all_tokens, promoted_tokens
 
 
 def _figure(width: float = 6.0, height: float = 3.8) -> Any:
+    require("matplotlib", "plots", "the analysis plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError
+from ..extras import MissingExtraError, require
 from .scoring import score, score_rolling
 
 if TYPE_CHECKING:
@@ -254,10 +255,12 @@ register()
 
 def main(argv: list[str] | None = None) -> int:
     """``lm_eval`` with the ``proxytune`` model type registered."""
-    if not HAVE_LM_EVAL:
-        print("error: lm-eval is not installed (pip install lm-eval)", file=sys.stderr)
+    try:
+        harness = require("lm_eval.__main__", None, "the lm-eval harness", package="lm-eval")
+    except MissingExtraError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    from lm_eval.__main__ import cli_evaluate
+    cli_evaluate = harness.cli_evaluate
 
     sys.argv = [sys.argv[0], *(argv if argv is not None else sys.argv[1:])]
     cli_evaluate()

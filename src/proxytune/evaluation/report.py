@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from ..extras import require
 from .runner import EvalReport
 
 REFERENCE_STYLE = {
@@ -41,8 +42,8 @@ def write_report(report: EvalReport) -> list[Path]:
         written.append(write_sweep_csv(report, out / "sweep.csv"))
         try:
             written += plot_sweep(report, out)
-        except ImportError:  # matplotlib is optional: tables only
-            warnings.warn("matplotlib is not installed: no sweep plots", stacklevel=2)
+        except ImportError as err:  # matplotlib is optional: tables only
+            warnings.warn(f"no sweep plots: {err}", stacklevel=2)
     return written
 
 
@@ -64,6 +65,7 @@ def write_sweep_csv(report: EvalReport, path: Path) -> Path:
 
 def plot_sweep(report: EvalReport, out: Path) -> list[Path]:
     """One PNG per metric: the proxy score against alpha, with reference lines."""
+    require("matplotlib", "plots", "the sweep plots")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from ..extras import require
 from .runner import EvalReport, evaluate
 from .systems import System, standard_systems
 from .tasks import Task
@@ -140,12 +141,7 @@ def search(
             for alpha in alphas:
                 run(alpha, rule)
     else:
-        try:
-            import optuna
-        except ImportError as err:
-            raise ConfigError(
-                "method 'optuna' needs the optuna package (pip install optuna); or use 'grid'"
-            ) from err
+        optuna = require("optuna", None, "method 'optuna'", hint="or use 'grid'")
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = optuna.create_study(
             direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed)

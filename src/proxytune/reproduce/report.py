@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..evaluation.runner import _safe
 from ..evaluation.store import ResultStore
+from ..extras import MissingExtraError, require
 from .analysis import CLASSES, token_classes
 from .stats import Estimate, aligned, gap_interval, mean_interval
 from .tasks import task_kind
@@ -270,14 +271,12 @@ def _plot_sweep(exp: Experiment, sweep: dict[str, Any]) -> Path | None:
     if not sweep:
         return None
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        warnings.warn(
-            "matplotlib is not installed: no alpha_sweep.png (pip install matplotlib)",
-            stacklevel=2,
-        )
+        require("matplotlib", "plots", "alpha_sweep.png")
+    except MissingExtraError as err:
+        warnings.warn(f"no alpha_sweep.png: {err}", stacklevel=2)
         return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(4.2 * len(sweep), 3.6), dpi=110)
     FigureCanvasAgg(fig)
