@@ -190,3 +190,30 @@ def test_the_extras_table_matches_pyproject_and_the_lock():
         names = {re.split(r"[<>=!~\[ ]", req)[0].lower() for req in declared[extra]}
         assert names == set(packages), extra
         assert names <= locked, extra
+
+
+@pytest.mark.parametrize("module", ["fastapi", "uvicorn"])
+def test_serve_without_the_server_extra_names_the_install_command(module, monkeypatch, capsys):
+    from proxytune.cli import main
+
+    monkeypatch.setitem(sys.modules, module, None)  # the import fails
+    assert main(["serve", "--base", "no-such-model"]) == 2  # before any model loads
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: proxytune serve needs {module}, which is not installed: "
+        "pip install 'proxytune[server]'"
+    ]
+
+
+def test_cli_options_that_need_an_extra_name_its_install_command(monkeypatch, capsys):
+    from proxytune.cli import main
+
+    monkeypatch.setitem(sys.modules, "httpx", None)
+    api = ["generate", "--base-url", "http://127.0.0.1:9/v1", "--base-model", "m", "Hi"]
+    assert main(api) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: a base behind an API (--base-url) needs httpx")
+    assert line.endswith("pip install 'proxytune[server]'")
+    monkeypatch.setitem(sys.modules, "optuna", None)
+    assert main(["eval", "arith", "--search", "optuna"]) == 2  # before any model loads
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith("pip install optuna; or use --search grid")

@@ -183,3 +183,177 @@ def test_cli_pairs_must_match(tiny_dirs, capsys):
     )
     assert code == 2
     assert "give them in pairs" in capsys.readouterr().err
+
+
+# -- prompt formats: auto, and what --json reports ----------------------------------------------
+
+
+def tiny_models(tiny_dirs, expert=None):
+    models = ["--base", str(tiny_dirs["base"]), "--expert", str(expert or tiny_dirs["expert"])]
+    return [*models, "--anti-expert", str(tiny_dirs["anti"]), "--device", "cpu"]
+
+
+def test_cli_json_names_the_prompt_format_of_each_model(tiny_dirs, capsys):
+    args = ["generate", *tiny_models(tiny_dirs), "--max-new-tokens", "3", "--json"]
+    assert main([*args, "Rain"]) == 0  # auto: every tiny tokenizer has a chat template
+    row = json.loads(capsys.readouterr().out)
+    assert row["prompt_formats"] == {"base": "chat", "expert[0]": "chat", "anti_expert[0]": "chat"}
+    paper = ["--base-prompt", "raw", "--anti-expert-prompt", "{prompt}\n"]
+    assert main([*args, *paper, "Rain"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["prompt_formats"] == {
+        "base": "raw",
+        "expert[0]": "chat",
+        "anti_expert[0]": "{prompt}\n",
+    }
+    assert main([*args, *paper, "--compare", "Rain"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["base"]["prompt_formats"] == {"base": "raw"}
+    assert row["expert"]["prompt_formats"] == {"expert[0]": "chat"}
+    assert row["proxy"]["prompt_formats"]["anti_expert[0]"] == "{prompt}\n"
+    assert main([*args[:-1], *paper, "--compare", "Rain"]) == 0  # the table's caption
+    table = capsys.readouterr().out
+    assert "prompt formats: base 'raw'" in table and "'{prompt}\\n'" in table
+
+
+def test_auto_gives_an_expert_without_a_chat_template_the_raw_prompt(tiny_dirs, tmp_path, capsys):
+    from proxytune.testing import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = None
+    build_model(tok).save_pretrained(tmp_path / "plain")
+    tok.save_pretrained(tmp_path / "plain")
+    args = ["generate", *tiny_models(tiny_dirs, tmp_path / "plain"), "--max-new-tokens", "2"]
+    assert main([*args, "--json", "Rain"]) == 0  # no --expert-prompt raw needed any more
+    assert json.loads(capsys.readouterr().out)["prompt_formats"]["expert[0]"] == "raw"
+    assert main([*args, "--expert-prompt", "chat", "Rain"]) == 2  # asked for: still refused
+    assert "has no chat template" in capsys.readouterr().err
+
+
+def test_auto_takes_the_format_a_trained_expert_was_tuned_on(tiny_dirs, tmp_path):
+    import shutil
+
+    from proxytune.backends.lora_specs import TRAIN_META
+    from proxytune.prompts import PromptFormat, resolve_prompt
+    from proxytune.specs import ModelSpec
+
+    trained = shutil.copytree(tiny_dirs["expert"], tmp_path / "trained")
+    record = {"expert_prompt": "raw", "system": "Be brief.", "base_model": "x"}
+    (trained / TRAIN_META).write_text(json.dumps(record))
+    kw = {"anti_expert": str(tiny_dirs["anti"]), "device": "cpu"}
+    t = ProxyTuner.from_pretrained(str(tiny_dirs["base"]), expert=str(trained), **kw)
+    assert t.pairs[0].expert.prompt == PromptFormat("raw", system="Be brief.")
+    assert t.base.prompt.kind == t.pairs[0].anti_expert.prompt.kind == "chat"  # no record
+    t = ProxyTuner.from_pretrained(
+        str(tiny_dirs["base"]), expert=str(trained), expert_prompt="chat", **kw
+    )
+    assert t.pairs[0].expert.prompt == PromptFormat("chat")  # an explicit format wins
+    tok = t.tokenizer
+    adapter = ModelSpec(str(tiny_dirs["anti"]), adapter=str(trained))  # the adapter's record
+    assert resolve_prompt("auto", adapter, tok) == PromptFormat("raw", system="Be brief.")
+    assert resolve_prompt({"kind": "auto", "system": "S"}, adapter, tok).system == "S"
+    assert resolve_prompt("auto", ModelSpec(str(tiny_dirs["anti"])), tok).kind == "chat"
+    assert resolve_prompt("auto", str(trained), tok).kind == "raw"
+    assert PromptFormat("auto").render("Rain", tok) == PromptFormat("chat").render("Rain", tok)
+    with pytest.raises(ConfigError, match="'auto', 'raw', 'chat' or 'template'"):
+        PromptFormat.parse("automatic")
+
+
+# -- option spellings ------------------------------------------------------------------------
+
+
+def click_commands():
+    import typer
+
+    from proxytune.cli import app
+
+    return typer.main.get_command(app).commands  # type: ignore[attr-defined]
+
+
+def test_options_have_one_spelling_and_no_double_negatives():
+    commands = click_commands()
+    assert set(commands) == {
+        "generate", "rules", "setup", "serve", "train", "eval", "analyze", "reproduce",
+    }  # fmt: skip
+    for name, command in commands.items():
+        for param in command.params:
+            for flag in [*param.opts, *param.secondary_opts]:
+                assert not flag.startswith("--no-no-"), (name, flag)
+    flags = {
+        name: {flag: p for p in c.params for flag in [*p.opts, *p.secondary_opts]}
+        for name, c in commands.items()
+    }
+    for name in ("generate", "serve", "eval", "analyze", "reproduce"):
+        assert flags[name]["--alpha"].multiple, name  # repeatable everywhere
+    for name in ("generate", "serve", "eval"):
+        for flag in ("--overlap", "--speculative", "--stacked", "--prefix-cache", "--two-pass"):
+            assert flag in flags[name], (name, flag)
+    for name in ("generate", "serve", "eval", "analyze"):
+        assert flags[name]["--expert-prompt"].default == "auto"
+    assert "--no-cache" in flags["generate"] and "--cache" in flags["generate"]
+    assert "--no-kl-metric" in flags["serve"] and "--kl-metric" in flags["serve"]
+    assert "--alphas" in flags["reproduce"]  # the old spelling still works
+
+
+def test_alpha_values_repeated_or_comma_separated():
+    from proxytune.cli.options import parse_alphas
+
+    assert parse_alphas(["0", "0.5"]) == parse_alphas(["0,0.5"]) == [0.0, 0.5]
+    assert parse_alphas(["0:1:0.5", "1"], unique=True) == [0.0, 0.5, 1.0]
+    assert parse_alphas(["1", "1"]) == [1.0, 1.0]  # one per pair: kept
+    assert parse_alphas(None) == []
+    with pytest.raises(ConfigError, match="--alpha 'x': give numbers"):
+        parse_alphas(["0.5", "x"])
+    with pytest.raises(ConfigError, match="finite"):
+        parse_alphas(["inf"])
+
+
+def test_eval_and_reproduce_take_repeated_or_comma_alphas(tiny_dirs, tmp_path, monkeypatch):
+    import proxytune.evaluation.commands
+    import proxytune.reproduce.pipeline
+
+    seen = []
+    monkeypatch.setattr(
+        proxytune.evaluation.commands, "run_eval", lambda t, task, **kw: seen.append(kw) or 0
+    )
+    args = ["eval", "arith", *tiny_models(tiny_dirs)]
+    assert main([*args, "--alpha", "0", "--alpha", "0.5,1"]) == 0
+    assert main([*args, "--alpha", "0:1:0.5"]) == 0
+    assert seen[0]["alphas"] == seen[1]["alphas"] == [0.0, 0.5, 1.0]
+    configs = []
+    monkeypatch.setattr(
+        proxytune.reproduce.pipeline, "reproduce", lambda c, **kw: configs.append(c)
+    )
+    out = ["reproduce", "--preset", "tiny", "--out", str(tmp_path / "r")]
+    assert main([*out, "--alphas", "0.5,2"]) == 0
+    assert main([*out, "--alpha", "0.5", "--alpha", "2"]) == 0
+    assert configs[0].alphas == configs[1].alphas == (0.5, 2.0)
+
+
+def test_engine_options_reach_the_tuner_at_load(tiny_dirs, tmp_path, monkeypatch, capsys):
+    import proxytune.server
+
+    seen = {}
+    monkeypatch.setattr(proxytune.server, "serve", lambda t, s, **kw: seen.update(tuner=t))
+    models = tiny_models(tiny_dirs)
+    assert main(["serve", *models, "--stacked", "--two-pass", "--speculative", "2"]) == 0
+    options = seen["tuner"].options
+    assert (options.stacked, options.one_pass, options.speculative) == (True, False, 2)
+    assert not options.prefix_cache and not options.overlap
+    assert main(["serve", *models, "--stacked", "--prefix-cache"]) == 2  # before loading
+    assert "do not compose" in capsys.readouterr().err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f'base: "{tiny_dirs["base"]}"\n'
+        f'pairs: [{{expert: "{tiny_dirs["expert"]}", anti_expert: "{tiny_dirs["anti"]}"}}]\n'
+        "model_defaults: {device: cpu}\nengine: {speculative: 3, prefix_cache: true}\n"
+    )
+    assert main(["serve", "--recipe", str(recipe), "--speculative", "0"]) == 0
+    assert seen["tuner"].options.speculative is None and seen["tuner"].options.prefix_cache
+    args = ["generate", *models, "--max-new-tokens", "6", "--json", "Rain"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)["token_ids"]
+    assert main([*args, "--prefix-cache", "--speculative", "auto"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["token_ids"] == plain
+    assert "speculative:" in out.err and "drafts accepted" in out.err

@@ -561,13 +561,17 @@ def test_cli_serve_speculative_option(tiny_dirs, monkeypatch, capsys):
     from proxytune.cli import main
 
     seen = {}
-    monkeypatch.setattr(proxytune.server, "serve", lambda t, s, **kw: seen.update(settings=s))
+    monkeypatch.setattr(
+        proxytune.server, "serve", lambda t, s, **kw: seen.update(tuner=t, settings=s)
+    )
     models = ["--base", str(tiny_dirs["base"]), "--expert", str(tiny_dirs["expert"])]
     models += ["--anti-expert", str(tiny_dirs["anti"]), "--device", "cpu"]
+    # --speculative is an engine option: the tuner carries it (the scheduler reads it when
+    # ServerSettings.speculative is left unset)
     assert main(["serve", *models, "--speculative", "auto"]) == 0
-    assert seen["settings"].speculative == "auto"
+    assert seen["tuner"].options.speculative == "auto" and seen["settings"].speculative is None
     assert main(["serve", *models, "--speculative", "4"]) == 0
-    assert seen["settings"].speculative == 4
+    assert seen["tuner"].options.speculative == 4 and seen["settings"].speculative is None
     assert main(["serve", "--speculative", "fast"]) == 2  # refused before any model loads
     assert "draft length >= 1 or 'auto'" in capsys.readouterr().err
 

@@ -28,15 +28,6 @@ def parse_sizes(items: list[str], tasks: tuple[str, ...]) -> dict[str, dict[str,
     return out
 
 
-def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
-    if text is None:
-        return None
-    try:
-        return tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ConfigError(f"{what} must be numbers separated by commas, got {text!r}") from None
-
-
 def parse_names(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
@@ -44,9 +35,9 @@ def parse_names(text: str | None) -> tuple[str, ...] | None:
 
 
 def build_config(preset_name: str, out: str, split: list[str], **options: Any) -> Any:
-    """The preset with the options given on the command line (``None``: the preset's)."""
+    """The preset with the options given on the command line (``None``: the preset's);
+    ``alphas`` arrive parsed (the command line's shared ``--alpha`` parser)."""
     tasks = parse_names(options.pop("tasks", None))
-    options["alphas"] = parse_floats(options.pop("alphas", None), "--alphas")
     options["rules"] = parse_names(options.pop("rules", None))
     if tasks is not None:
         options["tasks"] = tasks

@@ -1,0 +1,46 @@
+"""The ``proxytune`` command line.
+
+One module per command, each registering on the shared :data:`app` (:mod:`._app`):
+:mod:`.generate`, :mod:`.rules`, :mod:`.setup`, :mod:`.serve`, :mod:`.train`, :mod:`.evaluate`
+(``eval``), :mod:`.analyze`, :mod:`.reproduce`. Options used by several commands (models,
+decoding settings, engine options) are declared once in :mod:`.options`, which also builds the
+tuner from them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from ..errors import ProxyTuneError
+from ._app import app
+
+COMMANDS = ("generate", "rules", "setup", "serve", "train", "evaluate", "analyze", "reproduce")
+"""The command modules, in the order ``--help`` lists them."""
+
+for _module in COMMANDS:
+    importlib.import_module(f"{__name__}.{_module}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 2 bad input) instead of exiting."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except ProxyTuneError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except typer.Exit as err:
+        return err.exit_code
+    except typer.TyperException as err:  # usage errors, bad parameters
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return int(getattr(err, "exit_code", 2))
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["app", "main"]

@@ -1,0 +1,162 @@
+"""``proxytune eval``: score base, expert, proxy-tuned (per alpha) and tuned models on a task."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+
+from ._app import app
+from .options import (
+    AntiExpertOption,
+    BaseOption,
+    DeviceOption,
+    DtypeOption,
+    ExpertOption,
+    MaxNewTokensOption,
+    ModelOptions,
+    OnePassOption,
+    Opt,
+    OverlapOption,
+    PrefixCacheOption,
+    PromptOption,
+    RecipeOption,
+    RuleArgOption,
+    RuleOption,
+    SpeculativeOption,
+    StackedOption,
+    SweepAlphaOption,
+    TemperatureOption,
+    TrustRemoteCodeOption,
+    build_tuner,
+    engine_overrides,
+    parse_alphas,
+    rule_spec,
+    sampling_settings,
+)
+
+
+@app.command("eval")
+def eval_command(
+    task: Annotated[
+        str, typer.Argument(help="Built-in task (gsm_symbolic, ...), a task .yaml or a .jsonl.")
+    ],
+    recipe: RecipeOption = None,
+    base: BaseOption = None,
+    expert: ExpertOption = None,
+    anti_expert: AntiExpertOption = None,
+    alpha: SweepAlphaOption = None,
+    base_prompt: PromptOption = "auto",
+    expert_prompt: PromptOption = "auto",
+    anti_expert_prompt: PromptOption = "auto",
+    tuned: Annotated[
+        str | None, Opt(help="A directly tuned model: the reference for gap closed.")
+    ] = None,
+    tuned_prompt: PromptOption = "auto",
+    systems: Annotated[str, Opt(help="Which of base,expert,proxy to run.")] = "base,expert,proxy",
+    rule: RuleOption = None,
+    rule_arg: RuleArgOption = None,
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    overlap: OverlapOption = None,
+    speculative: SpeculativeOption = None,
+    stacked: StackedOption = None,
+    prefix_cache: PrefixCacheOption = None,
+    one_pass: OnePassOption = None,
+    out: Annotated[str | None, Opt(help="Results folder (default runs/eval/TASK).")] = None,
+    limit: Annotated[int | None, Opt(help="Only the first N examples.")] = None,
+    batch_size: Annotated[int, Opt(help="Examples per batch.")] = 8,
+    resume: Annotated[bool, Opt(help="Reuse saved per-example results.")] = True,
+    progress: Annotated[bool, Opt(help="Show progress bars.")] = True,
+    workers: Annotated[int, Opt(help="Code tasks: programs run at once.")] = 2,
+    gold_only: Annotated[
+        bool, Opt(help="Only the teacher-forced likelihood of the gold answers (no generation).")
+    ] = False,
+    max_new_tokens: MaxNewTokensOption = None,
+    temperature: TemperatureOption = None,
+    n: Annotated[int | None, Opt(help="Samples per example (pass@k needs n >= k).")] = None,
+    seed: Annotated[int | None, Opt(help="Sampling seed, and the validation split's.")] = None,
+    k: Annotated[str | None, Opt(help="Code tasks: the k of pass@k, e.g. '1,5'.")] = None,
+    fewshot: Annotated[int | None, Opt(help="Worked examples in each prompt.")] = None,
+    search: Annotated[
+        str | None, Opt(help="Choose alpha on a validation split: grid | optuna.")
+    ] = None,
+    validation_size: Annotated[
+        int, Opt(help="Examples held out for choosing alpha (the rest are the test split).")
+    ] = 0,
+    metric: Annotated[str | None, Opt(help="Metric the search maximises.")] = None,
+    trials: Annotated[int, Opt(help="optuna trials.")] = 10,
+    as_json: Annotated[bool, Opt("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Score base, expert, proxy-tuned (per alpha) and tuned models on a task; gap closed."""
+    from ..evaluation.commands import run_eval
+
+    alphas = parse_alphas(alpha, unique=True)
+    if search == "optuna":  # before any model loads
+        from ..extras import require
+
+        require("optuna", None, "--search optuna", hint="or use --search grid")
+    engine = engine_overrides(
+        overlap=overlap,
+        speculative=speculative,
+        stacked=stacked,
+        prefix_cache=prefix_cache,
+        one_pass=one_pass,
+    )
+    tuner = build_tuner(
+        ModelOptions(
+            recipe=recipe,
+            base=base,
+            experts=tuple(expert or ()),
+            anti_experts=tuple(anti_expert or ()),
+            base_prompt=base_prompt,
+            expert_prompt=expert_prompt,
+            anti_expert_prompt=anti_expert_prompt,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            engine=engine,
+        )
+    )
+    tuned_tuner = None
+    if tuned is not None:
+        from ..tuner import ProxyTuner
+
+        tuned_tuner = ProxyTuner.from_pretrained(
+            tuned,
+            base_prompt=tuned_prompt,
+            device=device or "auto",
+            dtype=dtype or "auto",
+            trust_remote_code=trust_remote_code,
+        )
+    overrides: dict[str, Any] = {"fewshot": fewshot}
+    if k is not None:
+        overrides["k"] = tuple(int(x) for x in k.split(","))
+    raise typer.Exit(
+        run_eval(
+            tuner,
+            task,
+            alphas=alphas,
+            systems=[s.strip() for s in systems.split(",") if s.strip()],
+            tuned=tuned_tuner,
+            rule=rule_spec(tuner, rule, rule_arg or ()),
+            out=out,
+            limit=limit,
+            batch_size=batch_size,
+            resume=resume,
+            progress=progress,
+            workers=workers,
+            gold_only=gold_only,
+            settings=sampling_settings(
+                max_new_tokens=max_new_tokens, temperature=temperature, n=n, seed=seed
+            ),
+            task_overrides=overrides,
+            search=search,
+            validation_size=validation_size,
+            metric=metric,
+            trials=trials,
+            seed=seed or 0,
+            as_json=as_json,
+        )
+    )

@@ -1,0 +1,262 @@
+"""``proxytune generate``: text from the proxy-tuned models (or each model alone, ``--compare``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from ._app import app
+from .options import (
+    AlphaOption,
+    AntiExpertOption,
+    ApiKeyEnvOption,
+    BaseChunkOption,
+    BaseModelOption,
+    BaseOption,
+    BaseSamplesOption,
+    BaseTokenizerOption,
+    BaseTopLogprobsOption,
+    BaseUrlOption,
+    CacheOption,
+    CrossTokenizerOption,
+    DeviceOption,
+    DtypeOption,
+    ExpertOption,
+    MaxNewTokensOption,
+    MinCoverageOption,
+    MinPOption,
+    ModelOptions,
+    NOption,
+    OnePassOption,
+    Opt,
+    OverlapOption,
+    PrefixCacheOption,
+    PromptOption,
+    RecipeOption,
+    RepetitionPenaltyOption,
+    RuleArgOption,
+    RuleOption,
+    SeedOption,
+    SpeculativeOption,
+    StackedOption,
+    StopOption,
+    TemperatureOption,
+    TopKOption,
+    TopLogprobsOption,
+    TopPOption,
+    TrustRemoteCodeOption,
+    api_base,
+    build_tuner,
+    cross_mode,
+    engine_overrides,
+    parse_alphas,
+    prompt_formats,
+    rule_spec,
+    sampling_settings,
+)
+
+if TYPE_CHECKING:
+    from ..tuner import ProxyTuner
+
+
+@app.command()
+def generate(
+    prompts: Annotated[list[str], typer.Argument(help="Prompts ('-' reads one from stdin).")],
+    recipe: RecipeOption = None,
+    base: BaseOption = None,
+    expert: ExpertOption = None,
+    anti_expert: AntiExpertOption = None,
+    alpha: AlphaOption = None,
+    base_prompt: PromptOption = "auto",
+    expert_prompt: PromptOption = "auto",
+    anti_expert_prompt: PromptOption = "auto",
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    max_new_tokens: MaxNewTokensOption = None,
+    temperature: TemperatureOption = None,
+    top_k: TopKOption = None,
+    top_p: TopPOption = None,
+    min_p: MinPOption = None,
+    repetition_penalty: RepetitionPenaltyOption = None,
+    stop: StopOption = None,
+    seed: SeedOption = None,
+    n: NOption = None,
+    top_logprobs: TopLogprobsOption = None,
+    cache: CacheOption = True,
+    as_json: Annotated[
+        bool, Opt("--json", help="One JSON object per result (with each model's prompt format).")
+    ] = False,
+    compare: Annotated[bool, Opt(help="Base alone, expert alone and proxy-tuned.")] = False,
+    stream: Annotated[bool, Opt(help="Print text as it is generated.")] = False,
+    rule: RuleOption = None,
+    rule_arg: RuleArgOption = None,
+    overlap: OverlapOption = None,
+    speculative: SpeculativeOption = None,
+    stacked: StackedOption = None,
+    prefix_cache: PrefixCacheOption = None,
+    one_pass: OnePassOption = None,
+    base_url: BaseUrlOption = None,
+    base_model: BaseModelOption = None,
+    base_top_logprobs: BaseTopLogprobsOption = None,
+    base_tokenizer: BaseTokenizerOption = None,
+    api_key_env: ApiKeyEnvOption = "OPENAI_API_KEY",
+    base_chunk: BaseChunkOption = "auto",
+    base_samples: BaseSamplesOption = None,
+    cross_tokenizer: CrossTokenizerOption = False,
+    min_coverage: MinCoverageOption = None,
+) -> None:
+    """Generate text with proxy-tuning (the embedded default when no model is given)."""
+    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    engine = engine_overrides(
+        overlap=overlap,
+        speculative=speculative,
+        stacked=stacked,
+        prefix_cache=prefix_cache,
+        one_pass=one_pass,
+    )
+    models = ModelOptions(
+        recipe=recipe,
+        base=base,
+        experts=tuple(expert or ()),
+        anti_experts=tuple(anti_expert or ()),
+        alphas=tuple(parse_alphas(alpha)),
+        base_prompt=base_prompt,
+        expert_prompt=expert_prompt,
+        anti_expert_prompt=anti_expert_prompt,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        base_api=api_base(
+            base_url,
+            model=base_model,
+            top_logprobs=base_top_logprobs or top_logprobs,
+            tokenizer=base_tokenizer,
+            api_key_env=api_key_env,
+            chunk=base_chunk,
+            samples=base_samples,
+            prompt=base_prompt,
+        ),
+        cross_tokenizer=cross_mode(cross_tokenizer, min_coverage),
+        engine=engine,
+    )
+    tuner = build_tuner(models)
+    chosen_rule = rule_spec(tuner, rule, rule_arg or ())
+    if chosen_rule is not None:
+        tuner = tuner.with_rule(chosen_rule)
+    settings = sampling_settings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        stop=stop,
+        seed=seed,
+        n=n,
+        use_cache=None if cache else False,
+    )
+    if top_logprobs is not None:
+        settings.update(logprobs=True, top_logprobs=top_logprobs)
+    stats: Any = None
+    if tuner.blackbox:  # an API base or a pair of another tokenizer: the bill
+        from ..engine.blackbox import BlackBoxStats
+
+        stats = BlackBoxStats()
+    elif tuner.options.speculative:
+        from ..engine.speculative import SpeculativeStats
+
+        stats = SpeculativeStats()
+    extra = {} if stats is None else {"stats": stats}
+    if compare:
+        _compare(tuner, prompts, settings, as_json, extra if tuner.options.speculative else {})
+    elif stream and not as_json:
+        for p in prompts:
+            deltas = (
+                (u.delta for step in tuner.steps([p], **extra, **settings) for u in step)
+                if extra
+                else tuner.stream(p, **settings)
+            )
+            for delta in deltas:
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    else:
+        formats = prompt_formats(tuner)
+        for r in tuner.generate(prompts, **extra, **settings):
+            if as_json:
+                row = {"prompt": prompts[r.prompt_index], **r.to_dict(), "prompt_formats": formats}
+                print(json.dumps(row))
+            else:
+                print(r.text)
+    if tuner.blackbox and not compare:
+        print(f"black-box: {stats.summary()}", file=sys.stderr)
+    elif tuner.options.speculative and stats is not None:
+        print(
+            f"speculative: {stats.accepted}/{stats.proposed} drafts accepted "
+            f"({stats.acceptance_rate:.0%}), {stats.tokens_per_round:.2f} tokens per verification",
+            file=sys.stderr,
+        )
+
+
+def _systems(tuner: ProxyTuner) -> dict[str, tuple[ProxyTuner, dict[str, str]]]:
+    """``--compare``'s systems: each tuner, and the prompt format of each model it runs."""
+    formats = prompt_formats(tuner)
+    systems = {"base": (tuner.alone("base"), {"base": formats["base"]})}
+    if tuner.pairs:
+        first = tuner.pairs[0]
+        role = (first.expert or first.anti_expert).role  # type: ignore[union-attr]
+        systems["expert"] = (tuner.alone(role), {role: formats[role]})
+    systems["proxy"] = (tuner, formats)
+    return systems
+
+
+def _compare(
+    tuner: ProxyTuner,
+    prompts: list[str],
+    settings: dict[str, Any],
+    as_json: bool,
+    proxy_extra: dict[str, Any],
+) -> None:
+    """Each system on every prompt: a table, or one JSON object per prompt whose results carry
+    the prompt formats of their models (``"prompt_formats": {"base": "raw", ...}``)."""
+    systems = _systems(tuner)
+    outputs = {
+        name: t.generate(prompts, **(proxy_extra if name == "proxy" else {}), **settings)
+        for name, (t, _) in systems.items()
+    }
+    if as_json:
+        for i, p in enumerate(prompts):
+            rows = {
+                name: [
+                    {**r.to_dict(), "prompt_formats": systems[name][1]}
+                    for r in out
+                    if r.prompt_index == i
+                ]
+                for name, out in outputs.items()
+            }
+            print(
+                json.dumps(
+                    {"prompt": p, **{k: v[0] if len(v) == 1 else v for k, v in rows.items()}}
+                )
+            )
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    caption = "prompt formats: " + ", ".join(
+        f"{role} {fmt!r}" for role, fmt in prompt_formats(tuner).items()
+    )
+    table = Table("prompt", *systems, show_lines=True, caption=caption)
+    for i, p in enumerate(prompts):
+        table.add_row(
+            p,
+            *(
+                "\n---\n".join(r.text for r in out if r.prompt_index == i)
+                for out in outputs.values()
+            ),
+        )
+    Console().print(table)

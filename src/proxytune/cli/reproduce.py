@@ -1,0 +1,75 @@
+"""``proxytune reproduce``: the paper's experiment in miniature, stage by stage, resumable."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from ._app import app
+from .options import DeviceOption, DtypeOption, Opt, parse_alphas
+
+
+@app.command()
+def reproduce(
+    out: Annotated[str, Opt(help="Experiment folder (created; reused to resume).")] = (
+        "runs/reproduce"
+    ),
+    preset: Annotated[
+        str, Opt(help="cpu (embedded models, 2 cores) | gpu (Llama-2 7B/13B) | tiny.")
+    ] = "cpu",
+    tasks: Annotated[str | None, Opt(help="Tasks, e.g. 'arith,sort_words,truthfulqa'.")] = None,
+    small: Annotated[
+        str | None, Opt(help="Small model (expert = its LoRA; anti-expert = it).")
+    ] = None,
+    big: Annotated[str | None, Opt(help="Big model (the base; tuned = its LoRA).")] = None,
+    split: Annotated[
+        list[str] | None, Opt(help="Split sizes TASK=TRAIN,VALIDATION,TEST (repeatable).")
+    ] = None,
+    alpha: Annotated[
+        list[str] | None,
+        Opt(
+            "--alpha",
+            "--alphas",
+            help="Validation sweep: repeat --alpha, or '0.5,1,2' (--alphas: the old spelling).",
+        ),
+    ] = None,
+    rules: Annotated[
+        str | None, Opt(help="Rules compared, e.g. 'proxy,product,plausible'.")
+    ] = None,
+    seed: Annotated[int | None, Opt(help="Seed of the data, splits and training.")] = None,
+    epochs: Annotated[float | None, Opt(help="Training epochs (expert and tuned).")] = None,
+    learning_rate: Annotated[float | None, Opt(help="LoRA learning rate.")] = None,
+    eval_batch_size: Annotated[int | None, Opt(help="Examples per evaluation batch.")] = None,
+    analysis_examples: Annotated[
+        int | None, Opt(help="Test prompts replayed token by token per task (0: none).")
+    ] = None,
+    until: Annotated[str, Opt(help="Stop after this stage (data ... report).")] = "report",
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    progress: Annotated[bool, Opt(help="Show progress bars.")] = True,
+) -> None:
+    """Reproduce the paper's experiment in miniature: make the data, train the expert and the
+    directly tuned reference, evaluate, and write the tables (docs/reproduction.md).
+    Run it again to resume; finished stages are skipped."""
+    from ..reproduce.command import build_config
+    from ..reproduce.pipeline import reproduce as run_reproduction
+
+    config = build_config(
+        preset,
+        out,
+        list(split or ()),
+        tasks=tasks,
+        small=small,
+        big=big,
+        alphas=tuple(parse_alphas(alpha)) or None,
+        rules=rules,
+        seed=seed,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        eval_batch_size=eval_batch_size,
+        analysis_examples=analysis_examples,
+        device=device,
+        dtype=dtype,
+        progress=progress,
+    )
+    run_reproduction(config, until=until)
+    print(f"results: {config.out}/results.md")

@@ -1,0 +1,118 @@
+"""``proxytune serve``: the models behind an OpenAI-compatible API (needs the server extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from ._app import app
+from .options import (
+    AlphaOption,
+    AntiExpertOption,
+    BaseOption,
+    DeviceOption,
+    DtypeOption,
+    ExpertOption,
+    ModelOptions,
+    OnePassOption,
+    Opt,
+    OverlapOption,
+    PrefixCacheOption,
+    PromptOption,
+    RecipeOption,
+    SpeculativeOption,
+    StackedOption,
+    TrustRemoteCodeOption,
+    build_tuner,
+    engine_overrides,
+    parse_alphas,
+)
+
+
+@app.command()
+def serve(
+    recipe: RecipeOption = None,
+    base: BaseOption = None,
+    expert: ExpertOption = None,
+    anti_expert: AntiExpertOption = None,
+    alpha: AlphaOption = None,
+    base_prompt: PromptOption = "auto",
+    expert_prompt: PromptOption = "auto",
+    anti_expert_prompt: PromptOption = "auto",
+    device: DeviceOption = None,
+    dtype: DtypeOption = None,
+    trust_remote_code: TrustRemoteCodeOption = False,
+    host: Annotated[str, Opt(help="Interface to bind (loopback unless told otherwise).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, Opt(help="TCP port.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        Opt(envvar="PROXYTUNE_API_KEY", help="Require 'Authorization: Bearer KEY' (not /health)."),
+    ] = None,
+    served_model_name: Annotated[
+        str | None, Opt(help="Model id for clients (default: the recipe or base name).")
+    ] = None,
+    max_top_logprobs: Annotated[int, Opt(help="Cap on top_logprobs / logprobs.")] = 20,
+    max_batch_size: Annotated[int, Opt(help="Sequences decoded together.")] = 32,
+    max_queue: Annotated[int, Opt(help="Requests waiting before 429.")] = 64,
+    max_tokens: Annotated[int | None, Opt(help="Cap on a request's max_tokens.")] = None,
+    shutdown_timeout: Annotated[float, Opt(help="Seconds to finish in-flight work.")] = 30.0,
+    kl_metric: Annotated[
+        bool,
+        Opt("--kl-metric/--no-kl-metric", help="Measure the steering KL for /metrics."),
+    ] = True,
+    overlap: OverlapOption = None,
+    speculative: SpeculativeOption = None,
+    stacked: StackedOption = None,
+    prefix_cache: PrefixCacheOption = None,
+    one_pass: OnePassOption = None,
+    log_level: Annotated[str, Opt(help="critical | error | warning | info | debug")] = "info",
+) -> None:
+    """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""
+    from ..extras import require
+
+    for module in ("fastapi", "uvicorn"):  # before any model loads
+        require(module, "server", "proxytune serve")
+    engine = engine_overrides(
+        overlap=overlap,
+        speculative=speculative,
+        stacked=stacked,
+        prefix_cache=prefix_cache,
+        one_pass=one_pass,
+    )
+    from ..server import ServerSettings
+    from ..server import serve as run_server
+
+    tuner = build_tuner(
+        ModelOptions(
+            recipe=recipe,
+            base=base,
+            experts=tuple(expert or ()),
+            anti_experts=tuple(anti_expert or ()),
+            alphas=tuple(parse_alphas(alpha)),
+            base_prompt=base_prompt,
+            expert_prompt=expert_prompt,
+            anti_expert_prompt=anti_expert_prompt,
+            device=device,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            engine=engine,
+        )
+    )
+    if served_model_name is None:
+        if recipe is None and base is not None:
+            served_model_name = Path(base.rstrip("/")).name.removesuffix(".gguf")
+        else:
+            served_model_name = "default" if recipe in (None, "default") else Path(recipe).stem
+    settings = ServerSettings(  # speculative: the tuner's engine options (--speculative)
+        model_name=served_model_name,
+        api_key=api_key or None,
+        max_top_logprobs=max_top_logprobs,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        max_tokens=max_tokens,
+        kl_metric=kl_metric,
+        shutdown_timeout=shutdown_timeout,
+    )
+    run_server(tuner, settings, host=host, port=port, log_level=log_level)
