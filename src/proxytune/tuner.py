@@ -268,7 +268,7 @@ class ProxyTuner:
         :class:`~proxytune.backends.api.APISpec` (a base behind an API). A prompt format
         ``auto`` is resolved here, once per model (:func:`~proxytune.prompts.resolve_prompt`).
         """
-        from .backends.hf import load_hf
+        from .backends.load import load_model
         from .backends.lora_pair import pair_models, resolve_adapter_dir
 
         cache = loaded if loaded is not None else {}
@@ -278,7 +278,7 @@ class ProxyTuner:
             if spec is None:
                 return None
             if spec.load_key not in cache:
-                cache[spec.load_key] = load_hf(spec)
+                cache[spec.load_key] = load_model(spec)
             model = cache[spec.load_key]
             return Member(role, model, resolve_prompt(spec.prompt, spec, model.tokenizer))
 

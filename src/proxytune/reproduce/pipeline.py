@@ -265,7 +265,11 @@ class Experiment:
             from ..specs import ModelSpec
             from ..tuner import ProxyTuner
 
-            opts = {"device": self.config.device, "dtype": self.config.dtype}
+            opts = {  # the trained adapters run on transformers: so do the models they steer
+                "device": self.config.device,
+                "dtype": self.config.dtype,
+                "backend": "transformers",
+            }
             self._models["proxy"] = ProxyTuner.from_specs(
                 ModelSpec(self.config.big, prompt="raw", **opts),
                 [

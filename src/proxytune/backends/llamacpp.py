@@ -1,0 +1,370 @@
+"""llama.cpp backend: GGUF models on CPUs through ``llama-cpp-python``'s C API.
+
+The same protocol as the transformers backend (:class:`~.base.LogitsModel`), so every loop runs
+on it unchanged. One llama.cpp *context* per loaded model holds the KV cache of every row of
+every role on that model: each row is a *sequence* of the context, so
+
+- a step of ``B`` rows is one ``llama_decode`` of ``B`` tokens (``B x k`` when verifying drafts),
+  and the full next-token logits of each row are read from the context;
+- dropping a row (``keep``), forgetting rejected drafts (``rollback``) and joining rows to a
+  running batch (``extend``) are cache edits on sequences (``llama_memory_seq_rm``), with no
+  copying;
+- roles that name the same GGUF (the embedded default's expert and anti-expert) share one
+  model and one context: the weights are loaded once.
+
+Prompts are prefilled in chunks of at most ``n_batch`` tokens over all rows. The ids come from
+the Hugging Face tokenizer (the one the GGUF carries, or the model directory's), as for the
+other backends; llama.cpp's own tokenizer is never used, so both backends read the same ids.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import weakref
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, ModelLoadError, ProxyTuneError
+from ..specs import ModelSpec
+
+INSTALL = "pip install 'proxytune[llamacpp]' (builds llama.cpp from source: about 6 minutes)"
+KV_CELLS = 8192
+"""KV cache cells of a context, shared by all its sequences (rows of every role)."""
+MAX_SEQUENCES = 64
+"""Rows a context holds at once (all roles on the model together)."""
+N_BATCH = 512
+"""Most tokens one ``llama_decode`` takes (prefill runs in chunks of this)."""
+FLOAT_FILE_TYPES = (0, 1)
+"""GGUF file types of float32 / float16 weights: their KV cache is kept in float32 (quantized
+models keep llama.cpp's float16 cache)."""
+
+
+class LlamaCppError(ProxyTuneError, RuntimeError):
+    """llama.cpp refused an operation (a full KV cache, too many rows)."""
+
+
+def llama_cpp_module() -> Any:
+    """The ``llama_cpp`` package, or a one-line error that says how to install it."""
+    from ..extras import require
+
+    return require(
+        "llama_cpp",
+        "llamacpp",
+        "the llama.cpp backend",
+        package="llama-cpp-python",
+        hint="pip builds it from source the first time (about 6 minutes on 2 cores)",
+    )
+
+
+def available() -> bool:
+    """Whether ``llama-cpp-python`` can be imported here."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_init_lock = threading.Lock()
+_quiet: Any = None
+"""The log callback that keeps llama.cpp's progress lines off stderr (kept alive here)."""
+
+
+def _backend_init(lc: Any) -> None:
+    global _quiet
+    with _init_lock:
+        if _quiet is None:
+            _quiet = lc.llama_log_callback(lambda level, text, data: None)
+            lc.llama_log_set(_quiet, ctypes.c_void_p(0))
+            lc.llama_backend_init()
+
+
+class _Context:
+    """One llama.cpp context over a model: a KV cache, a pool of sequence ids, a batch."""
+
+    def __init__(self, lc: Any, model: Any, n_vocab: int, threads: int, exact: bool) -> None:
+        self.lc = lc
+        params = lc.llama_context_default_params()
+        params.n_ctx = KV_CELLS
+        params.n_batch = N_BATCH
+        params.n_ubatch = N_BATCH
+        params.n_seq_max = MAX_SEQUENCES
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        if exact:  # float weights: float32 attention, so logits match the transformers backend
+            params.type_k = params.type_v = lc.GGML_TYPE_F32
+            params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # its CPU kernel is f16
+        if hasattr(params, "kv_unified"):
+            params.kv_unified = True  # one cache for every sequence, not n_ctx / n_seq each
+        self.ctx = lc.llama_init_from_model(model, params)
+        if not self.ctx:
+            raise ModelLoadError("llama.cpp could not create a context for the model")
+        self.memory = lc.llama_get_memory(self.ctx)
+        self.n_vocab = n_vocab
+        self.free = list(range(MAX_SEQUENCES))
+        self.batch = lc.llama_batch_init(N_BATCH, 0, 1)
+        self.lock = threading.Lock()
+        """One decode at a time (roles on the same model may run in different threads)."""
+
+    def __del__(self) -> None:
+        try:
+            self.lc.llama_batch_free(self.batch)
+            self.lc.llama_free(self.ctx)
+        except Exception:  # interpreter shutdown
+            pass
+
+    def take(self, n: int) -> list[int]:
+        if n > len(self.free):
+            raise LlamaCppError(
+                f"{n} more rows asked for, but this llama.cpp context holds {MAX_SEQUENCES} rows "
+                f"at once ({len(self.free)} free); use smaller batches"
+            )
+        taken, self.free = self.free[:n], self.free[n:]
+        return taken
+
+    def release(self, seqs: Sequence[int]) -> None:
+        for seq in seqs:
+            self.lc.llama_memory_seq_rm(self.memory, seq, -1, -1)
+        self.free.extend(seqs)
+
+    def truncate(self, seq: int, length: int) -> None:
+        if not self.lc.llama_memory_seq_rm(self.memory, seq, length, -1):
+            raise LlamaCppError(f"llama.cpp could not roll sequence {seq} back to {length}")
+
+    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
+        """Decode ``(token, position, sequence, wants logits)`` entries (in chunks of
+        ``N_BATCH``); returns the logits of the entries that want them, in order,
+        ``(n, n_vocab)`` float32."""
+        out = []
+        with self.lock:
+            for start in range(0, len(entries), N_BATCH):
+                chunk = entries[start : start + N_BATCH]
+                batch = self.batch
+                for i, (token, pos, seq, logits) in enumerate(chunk):
+                    batch.token[i] = token
+                    batch.pos[i] = pos
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = seq
+                    batch.logits[i] = logits
+                batch.n_tokens = len(chunk)
+                status = self.lc.llama_decode(self.ctx, batch)
+                if status != 0:
+                    raise LlamaCppError(
+                        f"llama_decode failed (status {status}): the KV cache of {KV_CELLS} "
+                        "cells is full or a row is too long; use fewer or shorter rows"
+                    )
+                wanted = sum(1 for e in chunk if e[3])
+                if wanted:
+                    pointer = self.lc.llama_get_logits(self.ctx)
+                    array = np.ctypeslib.as_array(
+                        ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
+                        shape=(wanted, self.n_vocab),
+                    )
+                    out.append(array.copy())
+        if not out:
+            return np.zeros((0, self.n_vocab), dtype=np.float32)
+        return np.concatenate(out) if len(out) > 1 else out[0]
+
+
+class LlamaCppModel:
+    """A GGUF model run by llama.cpp, behind :class:`~proxytune.backends.base.LogitsModel`."""
+
+    def __init__(self, path: str | Path, tokenizer: Any, name: str, threads: int | None = None):
+        lc = llama_cpp_module()
+        _backend_init(lc)
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.lc = lc
+        self.path = str(path)
+        self._model = lc.llama_model_load_from_file(self.path.encode(), params)
+        if not self._model:
+            raise ModelLoadError(
+                f"llama.cpp could not load {self.path!r}: not a GGUF model it supports "
+                "(check the file, or load it with backend: transformers)"
+            )
+        vocab = lc.llama_model_get_vocab(self._model)
+        self._vocab_width = int(lc.llama_vocab_n_tokens(vocab))
+        self._n_ctx_train = int(lc.llama_model_n_ctx_train(self._model))
+        ends = {int(lc.llama_vocab_eos(vocab)), int(lc.llama_vocab_eot(vocab))}
+        if tokenizer.eos_token_id is not None:
+            ends.add(int(tokenizer.eos_token_id))
+        self._eos = tuple(sorted(i for i in ends if 0 <= i < self._vocab_width))
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = torch.device("cpu")
+        self.threads = threads or max(1, os.cpu_count() or 1)
+        float_weights = int(lc.llama_model_ftype(self._model)) in FLOAT_FILE_TYPES
+        self.context = _Context(lc, self._model, self._vocab_width, self.threads, float_weights)
+
+    def __del__(self) -> None:
+        try:
+            self.context = None  # type: ignore[assignment]
+            self.lc.llama_model_free(self._model)
+        except Exception:
+            pass
+
+    @property
+    def vocab_width(self) -> int:
+        return self._vocab_width
+
+    @property
+    def context_length(self) -> int | None:
+        return min(self._n_ctx_train, KV_CELLS) if self._n_ctx_train > 0 else KV_CELLS
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self._eos
+
+    def start(
+        self, prompts: Sequence[Sequence[int]], use_cache: bool = True
+    ) -> tuple[LlamaCppState, torch.Tensor]:
+        state = LlamaCppState(self, [list(p) for p in prompts], use_cache)
+        return state, state.prefill()
+
+
+class _Rows:
+    """The sequences a state owns; given back to the context when the state is dropped."""
+
+    def __init__(self, context: _Context, seqs: list[int]) -> None:
+        self.context, self.seqs = context, seqs
+
+    def release(self) -> None:
+        if self.seqs:
+            self.context.release(self.seqs)
+            self.seqs = []
+
+
+class LlamaCppState:
+    """Rows in flight on one :class:`LlamaCppModel`: one context sequence per row.
+
+    Implements ``advance``/``keep`` and the optional ``rollback`` and ``extend``/``compact``.
+    """
+
+    def __init__(self, model: LlamaCppModel, prompts: list[list[int]], use_cache: bool) -> None:
+        self.model = model
+        self.context = model.context
+        self.use_cache = use_cache
+        self.ids = prompts
+        """Each row's ids so far (prompt and fed tokens)."""
+        self.cached = [0] * len(prompts)
+        """Per row: how many of its ids the context holds."""
+        self.rows = _Rows(self.context, self.context.take(len(prompts)))
+        weakref.finalize(self, _Rows.release, self.rows)
+
+    @property
+    def seqs(self) -> list[int]:
+        return self.rows.seqs
+
+    def prefill(self) -> torch.Tensor:
+        """Decode every row's ids not yet in the cache; the last position's logits ``(B, W)``."""
+        return self._feed([[] for _ in self.ids], 1)[:, -1]
+
+    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        new = tokens.tolist()
+        for row, more in zip(self.ids, new, strict=True):
+            row.extend(more)
+        return self._feed(new, len(new[0]) if new else 0)
+
+    def _feed(self, new: list[list[int]], k: int) -> torch.Tensor:
+        """Bring the cache up to date and return the logits of each row's last ``k`` ids."""
+        if not self.use_cache:  # recompute: every row from its first id
+            for i, seq in enumerate(self.seqs):
+                self.context.truncate(seq, 0)
+                self.cached[i] = 0
+        entries = []
+        for i, (row, seq) in enumerate(zip(self.ids, self.seqs, strict=True)):
+            if len(row) - self.cached[i] < k:
+                raise LlamaCppError("a row was rolled back past the ids it is asked to score")
+            for pos in range(self.cached[i], len(row)):
+                entries.append((row[pos], pos, seq, pos >= len(row) - k))
+            self.cached[i] = len(row)
+        logits = self.context.decode(entries)
+        return torch.from_numpy(logits).view(len(self.ids), k, -1)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        index = [int(i) for i in rows.tolist()]
+        kept = set(index)
+        self.context.release([s for i, s in enumerate(self.seqs) if i not in kept])
+        self.rows.seqs = [self.seqs[i] for i in index]
+        self.ids = [self.ids[i] for i in index]
+        self.cached = [self.cached[i] for i in index]
+
+    def rollback(self, drop: torch.Tensor) -> None:
+        for i, n in enumerate(drop.tolist()):
+            if n:
+                length = len(self.ids[i]) - int(n)
+                self.context.truncate(self.seqs[i], length)
+                del self.ids[i][length:]
+                self.cached[i] = min(self.cached[i], length)
+
+    @property
+    def can_extend(self) -> bool:
+        return True
+
+    def extend(self, other: LlamaCppState) -> None:
+        """Append the rows of ``other`` (a state of the same model); ``other`` is emptied."""
+        if other.context is not self.context:
+            raise ConfigError("only states of the same llama.cpp model can be merged")
+        self.rows.seqs = self.seqs + other.seqs
+        self.ids += other.ids
+        self.cached += other.cached
+        other.rows.seqs, other.ids, other.cached = [], [], []
+
+    def compact(self) -> None:
+        """Nothing to do: dropped rows' cache cells were freed when they were dropped."""
+
+
+def gguf_of(path: str) -> Path | None:
+    """The GGUF file a model path names: a ``.gguf`` file, or the GGUF that ``proxytune
+    setup`` keeps for an ``embedded:NAME`` model; ``None`` if there is none."""
+    if path.startswith("embedded:"):
+        from ..embedded import embedded_gguf
+
+        kept = embedded_gguf(path.removeprefix("embedded:"))
+        return kept if kept.is_file() else None
+    local = Path(path).expanduser()
+    return local if local.suffix == ".gguf" and local.is_file() else None
+
+
+def load_llamacpp(spec: ModelSpec) -> LlamaCppModel:
+    """Load a GGUF file with llama.cpp and its Hugging Face tokenizer (the tokenizer files in
+    the file's directory where there are some, else the one the GGUF carries)."""
+    from transformers import AutoTokenizer
+
+    if spec.adapter is not None:
+        raise ConfigError(
+            f"the llama.cpp backend runs GGUF files; merge the adapter {spec.adapter!r} into "
+            "its base and write it to GGUF (proxytune.backends.gguf_write.write_merged_adapter)"
+            ", or load it with backend: transformers"
+        )
+    if spec.quantize is not None:
+        raise ConfigError(
+            f"quantize={spec.quantize!r} applies to the transformers backend; a GGUF file "
+            "carries its own quantization"
+        )
+    gguf = gguf_of(spec.path)
+    if gguf is None:
+        if spec.path.startswith("embedded:"):
+            raise ConfigError(
+                f"{spec.path} has no GGUF kept for llama.cpp (set up before they were kept); "
+                "run `proxytune setup` once more, or use backend: transformers"
+            )
+        raise ConfigError(
+            f"the llama.cpp backend needs a .gguf file, got {spec.path!r}; give the file "
+            "or use backend: transformers"
+        )
+    folder = gguf.parent
+    try:
+        if (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
+    except Exception as err:
+        raise ModelLoadError(f"could not load the tokenizer of {spec.path!r}: {err}") from err
+    return LlamaCppModel(gguf, tokenizer, spec.path.removeprefix("embedded:"), spec.threads)

@@ -1,0 +1,182 @@
+"""The llama.cpp backend on tiny GGUF models the test writes itself: it agrees with transformers."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from proxytune import ProxyTuner
+from proxytune.backends import llamacpp
+from proxytune.backends.gguf_write import write_gguf
+from proxytune.engine.continuous import ContinuousBatch
+from proxytune.engine.speculative import SpeculativeStats
+from proxytune.errors import ConfigError, VocabularyMismatchError
+from proxytune.extras import MissingExtraError
+from proxytune.specs import ModelSpec
+from proxytune.testing import build_model, build_tokenizer
+
+PROMPTS = ["The quick brown fox", "Numbers: 0 1 2", "def add(a, b):\n    return", "Rain"]
+needs_llama = pytest.mark.skipif(
+    not llamacpp.available(), reason=f"llama-cpp-python is not installed ({llamacpp.INSTALL})"
+)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Three tiny models (base, expert, anti-expert) as safetensors directories, each with a
+    ``model.gguf`` of the same float32 weights."""
+    root = tmp_path_factory.mktemp("gguf")
+    tok = build_tokenizer()
+    dirs = {}
+    for name, seed in (("base", 0), ("expert", 1), ("anti", 2)):
+        model = build_model(tok, seed=seed)
+        folder = root / name
+        model.save_pretrained(folder)
+        tok.save_pretrained(folder)
+        write_gguf(model, tok, folder / "model.gguf")
+        dirs[name] = folder
+    return dirs
+
+
+def tuner(dirs, backend: str, **kw) -> ProxyTuner:
+    gguf = backend == "llamacpp"
+
+    def spec(name: str, prompt: str = "raw") -> ModelSpec:
+        path = dirs[name] / "model.gguf" if gguf else dirs[name]
+        threads = 2 if gguf else None
+        return ModelSpec(str(path), prompt=prompt, device="cpu", backend=backend, threads=threads)
+
+    return ProxyTuner.from_specs(
+        spec("base"), [(spec("expert", "chat"), spec("anti"), 1.0)], **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def both(tiny):
+    if not llamacpp.available():
+        pytest.skip(f"llama-cpp-python is not installed ({llamacpp.INSTALL})")
+    return tuner(tiny, "transformers"), tuner(tiny, "llamacpp")
+
+
+def ids(results):
+    return [r.token_ids for r in results]
+
+
+def test_llamacpp_gives_the_transformers_tokens_and_logprobs(both):
+    hf, cpp = both
+    assert type(cpp.base.model).__name__ == "LlamaCppModel"
+    settings = {"max_new_tokens": 16, "logprobs": True, "top_logprobs": 3}
+    want, got = hf.generate(PROMPTS, **settings), cpp.generate(PROMPTS, **settings)
+    assert ids(got) == ids(want)
+    for g, w in zip(got, want, strict=True):
+        assert [x.logprob for x in g.logprobs] == pytest.approx(
+            [x.logprob for x in w.logprobs], abs=1e-3
+        )
+    base = {"max_new_tokens": 12}
+    assert ids(cpp.alone("base").generate(PROMPTS, **base)) == ids(
+        hf.alone("base").generate(PROMPTS, **base)
+    )
+
+
+def test_roles_of_one_gguf_share_one_model_and_context(tiny):
+    if not llamacpp.available():
+        pytest.skip(f"llama-cpp-python is not installed ({llamacpp.INSTALL})")
+    path = str(tiny["anti"] / "model.gguf")
+    expert, anti = ModelSpec(path, prompt="chat"), ModelSpec(path)
+    shared = ProxyTuner.from_specs(ModelSpec(str(tiny["base"] / "model.gguf")), [(expert, anti, 1)])
+    assert shared.pairs[0].expert.model is shared.pairs[0].anti_expert.model
+    hf = ProxyTuner.from_specs(
+        ModelSpec(str(tiny["base"]), backend="transformers"),
+        [(ModelSpec(str(tiny["anti"]), prompt="chat"), ModelSpec(str(tiny["anti"])), 1)],
+    )
+    assert ids(shared.generate(PROMPTS, max_new_tokens=12)) == ids(
+        hf.generate(PROMPTS, max_new_tokens=12)
+    )
+
+
+def test_batched_alone_cached_and_recomputed_agree(both):
+    _, cpp = both
+    batched = cpp.generate(PROMPTS, max_new_tokens=12)
+    assert ids(batched) == [ids(cpp.generate(p, max_new_tokens=12))[0] for p in PROMPTS]
+    assert ids(cpp.generate(PROMPTS, max_new_tokens=12, use_cache=False)) == ids(batched)
+    sampled = {"max_new_tokens": 10, "temperature": 0.9, "seed": 3, "n": 2}
+    assert ids(cpp.generate(PROMPTS[:2], **sampled)) == [
+        r for p in PROMPTS[:2] for r in ids(cpp.generate(p, **sampled))
+    ]
+
+
+def test_speculative_equals_plain_and_rollback_equals_recompute(both):
+    _, cpp = both
+    want = ids(cpp.generate(PROMPTS, max_new_tokens=14))
+    for k in (1, 3, "auto"):
+        stats = SpeculativeStats()
+        assert ids(cpp.generate(PROMPTS, max_new_tokens=14, speculative=k, stats=stats)) == want
+        assert stats.proposed > 0 or k == "auto"
+    sampled = {"max_new_tokens": 8, "temperature": 0.8, "seed": 5}
+    assert ids(cpp.generate(PROMPTS, speculative=3, **sampled)) == [
+        ids(cpp.generate(p, speculative=3, **sampled))[0] for p in PROMPTS
+    ]
+
+
+def test_the_server_batch_runs_on_llamacpp(both):
+    hf, cpp = both
+    batch = ContinuousBatch(cpp)
+    config = cpp.config(max_new_tokens=10)
+    jobs = [batch.prepare([p], config) for p in PROMPTS[:3]]
+    got: dict[int, list[int]] = {}
+    pending = [[jobs[0]], [], [jobs[1], jobs[2]]]  # rows join a running batch
+    for step in range(40):
+        for job, update in batch.step(pending[step] if step < len(pending) else []):
+            got.setdefault(id(job), []).append(update.token_id)
+        if step >= len(pending) and not batch.live_rows:
+            break
+    assert [got[id(j)] for j in jobs] == ids(hf.generate(PROMPTS[:3], max_new_tokens=10))
+
+
+def test_sequences_are_given_back(both):
+    _, cpp = both
+    context = cpp.base.model.context
+    free = len(context.free)
+    for _ in range(3):
+        cpp.generate(PROMPTS, max_new_tokens=4)
+        stream = cpp.steps(PROMPTS, max_new_tokens=50)
+        next(stream)
+        stream.close()  # an abandoned generation frees its rows too
+    import gc
+
+    gc.collect()
+    assert len(context.free) == free
+
+
+@needs_llama
+def test_clear_errors(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"needs a \.gguf file"):
+        ProxyTuner.from_specs(ModelSpec(str(tiny["base"]), device="cpu", backend="llamacpp"))
+    other = build_tokenizer(300, corpus=["zebra quartz jumps vexingly " * 8, "xylophone wiz"] * 4)
+    odd_model = build_model(other, seed=4)
+    odd_model.save_pretrained(tmp_path)
+    other.save_pretrained(tmp_path)
+    write_gguf(odd_model, other, tmp_path / "other.gguf")
+    errors = []
+    for backend, base, odd in (
+        ("transformers", tiny["base"], tmp_path),
+        ("llamacpp", tiny["base"] / "model.gguf", tmp_path / "other.gguf"),
+    ):
+        specs = [ModelSpec(str(p), device="cpu", backend=backend) for p in (base, odd)]
+        with pytest.raises(VocabularyMismatchError) as err:
+            ProxyTuner.from_specs(specs[0], [(specs[1], None, 1.0)])
+        errors.append(str(err.value).replace("/model.gguf", "").replace("/other.gguf", ""))
+    assert errors[0] == errors[1]  # the same clear error on both backends (but the file names)
+    with pytest.raises(ConfigError, match=r"applies to the llama\.cpp backend"):
+        ProxyTuner.from_specs(ModelSpec(str(tiny["base"]), device="cpu", threads=2))
+
+
+def test_a_missing_llama_cpp_names_the_install_command(tiny, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    assert not llamacpp.available()
+    spec = ModelSpec(str(tiny["base"] / "model.gguf"), device="cpu", backend="llamacpp")
+    with pytest.raises(MissingExtraError, match=r"pip install 'proxytune\[llamacpp\]'"):
+        ProxyTuner.from_specs(spec)
+    auto = ProxyTuner.from_specs(ModelSpec(str(tiny["base"] / "model.gguf"), device="cpu"))
+    assert type(auto.base.model).__name__ == "HFModel"  # auto falls back to transformers
