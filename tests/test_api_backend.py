@@ -15,6 +15,8 @@ pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from serving import serve_in_thread  # noqa: E402
+
 from proxytune import ProxyTuner  # noqa: E402
 from proxytune.backends.api import (  # noqa: E402
     APIModel,
@@ -38,7 +40,6 @@ from proxytune.testing import (  # noqa: E402
     SPECIALS,
     build_model,
     build_tokenizer,
-    serve_in_thread,
 )
 
 PROMPTS = ["The quick brown fox", "def add(a, b):"]

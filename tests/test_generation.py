@@ -239,3 +239,31 @@ def test_logits_processor_in_plain_generate_matches_the_tuner(tuner):
     want = [r.token_ids for r in tuner.generate(PROMPTS, max_new_tokens=10)]
     eos = tok.eos_token_id
     assert [g[: g.index(eos) + 1] if eos in g else g for g in got] == want
+
+
+
+def test_the_cache_goes_in_under_the_name_the_forward_declares(tiny_dirs):
+    """``past_key_values`` before transformers 5.24, ``cache`` from it on (the old name warns
+    there); a peft wrapper's ``**kwargs`` forward defers to its base model's."""
+    import transformers
+    from packaging.version import Version
+    from peft import LoraConfig, get_peft_model
+
+    from proxytune.backends.hf import cache_argument
+
+    class Old:
+        def forward(self, input_ids=None, past_key_values=None, **kwargs): ...
+
+    class New:
+        def forward(self, input_ids=None, cache=None, **kwargs): ...
+
+    class AnyKwargs:
+        def forward(self, **kwargs): ...
+
+    assert cache_argument(Old()) == cache_argument(AnyKwargs()) == "past_key_values"
+    assert cache_argument(New()) == "cache"
+    llama = AutoModelForCausalLM.from_pretrained(tiny_dirs["base"])
+    want = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+    assert cache_argument(llama) == want
+    wrapped = get_peft_model(llama, LoraConfig(r=4, target_modules="all-linear"))
+    assert cache_argument(wrapped) == want

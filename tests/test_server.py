@@ -22,11 +22,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 import httpx  # noqa: E402
+from serving import serve_in_thread  # noqa: E402
 
 from proxytune import ProxyTuner  # noqa: E402
 from proxytune.schedules import Linear  # noqa: E402
 from proxytune.server import ServerSettings, create_app  # noqa: E402
-from proxytune.testing import serve_in_thread  # noqa: E402
 
 MODEL = "tiny"
 PROMPTS = [

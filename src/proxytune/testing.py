@@ -6,11 +6,6 @@ random-weight Llama of a few thousand parameters), so it needs no download.
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,32 +114,3 @@ def save_tiny_lora(model_dir: str | Path, path: str | Path, seed: int = 0) -> Pa
         lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
         get_peft_model(model, lora).save_pretrained(path)
     return Path(path)
-
-
-@contextlib.contextmanager
-def serve_in_thread(app: Any, start_timeout: float = 20.0) -> Iterator[str]:
-    """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a thread.
-
-    Yields the base URL (``http://127.0.0.1:PORT``); start and stop are bounded in time.
-    """
-    from .extras import require
-
-    uvicorn = require("uvicorn", "server", "serve_in_thread")
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + start_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()

@@ -145,6 +145,19 @@ def _load_hint(path: str, what: str, err: Exception) -> str:
     )
 
 
+def cache_argument(model: Any) -> str:
+    """The keyword under which ``model``'s forward takes its KV cache.
+
+    transformers 5.24 renamed ``past_key_values`` to ``cache`` (the old name warns, and goes
+    in 5.40): ``cache`` where the forward declares it and not the old name, else
+    ``past_key_values`` (older transformers, remote code, a forward that takes ``**kwargs``
+    only). A peft wrapper's forward hides the names: its base model's forward decides.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
 class HFModel:
     """A loaded ``transformers`` causal LM and its tokenizer (:class:`LogitsModel`)."""
 
@@ -155,6 +168,7 @@ class HFModel:
         self.device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in params
+        self._cache_arg = cache_argument(model)
         head = model.get_output_embeddings()
         self._width = (
             int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
@@ -186,9 +200,11 @@ class HFModel:
             ids.append(int(self.tokenizer.eos_token_id))
         return tuple(dict.fromkeys(ids))
 
-    def forward(self, **kwargs: Any) -> torch.Tensor:
-        """Run the model and return float32 logits of the last ``keep`` positions."""
-        keep = kwargs.pop("keep")
+    def forward(self, *, keep: int, cache: Any = None, **kwargs: Any) -> torch.Tensor:
+        """Run the model and return float32 logits of the last ``keep`` positions; ``cache``
+        (a ``DynamicCache``) goes in under the name the model takes (:func:`cache_argument`)."""
+        if cache is not None:
+            kwargs[self._cache_arg] = cache
         if self._keeps_logits:
             kwargs["logits_to_keep"] = keep
         with torch.inference_mode():
@@ -235,7 +251,7 @@ class HFDecodeState:
             input_ids=self.ids,
             attention_mask=self.mask,
             position_ids=self.positions,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=self.cache is not None,
             keep=1,
         )
@@ -261,7 +277,7 @@ class HFDecodeState:
             input_ids=tokens,
             attention_mask=self.mask,
             position_ids=new_positions,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             keep=k,
         )

@@ -113,7 +113,7 @@ class PrefixCachingModel:
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             position_ids=torch.arange(len(prefix), device=self.lm.device)[None],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             keep=1,
         )
@@ -145,7 +145,7 @@ class PrefixCachingModel:
             input_ids=state.ids[:, n:],
             attention_mask=state.mask,
             position_ids=state.positions[:, n:],
-            past_key_values=state.cache,
+            cache=state.cache,
             use_cache=True,
             keep=1,
         )
