@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -142,8 +143,11 @@ def test_cli_generate_json(tiny_dirs, capsys):
 def test_cli_recipe_and_compare(tmp_path, tiny_dirs, capsys):
     path = write_recipe(tmp_path, tiny_dirs)
     assert main(["generate", "--recipe", str(path), "--compare", "--json", "Rain"]) == 0
-    row = json.loads(capsys.readouterr().out)
+    out = capsys.readouterr()
+    row = json.loads(out.out)  # stdout holds the JSON only; progress goes to stderr
     assert set(row) == {"prompt", "base", "expert", "proxy"}
+    for system in ("base", "expert", "proxy"):
+        assert re.search(rf"{system}.*\d+ tokens .*tok/s", out.err)
     t = ProxyTuner.from_recipe(path)
     assert row["base"]["token_ids"] == t.alone("base").generate("Rain")[0].token_ids
     assert row["expert"]["token_ids"] == t.alone("expert[0]").generate("Rain")[0].token_ids

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -429,10 +429,12 @@ class ProxyTuner:
         speculative: int | str | None = None,
         stats: Any = None,
         overlap: bool | None = None,
+        on_step: Callable[[list[StepUpdate]], None] | None = None,
         **settings: Any,
     ) -> list[GenerationResult]:
         """Generate for each prompt (``n`` samples each, prompt-major order); ``speculative``,
-        ``stats`` and ``overlap`` as in :meth:`steps`."""
+        ``stats`` and ``overlap`` as in :meth:`steps`; ``on_step`` sees each step's updates as
+        they come (progress bars)."""
         prompt_list = _as_prompt_list(prompts)
         cfg = self.config(**settings)
         text: dict[int, list[str]] = {}
@@ -449,6 +451,8 @@ class ProxyTuner:
             overlap=overlap,
         )
         for updates in steps:
+            if on_step is not None:
+                on_step(updates)
             for u in updates:
                 text.setdefault(u.row, []).append(u.delta)
                 ids.setdefault(u.row, []).append(u.token_id)

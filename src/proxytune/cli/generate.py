@@ -202,6 +202,46 @@ def generate(
         )
 
 
+def _run_systems(
+    systems: dict[str, tuple[ProxyTuner, dict[str, str]]],
+    prompts: list[str],
+    settings: dict[str, Any],
+    proxy_extra: dict[str, Any],
+) -> dict[str, list[Any]]:
+    """Each system's results, with live progress on stderr (tokens so far and tokens/s per
+    system), so that stdout (a table or ``--json``) stays clean."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    rows = len(prompts) * int(settings.get("n") or 1)
+    budget = rows * int(settings.get("max_new_tokens") or 0) or None
+    columns = (
+        TextColumn("{task.description:>6}"),
+        BarColumn(),
+        TextColumn("{task.completed:>5.0f} tokens  {task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
+    outputs: dict[str, list[Any]] = {}
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        for name, (system, _) in systems.items():
+            task = progress.add_task(name, total=budget, rate="")
+            started = time.perf_counter()
+            count = 0
+
+            def advance(updates: list[Any], task: Any = task, started: float = started) -> None:
+                nonlocal count
+                count += len(updates)
+                rate = f"{count / max(time.perf_counter() - started, 1e-9):.1f} tok/s"
+                progress.update(task, advance=len(updates), rate=rate)
+
+            extra = proxy_extra if name == "proxy" else {}
+            outputs[name] = system.generate(prompts, on_step=advance, **extra, **settings)
+            progress.update(task, total=count, completed=count)
+    return outputs
+
+
 def _systems(tuner: ProxyTuner) -> dict[str, tuple[ProxyTuner, dict[str, str]]]:
     """``--compare``'s systems: each tuner, and the prompt format of each model it runs."""
     formats = prompt_formats(tuner)
@@ -224,10 +264,7 @@ def _compare(
     """Each system on every prompt: a table, or one JSON object per prompt whose results carry
     the prompt formats of their models (``"prompt_formats": {"base": "raw", ...}``)."""
     systems = _systems(tuner)
-    outputs = {
-        name: t.generate(prompts, **(proxy_extra if name == "proxy" else {}), **settings)
-        for name, (t, _) in systems.items()
-    }
+    outputs = _run_systems(systems, prompts, settings, proxy_extra)
     if as_json:
         for i, p in enumerate(prompts):
             rows = {
