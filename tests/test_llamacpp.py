@@ -180,3 +180,40 @@ def test_a_missing_llama_cpp_names_the_install_command(tiny, monkeypatch):
         ProxyTuner.from_specs(spec)
     auto = ProxyTuner.from_specs(ModelSpec(str(tiny["base"] / "model.gguf"), device="cpu"))
     assert type(auto.base.model).__name__ == "HFModel"  # auto falls back to transformers
+
+
+def test_a_lora_expert_steers_the_same_on_both_backends(both, tiny, tmp_path, capsys):
+    """``proxytune export`` writes a trained adapter merged into its base as GGUF; on
+    llama.cpp it steers the base as the adapter does on transformers."""
+    from proxytune.cli import main
+    from proxytune.testing import save_tiny_lora
+
+    adapter = save_tiny_lora(tiny["anti"], tmp_path / "adapter", seed=3)
+    assert main(["export", str(adapter), str(tmp_path / "expert")]) == 0
+    assert "model.gguf" in capsys.readouterr().out
+    assert main(["export", str(adapter), str(tmp_path / "expert")]) == 2  # never overwrites
+
+    def pair_tuner(backend: str, expert: str, base: str, anti: str) -> ProxyTuner:
+        def spec(path: str, **kw) -> ModelSpec:
+            return ModelSpec(path, device="cpu", backend=backend, prompt="raw", **kw)
+
+        adapter_kw = {"adapter": str(adapter)} if backend == "transformers" else {}
+        return ProxyTuner.from_specs(
+            spec(base), [(spec(expert, **adapter_kw), spec(anti), 1.5)], options={"one_pass": False}
+        )
+
+    hf = pair_tuner("transformers", str(tiny["anti"]), str(tiny["base"]), str(tiny["anti"]))
+    cpp = pair_tuner(
+        "llamacpp",
+        str(tmp_path / "expert" / "model.gguf"),
+        str(tiny["base"] / "model.gguf"),
+        str(tiny["anti"] / "model.gguf"),
+    )
+    settings = {"max_new_tokens": 12, "logprobs": True}
+    want, got = hf.generate(PROMPTS, **settings), cpp.generate(PROMPTS, **settings)
+    assert ids(got) == ids(want)
+    assert ids(got) != ids(cpp.alone("base").generate(PROMPTS, max_new_tokens=12))
+    for g, w in zip(got, want, strict=True):
+        assert [x.logprob for x in g.logprobs] == pytest.approx(
+            [x.logprob for x in w.logprobs], abs=1e-3
+        )

@@ -168,8 +168,11 @@ def trained_format(model: Any) -> tuple[str, str | None] | None:
     for place in places:
         if not isinstance(place, (str, Path)):
             continue
+        folder = Path(place).expanduser()
+        if folder.suffix == ".gguf":  # a GGUF file: its run's record sits beside it
+            folder = folder.parent
         try:
-            meta = json.loads((Path(place).expanduser() / TRAIN_META).read_text("utf-8"))
+            meta = json.loads((folder / TRAIN_META).read_text("utf-8"))
         except (OSError, ValueError):
             continue
         kind = meta.get("expert_prompt") if isinstance(meta, Mapping) else None

@@ -1,7 +1,7 @@
 """Write a ``transformers`` causal LM and its tokenizer to a GGUF file (float32 or float16).
 
 What llama.cpp needs to run a model that proxytune built or trained: the tiny test models, and
-a LoRA expert merged into its base (``proxytune train`` output, :func:`write_merged_adapter`).
+a LoRA expert merged into its base (``proxytune train`` output, :func:`export_gguf`).
 Llama and Qwen2 architectures; the tokenizer as a byte-level BPE (``gpt2`` in GGUF terms),
 which is what both families use. Token ids are kept exactly, so the file's vocabulary is the
 tokenizer's and the model's head rows line up.
@@ -71,17 +71,35 @@ def write_gguf(model: Any, tokenizer: Any, path: str | Path, dtype: str = "float
     return path
 
 
-def write_merged_adapter(adapter_dir: str | Path, path: str | Path, dtype: str = "float32") -> Path:
-    """A LoRA adapter (``proxytune train`` output) merged into its base model, written to
-    GGUF: the expert as one file that llama.cpp runs."""
+GGUF_FILE = "model.gguf"
+
+
+def export_gguf(model: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """A model directory, or a trained LoRA adapter (``proxytune train`` output) merged into
+    its base, written as ``OUT_DIR/model.gguf`` with its tokenizer files and the run's
+    ``proxytune_train.json`` (so ``prompt: auto`` finds the format it was tuned on): a model
+    the llama.cpp backend runs. Refuses to write into a directory that holds files."""
+    import shutil
+
     from ..specs import ModelSpec
     from .hf import load_hf
-    from .lora_specs import resolve_adapter_dir
+    from .lora_specs import TRAIN_META, resolve_adapter_dir
 
-    spec = resolve_adapter_dir(ModelSpec(str(adapter_dir), device="cpu", dtype="float32"))
+    out = Path(out_dir).expanduser()
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"{str(out)!r} is not empty; give a new directory for the export")
+    spec = resolve_adapter_dir(ModelSpec(str(model), device="cpu", dtype="float32"))
     assert spec is not None
-    loaded = load_hf(spec)
-    return write_gguf(loaded.model, loaded.tokenizer, path, dtype)
+    loaded = load_hf(spec)  # an adapter is merged into the weights as it loads
+    out.mkdir(parents=True, exist_ok=True)
+    target = write_gguf(loaded.model, loaded.tokenizer, out / GGUF_FILE, dtype)
+    loaded.tokenizer.save_pretrained(out)
+    for place in (spec.adapter, spec.path):
+        meta = Path(place).expanduser() / TRAIN_META if place else None
+        if meta is not None and meta.is_file():
+            shutil.copyfile(meta, out / TRAIN_META)
+            break
+    return target
 
 
 def _rope_theta(cfg: Any) -> float:

@@ -339,9 +339,9 @@ def load_llamacpp(spec: ModelSpec) -> LlamaCppModel:
 
     if spec.adapter is not None:
         raise ConfigError(
-            f"the llama.cpp backend runs GGUF files; merge the adapter {spec.adapter!r} into "
-            "its base and write it to GGUF (proxytune.backends.gguf_write.write_merged_adapter)"
-            ", or load it with backend: transformers"
+            f"the llama.cpp backend runs GGUF files; write the adapter {spec.adapter!r} merged "
+            "into its base as GGUF (`proxytune export ADAPTER_DIR OUT_DIR`), or load it with "
+            "backend: transformers"
         )
     if spec.quantize is not None:
         raise ConfigError(

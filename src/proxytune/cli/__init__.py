@@ -1,10 +1,10 @@
 """The ``proxytune`` command line.
 
 One module per command, each registering on the shared :data:`app` (:mod:`._app`):
-:mod:`.generate`, :mod:`.rules`, :mod:`.setup`, :mod:`.serve`, :mod:`.train`, :mod:`.evaluate`
-(``eval``), :mod:`.analyze`, :mod:`.reproduce`. Options used by several commands (models,
-decoding settings, engine options) are declared once in :mod:`.options`, which also builds the
-tuner from them.
+:mod:`.generate`, :mod:`.rules`, :mod:`.setup`, :mod:`.serve`, :mod:`.train`, :mod:`.export`,
+:mod:`.evaluate` (``eval``), :mod:`.analyze`, :mod:`.reproduce`. Options used by several
+commands (models, decoding settings, engine options) are declared once in :mod:`.options`,
+which also builds the tuner from them.
 """
 
 from __future__ import annotations
@@ -17,7 +17,17 @@ import typer
 from ..errors import ProxyTuneError
 from ._app import app
 
-COMMANDS = ("generate", "rules", "setup", "serve", "train", "evaluate", "analyze", "reproduce")
+COMMANDS = (
+    "generate",
+    "rules",
+    "setup",
+    "serve",
+    "train",
+    "export",
+    "evaluate",
+    "analyze",
+    "reproduce",
+)
 """The command modules, in the order ``--help`` lists them."""
 
 for _module in COMMANDS:
