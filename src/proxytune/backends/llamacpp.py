@@ -10,7 +10,12 @@ every role on that model: each row is a *sequence* of the context, so
   running batch (``extend``) are cache edits on sequences (``llama_memory_seq_rm``), with no
   copying;
 - roles that name the same GGUF (the embedded default's expert and anti-expert) share one
-  model and one context: the weights are loaded once.
+  model and one context: the weights are loaded once, and states started one after the other
+  with the same number of rows form a *group*: when one of them is advanced, its partners' rows
+  are decoded in the same ``llama_decode`` with the same tokens, and a partner that then asks
+  for exactly those tokens gets its logits without a forward (proxy-tuning feeds every role the
+  same ids). A partner that asks for other tokens has that speculative work rolled back first,
+  so the output never depends on the grouping.
 
 Prompts are prefilled in chunks of at most ``n_batch`` tokens over all rows. The ids come from
 the Hugging Face tokenizer (the one the GGUF carries, or the model directory's), as for the
@@ -34,12 +39,16 @@ from ..errors import ConfigError, ModelLoadError, ProxyTuneError
 from ..specs import ModelSpec
 
 INSTALL = "pip install 'proxytune[llamacpp]' (builds llama.cpp from source: about 6 minutes)"
-KV_CELLS = 8192
+KV_CELLS = 4096
 """KV cache cells of a context, shared by all its sequences (rows of every role)."""
 MAX_SEQUENCES = 64
 """Rows a context holds at once (all roles on the model together)."""
 N_BATCH = 512
 """Most tokens one ``llama_decode`` takes (prefill runs in chunks of this)."""
+OUTPUTS_PER_ROW = 16
+"""Logit rows reserved per sequence: a speculative verification scores up to ``K + 1``."""
+MAX_OUTPUTS = 64
+"""Logit rows one decode may return (``MAX_OUTPUTS x vocabulary`` float32 are reserved)."""
 FLOAT_FILE_TYPES = (0, 1)
 """GGUF file types of float32 / float16 weights: their KV cache is kept in float32 (quantized
 models keep llama.cpp's float16 cache)."""
@@ -95,6 +104,8 @@ class _Context:
         params.n_batch = N_BATCH
         params.n_ubatch = N_BATCH
         params.n_seq_max = MAX_SEQUENCES
+        params.n_outputs_max_per_seq = OUTPUTS_PER_ROW
+        params.n_outputs_max = MAX_OUTPUTS
         params.n_threads = threads
         params.n_threads_batch = threads
         if exact:  # float weights: float32 attention, so logits match the transformers backend
@@ -109,8 +120,10 @@ class _Context:
         self.n_vocab = n_vocab
         self.free = list(range(MAX_SEQUENCES))
         self.batch = lc.llama_batch_init(N_BATCH, 0, 1)
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()
         """One decode at a time (roles on the same model may run in different threads)."""
+        self.last_started: weakref.ref[LlamaCppState] | None = None
+        """The state started last: the next one may join its group."""
 
     def __del__(self) -> None:
         try:
@@ -139,12 +152,11 @@ class _Context:
 
     def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
         """Decode ``(token, position, sequence, wants logits)`` entries (in chunks of
-        ``N_BATCH``); returns the logits of the entries that want them, in order,
-        ``(n, n_vocab)`` float32."""
+        ``N_BATCH`` with at most ``MAX_OUTPUTS`` logit rows); returns the logits of the entries
+        that want them, in order, ``(n, n_vocab)`` float32."""
         out = []
         with self.lock:
-            for start in range(0, len(entries), N_BATCH):
-                chunk = entries[start : start + N_BATCH]
+            for chunk in _chunks(entries):
                 batch = self.batch
                 for i, (token, pos, seq, logits) in enumerate(chunk):
                     batch.token[i] = token
@@ -171,6 +183,31 @@ class _Context:
             return np.zeros((0, self.n_vocab), dtype=np.float32)
         return np.concatenate(out) if len(out) > 1 else out[0]
 
+
+def _chunks(
+    entries: Sequence[tuple[int, int, int, bool]],
+) -> list[Sequence[tuple[int, int, int, bool]]]:
+    """Split ``entries`` into decodes of at most ``N_BATCH`` tokens and ``MAX_OUTPUTS`` logit
+    rows."""
+    chunks, start, outputs = [], 0, 0
+    for i, entry in enumerate(entries):
+        if i - start == N_BATCH or (entry[3] and outputs == MAX_OUTPUTS):
+            chunks.append(entries[start:i])
+            start, outputs = i, 0
+        outputs += entry[3]
+    chunks.append(entries[start:])
+    return chunks
+
+
+class _Group:
+    """States of one context that are fed the same tokens in lockstep: one decode for all."""
+
+    def __init__(self) -> None:
+        self.states: weakref.WeakSet[LlamaCppState] = weakref.WeakSet()
+        self.pending: weakref.WeakKeyDictionary[LlamaCppState, tuple[list[list[int]], Any]] = (
+            weakref.WeakKeyDictionary()
+        )
+        """State -> (tokens decoded for it by a partner, their logits)."""
 
 class LlamaCppModel:
     """A GGUF model run by llama.cpp, behind :class:`~proxytune.backends.base.LogitsModel`."""
@@ -224,6 +261,28 @@ class LlamaCppModel:
     def start(
         self, prompts: Sequence[Sequence[int]], use_cache: bool = True
     ) -> tuple[LlamaCppState, torch.Tensor]:
+        """Prefill ``prompts``; a state started right after another of this model with as
+        many rows (before either advanced) joins its group."""
+        state = LlamaCppState(self, [list(p) for p in prompts], use_cache)
+        with self.context.lock:
+            last = self.context.last_started() if self.context.last_started else None
+            if (
+                last is not None
+                and use_cache
+                and last.use_cache
+                and not last.advanced
+                and len(last.ids) == len(prompts)
+            ):
+                state.group = last.group or _Group()
+                last.group = state.group
+                state.group.states.update((last, state))
+            self.context.last_started = weakref.ref(state)
+        return state, state.prefill()
+
+    def start_alone(
+        self, prompts: Sequence[Sequence[int]], use_cache: bool = True
+    ) -> tuple[LlamaCppState, torch.Tensor]:
+        """A state that never joins a group (speculative decoding's drafter runs ahead)."""
         state = LlamaCppState(self, [list(p) for p in prompts], use_cache)
         return state, state.prefill()
 
@@ -256,6 +315,8 @@ class LlamaCppState:
         """Per row: how many of its ids the context holds."""
         self.rows = _Rows(self.context, self.context.take(len(prompts)))
         weakref.finalize(self, _Rows.release, self.rows)
+        self.group: _Group | None = None
+        self.advanced = False
 
     @property
     def seqs(self) -> list[int]:
@@ -267,12 +328,67 @@ class LlamaCppState:
 
     def advance(self, tokens: torch.Tensor) -> torch.Tensor:
         new = tokens.tolist()
-        for row, more in zip(self.ids, new, strict=True):
-            row.extend(more)
-        return self._feed(new, len(new[0]) if new else 0)
+        k = len(new[0]) if new else 0
+        self.advanced = True
+        with self.context.lock:
+            if self.group is not None:
+                done = self.group.pending.pop(self, None)
+                if done is not None:
+                    if done[0] == new:  # a partner decoded exactly these tokens for us
+                        for i, (row, more) in enumerate(zip(self.ids, new, strict=True)):
+                            row.extend(more)
+                            self.cached[i] = len(row)
+                        return done[1]
+                    self._undo(done[0])
+            partners = self._partners()
+            for row, more in zip(self.ids, new, strict=True):
+                row.extend(more)
+            plan = [(self, self._entries(k))]
+            for partner in partners:
+                plan.append((partner, partner._entries_for(new)))
+            logits = torch.from_numpy(self.context.decode([e for _, es in plan for e in es]))
+            outs = logits.split([len(self.ids) * k] * len(plan))
+            for partner, out in zip(partners, outs[1:], strict=True):
+                self.group.pending[partner] = (new, out.view(len(partner.ids), k, -1))  # type: ignore[union-attr]
+            return outs[0].view(len(self.ids), k, -1)
+
+    def _partners(self) -> list[LlamaCppState]:
+        """Group members that can take the same tokens in this decode."""
+        if self.group is None or not self.use_cache:
+            return []
+        return [
+            s
+            for s in self.group.states
+            if s is not self and s not in self.group.pending and len(s.ids) == len(self.ids)
+            and s.seqs and all(c == len(r) for c, r in zip(s.cached, s.ids, strict=True))
+        ]  # fmt: skip
+
+    def _entries_for(self, new: list[list[int]]) -> list[tuple[int, int, int, bool]]:
+        """Entries that feed ``new`` after this state's ids (they stay pending, unrecorded)."""
+        return [
+            (token, len(row) + j, seq, True)
+            for row, seq, more in zip(self.ids, self.seqs, new, strict=True)
+            for j, token in enumerate(more)
+        ]
+
+    def _undo(self, fed: list[list[int]]) -> None:
+        """Forget ids a partner decoded for this state that it did not take."""
+        for row, seq in zip(self.ids, self.seqs, strict=True):
+            self.context.truncate(seq, len(row))
+
+    def _discard_pending(self) -> None:
+        if self.group is not None:
+            done = self.group.pending.pop(self, None)
+            if done is not None:
+                self._undo(done[0])
 
     def _feed(self, new: list[list[int]], k: int) -> torch.Tensor:
         """Bring the cache up to date and return the logits of each row's last ``k`` ids."""
+        return torch.from_numpy(self.context.decode(self._entries(k))).view(len(self.ids), k, -1)
+
+    def _entries(self, k: int) -> list[tuple[int, int, int, bool]]:
+        """Decode entries for every id not yet cached (all of them without a cache), with
+        logits for each row's last ``k``; records them as cached."""
         if not self.use_cache:  # recompute: every row from its first id
             for i, seq in enumerate(self.seqs):
                 self.context.truncate(seq, 0)
@@ -284,10 +400,10 @@ class LlamaCppState:
             for pos in range(self.cached[i], len(row)):
                 entries.append((row[pos], pos, seq, pos >= len(row) - k))
             self.cached[i] = len(row)
-        logits = self.context.decode(entries)
-        return torch.from_numpy(logits).view(len(self.ids), k, -1)
+        return entries
 
     def keep(self, rows: torch.Tensor) -> None:
+        self._discard_pending()
         index = [int(i) for i in rows.tolist()]
         kept = set(index)
         self.context.release([s for i, s in enumerate(self.seqs) if i not in kept])
@@ -296,6 +412,7 @@ class LlamaCppState:
         self.cached = [self.cached[i] for i in index]
 
     def rollback(self, drop: torch.Tensor) -> None:
+        self._discard_pending()
         for i, n in enumerate(drop.tolist()):
             if n:
                 length = len(self.ids[i]) - int(n)
@@ -311,6 +428,8 @@ class LlamaCppState:
         """Append the rows of ``other`` (a state of the same model); ``other`` is emptied."""
         if other.context is not self.context:
             raise ConfigError("only states of the same llama.cpp model can be merged")
+        self._discard_pending()
+        other._discard_pending()
         self.rows.seqs = self.seqs + other.seqs
         self.ids += other.ids
         self.cached += other.cached
