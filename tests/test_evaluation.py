@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from proxytune.cli import main
+from proxytune.cli.options import parse_alphas
 from proxytune.errors import ConfigError
-from proxytune.evaluation.commands import parse_alphas
 from proxytune.evaluation.extract import gsm_answer, last_number, normalize_number
 from proxytune.evaluation.metrics import (
     contains,

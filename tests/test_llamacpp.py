@@ -217,3 +217,64 @@ def test_a_lora_expert_steers_the_same_on_both_backends(both, tiny, tmp_path, ca
         assert [x.logprob for x in g.logprobs] == pytest.approx(
             [x.logprob for x in w.logprobs], abs=1e-3
         )
+
+
+def test_the_speed_benchmark_runs_the_llamacpp_systems(both, tiny, tmp_path):
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_speed.py"
+    recipe = tmp_path / "tiny-gguf.yaml"
+    recipe.write_text(
+        f"""
+base: {{model: "{tiny["base"] / "model.gguf"}", prompt: raw}}
+pairs:
+  - expert: {{model: "{tiny["anti"] / "model.gguf"}", prompt: chat}}
+    anti_expert: {{model: "{tiny["anti"] / "model.gguf"}", prompt: raw}}
+model_defaults: {{device: cpu}}
+"""
+    )
+    out = tmp_path / "speed.json"
+    systems = ["base-cpp", "naive-cpp", "overlap-cpp", "speculative-cpp"]
+    cmd = [sys.executable, str(bench), "--recipe", str(recipe), "--batch-sizes", "2"]
+    cmd += ["--max-new-tokens", "6", "--threads", "1", "--systems", *systems, "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "x llama.cpp's base alone" in done.stdout
+    results = {r["system"]: r for r in json.loads(out.read_text())["results"]}
+    assert all(r["tokens"] == 2 * 6 for r in results.values())
+    for exact in ("overlap-cpp", "speculative-cpp"):
+        assert results[exact]["ids"] == results["naive-cpp"]["ids"]
+
+
+def test_evaluation_scores_the_same_on_llamacpp(both):
+    """``eval``'s continuation scoring (windows of several positions per forward)."""
+    from proxytune.evaluation.scoring import score
+
+    hf, cpp = both
+    conts = [" jumps over the lazy dog.", " 3 4 5", " a + b", " falls on the town"]
+    want = score(hf, PROMPTS, conts, detail=True)
+    got = score(cpp, PROMPTS, conts, detail=True)
+    assert [g.logprob for g in got] == pytest.approx([w.logprob for w in want], abs=1e-3)
+    assert [g.greedy for g in got] == [w.greedy for w in want]
+
+
+def test_cli_backend_and_threads(both, tiny, capsys):
+    import json
+
+    from proxytune.cli import main
+
+    _, cpp = both
+    files = [str(tiny[n] / "model.gguf") for n in ("base", "expert", "anti")]
+    args = ["generate", "--base", files[0], "--expert", files[1], "--anti-expert", files[2]]
+    args += ["--expert-prompt", "chat", "--base-prompt", "raw", "--anti-expert-prompt", "raw"]
+    args += ["--backend", "llamacpp", "--threads", "1", "--max-new-tokens", "6", "--json"]
+    assert main([*args, PROMPTS[0]]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["token_ids"] == cpp.generate(PROMPTS[0], max_new_tokens=6)[0].token_ids
+    bad = ["generate", "--base", str(tiny["base"]), "--threads", "1", "x"]
+    assert main(bad) == 2  # threads on a transformers model: one line naming the fix
+    assert "applies to the llama.cpp backend" in capsys.readouterr().err

@@ -277,7 +277,7 @@ def click_commands():
 def test_options_have_one_spelling_and_no_double_negatives():
     commands = click_commands()
     assert set(commands) == {
-        "generate", "rules", "setup", "serve", "train", "eval", "analyze", "reproduce",
+        "generate", "rules", "setup", "serve", "train", "export", "eval", "analyze", "reproduce",
     }  # fmt: skip
     for name, command in commands.items():
         for param in command.params:
@@ -294,6 +294,7 @@ def test_options_have_one_spelling_and_no_double_negatives():
             assert flag in flags[name], (name, flag)
     for name in ("generate", "serve", "eval", "analyze"):
         assert flags[name]["--expert-prompt"].default == "auto"
+        assert "--backend" in flags[name] and "--threads" in flags[name]
     assert "--no-cache" in flags["generate"] and "--cache" in flags["generate"]
     assert "--no-kl-metric" in flags["serve"] and "--kl-metric" in flags["serve"]
     assert "--alphas" in flags["reproduce"]  # the old spelling still works

@@ -10,6 +10,7 @@ from ._app import app
 from .options import (
     AlphaOption,
     AntiExpertOption,
+    BackendOption,
     BaseOption,
     DeviceOption,
     DtypeOption,
@@ -24,6 +25,7 @@ from .options import (
     SeedOption,
     StopOption,
     TemperatureOption,
+    ThreadsOption,
     TrustRemoteCodeOption,
     build_tuner,
     parse_alphas,
@@ -50,6 +52,8 @@ def analyze(
     rule_arg: RuleArgOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    backend: BackendOption = None,
+    threads: ThreadsOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = None,
@@ -76,6 +80,8 @@ def analyze(
             anti_expert_prompt=anti_expert_prompt,
             device=device,
             dtype=dtype,
+            backend=backend,
+            threads=threads,
             trust_remote_code=trust_remote_code,
         )
     )

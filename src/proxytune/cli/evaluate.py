@@ -9,6 +9,7 @@ import typer
 from ._app import app
 from .options import (
     AntiExpertOption,
+    BackendOption,
     BaseOption,
     DeviceOption,
     DtypeOption,
@@ -27,6 +28,7 @@ from .options import (
     StackedOption,
     SweepAlphaOption,
     TemperatureOption,
+    ThreadsOption,
     TrustRemoteCodeOption,
     build_tuner,
     engine_overrides,
@@ -58,6 +60,8 @@ def eval_command(
     rule_arg: RuleArgOption = None,
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    backend: BackendOption = None,
+    threads: ThreadsOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     overlap: OverlapOption = None,
     speculative: SpeculativeOption = None,
@@ -115,6 +119,8 @@ def eval_command(
             anti_expert_prompt=anti_expert_prompt,
             device=device,
             dtype=dtype,
+            backend=backend,
+            threads=threads,
             trust_remote_code=trust_remote_code,
             engine=engine,
         )

@@ -74,6 +74,17 @@ DeviceOption = Annotated[
 DtypeOption = Annotated[
     str | None, Opt(help="auto | float32 | bfloat16 | float16", rich_help_panel=MODELS)
 ]
+BackendOption = Annotated[
+    str | None,
+    Opt(
+        help="auto (llama.cpp for a GGUF where llama-cpp-python is installed) | transformers | "
+        "llamacpp, for every model (default: each model's own, auto)",
+        rich_help_panel=MODELS,
+    ),
+]
+ThreadsOption = Annotated[
+    int | None, Opt(help="CPU threads of llama.cpp models (default: all).", rich_help_panel=MODELS)
+]
 TrustRemoteCodeOption = Annotated[
     bool, Opt(help="Run model code from the hub.", rich_help_panel=MODELS)
 ]
@@ -281,6 +292,8 @@ class ModelOptions:
     anti_expert_prompt: str = "auto"
     device: str | None = None
     dtype: str | None = None
+    backend: str | None = None
+    threads: int | None = None
     trust_remote_code: bool = False
     base_api: Any = None
     """An :class:`~proxytune.backends.api.APISpec` standing for ``--base``."""
@@ -311,7 +324,13 @@ def build_tuner(models: ModelOptions) -> ProxyTuner:
             raise typer.BadParameter("--expert/--anti-expert need --base (or use --recipe alone)")
         recipe = models.recipe
         path = default_recipe_path() if recipe in (None, "default") else Path(recipe)
-        r = load_recipe(path, device=models.device, dtype=models.dtype)
+        r = load_recipe(
+            path,
+            device=models.device,
+            dtype=models.dtype,
+            backend=models.backend,
+            threads=models.threads,
+        )
         if alphas:
             if len(alphas) not in (1, len(r.pairs)):
                 raise typer.BadParameter(f"give one --alpha or one per pair ({len(r.pairs)})")
@@ -332,6 +351,8 @@ def build_tuner(models: ModelOptions) -> ProxyTuner:
     load = {
         "device": models.device or "auto",
         "dtype": models.dtype or "auto",
+        "backend": models.backend or "auto",
+        "threads": models.threads,
         "trust_remote_code": models.trust_remote_code,
     }
     pairs = []

@@ -9,6 +9,7 @@ from ._app import app
 from .options import (
     AlphaOption,
     AntiExpertOption,
+    BackendOption,
     BaseOption,
     DeviceOption,
     DtypeOption,
@@ -22,6 +23,7 @@ from .options import (
     RecipeOption,
     SpeculativeOption,
     StackedOption,
+    ThreadsOption,
     TrustRemoteCodeOption,
     build_tuner,
     engine_overrides,
@@ -41,6 +43,8 @@ def serve(
     anti_expert_prompt: PromptOption = "auto",
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    backend: BackendOption = None,
+    threads: ThreadsOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     host: Annotated[str, Opt(help="Interface to bind (loopback unless told otherwise).")] = (
         "127.0.0.1"
@@ -96,6 +100,8 @@ def serve(
             anti_expert_prompt=anti_expert_prompt,
             device=device,
             dtype=dtype,
+            backend=backend,
+            threads=threads,
             trust_remote_code=trust_remote_code,
             engine=engine,
         )

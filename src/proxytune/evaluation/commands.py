@@ -1,4 +1,5 @@
-"""The bodies of ``proxytune eval`` and ``proxytune analyze`` (``cli.py`` only parses options).
+"""The bodies of ``proxytune eval`` and ``proxytune analyze`` (:mod:`proxytune.cli` only parses
+options).
 
 Both take an already built tuner, so that tests and notebooks can call them directly.
 """
@@ -6,7 +7,6 @@ Both take an already built tuner, so that tests and notebooks can call them dire
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,37 +15,6 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:
     from ..tuner import ProxyTuner
-
-
-def parse_alphas(text: str | None) -> list[float]:
-    """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]``; a range ``"0:2:0.5"`` (start:stop:step, stop
-    included) -> ``[0.0, 0.5, 1.0, 1.5, 2.0]``; ``None`` or ``""`` -> ``[]``.
-
-    >>> parse_alphas("0:1:0.25")
-    [0.0, 0.25, 0.5, 0.75, 1.0]
-    """
-    if not text:
-        return []
-    values: list[float] = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            if ":" in part:
-                start, stop, step = (float(x) for x in part.split(":"))
-                if step <= 0 or stop < start:
-                    raise ValueError
-                count = math.floor((stop - start) / step + 1e-9) + 1
-                values += [round(start + i * step, 10) for i in range(count)]
-            elif part:
-                values.append(float(part))
-        except ValueError:
-            raise ConfigError(
-                f"--alpha {text!r}: give numbers separated by commas (0,0.5,1) or a range "
-                "start:stop:step with step > 0 (0:2:0.5)"
-            ) from None
-    if any(not math.isfinite(v) for v in values):
-        raise ConfigError(f"--alpha {text!r}: every alpha must be finite")
-    return list(dict.fromkeys(values))
 
 
 def run_eval(
