@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -66,7 +67,9 @@ if TYPE_CHECKING:
 
 @app.command()
 def generate(
-    prompts: Annotated[list[str], typer.Argument(help="Prompts ('-' reads one from stdin).")],
+    prompts: Annotated[
+        list[str] | None, typer.Argument(help="Prompts ('-' reads one from stdin).")
+    ] = None,
     recipe: RecipeOption = None,
     base: BaseOption = None,
     expert: ExpertOption = None,
@@ -112,9 +115,27 @@ def generate(
     base_samples: BaseSamplesOption = None,
     cross_tokenizer: CrossTokenizerOption = False,
     min_coverage: MinCoverageOption = None,
+    input_file: Annotated[
+        Path | None,
+        Opt("--input", help="A JSONL file of prompts (a batch job; see proxytune.jobs)."),
+    ] = None,
+    output_file: Annotated[
+        Path | None,
+        Opt("--output", help="With --input: the JSONL results, written as they come; resumed."),
+    ] = None,
+    batch_size: Annotated[int, Opt(help="With --input: lines generated together.")] = 8,
+    stop_on_error: Annotated[
+        bool, Opt(help="With --input: stop at the first bad line (default: record it, go on).")
+    ] = False,
 ) -> None:
     """Generate text with proxy-tuning (the embedded default when no model is given)."""
-    prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    if (input_file is None) != (output_file is None):
+        raise typer.BadParameter("--input and --output go together (a batch job)")
+    if input_file is not None and prompts:
+        raise typer.BadParameter("give prompts or --input FILE, not both")
+    if input_file is None and not prompts:
+        raise typer.BadParameter("give at least one prompt, or --input FILE --output FILE")
+    prompts = [sys.stdin.read() if p == "-" else p for p in prompts or ()]
     engine = engine_overrides(
         overlap=overlap,
         speculative=speculative,
@@ -167,6 +188,10 @@ def generate(
     )
     if top_logprobs is not None:
         settings.update(logprobs=True, top_logprobs=top_logprobs)
+    if input_file is not None:
+        assert output_file is not None
+        _batch_job(tuner, input_file, output_file, settings, batch_size, stop_on_error)
+        return
     stats: Any = None
     if tuner.blackbox:  # an API base or a pair of another tokenizer: the bill
         from ..engine.blackbox import BlackBoxStats
@@ -206,6 +231,43 @@ def generate(
             f"({stats.acceptance_rate:.0%}), {stats.tokens_per_round:.2f} tokens per verification",
             file=sys.stderr,
         )
+
+
+def _batch_job(
+    tuner: ProxyTuner,
+    source: Path,
+    target: Path,
+    settings: dict[str, Any],
+    batch_size: int,
+    stop_on_error: bool,
+) -> None:
+    """``--input``/``--output``: :func:`proxytune.jobs.run_jobs` with a progress bar."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from ..jobs import run_jobs
+
+    columns = ("lines", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True)) as bar:
+        task = bar.add_task("lines", total=None)
+
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        summary = run_jobs(
+            tuner,
+            source,
+            target,
+            batch_size=batch_size,
+            stop_on_error=stop_on_error,
+            defaults=settings,
+            progress=advance,
+        )
+    print(
+        f"{summary.done} lines done, {summary.failed} failed, {summary.skipped} already in "
+        f"{target} ({summary.tokens} tokens)",
+        file=sys.stderr,
+    )
 
 
 def _run_systems(
