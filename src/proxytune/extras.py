@@ -24,6 +24,7 @@ EXTRAS = {
     "bnb": ("bitsandbytes",),
     "plots": ("matplotlib",),
     "llamacpp": ("llama-cpp-python",),
+    "ray": ("ray",),
 }
 """The extras of ``pyproject.toml`` and the packages each brings (kept in step by a test)."""
 

@@ -143,8 +143,35 @@ class Summary:
     tokens: int = 0
 
 
+Batch = list[JobLine]
+Outcome = list[dict[str, Any]] | ProxyTuneError
+"""A batch's rows (one list of result rows per line, in the batch's order) or its error."""
+Executor = Callable[[Sequence[tuple[Batch, dict[str, Any]]]], Iterator[tuple[Batch, Any]]]
+"""Runs ``(batch, settings)`` pairs; yields each batch with, per line, its result rows (or a
+:class:`ProxyTuneError` for the whole batch) as batches finish, in any order."""
+
+
+def generate_batch(tuner: ProxyTuner, batch: Batch, settings: Mapping[str, Any]) -> Any:
+    """One batch on ``tuner``: per line, its result rows; a bad setting is the error."""
+    try:
+        results = tuner.generate([j.prompt for j in batch], batch[0].alpha, **settings)
+    except ProxyTuneError as err:
+        return err
+    return [[_row(r) for r in results if r.prompt_index == i] for i in range(len(batch))]
+
+
+def local_executor(tuner: ProxyTuner) -> Executor:
+    """Batches one after the other in this process."""
+
+    def run(work: Sequence[tuple[Batch, dict[str, Any]]]) -> Iterator[tuple[Batch, Any]]:
+        for batch, settings in work:
+            yield batch, generate_batch(tuner, batch, settings)
+
+    return run
+
+
 def run_jobs(
-    tuner: ProxyTuner,
+    tuner: ProxyTuner | None,
     input_path: str | Path,
     output_path: str | Path,
     *,
@@ -152,18 +179,24 @@ def run_jobs(
     stop_on_error: bool = False,
     defaults: Mapping[str, Any] | None = None,
     progress: Callable[[int, int], None] | None = None,
+    executor: Executor | None = None,
 ) -> Summary:
     """Generate every line of ``input_path`` not yet in ``output_path`` (see the module doc).
 
     ``defaults``: settings for lines that do not set them (the command line's);
-    ``progress(done, total)`` is called after each batch.
+    ``progress(done, total)`` is called after each batch; ``executor``: where batches run
+    (default: on ``tuner``, here; :func:`proxytune.distributed.ray_executor`: Ray actors).
     """
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if executor is None:
+        if tuner is None:
+            raise ConfigError("give a tuner or an executor")
+        executor = local_executor(tuner)
     source, target = Path(input_path).expanduser(), Path(output_path).expanduser()
     if not source.is_file():
         raise ConfigError(f"input file {str(source)!r} does not exist")
-    if source.resolve() == target.resolve():
+    if target.exists() and source.resolve() == target.resolve():
         raise ConfigError("the output must be another file than the input")
     lines = read_lines(source)
     done = finished_ids(target)
@@ -177,29 +210,25 @@ def run_jobs(
             out.write(json.dumps(row) + "\n")
             out.flush()
 
-        bad = [j for j in todo if j.error is not None]
-        for job in bad:
+        for job in (j for j in todo if j.error is not None):
             summary.failed += 1
             write({"id": job.id, "line": job.line, "error": job.error})
             if stop_on_error:
                 raise ConfigError(f"{job.error} (stopped: --stop-on-error)")
         runnable = [j for j in todo if j.error is None]
-        for group in batches(runnable, batch_size):
-            settings = {**base, **group[0].settings}
-            try:
-                results = tuner.generate([j.prompt for j in group], group[0].alpha, **settings)
-            except ProxyTuneError as err:
+        work = [(group, {**base, **group[0].settings}) for group in batches(runnable, batch_size)]
+        for group, outcome in executor(work):
+            if isinstance(outcome, ProxyTuneError):
                 if stop_on_error:
-                    raise
+                    raise outcome
                 for job in group:
                     summary.failed += 1
-                    write({"id": job.id, "line": job.line, "error": f"line {job.line}: {err}"})
+                    write({"id": job.id, "line": job.line, "error": f"line {job.line}: {outcome}"})
             else:
-                for index, job in enumerate(group):
-                    mine = [_row(r) for r in results if r.prompt_index == index]
-                    summary.tokens += sum(r["completion_tokens"] for r in mine)
+                for job, rows in zip(group, outcome, strict=True):
+                    summary.tokens += sum(r["completion_tokens"] for r in rows)
                     summary.done += 1
-                    write({"id": job.id, "results": mine})
+                    write({"id": job.id, "results": rows})
             if progress is not None:
                 progress(summary.done + summary.failed, len(todo))
     return summary

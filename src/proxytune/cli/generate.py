@@ -127,6 +127,13 @@ def generate(
     stop_on_error: Annotated[
         bool, Opt(help="With --input: stop at the first bad line (default: record it, go on).")
     ] = False,
+    ray_actors: Annotated[
+        int,
+        Opt(help="With --input: run the batches on N Ray actors, each with its own models."),
+    ] = 0,
+    ray_address: Annotated[
+        str | None, Opt(help="With --ray-actors: a Ray cluster (default: a local one).")
+    ] = None,
 ) -> None:
     """Generate text with proxy-tuning (the embedded default when no model is given)."""
     if (input_file is None) != (output_file is None):
@@ -170,10 +177,8 @@ def generate(
         cross_tokenizer=cross_mode(cross_tokenizer, min_coverage),
         engine=engine,
     )
-    tuner = build_tuner(models)
-    chosen_rule = rule_spec(tuner, rule, rule_arg or ())
-    if chosen_rule is not None:
-        tuner = tuner.with_rule(chosen_rule)
+    if (ray_actors or ray_address) and input_file is None:
+        raise typer.BadParameter("--ray-actors and --ray-address run batch jobs: add --input")
     settings = sampling_settings(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -188,6 +193,17 @@ def generate(
     )
     if top_logprobs is not None:
         settings.update(logprobs=True, top_logprobs=top_logprobs)
+    if input_file is not None and (ray_actors or ray_address):
+        from functools import partial
+
+        from ..distributed import ray_executor
+
+        assert output_file is not None
+        build = partial(load_tuner, models, rule, tuple(rule_arg or ()))
+        pool = ray_executor(build, max(ray_actors, 1), address=ray_address)
+        _batch_job(None, input_file, output_file, settings, batch_size, stop_on_error, pool)
+        return
+    tuner = load_tuner(models, rule, tuple(rule_arg or ()))
     if input_file is not None:
         assert output_file is not None
         _batch_job(tuner, input_file, output_file, settings, batch_size, stop_on_error)
@@ -233,13 +249,21 @@ def generate(
         )
 
 
+def load_tuner(models: ModelOptions, rule: str | None, rule_arg: tuple[str, ...]) -> ProxyTuner:
+    """The tuner the options name, under the chosen rule (also what each Ray actor runs)."""
+    tuner = build_tuner(models)
+    chosen_rule = rule_spec(tuner, rule, rule_arg)
+    return tuner if chosen_rule is None else tuner.with_rule(chosen_rule)
+
+
 def _batch_job(
-    tuner: ProxyTuner,
+    tuner: ProxyTuner | None,
     source: Path,
     target: Path,
     settings: dict[str, Any],
     batch_size: int,
     stop_on_error: bool,
+    executor: Any = None,
 ) -> None:
     """``--input``/``--output``: :func:`proxytune.jobs.run_jobs` with a progress bar."""
     from rich.console import Console
@@ -262,6 +286,7 @@ def _batch_job(
             stop_on_error=stop_on_error,
             defaults=settings,
             progress=advance,
+            executor=executor,
         )
     print(
         f"{summary.done} lines done, {summary.failed} failed, {summary.skipped} already in "
