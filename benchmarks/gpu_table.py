@@ -534,6 +534,8 @@ def run_set(
                     torch.cuda.empty_cache()
                 continue
             r.update(system=system, batch=batch, weights_gib=weights, computed=False)
+            if spec_k is not None:
+                r["k"] = spec_k
             r["peak_gib"] = None if r["extra_gib"] is None else weights + r["extra_gib"]
             got[system] = r
             entry["results"].append(r)
@@ -710,6 +712,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="tiny shapes on the CPU (float32): checks the script itself",
     )
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default=None,
+        help="default: bfloat16 on CUDA, float32 with --cpu-smoke",
+    )
     args = parser.parse_args(argv)
 
     found = versions()
@@ -726,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     else:
         device, dtype, dtype_name, sets = torch.device("cuda"), torch.bfloat16, "bfloat16", SETS
+    if args.dtype:
+        dtype, dtype_name = getattr(torch, args.dtype), args.dtype
     log("versions: " + ", ".join(f"{k} {v or 'not installed'}" for k, v in found.items()))
     unknown = [s for s in args.sets if s not in sets]
     if unknown:
