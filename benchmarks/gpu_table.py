@@ -292,6 +292,7 @@ def timed_run(
         "ttft_s": first,
         "extra_gib": extra,
         "acceptance": stats.acceptance_rate if speculative else None,
+        "tokens_per_round": stats.tokens_per_round if speculative else None,
         "ids": [ids[r] for r in sorted(ids)],
     }
 
@@ -602,7 +603,9 @@ def table(report: dict[str, Any]) -> str:
     """The markdown report: machine, versions, one table per model set and batch size."""
     v = report["versions"]
     lines = [
-        "# GPU speed table (random weights, real shapes)",
+        "# GPU speed table (random weights, real shapes)"
+        if report["device"] == "cuda"
+        else "# CPU smoke run of the GPU table (tiny shapes: checks the script, not a GPU table)",
         "",
         f"- machine: {report['machine']}",
         "- versions: " + ", ".join(f"{k} {v[k] or 'not installed'}" for k in v),
@@ -746,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
     budget = Budget(args.budget_s)
     report: dict[str, Any] = {
         "machine": machine_name(device),
+        "device": device.type,
         "versions": found,
         "batch_sizes": args.batch_sizes,
         "settings": (
