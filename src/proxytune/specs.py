@@ -39,6 +39,10 @@ class ModelSpec:
     llama.cpp for a ``.gguf`` file where ``llama-cpp-python`` is installed, else transformers."""
     threads: int | None = None
     """llama.cpp: CPU threads (default: every core)."""
+    max_memory: Mapping[str, str] | None = None
+    """transformers: split the model's layers over devices with accelerate's device map, at
+    most this much on each (``{"0": "20GiB", "1": "20GiB", "cpu": "60GiB"}``; ``"disk"``
+    offloads the rest to a folder). A base too big for one GPU then runs across several."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path.strip():
@@ -49,6 +53,15 @@ class ModelSpec:
             raise ConfigError(f"quantize must be one of {QUANTIZE}, got {self.quantize!r}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.max_memory is not None:
+            if not isinstance(self.max_memory, Mapping) or not self.max_memory:
+                raise ConfigError(
+                    f"max_memory must map devices to sizes ({{'0': '20GiB', 'cpu': '60GiB'}}), "
+                    f"got {self.max_memory!r}"
+                )
+            object.__setattr__(
+                self, "max_memory", {str(k): str(v) for k, v in self.max_memory.items()}
+            )
         if self.threads is not None and (
             isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
         ):
@@ -69,6 +82,7 @@ class ModelSpec:
             self.quantize,
             self.backend,
             self.threads,
+            None if self.max_memory is None else tuple(sorted(self.max_memory.items())),
         )
 
     @classmethod

@@ -95,13 +95,21 @@ def load_hf(spec: ModelSpec) -> HFModel:
     if bnb:
         weights["quantization_config"] = bnb_config(spec.quantize, dtype)
         weights["device_map"] = {"": str(device)}  # bitsandbytes places the weights itself
+    spread = spec.max_memory is not None
+    if spread:
+        if bnb or spec.adapter is not None or spec.quantize is not None:
+            raise ConfigError(
+                "max_memory (layers spread over devices) does not combine with quantize or an "
+                "adapter here; merge the adapter first (or drop max_memory)"
+            )
+        weights.update(_spread(spec.max_memory))  # type: ignore[arg-type]
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **common, **weights)
     except Exception as err:
         raise ModelLoadError(_load_hint(spec.path, "model", err)) from err
     if spec.adapter is not None:
         model = _apply_adapter(model, spec.adapter, merge=not bnb)
-    if not bnb:
+    if not (bnb or spread):
         model.to(device)
     model.eval()
     if spec.quantize in METHODS:
@@ -111,6 +119,37 @@ def load_hf(spec: ModelSpec) -> HFModel:
     return HFModel(
         model, tokenizer, name=spec.path if not spec.adapter else f"{spec.path}+{spec.adapter}"
     )
+
+
+def _spread(max_memory: dict[str, str]) -> dict[str, Any]:
+    """``from_pretrained`` arguments that place layers with accelerate's ``device_map="auto"``
+    under ``max_memory`` (GPU indices as ints, ``cpu``, and ``disk``: a temporary offload
+    folder for what fits nowhere)."""
+    import tempfile
+
+    limits: dict[Any, str] = {}
+    for key, size in max_memory.items():
+        limits[int(key) if key.isdigit() else key] = size
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for key in limits:
+        if isinstance(key, int) and key >= gpus:
+            raise ConfigError(f"max_memory names GPU {key}, which this machine does not have")
+    out: dict[str, Any] = {"device_map": "auto", "max_memory": limits}
+    if "disk" in limits:
+        out["offload_folder"] = tempfile.mkdtemp(prefix="proxytune-offload-")
+    return out
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model takes its inputs: its parameters' device, or for a model spread by
+    accelerate (``hf_device_map``), the first device that holds layers (not the disk)."""
+    mapping = getattr(model, "hf_device_map", None)
+    if mapping:
+        for where in mapping.values():
+            if where not in ("disk", "meta"):
+                return torch.device(f"cuda:{where}" if isinstance(where, int) else where)
+        return torch.device("cpu")
+    return next(model.parameters()).device
 
 
 def _apply_adapter(model: Any, adapter: str, merge: bool = True) -> Any:
@@ -165,7 +204,7 @@ class HFModel:
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
-        self.device = next(model.parameters()).device
+        self.device = input_device(model)
         params = inspect.signature(model.forward).parameters
         self._keeps_logits = "logits_to_keep" in params
         self._cache_arg = cache_argument(model)
