@@ -113,6 +113,7 @@ class _Context:
             params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # its CPU kernel is f16
         if hasattr(params, "kv_unified"):
             params.kv_unified = True  # one cache for every sequence, not n_ctx / n_seq each
+        self.model = model
         self.ctx = lc.llama_init_from_model(model, params)
         if not self.ctx:
             raise ModelLoadError("llama.cpp could not create a context for the model")
@@ -126,9 +127,13 @@ class _Context:
         """The state started last: the next one may join its group."""
 
     def __del__(self) -> None:
+        """Free the batch, the context, then the model it was made from: the context owns
+        the model, so a state that outlives its :class:`LlamaCppModel` never sees freed
+        weights."""
         try:
             self.lc.llama_batch_free(self.batch)
             self.lc.llama_free(self.ctx)
+            self.lc.llama_model_free(self.model)
         except Exception:  # interpreter shutdown
             pass
 
@@ -238,13 +243,6 @@ class LlamaCppModel:
         self.threads = threads or max(1, os.cpu_count() or 1)
         float_weights = int(lc.llama_model_ftype(self._model)) in FLOAT_FILE_TYPES
         self.context = _Context(lc, self._model, self._vocab_width, self.threads, float_weights)
-
-    def __del__(self) -> None:
-        try:
-            self.context = None  # type: ignore[assignment]
-            self.lc.llama_model_free(self._model)
-        except Exception:
-            pass
 
     @property
     def vocab_width(self) -> int:
