@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from proxytune.evaluation import evaluate
+from proxytune.evaluation.stats import aligned, gap_interval, mean_interval
 from proxytune.evaluation.systems import System
 from proxytune.reproduce import Experiment, ReproduceConfig
 from proxytune.reproduce.report import per_example
-from proxytune.reproduce.stats import aligned, gap_interval, mean_interval
 from proxytune.reproduce.tasks import eval_task, task_kind
 from proxytune.schedules import Linear
 

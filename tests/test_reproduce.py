@@ -13,10 +13,10 @@ import pytest
 from proxytune.cli import main
 from proxytune.errors import ConfigError
 from proxytune.evaluation.metrics import multiple_choice_scores
+from proxytune.evaluation.stats import gap_interval, mean_interval
 from proxytune.reproduce import STAGES, Experiment, preset, reproduce
 from proxytune.reproduce.analysis import token_class
 from proxytune.reproduce.command import parse_sizes
-from proxytune.reproduce.stats import gap_interval, mean_interval
 from proxytune.reproduce.tasks import (
     TASKS,
     arith_score,

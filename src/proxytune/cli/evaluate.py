@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -92,11 +93,23 @@ def eval_command(
     metric: Annotated[str | None, Opt(help="Metric the search maximises.")] = None,
     trials: Annotated[int, Opt(help="optuna trials.")] = 10,
     as_json: Annotated[bool, Opt("--json", help="Print the summary as JSON.")] = False,
+    against: Annotated[
+        Path | None,
+        Opt(help="An earlier run's folder: compare example by example (a regression gate)."),
+    ] = None,
+    gate_metric: Annotated[
+        str | None, Opt(help="With --against: exit 1 when this metric drops in any system.")
+    ] = None,
+    max_drop: Annotated[
+        float, Opt(help="With --gate-metric: the drop allowed before the gate fails.")
+    ] = 0.0,
 ) -> None:
     """Score base, expert, proxy-tuned (per alpha) and tuned models on a task; gap closed."""
     from ..evaluation.commands import run_eval
 
     alphas = parse_alphas(alpha, unique=True)
+    if gate_metric is not None and against is None:  # before any model loads
+        raise typer.BadParameter("--gate-metric needs --against OLD_RUN (the run to compare with)")
     if search == "optuna":  # before any model loads
         from ..extras import require
 
@@ -164,5 +177,8 @@ def eval_command(
             trials=trials,
             seed=seed or 0,
             as_json=as_json,
+            against=against,
+            gate_metric=gate_metric,
+            max_drop=max_drop,
         )
     )

@@ -40,8 +40,19 @@ def run_eval(
     trials: int = 10,
     seed: int = 0,
     as_json: bool = False,
+    against: str | Path | None = None,
+    gate_metric: str | None = None,
+    max_drop: float = 0.0,
 ) -> int:
-    """Evaluate (or search alpha on a validation split, then test) and print the table."""
+    """Evaluate (or search alpha on a validation split, then test) and print the table.
+
+    ``against``: an earlier run's folder; the new results are compared with it example by
+    example (:mod:`.gate`), and the return code is 1 when ``gate_metric`` dropped by more than
+    ``max_drop`` in any system."""
+    if against is not None and search is not None:
+        raise ConfigError("--against compares plain eval runs; leave --search out")
+    if gate_metric is not None and against is None:
+        raise ConfigError("--gate-metric needs --against OLD_RUN (the run to compare with)")
     from .runner import evaluate
     from .search import search as run_search
     from .systems import standard_systems
@@ -103,6 +114,25 @@ def run_eval(
     else:
         print(report.table())
         print(f"\nper-example results and summary in {out_dir}")
+    if against is None:
+        return 0
+    return _gate(out_dir, Path(against), gate_metric, max_drop, seed)
+
+
+def _gate(new: Path, old: Path, metric: str | None, max_drop: float, seed: int) -> int:
+    """Print the comparison with ``old``; 1 when the gated metric dropped."""
+    from .gate import compare_runs, failures, table
+
+    changes = compare_runs(new, old, seed=seed)
+    failed = [] if metric is None else failures(changes, metric, max_drop)
+    print(f"\nagainst {old} (paired by example; change = new - old):")
+    print(table(changes, failed))
+    if failed:
+        names = ", ".join(f"{c.system} {c.metric} {c.new - c.old:+.3f}" for c in failed)
+        print(f"gate: FAILED ({names}; allowed drop {max_drop})")
+        return 1
+    if metric is not None:
+        print(f"gate: passed ({metric}, allowed drop {max_drop})")
     return 0
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..evaluation.runner import _safe
+from ..evaluation.stats import Estimate, aligned, gap_interval, mean_interval
 from ..evaluation.store import ResultStore
 from ..extras import MissingExtraError, require
 from .analysis import CLASSES, token_classes
-from .stats import Estimate, aligned, gap_interval, mean_interval
 from .tasks import task_kind
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..evaluation.metrics import gap_closed
+from .metrics import gap_closed
 
 
 @dataclass(frozen=True)
