@@ -265,10 +265,13 @@ def test_seeded_sampling_is_reproducible_under_load(client, url):
 
 C, CH = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
+BIAS = "rule.bias['5']"
 BAD = [  # (route, body, status, param, words in the message)
     (C, {"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
     (C, {"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
     (C, {"prompt": "x", "temperature": 3}, 400, "temperature", "less than or equal to 2"),
+    (C, {"prompt": "x", "temperature": 1e-39}, 400, "temperature", "at least 0.0001"),
+    (C, {"prompt": "x", "rule": {"name": "tokens", "bias": {"5": 1.7e308}}}, 400, BIAS, "1e+06"),
     (C, {"prompt": "x", "max_tokens": 10_000}, 400, "max_tokens", "context holds only"),
     (C, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
     (CH, {"messages": USER, "max_completion_tokens": 999}, 400, "max_completion_tokens", "context"),

@@ -350,3 +350,46 @@ def test_one_pass_lora_pairs_batch_continuously_too(tiny_dirs, tmp_path):
         alone = one_pass.alone("base") if active == [] else one_pass
         want = alone.generate(prompt, **settings)[0].token_ids
         assert [u.token_id for u in got[id(job)]] == want
+
+
+def test_a_request_whose_scores_cannot_be_sampled_fails_alone(tuner):
+    """Sampling (``_choose``) and records, not only scoring, fail one request only: the rows
+    that shared its sampling group keep their seeded samples (each generator rewound)."""
+
+    def combine(ctx):
+        from proxytune.arithmetic import combine_proxy
+
+        scores = combine_proxy(ctx.base, *ctx.ran())
+        if ctx.alphas and ctx.alphas[0] == 7.0:  # passes the scorer's checks, breaks sampling
+            scores = scores.clone()
+            scores[:, 3] = math.inf
+        return scores
+
+    broken = ProxyTuner(tuner.base, tuner.pairs, tuner.defaults, rule=combine)
+    batch = ContinuousBatch(broken)
+    s = {"max_new_tokens": 6, "temperature": 0.8, "ignore_eos": True}
+    goods = [batch.prepare([PROMPTS[i]], tuner.config(seed=i, **s)) for i in (0, 2)]
+    bad = batch.prepare([PROMPTS[1]], tuner.config(seed=1, logprobs=True, **s), 7.0)
+    greedy = batch.prepare([PROMPTS[3]], tuner.config(max_new_tokens=5, logprobs=True))
+    got = run(batch, {0: [goods[0], bad, goods[1], greedy]})
+    assert isinstance(bad.error, NumericalError) and id(bad) not in got
+    assert "sampling failed" in str(bad.error)
+    for i, job in zip((0, 2), goods, strict=True):
+        want = tuner.generate(PROMPTS[i], seed=i, **s)[0].token_ids
+        assert [u.token_id for u in got[id(job)]] == want
+    want = tuner.generate(PROMPTS[3], max_new_tokens=5)[0].token_ids
+    assert [u.token_id for u in got[id(greedy)]] == want
+
+
+@pytest.mark.parametrize(
+    ("settings", "rule", "says"),
+    [
+        ({"temperature": 1e-39}, None, r"temperature must be 0 \(greedy\) or at least"),
+        ({}, {"name": "tokens", "bias": {"5": 1.7e308}}, "bias"),
+        ({}, {"name": "tokens", "bias_strings": {"x": -1e300}}, "bias_strings"),
+    ],
+)
+def test_settings_that_overflow_sampling_are_refused_at_admission(tuner, settings, rule, says):
+    batch = ContinuousBatch(tuner)
+    with pytest.raises(ConfigError, match=says):
+        batch.prepare([PROMPTS[0]], tuner.config(max_new_tokens=2, **settings), rule=rule)
