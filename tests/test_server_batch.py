@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import pytest
 import torch
@@ -393,3 +394,36 @@ def test_settings_that_overflow_sampling_are_refused_at_admission(tuner, setting
     batch = ContinuousBatch(tuner)
     with pytest.raises(ConfigError, match=says):
         batch.prepare([PROMPTS[0]], tuner.config(max_new_tokens=2, **settings), rule=rule)
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_job_cancelled_right_after_a_step_never_stays_running(tuner, continuous):
+    """The cancel race of a client that gives up (issue 16, item 7): a cancel that lands after
+    a step's dispatch looked at the job left the worker idle with the job still counted in
+    ``running`` (and a shutdown waiting its full timeout). Forced here at that exact point."""
+    scheduler = Scheduler(tuner, max_batch_size=4, max_queue=4, continuous=continuous)
+    real, cancelled = scheduler._dispatch, threading.Event()
+
+    def dispatch(updates):
+        real(updates)
+        if updates and not cancelled.is_set():  # the client goes away now
+            cancelled.set()
+            scheduler.cancel(updates[0][0])
+
+    scheduler._dispatch = dispatch
+    scheduler.start()
+    try:
+        cfg = tuner.config(max_new_tokens=50, ignore_eos=True)
+        events = []
+        scheduler.submit(scheduler.batch.prepare([PROMPTS[0]], cfg), events.append)
+        assert cancelled.wait(10)
+        deadline = time.monotonic() + 5
+        while scheduler.running:
+            assert time.monotonic() < deadline, "the cancelled job stayed in running"
+            time.sleep(0.005)
+        assert not any(isinstance(e, Finished) for e in events)  # cancelled: no more events
+        started = time.monotonic()
+        scheduler.close(timeout=10)
+        assert time.monotonic() - started < 5  # nothing left to wait for
+    finally:
+        scheduler.close(timeout=0)
