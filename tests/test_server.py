@@ -266,12 +266,21 @@ def test_seeded_sampling_is_reproducible_under_load(client, url):
 C, CH = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
 BIAS = "rule.bias['5']"
+
+
+def deep_rule(depth: int) -> dict:
+    spec: dict = {"name": "plausible"}
+    for _ in range(depth - 1):
+        spec = {"name": "plausible", "inner": spec}
+    return spec
+
+
 BAD = [  # (route, body, status, param, words in the message)
     (C, {"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
     (C, {"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
     (C, {"prompt": "x", "temperature": 3}, 400, "temperature", "less than or equal to 2"),
     (C, {"prompt": "x", "temperature": 1e-39}, 400, "temperature", "at least 0.0001"),
-    (C, {"prompt": "x", "rule": {"name": "tokens", "bias": {"5": 1.7e308}}}, 400, BIAS, "1e+06"),
+    (C, {"prompt": "x", "rule": {"name": "tokens", "bias": {"5": 1.7e308}}}, 400, BIAS, "[-1000000.0, 1000000.0]"),
     (C, {"prompt": "x", "max_tokens": 10_000}, 400, "max_tokens", "context holds only"),
     (C, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
     (CH, {"messages": USER, "max_completion_tokens": 999}, 400, "max_completion_tokens", "context"),
@@ -281,6 +290,7 @@ BAD = [  # (route, body, status, param, words in the message)
     (C, {"prompt": "x", "alpha": [1, 2]}, 400, "alpha", "2 values given for 1 pair"),
     (C, {"prompt": "x", "alpha": [None]}, 400, "alpha[0]", "must be a number"),
     (C, {"prompt": "x", "alpha": 1e9}, 400, "alpha", "between -100 and 100"),
+    (C, {"prompt": "x", "rule": deep_rule(300)}, 400, "rule", "nested more than 16 levels"),
     (C, {"prompt": "x", "active_pairs": [3]}, 400, "active_pairs", "not a pair index"),
     (C, {"prompt": "x", "rule": "nope"}, 400, "rule", "unknown rule 'nope'"),
     (C, {"prompt": "x", "rule": {"name": "plausible", "tau": 2}}, 400, "rule.tau", "[0.0, 1.0]"),

@@ -427,3 +427,49 @@ def test_a_job_cancelled_right_after_a_step_never_stays_running(tuner, continuou
         assert time.monotonic() - started < 5  # nothing left to wait for
     finally:
         scheduler.close(timeout=0)
+
+
+def nested(depth: int) -> dict:
+    spec: dict = {"name": "plausible"}
+    for _ in range(depth - 1):
+        spec = {"name": "plausible", "inner": spec}
+    return spec
+
+
+@pytest.mark.parametrize("depth", [17, 50, 300, 10_000])
+def test_deeply_nested_request_rules_are_refused_at_admission(tuner, depth):
+    """Issue 16, item 1: depth 50 stalled the worker, 300 gave a RecursionError (a 500)."""
+    batch = ContinuousBatch(tuner)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^rule is nested more than 16 levels deep"):
+        batch.prepare([PROMPTS[0]], tuner.config(max_new_tokens=2), rule=nested(depth))
+    assert time.monotonic() - started < 1
+
+
+def test_oversized_request_rules_are_refused_at_admission(tuner):
+    big = {"name": "tokens", "bias": {str(i): 1.0 for i in range(3000)}}
+    with pytest.raises(ConfigError, match=r"^rule holds more than 2000 keys and values"):
+        ContinuousBatch(tuner).prepare([PROMPTS[0]], tuner.config(), rule=big)
+
+
+def test_the_deepest_allowed_rule_prints_and_steps_cheaply(tuner):
+    """Printing a rule (``str``, ``to_spec``) is linear in its depth and done once, not
+    2^depth at every step: a request with the deepest rule allowed costs about what a plain one
+    costs."""
+    from proxytune.rules import make_rule
+
+    rule = make_rule(nested(16))
+    started = time.monotonic()
+    text, spec = str(rule), rule.to_spec()
+    assert time.monotonic() - started < 0.5
+    assert text.count("plausible(") == 15 and spec["inner"]["name"] == "plausible"
+    spec["inner"]["name"] = "changed"  # a copy: the rule's own spec is untouched
+    assert rule.to_spec()["inner"]["name"] == "plausible" and make_rule(rule.to_spec()) == rule
+    batch = ContinuousBatch(tuner)
+    cfg = tuner.config(max_new_tokens=8, ignore_eos=True)
+    deep = batch.prepare([PROMPTS[0]], cfg, rule=nested(16))
+    plain = batch.prepare([PROMPTS[0]], cfg, rule="plausible")
+    started = time.monotonic()
+    got = run(batch, {0: [deep, plain]})
+    assert time.monotonic() - started < 10
+    assert [u.token_id for u in got[id(deep)]] == [u.token_id for u in got[id(plain)]]
