@@ -4,6 +4,7 @@ the official ``openai`` client (the issue's "must hold" list)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -265,7 +266,10 @@ def test_seeded_sampling_is_reproducible_under_load(client, url):
 
 C, CH = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
-BIAS = "rule.bias['5']"
+HUGE_BIAS = {"name": "tokens", "bias": {"5": 1.7e308}}
+
+
+REDOS = {"name": "context", "rules": [{"regex": "(a|aa)+$", "alpha": 1}]}  # backtracks
 
 
 def deep_rule(depth: int) -> dict:
@@ -280,7 +284,7 @@ BAD = [  # (route, body, status, param, words in the message)
     (C, {"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
     (C, {"prompt": "x", "temperature": 3}, 400, "temperature", "less than or equal to 2"),
     (C, {"prompt": "x", "temperature": 1e-39}, 400, "temperature", "at least 0.0001"),
-    (C, {"prompt": "x", "rule": {"name": "tokens", "bias": {"5": 1.7e308}}}, 400, BIAS, "[-1000000.0, 1000000.0]"),
+    (C, {"prompt": "x", "rule": HUGE_BIAS}, 400, "rule.bias['5']", "1000000.0]"),
     (C, {"prompt": "x", "max_tokens": 10_000}, 400, "max_tokens", "context holds only"),
     (C, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
     (CH, {"messages": USER, "max_completion_tokens": 999}, 400, "max_completion_tokens", "context"),
@@ -291,6 +295,7 @@ BAD = [  # (route, body, status, param, words in the message)
     (C, {"prompt": "x", "alpha": [None]}, 400, "alpha[0]", "must be a number"),
     (C, {"prompt": "x", "alpha": 1e9}, 400, "alpha", "between -100 and 100"),
     (C, {"prompt": "x", "rule": deep_rule(300)}, 400, "rule", "nested more than 16 levels"),
+    (C, {"prompt": "a" * 40 + "!", "rule": REDOS}, 400, "rule", "took over 0.1s"),
     (C, {"prompt": "x", "active_pairs": [3]}, 400, "active_pairs", "not a pair index"),
     (C, {"prompt": "x", "rule": "nope"}, 400, "rule", "unknown rule 'nope'"),
     (C, {"prompt": "x", "rule": {"name": "plausible", "tau": 2}}, 400, "rule.tau", "[0.0, 1.0]"),
@@ -626,3 +631,19 @@ def test_a_failing_rule_fails_its_request_with_500_and_the_server_keeps_serving(
         assert good.status_code == 200
         assert metric(u, "proxytune_generation_failures_total") == 2
         assert httpx.get(f"{u}/health").json()["status"] == "ok"
+
+
+def test_a_backtracking_regex_never_freezes_the_server(url):
+    """Issue 16, item 2: ``(a+)+$`` on 26 a's and a '!' froze /health for 11.5 s; context
+    regexes now run on an engine with a time budget that lets other threads run."""
+    rule = {"name": "context", "rules": [{"regex": "(a+)+$", "alpha": 1}]}
+    body = {"prompt": "a" * 26 + "!", "max_tokens": 2, "rule": rule}
+    slow = {"prompt": "a" * 40 + "!", "max_tokens": 2, "rule": REDOS}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        started = time.monotonic()
+        answers = [pool.submit(httpx.post, f"{url}{C}", json=b, timeout=30) for b in (body, slow)]
+        health = httpx.get(f"{url}/health", timeout=30)
+        assert health.status_code == 200
+        codes = [a.result().status_code for a in answers]
+    assert codes == [200, 400]
+    assert time.monotonic() - started < 10
