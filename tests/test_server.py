@@ -647,3 +647,53 @@ def test_a_backtracking_regex_never_freezes_the_server(url):
         codes = [a.result().status_code for a in answers]
     assert codes == [200, 400]
     assert time.monotonic() - started < 10
+
+
+LINEAR = {"schedule": "linear", "start": 0, "end": 1, "steps": 3}
+MALFORMED = [  # (raw body, param, words): issue 16, item 5 (and item 9's schedules)
+    (b'{"prompt": "x", "rule": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", None, "too deeply"),
+    (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", None, "4300 digits"),
+    (b'{"prompt": "\\ud800", "max_tokens": 2}', "prompt", "lone surrogate"),
+    (b'{"prompt": ["ok", "a\\udfffb"], "max_tokens": 2}', "prompt[1]", "lone surrogate"),
+    (b'{"prompt": "x", "rule": {"name": ["plausible"]}}', "rule.name", "a rule name"),
+    (b'{"prompt": "x", "rule": {"name": {"a": 1}}}', "rule.name", "a rule name"),
+    *[
+        (json.dumps({"prompt": "x", "alpha": {**LINEAR, key: value}}).encode(), f"alpha.{key}", w)
+        for key, value, w in [
+            ("start", "abc", "must be a number"),
+            ("start", [1], "must be a number"),
+            ("start", "1", "must be a number"),
+            ("steps", "x", "integer >= 1"),
+            ("steps", None, "integer >= 1"),
+            ("steps", 2.7, "integer >= 1"),
+        ]
+    ],
+]
+
+
+def test_malformed_input_is_a_400_and_the_connection_stays_usable(url, client):
+    with httpx.Client() as keep_alive:
+        for body, param, words in MALFORMED:
+            r = keep_alive.post(f"{url}{C}", content=body)
+            assert r.status_code == 400, (body[:80], r.text)
+            assert r.json()["error"]["param"] == param and words in r.json()["error"]["message"]
+        chat = b'{"messages": [{"role": "user", "content": "\\ud800"}]}'
+        r = keep_alive.post(f"{url}{CH}", content=chat)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
+        ok = keep_alive.post(f"{url}{C}", json={"prompt": "x", "max_tokens": 2, "alpha": LINEAR})
+        assert ok.status_code == 200
+    assert metric(url, "proxytune_generation_failures_total") == 0
+
+
+def test_a_bug_answers_500_without_dropping_the_keep_alive_connection(url, monkeypatch):
+    from proxytune.server import app as app_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "_prepare", broken)
+    with httpx.Client() as keep_alive:
+        r = keep_alive.post(f"{url}{C}", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 500 and "RuntimeError: a bug" in r.json()["error"]["message"]
+        monkeypatch.undo()
+        assert keep_alive.post(f"{url}{C}", json={"prompt": "x", "max_tokens": 2}).is_success

@@ -128,6 +128,8 @@ def make_rule(spec: Any = None, where: str = "rule") -> Rule:
 
 
 def _rule_class(name: Any, where: str) -> type[RuleBase]:
+    if not isinstance(name, str):
+        raise ConfigError(f"{where} must be a rule name (a string), got {type(name).__name__}")
     if name not in RULES:
         raise ConfigError(f"{where}: unknown rule {name!r}; rules: {sorted(RULES)}")
     return RULES[name]
