@@ -26,6 +26,7 @@ import httpx  # noqa: E402
 from serving import serve_in_thread  # noqa: E402
 
 from proxytune import ProxyTuner  # noqa: E402
+from proxytune.errors import ConfigError  # noqa: E402
 from proxytune.schedules import Linear  # noqa: E402
 from proxytune.server import ServerSettings, create_app  # noqa: E402
 
@@ -410,7 +411,6 @@ def test_speculative_server_is_exact_and_reports_acceptance(tuner):
     """``speculative`` as a startup option: concurrent greedy requests (streamed or not) give
     the plain loop's text, seeded sampling gives what ``generate(speculative=...)`` gives, and
     /metrics counts the drafts."""
-    from proxytune.errors import ConfigError
 
     app = create_app(tuner, ServerSettings(model_name=MODEL, speculative="auto"))
     assert type(app.state.scheduler.batch).__name__ == "EngineLoop"
@@ -697,3 +697,24 @@ def test_a_bug_answers_500_without_dropping_the_keep_alive_connection(url, monke
         assert r.status_code == 500 and "RuntimeError: a bug" in r.json()["error"]["message"]
         monkeypatch.undo()
         assert keep_alive.post(f"{url}{C}", json={"prompt": "x", "max_tokens": 2}).is_success
+
+
+def test_request_bodies_over_the_limit_get_413_before_parsing(tuner):
+    """Issue 16, item 4: a 30 MB body took 98 s and 10 GB to be refused."""
+    app = create_app(tuner, ServerSettings(model_name=MODEL, max_body_bytes=1000))
+    with serve_in_thread(app) as u:
+        big = {"prompt": "x" * 2000, "max_tokens": 2}
+        r = httpx.post(f"{u}{C}", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert "at most 1000 bytes" in r.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for _ in range(10):
+                yield b" " * 200
+            yield b'{"prompt": "x"}'
+
+        r = httpx.post(f"{u}{CH}", content=chunks())
+        assert r.status_code == 413
+        assert httpx.post(f"{u}{C}", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    with pytest.raises(ConfigError, match="max-body-bytes must be an integer >= 1"):
+        ServerSettings(max_body_bytes=0)

@@ -62,6 +62,9 @@ def serve(
     max_queue: Annotated[int, Opt(help="Requests waiting before 429.")] = 64,
     max_tokens: Annotated[int | None, Opt(help="Cap on a request's max_tokens.")] = None,
     shutdown_timeout: Annotated[float, Opt(help="Seconds to finish in-flight work.")] = 30.0,
+    max_body_bytes: Annotated[
+        int, Opt(help="Largest request body in bytes; larger ones get 413 before parsing.")
+    ] = 4 * 1024 * 1024,
     kl_metric: Annotated[
         bool,
         Opt("--kl-metric/--no-kl-metric", help="Measure the steering KL for /metrics."),
@@ -120,5 +123,6 @@ def serve(
         max_tokens=max_tokens,
         kl_metric=kl_metric,
         shutdown_timeout=shutdown_timeout,
+        max_body_bytes=max_body_bytes,
     )
     run_server(tuner, settings, host=host, port=port, log_level=log_level)
