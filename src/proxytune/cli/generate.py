@@ -115,6 +115,23 @@ def generate(
 ) -> None:
     """Generate text with proxy-tuning (the embedded default when no model is given)."""
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts]
+    settings = sampling_settings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        stop=stop,
+        seed=seed,
+        n=n,
+        use_cache=None if cache else False,
+    )
+    if top_logprobs is not None:
+        settings.update(logprobs=True, top_logprobs=top_logprobs)
+    from ..config import GenerationConfig
+
+    GenerationConfig().updated(**settings)  # bad settings: one line, before any model loads
     engine = engine_overrides(
         overlap=overlap,
         speculative=speculative,
@@ -153,20 +170,6 @@ def generate(
     chosen_rule = rule_spec(tuner, rule, rule_arg or ())
     if chosen_rule is not None:
         tuner = tuner.with_rule(chosen_rule)
-    settings = sampling_settings(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        stop=stop,
-        seed=seed,
-        n=n,
-        use_cache=None if cache else False,
-    )
-    if top_logprobs is not None:
-        settings.update(logprobs=True, top_logprobs=top_logprobs)
     stats: Any = None
     if tuner.blackbox:  # an API base or a pair of another tokenizer: the bill
         from ..engine.blackbox import BlackBoxStats
