@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from .metrics import Metrics
 from .protocol import APIError
@@ -55,6 +56,8 @@ class Gate:
                 await response(scope, receive, counting_send)
                 return
             await self.app(scope, receive, counting_send)
+        except ClientDisconnect:  # the client left while its body arrived: nobody to answer
+            status["code"] = 499
         except Exception as err:
             if status["started"]:
                 raise
