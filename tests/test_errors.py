@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from proxytune import ProxyTuner
+from proxytune.cli import main
 from proxytune.config import GenerationConfig
 from proxytune.errors import (
     ConfigError,
@@ -217,3 +218,48 @@ def test_cli_options_that_need_an_extra_name_its_install_command(monkeypatch, ca
     assert main(["eval", "arith", "--search", "optuna"]) == 2  # before any model loads
     (line,) = capsys.readouterr().err.splitlines()
     assert line.endswith("pip install optuna; or use --search grid")
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["generate", "hi", "--temperature", "1e-320"], "temperature must be 0 (greedy) or at"),
+        (["generate", "hi", "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["serve", "--max-batch-size", "0"], "max-batch-size must be an integer >= 1, got 0"),
+        (["serve", "--max-queue", "-1"], "max-queue must be an integer >= 1, got -1"),
+        (["serve", "--max-body-bytes", "0"], "max-body-bytes must be an integer >= 1"),
+        (["serve", "--port", "70000"], "port must be between 0 and 65535, got 70000"),
+    ],
+)
+def test_bad_cli_settings_are_one_line_errors_before_any_model_loads(argv, says, capsys):
+    """Issue 16, item 8: these gave tracebacks, some only after the models loaded (the base
+    here does not exist: the setting is refused first)."""
+    assert main([*argv, "--base", "no-such-model"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and says in line, line
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"base: 5\n", "base: a model must be a path or hub id (a string)"),
+        (b"base: [1, 2]\n", "base: a model must be a path"),
+        (b"base: \xff\xfe\n", "is not UTF-8 text"),
+        (
+            b"base: b\npairs: [{expert: e, alpha: {schedule: linear, start: 0, end: 1, "
+            b"steps: 2.7}}]\n",
+            "pairs[0].alpha.steps must be an integer >= 1, got 2.7",
+        ),
+        (
+            b"base: b\npairs: [{expert: e, alpha: {schedule: linear, start: '1', end: 1, "
+            b"steps: 2}}]\n",
+            "pairs[0].alpha.start must be a number, got '1'",
+        ),
+    ],
+)
+def test_bad_recipes_are_one_line_errors(content, says, tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_bytes(content)
+    assert main(["generate", "hi", "--recipe", str(recipe)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and says in line, line

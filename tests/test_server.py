@@ -4,6 +4,7 @@ the official ``openai`` client (the issue's "must hold" list)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -25,6 +26,7 @@ import httpx  # noqa: E402
 from serving import serve_in_thread  # noqa: E402
 
 from proxytune import ProxyTuner  # noqa: E402
+from proxytune.errors import ConfigError  # noqa: E402
 from proxytune.schedules import Linear  # noqa: E402
 from proxytune.server import ServerSettings, create_app  # noqa: E402
 
@@ -265,10 +267,25 @@ def test_seeded_sampling_is_reproducible_under_load(client, url):
 
 C, CH = "/v1/completions", "/v1/chat/completions"
 USER = [{"role": "user", "content": "hi"}]
+HUGE_BIAS = {"name": "tokens", "bias": {"5": 1.7e308}}
+
+
+REDOS = {"name": "context", "rules": [{"regex": "(a|aa)+$", "alpha": 1}]}  # backtracks
+
+
+def deep_rule(depth: int) -> dict:
+    spec: dict = {"name": "plausible"}
+    for _ in range(depth - 1):
+        spec = {"name": "plausible", "inner": spec}
+    return spec
+
+
 BAD = [  # (route, body, status, param, words in the message)
     (C, {"model": "gpt-4", "prompt": "x"}, 404, "model", "does not exist"),
     (C, {"prompt": "x", "temperature": "hot"}, 400, "temperature", "valid number"),
     (C, {"prompt": "x", "temperature": 3}, 400, "temperature", "less than or equal to 2"),
+    (C, {"prompt": "x", "temperature": 1e-39}, 400, "temperature", "at least 0.0001"),
+    (C, {"prompt": "x", "rule": HUGE_BIAS}, 400, "rule.bias['5']", "1000000.0]"),
     (C, {"prompt": "x", "max_tokens": 10_000}, 400, "max_tokens", "context holds only"),
     (C, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
     (CH, {"messages": USER, "max_completion_tokens": 999}, 400, "max_completion_tokens", "context"),
@@ -278,6 +295,8 @@ BAD = [  # (route, body, status, param, words in the message)
     (C, {"prompt": "x", "alpha": [1, 2]}, 400, "alpha", "2 values given for 1 pair"),
     (C, {"prompt": "x", "alpha": [None]}, 400, "alpha[0]", "must be a number"),
     (C, {"prompt": "x", "alpha": 1e9}, 400, "alpha", "between -100 and 100"),
+    (C, {"prompt": "x", "rule": deep_rule(300)}, 400, "rule", "nested more than 16 levels"),
+    (C, {"prompt": "a" * 40 + "!", "rule": REDOS}, 400, "rule", "took over 0.1s"),
     (C, {"prompt": "x", "active_pairs": [3]}, 400, "active_pairs", "not a pair index"),
     (C, {"prompt": "x", "rule": "nope"}, 400, "rule", "unknown rule 'nope'"),
     (C, {"prompt": "x", "rule": {"name": "plausible", "tau": 2}}, 400, "rule.tau", "[0.0, 1.0]"),
@@ -392,7 +411,6 @@ def test_speculative_server_is_exact_and_reports_acceptance(tuner):
     """``speculative`` as a startup option: concurrent greedy requests (streamed or not) give
     the plain loop's text, seeded sampling gives what ``generate(speculative=...)`` gives, and
     /metrics counts the drafts."""
-    from proxytune.errors import ConfigError
 
     app = create_app(tuner, ServerSettings(model_name=MODEL, speculative="auto"))
     assert type(app.state.scheduler.batch).__name__ == "EngineLoop"
@@ -613,3 +631,90 @@ def test_a_failing_rule_fails_its_request_with_500_and_the_server_keeps_serving(
         assert good.status_code == 200
         assert metric(u, "proxytune_generation_failures_total") == 2
         assert httpx.get(f"{u}/health").json()["status"] == "ok"
+
+
+def test_a_backtracking_regex_never_freezes_the_server(url):
+    """Issue 16, item 2: ``(a+)+$`` on 26 a's and a '!' froze /health for 11.5 s; context
+    regexes now run on an engine with a time budget that lets other threads run."""
+    rule = {"name": "context", "rules": [{"regex": "(a+)+$", "alpha": 1}]}
+    body = {"prompt": "a" * 26 + "!", "max_tokens": 2, "rule": rule}
+    slow = {"prompt": "a" * 40 + "!", "max_tokens": 2, "rule": REDOS}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        started = time.monotonic()
+        answers = [pool.submit(httpx.post, f"{url}{C}", json=b, timeout=30) for b in (body, slow)]
+        health = httpx.get(f"{url}/health", timeout=30)
+        assert health.status_code == 200
+        codes = [a.result().status_code for a in answers]
+    assert codes == [200, 400]
+    assert time.monotonic() - started < 10
+
+
+LINEAR = {"schedule": "linear", "start": 0, "end": 1, "steps": 3}
+MALFORMED = [  # (raw body, param, words): issue 16, item 5 (and item 9's schedules)
+    (b'{"prompt": "x", "rule": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", None, "too deeply"),
+    (b'{"prompt": "x", "seed": ' + b"9" * 5000 + b"}", None, "4300 digits"),
+    (b'{"prompt": "\\ud800", "max_tokens": 2}', "prompt", "lone surrogate"),
+    (b'{"prompt": ["ok", "a\\udfffb"], "max_tokens": 2}', "prompt[1]", "lone surrogate"),
+    (b'{"prompt": "x", "rule": {"name": ["plausible"]}}', "rule.name", "a rule name"),
+    (b'{"prompt": "x", "rule": {"name": {"a": 1}}}', "rule.name", "a rule name"),
+    *[
+        (json.dumps({"prompt": "x", "alpha": {**LINEAR, key: value}}).encode(), f"alpha.{key}", w)
+        for key, value, w in [
+            ("start", "abc", "must be a number"),
+            ("start", [1], "must be a number"),
+            ("start", "1", "must be a number"),
+            ("steps", "x", "integer >= 1"),
+            ("steps", None, "integer >= 1"),
+            ("steps", 2.7, "integer >= 1"),
+        ]
+    ],
+]
+
+
+def test_malformed_input_is_a_400_and_the_connection_stays_usable(url, client):
+    with httpx.Client() as keep_alive:
+        for body, param, words in MALFORMED:
+            r = keep_alive.post(f"{url}{C}", content=body)
+            assert r.status_code == 400, (body[:80], r.text)
+            assert r.json()["error"]["param"] == param and words in r.json()["error"]["message"]
+        chat = b'{"messages": [{"role": "user", "content": "\\ud800"}]}'
+        r = keep_alive.post(f"{url}{CH}", content=chat)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content"
+        ok = keep_alive.post(f"{url}{C}", json={"prompt": "x", "max_tokens": 2, "alpha": LINEAR})
+        assert ok.status_code == 200
+    assert metric(url, "proxytune_generation_failures_total") == 0
+
+
+def test_a_bug_answers_500_without_dropping_the_keep_alive_connection(url, monkeypatch):
+    from proxytune.server import app as app_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "_prepare", broken)
+    with httpx.Client() as keep_alive:
+        r = keep_alive.post(f"{url}{C}", json={"prompt": "x", "max_tokens": 2})
+        assert r.status_code == 500 and "RuntimeError: a bug" in r.json()["error"]["message"]
+        monkeypatch.undo()
+        assert keep_alive.post(f"{url}{C}", json={"prompt": "x", "max_tokens": 2}).is_success
+
+
+def test_request_bodies_over_the_limit_get_413_before_parsing(tuner):
+    """Issue 16, item 4: a 30 MB body took 98 s and 10 GB to be refused."""
+    app = create_app(tuner, ServerSettings(model_name=MODEL, max_body_bytes=1000))
+    with serve_in_thread(app) as u:
+        big = {"prompt": "x" * 2000, "max_tokens": 2}
+        r = httpx.post(f"{u}{C}", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert "at most 1000 bytes" in r.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: counted as it arrives
+            for _ in range(10):
+                yield b" " * 200
+            yield b'{"prompt": "x"}'
+
+        r = httpx.post(f"{u}{CH}", content=chunks())
+        assert r.status_code == 413
+        assert httpx.post(f"{u}{C}", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+    with pytest.raises(ConfigError, match="max-body-bytes must be an integer >= 1"):
+        ServerSettings(max_body_bytes=0)

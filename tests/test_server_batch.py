@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import pytest
 import torch
@@ -350,3 +351,125 @@ def test_one_pass_lora_pairs_batch_continuously_too(tiny_dirs, tmp_path):
         alone = one_pass.alone("base") if active == [] else one_pass
         want = alone.generate(prompt, **settings)[0].token_ids
         assert [u.token_id for u in got[id(job)]] == want
+
+
+def test_a_request_whose_scores_cannot_be_sampled_fails_alone(tuner):
+    """Sampling (``_choose``) and records, not only scoring, fail one request only: the rows
+    that shared its sampling group keep their seeded samples (each generator rewound)."""
+
+    def combine(ctx):
+        from proxytune.arithmetic import combine_proxy
+
+        scores = combine_proxy(ctx.base, *ctx.ran())
+        if ctx.alphas and ctx.alphas[0] == 7.0:  # passes the scorer's checks, breaks sampling
+            scores = scores.clone()
+            scores[:, 3] = math.inf
+        return scores
+
+    broken = ProxyTuner(tuner.base, tuner.pairs, tuner.defaults, rule=combine)
+    batch = ContinuousBatch(broken)
+    s = {"max_new_tokens": 6, "temperature": 0.8, "ignore_eos": True}
+    goods = [batch.prepare([PROMPTS[i]], tuner.config(seed=i, **s)) for i in (0, 2)]
+    bad = batch.prepare([PROMPTS[1]], tuner.config(seed=1, logprobs=True, **s), 7.0)
+    greedy = batch.prepare([PROMPTS[3]], tuner.config(max_new_tokens=5, logprobs=True))
+    got = run(batch, {0: [goods[0], bad, goods[1], greedy]})
+    assert isinstance(bad.error, NumericalError) and id(bad) not in got
+    assert "sampling failed" in str(bad.error)
+    for i, job in zip((0, 2), goods, strict=True):
+        want = tuner.generate(PROMPTS[i], seed=i, **s)[0].token_ids
+        assert [u.token_id for u in got[id(job)]] == want
+    want = tuner.generate(PROMPTS[3], max_new_tokens=5)[0].token_ids
+    assert [u.token_id for u in got[id(greedy)]] == want
+
+
+@pytest.mark.parametrize(
+    ("settings", "rule", "says"),
+    [
+        ({"temperature": 1e-39}, None, r"temperature must be 0 \(greedy\) or at least"),
+        ({}, {"name": "tokens", "bias": {"5": 1.7e308}}, "bias"),
+        ({}, {"name": "tokens", "bias_strings": {"x": -1e300}}, "bias_strings"),
+    ],
+)
+def test_settings_that_overflow_sampling_are_refused_at_admission(tuner, settings, rule, says):
+    batch = ContinuousBatch(tuner)
+    with pytest.raises(ConfigError, match=says):
+        batch.prepare([PROMPTS[0]], tuner.config(max_new_tokens=2, **settings), rule=rule)
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_a_job_cancelled_right_after_a_step_never_stays_running(tuner, continuous):
+    """The cancel race of a client that gives up (issue 16, item 7): a cancel that lands after
+    a step's dispatch looked at the job left the worker idle with the job still counted in
+    ``running`` (and a shutdown waiting its full timeout). Forced here at that exact point."""
+    scheduler = Scheduler(tuner, max_batch_size=4, max_queue=4, continuous=continuous)
+    real, cancelled = scheduler._dispatch, threading.Event()
+
+    def dispatch(updates):
+        real(updates)
+        if updates and not cancelled.is_set():  # the client goes away now
+            cancelled.set()
+            scheduler.cancel(updates[0][0])
+
+    scheduler._dispatch = dispatch
+    scheduler.start()
+    try:
+        cfg = tuner.config(max_new_tokens=50, ignore_eos=True)
+        events = []
+        scheduler.submit(scheduler.batch.prepare([PROMPTS[0]], cfg), events.append)
+        assert cancelled.wait(10)
+        deadline = time.monotonic() + 5
+        while scheduler.running:
+            assert time.monotonic() < deadline, "the cancelled job stayed in running"
+            time.sleep(0.005)
+        assert not any(isinstance(e, Finished) for e in events)  # cancelled: no more events
+        started = time.monotonic()
+        scheduler.close(timeout=10)
+        assert time.monotonic() - started < 5  # nothing left to wait for
+    finally:
+        scheduler.close(timeout=0)
+
+
+def nested(depth: int) -> dict:
+    spec: dict = {"name": "plausible"}
+    for _ in range(depth - 1):
+        spec = {"name": "plausible", "inner": spec}
+    return spec
+
+
+@pytest.mark.parametrize("depth", [17, 50, 300, 10_000])
+def test_deeply_nested_request_rules_are_refused_at_admission(tuner, depth):
+    """Issue 16, item 1: depth 50 stalled the worker, 300 gave a RecursionError (a 500)."""
+    batch = ContinuousBatch(tuner)
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=r"^rule is nested more than 16 levels deep"):
+        batch.prepare([PROMPTS[0]], tuner.config(max_new_tokens=2), rule=nested(depth))
+    assert time.monotonic() - started < 1
+
+
+def test_oversized_request_rules_are_refused_at_admission(tuner):
+    big = {"name": "tokens", "bias": {str(i): 1.0 for i in range(3000)}}
+    with pytest.raises(ConfigError, match=r"^rule holds more than 2000 keys and values"):
+        ContinuousBatch(tuner).prepare([PROMPTS[0]], tuner.config(), rule=big)
+
+
+def test_the_deepest_allowed_rule_prints_and_steps_cheaply(tuner):
+    """Printing a rule (``str``, ``to_spec``) is linear in its depth and done once, not
+    2^depth at every step: a request with the deepest rule allowed costs about what a plain one
+    costs."""
+    from proxytune.rules import make_rule
+
+    rule = make_rule(nested(16))
+    started = time.monotonic()
+    text, spec = str(rule), rule.to_spec()
+    assert time.monotonic() - started < 0.5
+    assert text.count("plausible(") == 15 and spec["inner"]["name"] == "plausible"
+    spec["inner"]["name"] = "changed"  # a copy: the rule's own spec is untouched
+    assert rule.to_spec()["inner"]["name"] == "plausible" and make_rule(rule.to_spec()) == rule
+    batch = ContinuousBatch(tuner)
+    cfg = tuner.config(max_new_tokens=8, ignore_eos=True)
+    deep = batch.prepare([PROMPTS[0]], cfg, rule=nested(16))
+    plain = batch.prepare([PROMPTS[0]], cfg, rule="plausible")
+    started = time.monotonic()
+    got = run(batch, {0: [deep, plain]})
+    assert time.monotonic() - started < 10
+    assert [u.token_id for u in got[id(deep)]] == [u.token_id for u in got[id(plain)]]

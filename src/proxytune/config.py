@@ -9,6 +9,9 @@ from typing import Any
 
 from .errors import ConfigError
 
+MIN_TEMPERATURE = 1e-4
+"""The smallest positive temperature (``scores / temperature`` must stay finite)."""
+
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -53,6 +56,12 @@ class GenerationConfig:
             raise ConfigError(
                 f"temperature must be >= 0 (0 = greedy), got {self.temperature}; "
                 "use temperature=0 for greedy decoding"
+            )
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise ConfigError(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got "
+                f"{self.temperature!r}: a smaller one overflows the scores; use temperature=0 "
+                "for greedy decoding"
             )
         _require_number(self.top_p, "top_p")
         if not 0.0 < self.top_p <= 1.0:

@@ -76,7 +76,10 @@ def load_recipe(path: str | Path, **model_overrides: Any) -> Recipe:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ConfigError(f"recipe file {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe {str(path)!r} is not UTF-8 text: {err}") from None
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (tomllib.TOMLDecodeError, yaml.YAMLError) as err:
@@ -102,7 +105,10 @@ def parse_recipe(data: Mapping[str, Any], name: str = "recipe", **model_override
         **dict(data.get("model_defaults") or {}),
         **{k: v for k, v in model_overrides.items() if v is not None},
     }
-    base = _base(data["base"], defaults)
+    try:
+        base = _base(data["base"], defaults)
+    except ConfigError as err:
+        raise ConfigError(f"base: {err}") from None
     pairs = []
     for i, pair in enumerate(data.get("pairs") or []):
         if not isinstance(pair, Mapping):

@@ -22,6 +22,16 @@ def check_alpha(value: Any, where: str = "alpha") -> float:
     return float(value)
 
 
+def check_steps(value: Any, where: str = "steps") -> int:
+    """A schedule's step count: an integer >= 1 (``3.0`` is 3; ``2.7`` and ``"3"`` are
+    refused, not rounded)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where} must be an integer >= 1, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Constant:
     """The same alpha at every step."""
@@ -49,7 +59,7 @@ class Linear:
     def __post_init__(self) -> None:
         check_alpha(self.start, "schedule start")
         check_alpha(self.end, "schedule end")
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise ConfigError(f"schedule steps must be an integer >= 1, got {self.steps!r}")
 
     def __call__(self, step: int) -> float:
@@ -85,7 +95,11 @@ def as_schedule(spec: float | int | Schedule | Mapping[str, Any], where: str = "
             if kind == "constant":
                 return Constant(check_alpha(spec["alpha"], where))
             if kind == "linear":
-                return Linear(float(spec["start"]), float(spec["end"]), int(spec["steps"]))
+                return Linear(
+                    check_alpha(spec["start"], f"{where}.start"),
+                    check_alpha(spec["end"], f"{where}.end"),
+                    check_steps(spec["steps"], f"{where}.steps"),
+                )
         except KeyError as err:
             raise ConfigError(f"{where}: schedule {kind!r} needs the key {err.args[0]!r}") from None
         raise ConfigError(f"{where}: unknown schedule {kind!r}; use 'constant' or 'linear'")

@@ -92,6 +92,11 @@ class ModelSpec:
             return spec
         if isinstance(spec, str):
             return cls(path=spec, **defaults)
+        if not isinstance(spec, Mapping):
+            raise ConfigError(
+                "a model must be a path or hub id (a string) or a mapping with a 'model' key, "
+                f"got {spec!r} ({type(spec).__name__})"
+            )
         data = {**defaults, **dict(spec)}
         if "model" in data:
             data["path"] = data.pop("model")

@@ -142,7 +142,26 @@ def generate(
         raise typer.BadParameter("give prompts or --input FILE, not both")
     if input_file is None and not prompts:
         raise typer.BadParameter("give at least one prompt, or --input FILE --output FILE")
+    if (ray_actors or ray_address) and input_file is None:
+        raise typer.BadParameter("--ray-actors and --ray-address run batch jobs: add --input")
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts or ()]
+    settings = sampling_settings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        stop=stop,
+        seed=seed,
+        n=n,
+        use_cache=None if cache else False,
+    )
+    if top_logprobs is not None:
+        settings.update(logprobs=True, top_logprobs=top_logprobs)
+    from ..config import GenerationConfig
+
+    GenerationConfig().updated(**settings)  # bad settings: one line, before any model loads
     engine = engine_overrides(
         overlap=overlap,
         speculative=speculative,
@@ -177,22 +196,6 @@ def generate(
         cross_tokenizer=cross_mode(cross_tokenizer, min_coverage),
         engine=engine,
     )
-    if (ray_actors or ray_address) and input_file is None:
-        raise typer.BadParameter("--ray-actors and --ray-address run batch jobs: add --input")
-    settings = sampling_settings(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repetition_penalty=repetition_penalty,
-        stop=stop,
-        seed=seed,
-        n=n,
-        use_cache=None if cache else False,
-    )
-    if top_logprobs is not None:
-        settings.update(logprobs=True, top_logprobs=top_logprobs)
     if input_file is not None and (ray_actors or ray_address):
         from functools import partial
 

@@ -62,6 +62,9 @@ def serve(
     max_queue: Annotated[int, Opt(help="Requests waiting before 429.")] = 64,
     max_tokens: Annotated[int | None, Opt(help="Cap on a request's max_tokens.")] = None,
     shutdown_timeout: Annotated[float, Opt(help="Seconds to finish in-flight work.")] = 30.0,
+    max_body_bytes: Annotated[
+        int, Opt(help="Largest request body in bytes; larger ones get 413 before parsing.")
+    ] = 4 * 1024 * 1024,
     kl_metric: Annotated[
         bool,
         Opt("--kl-metric/--no-kl-metric", help="Measure the steering KL for /metrics."),
@@ -85,9 +88,28 @@ def serve(
         prefix_cache=prefix_cache,
         one_pass=one_pass,
     )
+    from ..errors import ConfigError
     from ..server import ServerSettings
     from ..server import serve as run_server
 
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"port must be between 0 and 65535, got {port}")
+    if served_model_name is None:
+        if recipe is None and base is not None:
+            served_model_name = Path(base.rstrip("/")).name.removesuffix(".gguf")
+        else:
+            served_model_name = "default" if recipe in (None, "default") else Path(recipe).stem
+    settings = ServerSettings(  # speculative: the tuner's engine options (--speculative)
+        model_name=served_model_name,
+        api_key=api_key or None,
+        max_top_logprobs=max_top_logprobs,
+        max_batch_size=max_batch_size,
+        max_queue=max_queue,
+        max_tokens=max_tokens,
+        kl_metric=kl_metric,
+        shutdown_timeout=shutdown_timeout,
+        max_body_bytes=max_body_bytes,
+    )
     tuner = build_tuner(
         ModelOptions(
             recipe=recipe,
@@ -105,20 +127,5 @@ def serve(
             trust_remote_code=trust_remote_code,
             engine=engine,
         )
-    )
-    if served_model_name is None:
-        if recipe is None and base is not None:
-            served_model_name = Path(base.rstrip("/")).name.removesuffix(".gguf")
-        else:
-            served_model_name = "default" if recipe in (None, "default") else Path(recipe).stem
-    settings = ServerSettings(  # speculative: the tuner's engine options (--speculative)
-        model_name=served_model_name,
-        api_key=api_key or None,
-        max_top_logprobs=max_top_logprobs,
-        max_batch_size=max_batch_size,
-        max_queue=max_queue,
-        max_tokens=max_tokens,
-        kl_metric=kl_metric,
-        shutdown_timeout=shutdown_timeout,
     )
     run_server(tuner, settings, host=host, port=port, log_level=log_level)

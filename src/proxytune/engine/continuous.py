@@ -31,7 +31,7 @@ import torch
 from ..arithmetic import steering_kl
 from ..backends.base import DecodeState
 from ..config import GenerationConfig
-from ..errors import ConfigError
+from ..errors import ConfigError, NumericalError
 from ..overlap import can_overlap, engine, run_grouped
 from ..prompts import Prompt
 from ..results import StepUpdate, TokenLogprob
@@ -362,9 +362,20 @@ class ContinuousBatch(RequestCore):
             scores = torch.zeros((len(rows), self.vocab_size), device=self.device)
         return scores, ok
 
+    def _fail(self, job: Job, err: BaseException, idx: Sequence[int], ok: list[bool]) -> None:
+        """Mark ``job`` failed (its rows ``idx`` leave at the next step); the rest go on."""
+        if not isinstance(err, ConfigError | ArithmeticError):
+            log.error("one request failed: %s: %s", type(err).__name__, err)
+        if job.error is None:
+            job.error = err
+            self.stats.failed.append(job)
+        for i in idx:
+            ok[i] = False
+
     def _choose(self, scores: torch.Tensor, rows: list[_Row], ok: list[bool]) -> torch.Tensor:
         """One :func:`~proxytune.engine.step.choose` per group of rows with the same sampling
-        settings."""
+        settings. A group that fails is chosen again request by request (each row's generator
+        rewound), so only the request whose scores cannot be sampled fails."""
         groups: dict[tuple[Any, ...], list[int]] = {}
         for i, r in enumerate(rows):
             if ok[i]:
@@ -372,18 +383,53 @@ class ContinuousBatch(RequestCore):
                 groups.setdefault((*c.sampling().values(), c.penalised), []).append(i)
         chosen = torch.zeros(len(rows), dtype=torch.long, device=scores.device)
         for idx in groups.values():
-            members = [rows[i] for i in idx]
-            config = members[0].job.config  # type: ignore[union-attr]
-            if len(idx) == len(rows):
-                return choose(scores, members, config)
-            index = torch.tensor(idx, device=scores.device)
-            chosen[index] = choose(scores[index], members, config)
+            self._choose_group(scores, rows, idx, chosen, ok, retry=True)
         return chosen
+
+    def _choose_group(
+        self,
+        scores: torch.Tensor,
+        rows: list[_Row],
+        idx: list[int],
+        chosen: torch.Tensor,
+        ok: list[bool],
+        retry: bool,
+    ) -> None:
+        members = [rows[i] for i in idx]
+        config = members[0].job.config  # type: ignore[union-attr]
+        saved = [r.generator.get_state() if r.generator is not None else None for r in members]
+        try:
+            if len(idx) == len(rows):
+                picked = choose(scores, members, config)
+            else:
+                index = torch.tensor(idx, device=scores.device)
+                picked = choose(scores[index], members, config)
+            if not bool(((picked >= 0) & (picked < scores.shape[-1])).all()):
+                raise NumericalError("sampling chose no valid token (the scores overflowed)")
+        except Exception as err:
+            jobs: dict[Job, list[int]] = {}
+            for i in idx:
+                jobs.setdefault(rows[i].job, []).append(i)  # type: ignore[arg-type]
+            if retry and len(jobs) > 1:  # find the request(s) at fault
+                for r, state in zip(members, saved, strict=True):
+                    if r.generator is not None and state is not None:
+                        r.generator.set_state(state)
+                for part in jobs.values():
+                    self._choose_group(scores, rows, part, chosen, ok, retry=False)
+                return
+            for job, part in jobs.items():
+                self._fail(job, _sampling_error(err), part, ok)
+            return
+        if len(idx) == len(rows):
+            chosen.copy_(picked)
+        else:
+            chosen[torch.tensor(idx, device=scores.device)] = picked
 
     def _records(
         self, scores: torch.Tensor, chosen: torch.Tensor, rows: list[_Row], ok: list[bool]
     ) -> dict[int, TokenLogprob]:
-        """Log-prob records for the rows that asked for them (grouped by ``top_logprobs``)."""
+        """Log-prob records for the rows that asked for them (grouped by ``top_logprobs``; a
+        request whose records fail fails alone)."""
         groups: dict[int, list[int]] = {}
         for i, r in enumerate(rows):
             config = r.job.config  # type: ignore[union-attr]
@@ -392,9 +438,24 @@ class ContinuousBatch(RequestCore):
         tokenizer = self.base.model.tokenizer
         out: dict[int, TokenLogprob] = {}
         for k, idx in groups.items():
-            index = torch.tensor(idx, device=scores.device)
-            found = logprob_records(scores[index], chosen[index], k, tokenizer)
-            out.update(zip(idx, found, strict=True))
+            parts = [idx]
+            try:
+                index = torch.tensor(idx, device=scores.device)
+                found = logprob_records(scores[index], chosen[index], k, tokenizer)
+                out.update(zip(idx, found, strict=True))
+                continue
+            except Exception:
+                jobs: dict[Job, list[int]] = {}
+                for i in idx:
+                    jobs.setdefault(rows[i].job, []).append(i)  # type: ignore[arg-type]
+                parts = list(jobs.values())
+            for part in parts:
+                try:
+                    index = torch.tensor(part, device=scores.device)
+                    found = logprob_records(scores[index], chosen[index], k, tokenizer)
+                    out.update(zip(part, found, strict=True))
+                except Exception as err:
+                    self._fail(rows[part[0]].job, err, part, ok)  # type: ignore[arg-type]
         return out
 
     def _push(self, row: _Row, token: int, record: TokenLogprob | None) -> StepUpdate:
@@ -407,3 +468,13 @@ class ContinuousBatch(RequestCore):
             row.done = True
             job.rows_left -= 1
         return update
+
+
+def _sampling_error(err: BaseException) -> BaseException:
+    """A sampling failure as the request's own error (a NumericalError that says why)."""
+    if isinstance(err, ConfigError | NumericalError):
+        return err
+    return NumericalError(
+        f"sampling failed ({type(err).__name__}: {err}); the request's scores or sampling "
+        "settings overflow (a huge token bias or alpha, or a tiny temperature)"
+    )

@@ -14,6 +14,7 @@ from ..config import EngineOptions, GenerationConfig
 from ..errors import ConfigError
 from ..prompts import Prompt
 from ..rules import Rule
+from ..rules.base import check_rule_size
 from ..schedules import Constant, Schedule, as_schedule
 from .members import Member, Pair
 from .prepare import Prepared, prepare
@@ -118,6 +119,7 @@ def request_rule(tuner: Steerable, spec: Any) -> Rule:
     must not make the server read model files; put such a rule in the server's recipe."""
     if not isinstance(spec, str | Mapping):
         raise ConfigError(f"rule must be a rule name or a mapping with a 'name', got {spec!r}")
+    check_rule_size(spec)  # before anything recurses into it
     try:
         built = tuner.with_rule(spec).rule
     except ConfigError as err:

@@ -85,19 +85,25 @@ def step_context(
 def checked_scores(combine: Combiner, ctx: StepContext) -> torch.Tensor:
     """Run the rule on ``ctx``; refuse NaN and rows where no token is left."""
     scores = combine(ctx)
-    label = getattr(combine, "label", None) or getattr(combine, "__name__", "the rule")
     if torch.isnan(scores).any():
+        label = _label(combine)
         raise NumericalError(
             f"the combined scores hold NaN at step {ctx.step}; check the settings of rule {label}"
         )
     empty = torch.isneginf(scores).all(dim=-1)
     if bool(empty.any()):
         row = int(empty.nonzero()[0])
+        label = _label(combine)
         raise NumericalError(
             f"rule {label} left no possible token for row {row} at step {ctx.step}; loosen its "
             "filters (top-k, plausibility threshold, allow/block-lists) or check its alphas"
         )
     return scores
+
+
+def _label(combine: Combiner) -> str:
+    """The rule's name for an error message (only then: printing a rule is not free)."""
+    return getattr(combine, "label", None) or getattr(combine, "__name__", "the rule")
 
 
 def score(

@@ -7,10 +7,10 @@ alphas, as ``(B, 1)`` tensors. Put ``context`` outside ``gated`` when using both
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 from typing import Any
 
+import regex
 import torch
 
 from ..errors import ConfigError
@@ -52,17 +52,38 @@ def confidence_gate(
     return floor + (1.0 - floor) * ramp
 
 
+REGEX_SECONDS = 0.1
+"""The time a context rule's regex may take on one prompt. Backtracking regexes (nested
+quantifiers such as ``(a+)+$``) take exponential time on some texts: they are stopped and the
+request refused instead of freezing the server."""
+
+
+def search(expression: str, text: str, where: str = "regex") -> bool:
+    """Whether ``expression`` matches somewhere in ``text`` (:func:`re.search` semantics, on
+    the ``regex`` engine, which stops after :data:`REGEX_SECONDS` and lets other threads run
+    meanwhile)."""
+    try:
+        found = regex.search(expression, text, flags=regex.VERSION0, timeout=REGEX_SECONDS)
+    except TimeoutError:
+        raise ConfigError(
+            f"rule {where} {expression!r} took over {REGEX_SECONDS:g}s on the prompt and was "
+            "stopped; simplify it (nested quantifiers such as (a+)+ backtrack exponentially)"
+        ) from None
+    return found is not None
+
+
 def choose_alphas(prompt: Any, rules: Any) -> float | tuple[float, ...] | None:
     """The alpha(s) of the first context rule that matches ``prompt``, or ``None``.
 
     A ``keyword`` matches as a case-insensitive substring, a ``regex`` with :func:`re.search`
-    (add ``(?i)`` for case-insensitive), both on the whole prompt (a chat: all messages).
+    (add ``(?i)`` for case-insensitive), both on the whole prompt (a chat: all messages); a
+    regex that runs past :data:`REGEX_SECONDS` raises :class:`~proxytune.errors.ConfigError`.
     """
     text = raw_text(prompt)
-    for rule in rules:
+    for i, rule in enumerate(rules):
         if "keyword" in rule and rule["keyword"].lower() in text.lower():
             return rule["alpha"]
-        if "regex" in rule and re.search(rule["regex"], text):
+        if "regex" in rule and search(rule["regex"], text, f"context.rules[{i}].regex"):
             return rule["alpha"]
     return None
 

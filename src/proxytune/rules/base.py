@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
+from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
@@ -127,6 +128,8 @@ def make_rule(spec: Any = None, where: str = "rule") -> Rule:
 
 
 def _rule_class(name: Any, where: str) -> type[RuleBase]:
+    if not isinstance(name, str):
+        raise ConfigError(f"{where} must be a rule name (a string), got {type(name).__name__}")
     if name not in RULES:
         raise ConfigError(f"{where}: unknown rule {name!r}; rules: {sorted(RULES)}")
     return RULES[name]
@@ -140,6 +143,46 @@ def rule_spec(value: Any, where: str) -> Rule:
 def spec_of(value: Any) -> Any:
     """A named rule as its spec (what :func:`make_rule` takes back); other values unchanged."""
     return value.to_spec() if isinstance(value, RuleBase) else value
+
+
+MAX_RULE_DEPTH = 16
+"""How deeply a request's rule may nest (mappings and lists, counting the rule itself)."""
+MAX_RULE_ITEMS = 2000
+"""How many keys and values a request's rule may hold in all."""
+
+
+def check_rule_size(spec: Any, where: str = "rule") -> None:
+    """Refuse a rule spec nested deeper than :data:`MAX_RULE_DEPTH` or holding more than
+    :data:`MAX_RULE_ITEMS` values, before anything is built from it (iteratively: a spec
+    nested thousands deep must not exhaust the stack)."""
+    stack: list[tuple[Any, int]] = [(spec, 1)]
+    items = 0
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, Mapping):
+            children: list[Any] = [*value.keys(), *value.values()]
+        elif isinstance(value, list | tuple):
+            children = list(value)
+        else:
+            continue
+        if depth > MAX_RULE_DEPTH:
+            raise ConfigError(
+                f"{where} is nested more than {MAX_RULE_DEPTH} levels deep (mappings and "
+                "lists); flatten it"
+            )
+        items += len(children)
+        if items > MAX_RULE_ITEMS:
+            raise ConfigError(f"{where} holds more than {MAX_RULE_ITEMS} keys and values")
+        stack.extend((c, depth + 1) for c in children)
+
+
+def _copy_plain(value: Any) -> Any:
+    """A copy of the dicts and lists in ``value`` (anything else shared)."""
+    if isinstance(value, dict):
+        return {k: _copy_plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy_plain(v) for v in value]
+    return value
 
 
 # -- the common base of every named rule ----------------------------------------------------
@@ -209,23 +252,34 @@ class RuleBase:
         out = {}
         for f in self._settings():
             value = getattr(self, f.name)
-            if spec_of(value) != defaults[f.name]:
+            plain = value._spec if isinstance(value, RuleBase) else value
+            if plain != defaults[f.name]:
                 out[f.name] = value
         return out
 
-    def to_spec(self) -> dict[str, Any]:
-        """``{name: ..., **settings that differ from the defaults}``, plain data."""
+    @cached_property
+    def _spec(self) -> dict[str, Any]:
+        """:meth:`to_spec`, built once per rule (nested rules reuse their own): a rule is
+        immutable, and rebuilding a nested rule's spec at every level costs 2^depth."""
         spec: dict[str, Any] = {"name": self.name}
         for key, value in self.changed().items():
-            value = spec_of(value)
+            value = value._spec if isinstance(value, RuleBase) else value
             spec[key] = list(value) if isinstance(value, tuple) else value
         return spec
 
-    def __str__(self) -> str:
+    def to_spec(self) -> dict[str, Any]:
+        """``{name: ..., **settings that differ from the defaults}``, plain data."""
+        return _copy_plain(self._spec)
+
+    @cached_property
+    def _text(self) -> str:
         args = ", ".join(
             f"{k}={v}" if isinstance(v, Rule) else f"{k}={v!r}" for k, v in self.changed().items()
         )
         return f"{self.name}({args})" if args else self.name
+
+    def __str__(self) -> str:
+        return self._text
 
     # the protocol ---------------------------------------------------------------------------
 

@@ -30,6 +30,8 @@ from .settings import (
     token_id,
 )
 
+BIAS = 1e6
+"""The largest token bias: far past any log-prob, far from float32's overflow."""
 NEG_INF = float("-inf")
 
 
@@ -159,12 +161,12 @@ class Tokens(_Wrapper):
     cost = "the inner rule's, plus one (V,) add; strings are tokenized once per request"
 
     bias: Mapping[int, float] = setting(
-        dict, "token id -> additive bias", mapping_of(token_id, number()), factory=True
+        dict, "token id -> additive bias", mapping_of(token_id, number(-BIAS, BIAS)), factory=True
     )
     bias_strings: Mapping[str, float] = setting(
         dict,
         "string -> additive bias on its last token once its other tokens were generated",
-        mapping_of(text, number()),
+        mapping_of(text, number(-BIAS, BIAS)),
         factory=True,
     )
     block: tuple[int, ...] = setting((), "token ids that can never be chosen", list_of(token_id))

@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import field
 from typing import Any
 
+import regex
+
 from ..errors import ConfigError
 
 Convert = Callable[[Any, str], Any]
@@ -155,8 +157,8 @@ def pattern(value: Any, where: str) -> str:
     """A regular expression (checked by compiling it)."""
     value = text(value, where)
     try:
-        re.compile(value)
-    except re.error as err:
+        regex.compile(value, flags=regex.VERSION0)  # the engine that matches it
+    except regex.error as err:
         raise ConfigError(f"{where} is not a valid regular expression: {err}") from None
     return value
 

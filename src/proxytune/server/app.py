@@ -73,6 +73,26 @@ class ServerSettings:
     """A draft length or ``"auto"``: every request is decoded speculatively (the expert
     drafts; exact output), on the tuner's own loop instead of continuous batching. Lowers a
     request's latency; at high concurrency continuous batching has the higher throughput."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """The largest request body read (bytes); larger ones are answered 413 before any parsing
+    (parsing and validating costs a few hundred times the body's size in memory)."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_top_logprobs", "max_body_bytes"):
+            value = getattr(self, name)
+            least = 0 if name == "max_top_logprobs" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be an integer >= {least}, got {value!r}"
+                )
+        if self.max_tokens is not None and (
+            isinstance(self.max_tokens, bool)
+            or not isinstance(self.max_tokens, int)
+            or self.max_tokens < 1
+        ):
+            raise ConfigError(f"max-tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if not self.shutdown_timeout >= 0:
+            raise ConfigError(f"shutdown-timeout must be >= 0 seconds, got {self.shutdown_timeout}")
 
 
 def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> FastAPI:
@@ -162,7 +182,7 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = parse_request(await request.body(), CompletionRequest)
+        req = parse_request(await read_body(request, settings.max_body_bytes), CompletionRequest)
         prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
         top = req.logprobs
         _check_top(top, "logprobs", settings.max_top_logprobs)
@@ -170,7 +190,8 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        req = parse_request(await request.body(), ChatCompletionRequest)
+        body = await read_body(request, settings.max_body_bytes)
+        req = parse_request(body, ChatCompletionRequest)
         top = (req.top_logprobs or 0) if req.logprobs else None
         _check_top(top, "top_logprobs", settings.max_top_logprobs)
         return await generate(request, req, [req.chat()], req.token_limit, top, "messages", True)
@@ -243,6 +264,31 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
 
 
 # request handling -----------------------------------------------------------------------------
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, or a 413 as soon as it is known to exceed ``limit`` bytes (from
+    its Content-Length, else while it arrives): nothing larger is held or parsed."""
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        raise _too_large(int(length), limit)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(None, limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(size: int | None, limit: int) -> APIError:
+    what = f"{size} bytes" if size is not None else "more"
+    return APIError(
+        f"the request body is {what}; this server takes at most {limit} bytes "
+        "(the server's --max-body-bytes raises it)",
+        413,
+        code="request_too_large",
+    )
 
 
 def _unknown_model(name: str, served: str) -> APIError:

@@ -6,12 +6,16 @@ Pure ASGI (not ``BaseHTTPMiddleware``), so streaming responses and disconnects p
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Any
 
 from fastapi.responses import JSONResponse
+from starlette.requests import ClientDisconnect
 
 from .metrics import Metrics
 from .protocol import APIError
+
+log = logging.getLogger("proxytune.server")
 
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
 
@@ -32,11 +36,11 @@ class Gate:
             endpoint = "/v1/models/{id}"
         else:
             endpoint = path if path in ENDPOINTS else "other"  # bounded label values
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
 
         async def counting_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
             await send(message)
 
         try:
@@ -52,6 +56,16 @@ class Gate:
                 await response(scope, receive, counting_send)
                 return
             await self.app(scope, receive, counting_send)
+        except ClientDisconnect:  # the client left while its body arrived: nobody to answer
+            status["code"] = 499
+        except Exception as err:
+            if status["started"]:
+                raise
+            # a bug: answer 500 here rather than let the server close the connection (a
+            # keep-alive client's next request would fail)
+            log.exception("unexpected error on %s", path)
+            body = APIError(f"internal error: {type(err).__name__}: {err}", 500).body()
+            await JSONResponse(body, status_code=500)(scope, receive, counting_send)
         finally:
             self.metrics.requests.inc(endpoint=endpoint, status=str(status["code"]))
 

@@ -330,14 +330,43 @@ def parse_request(raw: bytes, model: type[BaseModel]) -> Any:
     """JSON body -> request model, or an :class:`APIError` naming the field."""
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except RecursionError:
+        raise APIError("the request body is not valid JSON: it is nested too deeply") from None
+    except ValueError as err:  # bad JSON, bad UTF-8, an integer of more than 4300 digits
         raise APIError(f"the request body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise APIError("the request body must be a JSON object")
+    where = _lone_surrogate(data)
+    if where is not None:
+        raise APIError(
+            f"{where}: holds a lone surrogate escape (\\ud800-\\udfff), which is not text; "
+            "send valid UTF-16 pairs or UTF-8",
+            param=where,
+        )
     try:
         return model.model_validate(data)
     except ValidationError as err:
         raise validation_error(err) from None
+
+
+def _lone_surrogate(data: Any) -> str | None:
+    """The path (``messages[0].content``) of the first string in ``data`` that cannot be
+    encoded (a lone surrogate from a ``\\ud800`` escape), or ``None``."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return path or "body"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                stack.append((key, path or "body"))
+                stack.append((item, f"{path}.{key}" if path else str(key)))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+    return None
 
 
 _NESTED = {"role", "content", "name", "include_usage", "type", "text"}

@@ -219,6 +219,7 @@ class Scheduler:
             while True:
                 with self._cond:
                     while not self._stop and not self._waiting and not self.batch.live_rows:
+                        self._reap()  # a job cancelled since the last step leaves now
                         self.batch.retire()  # free the caches of cancelled rows while idle
                         self._cond.wait()
                     if self._stop:
@@ -233,6 +234,18 @@ class Scheduler:
                 except Exception as err:  # a bug or a broken model: fail the batch, keep serving
                     log.exception("decode step failed; failing %d request(s)", self.running)
                     self._fail_all(err)
+
+    def _reap(self) -> None:
+        """Drop cancelled jobs from :attr:`running` (with ``_cond`` held, on the worker thread).
+
+        A client may cancel after the last step's :meth:`_dispatch` looked at its job: the job
+        then has no live rows, so the worker would go idle with it still counted as running (a
+        phantom in ``/health`` and the gauges, and a shutdown that waits its full timeout)."""
+        gone = [job for job in self._running if job.cancelled]
+        for job in gone:
+            del self._running[job]
+        if gone:
+            self._cond.notify_all()
 
     def _admitted(self, tickets: list[_Ticket]) -> None:
         """Requeue what the batch deferred (at the front, in order); count the rest in."""
