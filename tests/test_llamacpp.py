@@ -278,3 +278,16 @@ def test_cli_backend_and_threads(both, tiny, capsys):
     bad = ["generate", "--base", str(tiny["base"]), "--threads", "1", "x"]
     assert main(bad) == 2  # threads on a transformers model: one line naming the fix
     assert "applies to the llama.cpp backend" in capsys.readouterr().err
+
+
+def test_kv_cells_bound_rows_and_a_full_cache_names_the_option(both, tiny):
+    path = str(tiny["base"] / "model.gguf")
+    small = ProxyTuner.from_specs(ModelSpec(path, backend="llamacpp", kv_cells=64))
+    assert small.base.model.context_length == 64
+    _, cpp = both
+    want = ids(cpp.alone("base").generate(PROMPTS[:1], max_new_tokens=6))
+    assert ids(small.generate(PROMPTS[:1], max_new_tokens=6)) == want
+    with pytest.raises(llamacpp.LlamaCppError, match="raise the model's kv_cells option"):
+        small.generate(PROMPTS * 4, max_new_tokens=40, ignore_eos=True)  # 16 rows x ~45 ids
+    with pytest.raises(ConfigError, match="kv_cells must be an integer >= 16"):
+        ModelSpec(path, kv_cells=3)

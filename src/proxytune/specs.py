@@ -39,6 +39,9 @@ class ModelSpec:
     llama.cpp for a ``.gguf`` file where ``llama-cpp-python`` is installed, else transformers."""
     threads: int | None = None
     """llama.cpp: CPU threads (default: every core)."""
+    kv_cells: int | None = None
+    """llama.cpp: KV cache cells shared by every row of every role on this model (default
+    4096); each row holds its prompt and its tokens so far."""
     max_memory: Mapping[str, str] | None = None
     """transformers: split the model's layers over devices with accelerate's device map, at
     most this much on each (``{"0": "20GiB", "1": "20GiB", "cpu": "60GiB"}``; ``"disk"``
@@ -62,6 +65,11 @@ class ModelSpec:
             object.__setattr__(
                 self, "max_memory", {str(k): str(v) for k, v in self.max_memory.items()}
             )
+        if self.kv_cells is not None and (
+            isinstance(self.kv_cells, bool) or not isinstance(self.kv_cells, int)
+            or self.kv_cells < 16
+        ):  # fmt: skip
+            raise ConfigError(f"kv_cells must be an integer >= 16, got {self.kv_cells!r}")
         if self.threads is not None and (
             isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
         ):
@@ -82,6 +90,7 @@ class ModelSpec:
             self.quantize,
             self.backend,
             self.threads,
+            self.kv_cells,
             None if self.max_memory is None else tuple(sorted(self.max_memory.items())),
         )
 

@@ -40,7 +40,8 @@ from ..specs import ModelSpec
 
 INSTALL = "pip install 'proxytune[llamacpp]' (builds llama.cpp from source: about 6 minutes)"
 KV_CELLS = 4096
-"""KV cache cells of a context, shared by all its sequences (rows of every role)."""
+"""Default KV cache cells of a context, shared by all its sequences (rows of every role);
+a model's ``kv_cells`` option sets it."""
 MAX_SEQUENCES = 64
 """Rows a context holds at once (all roles on the model together)."""
 N_BATCH = 512
@@ -97,10 +98,13 @@ def _backend_init(lc: Any) -> None:
 class _Context:
     """One llama.cpp context over a model: a KV cache, a pool of sequence ids, a batch."""
 
-    def __init__(self, lc: Any, model: Any, n_vocab: int, threads: int, exact: bool) -> None:
+    def __init__(
+        self, lc: Any, model: Any, n_vocab: int, threads: int, exact: bool, cells: int
+    ) -> None:
         self.lc = lc
         params = lc.llama_context_default_params()
-        params.n_ctx = KV_CELLS
+        params.n_ctx = cells
+        self.cells = cells
         params.n_batch = N_BATCH
         params.n_ubatch = N_BATCH
         params.n_seq_max = MAX_SEQUENCES
@@ -118,6 +122,8 @@ class _Context:
         if not self.ctx:
             raise ModelLoadError("llama.cpp could not create a context for the model")
         self.memory = lc.llama_get_memory(self.ctx)
+        self.n_batch = min(N_BATCH, int(lc.llama_n_batch(self.ctx)))
+        """Tokens per decode: llama.cpp lowers the batch to a small cache's size."""
         self.n_vocab = n_vocab
         self.free = list(range(MAX_SEQUENCES))
         self.batch = lc.llama_batch_init(N_BATCH, 0, 1)
@@ -161,7 +167,7 @@ class _Context:
         that want them, in order, ``(n, n_vocab)`` float32."""
         out = []
         with self.lock:
-            for chunk in _chunks(entries):
+            for chunk in _chunks(entries, self.n_batch):
                 batch = self.batch
                 for i, (token, pos, seq, logits) in enumerate(chunk):
                     batch.token[i] = token
@@ -173,8 +179,9 @@ class _Context:
                 status = self.lc.llama_decode(self.ctx, batch)
                 if status != 0:
                     raise LlamaCppError(
-                        f"llama_decode failed (status {status}): the KV cache of {KV_CELLS} "
-                        "cells is full or a row is too long; use fewer or shorter rows"
+                        f"llama_decode failed (status {status}): the KV cache of {self.cells} "
+                        "cells is full; use fewer or shorter rows, or raise the model's "
+                        "kv_cells option"
                     )
                 wanted = sum(1 for e in chunk if e[3])
                 if wanted:
@@ -190,13 +197,13 @@ class _Context:
 
 
 def _chunks(
-    entries: Sequence[tuple[int, int, int, bool]],
+    entries: Sequence[tuple[int, int, int, bool]], size: int = N_BATCH
 ) -> list[Sequence[tuple[int, int, int, bool]]]:
-    """Split ``entries`` into decodes of at most ``N_BATCH`` tokens and ``MAX_OUTPUTS`` logit
+    """Split ``entries`` into decodes of at most ``size`` tokens and ``MAX_OUTPUTS`` logit
     rows."""
     chunks, start, outputs = [], 0, 0
     for i, entry in enumerate(entries):
-        if i - start == N_BATCH or (entry[3] and outputs == MAX_OUTPUTS):
+        if i - start == size or (entry[3] and outputs == MAX_OUTPUTS):
             chunks.append(entries[start:i])
             start, outputs = i, 0
         outputs += entry[3]
@@ -217,7 +224,14 @@ class _Group:
 class LlamaCppModel:
     """A GGUF model run by llama.cpp, behind :class:`~proxytune.backends.base.LogitsModel`."""
 
-    def __init__(self, path: str | Path, tokenizer: Any, name: str, threads: int | None = None):
+    def __init__(
+        self,
+        path: str | Path,
+        tokenizer: Any,
+        name: str,
+        threads: int | None = None,
+        kv_cells: int | None = None,
+    ) -> None:
         lc = llama_cpp_module()
         _backend_init(lc)
         params = lc.llama_model_default_params()
@@ -242,7 +256,10 @@ class LlamaCppModel:
         self.device = torch.device("cpu")
         self.threads = threads or max(1, os.cpu_count() or 1)
         float_weights = int(lc.llama_model_ftype(self._model)) in FLOAT_FILE_TYPES
-        self.context = _Context(lc, self._model, self._vocab_width, self.threads, float_weights)
+        self.kv_cells = kv_cells or KV_CELLS
+        self.context = _Context(
+            lc, self._model, self._vocab_width, self.threads, float_weights, self.kv_cells
+        )
 
     @property
     def vocab_width(self) -> int:
@@ -250,7 +267,8 @@ class LlamaCppModel:
 
     @property
     def context_length(self) -> int | None:
-        return min(self._n_ctx_train, KV_CELLS) if self._n_ctx_train > 0 else KV_CELLS
+        cells = self.kv_cells
+        return min(self._n_ctx_train, cells) if self._n_ctx_train > 0 else cells
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
@@ -484,4 +502,5 @@ def load_llamacpp(spec: ModelSpec) -> LlamaCppModel:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf.name)
     except Exception as err:
         raise ModelLoadError(f"could not load the tokenizer of {spec.path!r}: {err}") from err
-    return LlamaCppModel(gguf, tokenizer, spec.path.removeprefix("embedded:"), spec.threads)
+    name = spec.path.removeprefix("embedded:")
+    return LlamaCppModel(gguf, tokenizer, name, spec.threads, spec.kv_cells)

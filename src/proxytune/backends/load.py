@@ -29,8 +29,9 @@ def load_model(spec: ModelSpec) -> Any:
         from .llamacpp import load_llamacpp
 
         return load_llamacpp(spec)
-    if spec.threads is not None:
-        raise ConfigError("threads applies to the llama.cpp backend; set backend: llamacpp")
+    if spec.threads is not None or spec.kv_cells is not None:
+        which = "threads" if spec.threads is not None else "kv_cells"
+        raise ConfigError(f"{which} applies to the llama.cpp backend; set backend: llamacpp")
     from .hf import load_hf
 
     return load_hf(spec)
