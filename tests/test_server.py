@@ -718,3 +718,23 @@ def test_request_bodies_over_the_limit_get_413_before_parsing(tuner):
         assert httpx.post(f"{u}{C}", json={"prompt": "x", "max_tokens": 2}).status_code == 200
     with pytest.raises(ConfigError, match="max-body-bytes must be an integer >= 1"):
         ServerSettings(max_body_bytes=0)
+
+
+def test_browsers_cannot_drive_a_keyless_local_server(tuner):
+    """A page cannot POST a simple (non-JSON) body, nor read answers through a rebound name."""
+    with serve_in_thread(create_app(tuner, ServerSettings(model_name=MODEL))) as u:
+        body = json.dumps({"prompt": "x", "max_tokens": 2})
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data"):
+            r = httpx.post(f"{u}{C}", content=body, headers={"Content-Type": kind})
+            assert r.status_code == 415 and "application/json" in r.json()["error"]["message"]
+        r = httpx.get(f"{u}/v1/models", headers={"Host": "evil.example:8000"})
+        assert r.status_code == 403 and "--allow-host evil.example" in r.json()["error"]["message"]
+        assert httpx.post(f"{u}{C}", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+        assert httpx.get(f"{u}/v1/models", headers={"Host": "localhost:8000"}).status_code == 200
+    anyone = ServerSettings(model_name=MODEL, allowed_hosts=("*",))
+    with serve_in_thread(create_app(tuner, anyone)) as u:
+        assert httpx.get(f"{u}/v1/models", headers={"Host": "evil.example"}).status_code == 200
+    keyed = ServerSettings(model_name=MODEL, api_key="k")  # a page cannot send the key
+    with serve_in_thread(create_app(tuner, keyed)) as u:
+        auth = {"Host": "gpu-box.internal", "Authorization": "Bearer k"}
+        assert httpx.get(f"{u}/v1/models", headers=auth).status_code == 200

@@ -50,6 +50,10 @@ def serve(
         "127.0.0.1"
     ),
     port: Annotated[int, Opt(help="TCP port.")] = 8000,
+    allow_host: Annotated[
+        list[str] | None,
+        Opt(help="Another Host name to answer without an API key (repeatable; '*': any)."),
+    ] = None,
     api_key: Annotated[
         str | None,
         Opt(envvar="PROXYTUNE_API_KEY", help="Require 'Authorization: Bearer KEY' (not /health)."),
@@ -91,6 +95,7 @@ def serve(
     from ..errors import ConfigError
     from ..server import ServerSettings
     from ..server import serve as run_server
+    from ..server.gate import LOOPBACK_NAMES
 
     if not 0 <= port <= 65535:
         raise ConfigError(f"port must be between 0 and 65535, got {port}")
@@ -109,6 +114,7 @@ def serve(
         kl_metric=kl_metric,
         shutdown_timeout=shutdown_timeout,
         max_body_bytes=max_body_bytes,
+        allowed_hosts=(*LOOPBACK_NAMES, *(allow_host or ())),
     )
     tuner = build_tuner(
         ModelOptions(

@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine.continuous import Job
 from ..errors import ConfigError, PromptTooLongError
 from ..schedules import Constant
-from .gate import Gate
+from .gate import LOOPBACK_NAMES, Gate
 from .metrics import Metrics
 from .protocol import (
     APIError,
@@ -76,6 +76,10 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     """The largest request body read (bytes); larger ones are answered 413 before any parsing
     (parsing and validating costs a few hundred times the body's size in memory)."""
+    allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES
+    """``Host`` header names answered (port ignored) when there is no API key; others get 403,
+    so that a web page that rebinds its DNS name to this machine cannot read answers. ``"*"``
+    allows any; ``serve`` adds the interface it binds to."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_top_logprobs", "max_body_bytes"):
@@ -129,7 +133,12 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
 
     app = FastAPI(title="proxytune", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.scheduler, app.state.metrics, app.state.settings = scheduler, metrics, settings
-    app.add_middleware(Gate, api_key=settings.api_key, metrics=metrics)  # type: ignore[arg-type]
+    app.add_middleware(
+        Gate,  # type: ignore[arg-type]
+        api_key=settings.api_key,
+        metrics=metrics,
+        allowed_hosts=settings.allowed_hosts,
+    )
     contexts = [m.model.context_length for m in tuner.members if m.model.context_length]
 
     @app.exception_handler(APIError)
@@ -392,8 +401,10 @@ def serve(
     import uvicorn
 
     settings = settings or ServerSettings()
-    if host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+    if host not in LOOPBACK_NAMES and not settings.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    if host not in settings.allowed_hosts and host not in ("0.0.0.0", "::"):
+        settings = replace(settings, allowed_hosts=(*settings.allowed_hosts, host))
     app = create_app(tuner, settings)
     config = uvicorn.Config(
         app,

@@ -1,4 +1,10 @@
-"""ASGI middleware in front of every route: the API key check and request counting.
+"""ASGI middleware in front of every route: the browser guards, the API key check and request
+counting.
+
+A web page can make a browser POST to ``http://127.0.0.1:8000`` without asking first when the
+body's type is ``text/plain``, a form or multipart; such requests are refused (415), as JSON
+is all the API takes. A page whose DNS name was rebound to this machine sends its own name in
+``Host``; names the server was not told about are refused (403).
 
 Pure ASGI (not ``BaseHTTPMiddleware``), so streaming responses and disconnects pass through.
 """
@@ -18,14 +24,26 @@ from .protocol import APIError
 log = logging.getLogger("proxytune.server")
 
 ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/health", "/metrics")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+BROWSER_TYPES = (b"text/plain", b"application/x-www-form-urlencoded", b"multipart/form-data")
+"""Body types a browser sends cross-site without a preflight: never JSON API calls."""
 
 
 class Gate:
     """Checks the API key (every path but /health) and counts requests by route and status."""
 
-    def __init__(self, app: Any, api_key: str | None, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        app: Any,
+        api_key: str | None,
+        metrics: Metrics,
+        allowed_hosts: tuple[str, ...] = LOOPBACK_NAMES,
+    ) -> None:
         self.app, self.metrics = app, metrics
         self.key = api_key.encode() if api_key else None
+        # with a key, a rebound page cannot use the server anyway (it cannot send the key)
+        self.any_host = "*" in allowed_hosts or self.key is not None
+        self.hosts = {h.strip("[]").lower() for h in allowed_hosts}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -44,6 +62,10 @@ class Gate:
             await send(message)
 
         try:
+            refusal = self._browser_guard(scope)
+            if refusal is not None:
+                await refusal(scope, receive, counting_send)
+                return
             if self.key is not None and path != "/health" and not self._authorized(scope):
                 err = APIError(
                     "invalid or missing API key: send 'Authorization: Bearer <key>'",
@@ -68,6 +90,31 @@ class Gate:
             await JSONResponse(body, status_code=500)(scope, receive, counting_send)
         finally:
             self.metrics.requests.inc(endpoint=endpoint, status=str(status["code"]))
+
+    def _browser_guard(self, scope: dict[str, Any]) -> JSONResponse | None:
+        """403 for a ``Host`` not allowed, 415 for a POST body of a browser-only type."""
+        headers = dict(scope.get("headers", []))
+        if not self.any_host:
+            host = headers.get(b"host", b"").decode("latin-1").lower()
+            name = host.rsplit(":", 1)[0] if not host.startswith("[") else host[1:].split("]")[0]
+            if name and name not in self.hosts:
+                err = APIError(
+                    f"Host {name!r} is not served here; start the server with --allow-host "
+                    f"{name} (or --allow-host '*')",
+                    403,
+                    code="host_not_allowed",
+                )
+                return JSONResponse(err.body(), status_code=403)
+        kind = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if scope.get("method") == "POST" and kind in BROWSER_TYPES:
+            err = APIError(
+                f"a {kind.decode()} body is not accepted: send JSON with 'Content-Type: "
+                "application/json'",
+                415,
+                code="unsupported_media_type",
+            )
+            return JSONResponse(err.body(), status_code=415)
+        return None
 
     def _authorized(self, scope: dict[str, Any]) -> bool:
         assert self.key is not None
