@@ -291,3 +291,27 @@ def test_kv_cells_bound_rows_and_a_full_cache_names_the_option(both, tiny):
         small.generate(PROMPTS * 4, max_new_tokens=40, ignore_eos=True)  # 16 rows x ~45 ids
     with pytest.raises(ConfigError, match="kv_cells must be an integer >= 16"):
         ModelSpec(path, kv_cells=3)
+
+
+def test_a_group_partner_fed_other_tokens_gets_its_own_logits(both, tiny):
+    """Lockstep grouping is only a shortcut: a partner asking for other tokens (or keeping
+    other rows) after a shared decode gets exactly what it would get alone."""
+    import torch
+
+    from proxytune.backends.llamacpp import load_llamacpp
+
+    model = load_llamacpp(ModelSpec(str(tiny["anti"] / "model.gguf")))
+    prompts = [[5, 6, 7], [8, 9]]
+    a, _ = model.start(prompts)
+    b, _ = model.start(prompts)  # started together: one group
+    assert a.group is not None and a.group is b.group
+    a.advance(torch.tensor([[10], [11]]))  # decodes b's rows with the same tokens too
+    got = b.advance(torch.tensor([[12], [13]]))  # other tokens: the shared work is undone
+    alone, _ = model.start_alone(prompts)
+    want = alone.advance(torch.tensor([[12], [13]]))
+    assert torch.allclose(got, want, atol=1e-5)
+    a.advance(torch.tensor([[14], [15]]))
+    b.keep(torch.tensor([1]))  # keeps one row before taking the shared step: rolled back
+    got = b.advance(torch.tensor([[15]]))
+    alone.keep(torch.tensor([1]))
+    assert torch.allclose(got, alone.advance(torch.tensor([[15]])), atol=1e-5)

@@ -340,22 +340,17 @@ class LlamaCppState:
 
     def prefill(self) -> torch.Tensor:
         """Decode every row's ids not yet in the cache; the last position's logits ``(B, W)``."""
-        return self._feed([[] for _ in self.ids], 1)[:, -1]
+        logits = torch.from_numpy(self.context.decode(self._entries(1)))
+        return logits.view(len(self.ids), -1)
 
     def advance(self, tokens: torch.Tensor) -> torch.Tensor:
         new = tokens.tolist()
         k = len(new[0]) if new else 0
         self.advanced = True
         with self.context.lock:
-            if self.group is not None:
-                done = self.group.pending.pop(self, None)
-                if done is not None:
-                    if done[0] == new:  # a partner decoded exactly these tokens for us
-                        for i, (row, more) in enumerate(zip(self.ids, new, strict=True)):
-                            row.extend(more)
-                            self.cached[i] = len(row)
-                        return done[1]
-                    self._undo(done[0])
+            ready = self._take_pending(new)
+            if ready is not None:
+                return ready
             partners = self._partners()
             for row, more in zip(self.ids, new, strict=True):
                 row.extend(more)
@@ -387,20 +382,24 @@ class LlamaCppState:
             for j, token in enumerate(more)
         ]
 
-    def _undo(self, fed: list[list[int]]) -> None:
-        """Forget ids a partner decoded for this state that it did not take."""
+    def _take_pending(self, new: list[list[int]] | None) -> torch.Tensor | None:
+        """The logits a partner already decoded for exactly ``new`` (recorded as fed), or
+        ``None``; work decoded for other tokens is rolled back first."""
+        done = None if self.group is None else self.group.pending.pop(self, None)
+        if done is None:
+            return None
+        if done[0] == new:
+            for i, (row, more) in enumerate(zip(self.ids, new, strict=True)):
+                row.extend(more)
+                self.cached[i] = len(row)
+            return done[1]
         for row, seq in zip(self.ids, self.seqs, strict=True):
             self.context.truncate(seq, len(row))
+        return None
 
     def _discard_pending(self) -> None:
-        if self.group is not None:
-            done = self.group.pending.pop(self, None)
-            if done is not None:
-                self._undo(done[0])
-
-    def _feed(self, new: list[list[int]], k: int) -> torch.Tensor:
-        """Bring the cache up to date and return the logits of each row's last ``k`` ids."""
-        return torch.from_numpy(self.context.decode(self._entries(k))).view(len(self.ids), k, -1)
+        """Roll back what a partner decoded for this state (before keep, rollback, extend)."""
+        self._take_pending(None)
 
     def _entries(self, k: int) -> list[tuple[int, int, int, bool]]:
         """Decode entries for every id not yet cached (all of them without a cache), with
