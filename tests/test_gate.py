@@ -55,3 +55,17 @@ def test_refusals(tmp_path):
     with pytest.raises(ConfigError, match="'f1' is in neither run"):
         failures(compare_runs(old, old), "f1", 0.0)
     assert main(["eval", "arith", "--gate-metric", "acc"]) == 2  # before any model loads
+
+
+def test_a_results_file_with_a_foreign_line_is_refused_and_kept(tmp_path):
+    from proxytune.evaluation.store import ResultStore
+
+    path = tmp_path / "proxy.jsonl"
+    text = '{"id": "a", "scores": {"acc": 1}}\nmy notes\n{"id": "b", "scores": {"acc": 0}}\n'
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="line 2 is not a result this command wrote"):
+        ResultStore(path).load()
+    assert path.read_text() == text  # nothing cut (it used to be truncated from line 2)
+    path.write_text(text.replace("my notes\n", "") + '{"id": "c", "sco')  # torn last line
+    assert list(ResultStore(path).load()) == ["a", "b"]
+    assert path.read_text().endswith('"acc": 0}}\n')

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import GenerationConfig
 from .errors import ConfigError, ProxyTuneError
+from .evaluation.store import load_records
 
 if TYPE_CHECKING:
     from .tuner import ProxyTuner
@@ -103,24 +104,9 @@ def read_lines(path: Path) -> list[JobLine]:
 
 
 def finished_ids(path: Path) -> set[str]:
-    """Ids already written to the output; a torn last line (no newline) is cut off first."""
-    if not path.exists():
-        return set()
-    data = path.read_bytes()
-    keep = data[: data.rfind(b"\n") + 1]
-    if len(keep) != len(data):
-        with path.open("r+b") as f:
-            f.truncate(len(keep))
-    done = set()
-    for number, text in enumerate(keep.decode("utf-8", errors="replace").splitlines(), 1):
-        try:
-            done.add(json.loads(text)["id"])
-        except (ValueError, KeyError, TypeError):
-            raise ConfigError(
-                f"output {str(path)!r} line {number} is not a result this command wrote; give "
-                "a new output file (nothing in an existing file is overwritten)"
-            ) from None
-    return done
+    """Ids already written to the output (:func:`~proxytune.evaluation.store.load_records`:
+    a torn last line is cut off; a file this command did not write is refused)."""
+    return set(load_records(path))
 
 
 def batches(lines: Sequence[JobLine], size: int) -> Iterator[list[JobLine]]:

@@ -51,25 +51,8 @@ class ResultStore:
             return None
 
     def load(self) -> dict[str, dict[str, Any]]:
-        """Finished examples by id; a truncated last line is cut off the file."""
-        if not self.path.exists():
-            return {}
-        out: dict[str, dict[str, Any]] = {}
-        good = 0
-        with open(self.path, "rb") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError):
-                    break
-                if not line.endswith(b"\n"):
-                    break
-                out[str(record["id"])] = record
-                good += len(line)
-        if good < self.path.stat().st_size:
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
-        return out
+        """Finished examples by id (:func:`load_records`)."""
+        return load_records(self.path)
 
     def append(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Add finished examples and flush them to disk before returning."""
@@ -82,6 +65,34 @@ class ResultStore:
             f.write(lines)
             f.flush()
             os.fsync(f.fileno())
+
+
+def load_records(path: str | Path) -> dict[str, dict[str, Any]]:
+    """The records of a JSONL results file by ``id``, in file order ({} if there is none).
+
+    A torn last line (a kill mid-write: no newline) is cut off the file. Any other line that
+    is not a JSON object with an ``id`` means the file is not one of these: refused, and the
+    file is left as it is.
+    """
+    path = Path(path)
+    if not path.exists():
+        return {}
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    out: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(complete.splitlines(), start=1):
+        try:
+            record = json.loads(line)
+            out[str(record["id"])] = record
+        except (ValueError, KeyError, TypeError):
+            raise ConfigError(
+                f"{str(path)!r} line {number} is not a result this command wrote; give a new "
+                "output file (nothing in an existing file is overwritten)"
+            ) from None
+    if len(complete) < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(len(complete))
+    return out
 
 
 def _jsonable(value: Any) -> Any:
