@@ -16,7 +16,10 @@ import httpx  # noqa: E402
 from serving import serve_in_thread  # noqa: E402
 
 from proxytune import ProxyTuner  # noqa: E402
+from proxytune.engine.blackbox import BlackBoxStats  # noqa: E402
+from proxytune.errors import ConfigError  # noqa: E402
 from proxytune.evaluation.scoring import encode, score, score_ids  # noqa: E402
+from proxytune.prompts import TokenIds  # noqa: E402
 from proxytune.server import ServerSettings, create_app  # noqa: E402
 
 C = "/v1/completions"
@@ -214,3 +217,71 @@ def test_unknown_fields_are_ignored_with_a_logged_warning(url, caplog):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == plain
     assert "ignored unknown field(s) 'alpah', 'do_sample'" in caplog.text
+
+
+def test_ids_and_echo_are_refused_where_the_base_is_an_api_model(url, tiny_dirs, monkeypatch):
+    """An API base is sent text (or ids only if its endpoint takes them): no verbatim ids."""
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    steered = ProxyTuner.from_api(
+        f"{url}/v1",
+        "raw",
+        expert=str(tiny_dirs["expert"]),
+        anti_expert=str(tiny_dirs["anti"]),
+        device="cpu",
+        dtype="float32",
+        base_options={"tokenizer": str(tiny_dirs["base"])},
+    )
+    with pytest.raises(ConfigError, match="the base is an API model"):
+        steered.prepare(TokenIds([5, 6], "ab"))
+    with serve_in_thread(create_app(steered, ServerSettings(model_name="s"))) as u:
+        for body, param in (
+            ({"prompt": [5, 6]}, "prompt"),
+            ({"prompt": "x", "echo": True}, "echo"),
+        ):
+            r = post(u, max_tokens=2, **body)
+            error = r.json()["error"]
+            assert r.status_code == 400 and error["param"] == param
+            assert "the base is an API model" in error["message"]
+
+
+def test_echo_on_a_speculative_server_equals_the_continuous_batch(url, raw):
+    body = {"prompt": TEXTS[1], "max_tokens": 3, "logprobs": 2, "echo": True}
+    with serve_in_thread(create_app(raw, ServerSettings(speculative=2))) as u:
+        spec = post(u, **body).json()["choices"][0]
+    batched = post(url, **body).json()["choices"][0]
+    assert spec["text"] == batched["text"]
+    n = len(ids_of(raw, TEXTS[1]))
+    assert spec["logprobs"]["token_logprobs"][:n] == batched["logprobs"]["token_logprobs"][:n]
+
+
+def test_a_black_box_base_on_this_server_is_exact_with_a_bpe_tokenizer(
+    tiny_dirs, tuner, monkeypatch
+):
+    """The issue's divergence: the API-base client sends token ids, which this server now
+    reads verbatim, so a full-vocabulary top-k through it is local proxy-tuning, token for
+    token (text prompts were re-tokenized on the server side and drifted)."""
+    monkeypatch.setenv("OPENAI_API_KEY", "unused")
+    plain = ProxyTuner.from_pretrained(
+        str(tiny_dirs["base"]), base_prompt="raw", device="cpu", dtype="float32"
+    )  # on `auto` its tokenizer's chat template would refuse ids, and the client send text
+    vocab = plain.vocab_size
+    settings = ServerSettings(model_name="base", max_top_logprobs=vocab)
+    with serve_in_thread(create_app(plain, settings)) as base_url:
+        steered = ProxyTuner.from_api(
+            f"{base_url}/v1",
+            "base",
+            expert=str(tiny_dirs["expert"]),
+            anti_expert=str(tiny_dirs["anti"]),
+            top_logprobs=vocab,
+            expert_prompt="chat",
+            anti_expert_prompt="raw",
+            device="cpu",
+            dtype="float32",
+            base_options={"tokenizer": str(tiny_dirs["base"]), "prompt": "raw"},
+        )
+        prompts = ["The quick brown fox", "Numbers: 0 1 2", "def add(a, b):"]
+        stats = BlackBoxStats()
+        got = steered.generate(prompts, max_new_tokens=24, stats=stats)
+    want = tuner.generate(prompts, max_new_tokens=24)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert not any("as text" in note for note in stats.notes)

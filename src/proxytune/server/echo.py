@@ -31,16 +31,6 @@ if TYPE_CHECKING:
     from .render import Renderer
 
 
-def ids_differ(tuner: ProxyTuner) -> str | None:
-    """Why the models cannot all read one list of base ids (``None``: they can, given the raw
-    prompt format, which :func:`check_echo` and the engine check per model)."""
-    if tuner.cross_maps:
-        return f"pair {min(tuner.cross_maps)}'s models read another tokenizer than the base"
-    if tuner.blackbox:
-        return "the base is an API model, which is sent text"
-    return None
-
-
 def completion_prompts(prompt: str | list[Any], tuner: ProxyTuner) -> list[Prompt]:
     """A ``/v1/completions`` prompt (text, texts, ids, a list of id lists) as the engine's
     prompts: text as is, token ids as :class:`~proxytune.prompts.TokenIds` (checked: not
@@ -54,7 +44,7 @@ def completion_prompts(prompt: str | list[Any], tuner: ProxyTuner) -> list[Promp
     out: list[Prompt] = []
     for i, item in enumerate(items):
         where = "prompt" if single else f"prompt[{i}]"
-        blocker = ids_differ(tuner)
+        blocker = tuner.ids_differ
         if blocker is not None:
             raise APIError(
                 f"{where}: token-id prompts are read verbatim by every model, but {blocker}; "
@@ -71,7 +61,7 @@ def completion_prompts(prompt: str | list[Any], tuner: ProxyTuner) -> list[Promp
 def check_echo(tuner: ProxyTuner, prepared: Prepared) -> None:
     """Echo scores the base's ids of each prompt: every running model must read exactly those
     ids (the raw prompt format, one vocabulary, the same tokenization)."""
-    blocker = ids_differ(tuner)
+    blocker = tuner.ids_differ
     if blocker is not None:
         raise _no_echo(blocker)
     base_ids = prepared.rendered[prepared.base.role]
