@@ -39,18 +39,18 @@ def completion_prompts(prompt: str | list[Any], tuner: ProxyTuner) -> list[Promp
         return [prompt]
     if all(isinstance(p, str) for p in prompt):
         return list(prompt)
+    blocker = tuner.ids_differ
+    if blocker is not None:
+        raise APIError(
+            f"prompt: token-id prompts are read verbatim by every model, but {blocker}; "
+            "send the prompt as text",
+            param="prompt",
+        )
     single = all(isinstance(t, int) for t in prompt)
     items = [prompt] if single else prompt
     out: list[Prompt] = []
     for i, item in enumerate(items):
         where = "prompt" if single else f"prompt[{i}]"
-        blocker = tuner.ids_differ
-        if blocker is not None:
-            raise APIError(
-                f"{where}: token-id prompts are read verbatim by every model, but {blocker}; "
-                "send the prompt as text",
-                param="prompt",
-            )
         try:
             out.append(token_prompt(item, tuner.tokenizer, tuner.vocab_size, where))
         except ConfigError as err:
