@@ -5,6 +5,7 @@ combination the models cannot honour is a 400 naming the field."""
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 
 import pytest
@@ -285,3 +286,17 @@ def test_a_black_box_base_on_this_server_is_exact_with_a_bpe_tokenizer(
     want = tuner.generate(prompts, max_new_tokens=24)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     assert not any("as text" in note for note in stats.notes)
+
+
+def test_a_rule_failing_while_echo_scores_fails_that_request_alone(raw):
+    def combine(ctx):  # a broken custom rule: NaN when alpha is 7
+        return ctx.base * math.nan if ctx.alphas and ctx.alphas[0] == 7.0 else ctx.base
+
+    broken = ProxyTuner(raw.base, raw.pairs, raw.defaults, rule=combine)
+    with serve_in_thread(create_app(broken, ServerSettings(model_name="b"))) as u:
+        r = post(u, prompt="Rain falls", max_tokens=0, echo=True, logprobs=1, alpha=7)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "generation_failed"
+        assert "NaN" in r.json()["error"]["message"]
+        good = post(u, prompt="Rain falls", max_tokens=0, echo=True, logprobs=1)
+        assert good.status_code == 200
+        assert httpx.get(f"{u}/health").json()["status"] == "ok"
