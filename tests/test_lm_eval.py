@@ -17,7 +17,11 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'proxytune[lmeval]')")
+pytest.importorskip(
+    "lm_eval",
+    reason="lm-eval is not importable (pip install 'proxytune[lmeval]')",
+    exc_type=ImportError,
+)
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 from serving import serve_in_thread
