@@ -274,6 +274,57 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tiny_dirs, task, 
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+class KillAfterSave(StopAt):
+    """Raises once the checkpoint of ``step`` is saved: the process dies mid-run."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt
+
+
+def test_an_unfinished_run_is_refused_with_how_to_resume(tiny_dirs, task, tmp_path, capsys):
+    from proxytune.errors import ModelLoadError
+    from proxytune.training.output import read_meta
+
+    out = tmp_path / "killed"
+    cut = config(tiny_dirs["anti"], task, out, lora=True, max_steps=4, save_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, callbacks=[KillAfterSave(2)])
+    assert read_meta(out)["status"] == "running" and (out / "checkpoint-2").is_dir()
+    gen = ["generate", "--base", str(tiny_dirs["base"]), "--expert", str(out)]
+    gen += ["--anti-expert", str(tiny_dirs["anti"]), "--device", "cpu", "--max-new-tokens", "2"]
+    capsys.readouterr()
+    assert main([*gen, "hi"]) == 2  # refused before any model loads, in one line
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "tokenizer" not in err
+    assert "unfinished `proxytune train` run (status 'running'" in err
+    assert f"--data {task} --out {out} --resume" in err
+    cut.resume = True  # the command it names finishes the run; then it loads
+    train(cut)
+    assert read_meta(out)["status"] == "complete"
+    assert main([*gen, "hi"]) == 0
+    # a complete adapter whose metadata still says running (killed between the two) is refused
+    meta = json.loads((out / "proxytune_train.json").read_text())
+    (out / "proxytune_train.json").write_text(json.dumps({**meta, "status": "running"}))
+    with pytest.raises(ModelLoadError, match="unfinished `proxytune train` run"):
+        ProxyTuner.from_pretrained(str(tiny_dirs["base"]), expert=str(out), **CPU)
+
+
+def test_the_run_status_is_written_whole_or_not_at_all(tiny_dirs, task, tmp_path, monkeypatch):
+    from proxytune.training import output
+
+    run = train(config(tiny_dirs["anti"], task, tmp_path / "run", lora=True, max_steps=1))
+    before = (run.out / "proxytune_train.json").read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        output.write_meta(run.out, config(tiny_dirs["anti"], task, run.out), "raw", status="x")
+    assert (run.out / "proxytune_train.json").read_text() == before
+
+
 def test_overwrite_protection(tiny_dirs, task, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()

@@ -40,17 +40,38 @@ def adapter_base(adapter_dir: str | Path) -> str | None:
     )
 
 
+def refuse_unfinished(folder: Path) -> None:
+    """Refuse a ``proxytune train`` output whose run did not complete: killed (or still
+    running) before it wrote ``status: complete``, its weights may be a checkpoint's or none."""
+    try:
+        meta = json.loads((folder / TRAIN_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a training output (or not ours): the loader judges it
+    status = meta.get("status") if isinstance(meta, dict) else None
+    if status in (None, "complete"):
+        return
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    method = f" --method {config['method']}" if config.get("method", "sft") != "sft" else ""
+    raise ModelLoadError(
+        f"{str(folder)!r} holds an unfinished `proxytune train` run (status {status!r}: it was "
+        "stopped or is still running); let it finish, or resume it with `proxytune train "
+        f"--model {meta.get('base_model', 'BASE')} --data {config.get('data', 'DATA')}{method} "
+        f"--out {folder} --resume` and the other options it started with"
+    )
+
+
 def resolve_adapter_dir(spec: ModelSpec | None) -> ModelSpec | None:
     """``ModelSpec(path=ADAPTER_DIR)`` -> ``ModelSpec(path=BASE, adapter=ADAPTER_DIR)``.
 
     Lets a trained adapter directory stand alone where a model is expected (``--expert OUT``).
-    Anything else is returned unchanged.
+    Anything else is returned unchanged; an unfinished training run is refused.
     """
     if spec is None or spec.adapter is not None:
         return spec
     local = Path(spec.path).expanduser()
     if not local.is_dir():
         return spec
+    refuse_unfinished(local)
     base = adapter_base(local)
     return spec if base is None else replace(spec, path=base, adapter=str(local))
 
