@@ -298,7 +298,7 @@ def test_an_unfinished_run_is_refused_with_how_to_resume(tiny_dirs, task, tmp_pa
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "tokenizer" not in err
     assert "unfinished `proxytune train` run (status 'running'" in err
-    assert f"--data {task} --out {out} --resume" in err
+    assert f"--data {task} --lora --out {out} --resume" in err
     cut.resume = True  # the command it names finishes the run; then it loads
     train(cut)
     assert read_meta(out)["status"] == "complete"

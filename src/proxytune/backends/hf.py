@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, ModelLoadError
+from ..paths import need_dir
 from ..specs import ModelSpec
 from .quantize import BNB_METHODS, METHODS, bnb_config
 
@@ -155,8 +156,7 @@ def input_device(model: Any) -> torch.device:
 def _apply_adapter(model: Any, adapter: str, merge: bool = True) -> Any:
     """``model`` with the LoRA ``adapter``: merged into float weights, or kept as side layers
     over quantized ones (``merge=False``; merging would round the update into 4/8 bits)."""
-    if not Path(adapter).expanduser().is_dir():
-        raise ModelLoadError(f"adapter directory {adapter!r} does not exist")
+    need_dir(adapter, "adapter directory", ModelLoadError)
     from peft import PeftModel
 
     try:

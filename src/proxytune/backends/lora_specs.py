@@ -51,11 +51,12 @@ def refuse_unfinished(folder: Path) -> None:
     if status in (None, "complete"):
         return
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    method = f" --method {config['method']}" if config.get("method", "sft") != "sft" else ""
+    flags = " --lora" if config.get("lora") else ""
+    flags += " --dpo" if config.get("method") == "dpo" else ""
     raise ModelLoadError(
         f"{str(folder)!r} holds an unfinished `proxytune train` run (status {status!r}: it was "
         "stopped or is still running); let it finish, or resume it with `proxytune train "
-        f"--model {meta.get('base_model', 'BASE')} --data {config.get('data', 'DATA')}{method} "
+        f"--model {meta.get('base_model', 'BASE')} --data {config.get('data', 'DATA')}{flags} "
         f"--out {folder} --resume` and the other options it started with"
     )
 
