@@ -12,14 +12,14 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def test_bench_speed_runs_every_kind_of_system(tmp_path, tiny_dirs):
-    recipe = tmp_path / "tiny.yaml"
+def test_bench_speed_runs_every_kind_of_system(tmp_path, bnb_dirs):
+    recipe = tmp_path / "tiny.yaml"  # models bitsandbytes' 4-bit CPU path takes (AVX-512 too)
     recipe.write_text(
         f"""
-base: {{model: "{tiny_dirs["base"]}", prompt: raw}}
+base: {{model: "{bnb_dirs["base"]}", prompt: raw}}
 pairs:
-  - expert: {{model: "{tiny_dirs["anti"]}", prompt: chat}}
-    anti_expert: {{model: "{tiny_dirs["anti"]}", prompt: raw}}
+  - expert: {{model: "{bnb_dirs["anti"]}", prompt: chat}}
+    anti_expert: {{model: "{bnb_dirs["anti"]}", prompt: raw}}
 model_defaults: {{device: cpu, dtype: float32}}
 """
     )

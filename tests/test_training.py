@@ -558,10 +558,13 @@ def test_two_adapters_on_one_anti_expert_share_one_model(tiny_dirs, random_adapt
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from proxytune.backends.lora_specs import peft_quietly
+
     torch.manual_seed(8)
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["anti"])
     lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(tmp_path / "second")
+    with peft_quietly():
+        get_peft_model(model, lora).save_pretrained(tmp_path / "second")
     base, first, anti = pair_specs(tiny_dirs, random_adapter)
     second = ModelSpec(str(tiny_dirs["anti"]), adapter=str(tmp_path / "second"), **CPU)
     pairs = [(first, anti, 1.0), (second, anti, 0.5)]
@@ -573,3 +576,18 @@ def test_two_adapters_on_one_anti_expert_share_one_model(tiny_dirs, random_adapt
     assert [r.token_ids for r in got] == [
         r.token_ids for r in two.generate(PROMPTS, max_new_tokens=12)
     ]
+
+
+def test_no_gradient_checkpointing_deprecation_warning(tiny_dirs, task, tmp_path):
+    """Issue 16, item 12: peft read transformers' deprecated ``is_gradient_checkpointing``
+    whenever it built a model (13 warnings in these tests)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run = train(config(tiny_dirs["anti"], task, tmp_path / "w", lora=True, max_steps=1))
+        base, anti = (ModelSpec(str(tiny_dirs[n]), **CPU) for n in ("base", "anti"))
+        for one_pass in (True, False):
+            pairs = [(ModelSpec(str(run.out), **CPU), anti, 1.0)]
+            ProxyTuner.from_specs(base, pairs, options={"one_pass": one_pass})
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]

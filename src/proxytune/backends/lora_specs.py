@@ -5,7 +5,10 @@ No heavy imports here: these look at directories and ``adapter_config.json`` onl
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +17,18 @@ from ..specs import ModelSpec
 
 TRAIN_META = "proxytune_train.json"
 """Written by ``proxytune train`` next to what it saves; names the base model of an adapter."""
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Around building a peft model: peft (0.21) reads transformers' deprecated
+    ``is_gradient_checkpointing`` there, a FutureWarning no user of ours can act on (only
+    that warning is hidden)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def adapter_base(adapter_dir: str | Path) -> str | None:
