@@ -55,10 +55,12 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = self.force_exit = True
 
     def _drain(self) -> None:
-        self.cut = self.scheduler.close(self.timeout)
-        if self.cut:
-            log.warning("shutdown cut %d request(s) still running", self.cut)
-        self.should_exit = True
+        try:
+            self.cut = self.scheduler.close(self.timeout)
+            if self.cut:
+                log.warning("shutdown cut %d request(s) still running", self.cut)
+        finally:  # whatever happened, the server stops
+            self.should_exit = True
 
 
 def run_draining(config: uvicorn.Config, scheduler: Scheduler, timeout: float) -> int:
