@@ -65,7 +65,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     out = Path(args.out)
-    config = ReproduceConfig(**json.loads((out / "reproduce.json").read_text())["config"])
+    recorded = json.loads((out / "reproduce.json").read_text())["config"]
+    recorded.setdefault("backend", "transformers")  # runs made before the setting existed
+    config = ReproduceConfig(**recorded)
     exp = Experiment(config, print)
     tasks = args.tasks.split(",") if args.tasks else list(config.tasks)
     lines = ["| task | metric | system | score | gap closed |", "|---|---|---|---|---|"]

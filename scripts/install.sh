@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create .venv and install proxytune with everything its tests, server and training need.
+# Create .venv and install proxytune with everything its tests, server and training need
+# (requirements.lock: every optional extra too, lm-eval included, so that no test skips).
 # torch is pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "$0")/.."

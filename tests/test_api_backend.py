@@ -125,8 +125,8 @@ def test_k_equal_to_the_vocabulary_is_local_proxy_tuning(chars, url, chunk):
     want = local.generate(PROMPTS, max_new_tokens=STEPS)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     assert [r.text for r in got] == [r.text for r in want]
-    # the server takes text prompts only: detected, noted, and exact for this tokenizer
-    assert any("as text" in n for n in stats.notes) and stats.chunks.text_drift == 0
+    # the server takes token-id prompts (issue 14): sent as ids, no fallback to text
+    assert not any("as text" in n for n in stats.notes) and stats.chunks.text_drift == 0
     assert stats.api.unmapped == 0 and stats.mean_coverage == 1.0
     assert stats.api.calls <= stats.chunks.tbt_calls == stats.steps
     if chunk == 1:

@@ -15,7 +15,7 @@ from proxytune.crosstok import CoverageError, CrossFeeder, CrossOptions, token_b
 from proxytune.engine import Member, Pair
 from proxytune.engine.blackbox import BlackBoxStats
 from proxytune.errors import ConfigError, VocabularyMismatchError
-from proxytune.prompts import PromptFormat
+from proxytune.prompts import PromptFormat, TokenIds
 from proxytune.recipe import parse_recipe
 from proxytune.schedules import Linear
 from proxytune.testing import CHAT_TEMPLATE, build_model, build_tokenizer
@@ -103,6 +103,23 @@ def test_permuted_ids_give_exactly_the_same_tokenizer_result(setup):
     assert [r.token_ids for r in cross.generate(PROMPTS[0], **sampled)] == [
         r.token_ids for r in same.generate(PROMPTS[0], **sampled)
     ]
+
+
+def test_token_id_prompts_are_refused_for_a_pair_of_another_tokenizer(setup):
+    """Ids of the base's vocabulary mean nothing to the pair: refused, naming it (the server's
+    token-id prompts and echo give the same reason)."""
+    m, t = setup["models"], setup["twins"]
+    cross = ProxyTuner(
+        Member("base", m["base"]), [pair(t["expert"], t["anti"], "raw")], cross_tokenizer=True
+    )
+    assert cross.ids_differ == "pair 0's models read another tokenizer than the base"
+    with pytest.raises(ConfigError, match=r"prompt: token-id prompts .* pair 0's models"):
+        cross.generate(TokenIds([5, 6], "ab"), max_new_tokens=2)
+    same = ProxyTuner(Member("base", m["base"]), [pair(m["expert"], m["anti"], "raw")])
+    assert same.ids_differ is None
+    ids = same.base.prompt.render("The quick", same.tokenizer)
+    by_ids = same.generate(TokenIds(ids, "The quick"), max_new_tokens=4)[0]
+    assert by_ids.token_ids == same.generate("The quick", max_new_tokens=4)[0].token_ids
 
 
 def test_alpha_zero_reduces_to_the_base_alone(setup):

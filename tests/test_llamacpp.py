@@ -151,12 +151,12 @@ def test_sequences_are_given_back(both):
 
 @needs_llama
 def test_clear_errors(tiny, tmp_path):
-    with pytest.raises(ConfigError, match=r"needs a \.gguf file"):
-        ProxyTuner.from_specs(ModelSpec(str(tiny["base"]), device="cpu", backend="llamacpp"))
     other = build_tokenizer(300, corpus=["zebra quartz jumps vexingly " * 8, "xylophone wiz"] * 4)
     odd_model = build_model(other, seed=4)
     odd_model.save_pretrained(tmp_path)
     other.save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"needs a \.gguf file or a directory with model"):
+        ProxyTuner.from_specs(ModelSpec(str(tmp_path), device="cpu", backend="llamacpp"))
     write_gguf(odd_model, other, tmp_path / "other.gguf")
     errors = []
     for backend, base, odd in (
@@ -169,7 +169,7 @@ def test_clear_errors(tiny, tmp_path):
         errors.append(str(err.value).replace("/model.gguf", "").replace("/other.gguf", ""))
     assert errors[0] == errors[1]  # the same clear error on both backends (but the file names)
     with pytest.raises(ConfigError, match=r"applies to the llama\.cpp backend"):
-        ProxyTuner.from_specs(ModelSpec(str(tiny["base"]), device="cpu", threads=2))
+        ProxyTuner.from_specs(ModelSpec(str(tmp_path), device="cpu", threads=2))
 
 
 def test_a_missing_llama_cpp_names_the_install_command(tiny, monkeypatch):
@@ -183,8 +183,10 @@ def test_a_missing_llama_cpp_names_the_install_command(tiny, monkeypatch):
 
 
 def test_a_lora_expert_steers_the_same_on_both_backends(both, tiny, tmp_path, capsys):
-    """``proxytune export`` writes a trained adapter merged into its base as GGUF; on
-    llama.cpp it steers the base as the adapter does on transformers."""
+    """A trained adapter runs on llama.cpp as a llama.cpp LoRA adapter over its base's GGUF
+    (sharing the anti-expert's weights), or merged into its base by ``proxytune export``;
+    either way it steers the base as the adapter does on transformers."""
+    from proxytune.backends.load import backend_of
     from proxytune.cli import main
     from proxytune.testing import save_tiny_lora
 
@@ -193,30 +195,59 @@ def test_a_lora_expert_steers_the_same_on_both_backends(both, tiny, tmp_path, ca
     assert "model.gguf" in capsys.readouterr().out
     assert main(["export", str(adapter), str(tmp_path / "expert")]) == 2  # never overwrites
 
-    def pair_tuner(backend: str, expert: str, base: str, anti: str) -> ProxyTuner:
-        def spec(path: str, **kw) -> ModelSpec:
-            return ModelSpec(path, device="cpu", backend=backend, prompt="raw", **kw)
+    def pair_tuner(backend: str, expert: str, base: str, anti: str, **kw) -> ProxyTuner:
+        def spec(path: str, **more) -> ModelSpec:
+            return ModelSpec(path, device="cpu", backend=backend, prompt="raw", **more)
 
-        adapter_kw = {"adapter": str(adapter)} if backend == "transformers" else {}
         return ProxyTuner.from_specs(
-            spec(base), [(spec(expert, **adapter_kw), spec(anti), 1.5)], options={"one_pass": False}
+            spec(base), [(spec(expert, **kw), spec(anti), 1.5)], options={"one_pass": False}
         )
 
-    hf = pair_tuner("transformers", str(tiny["anti"]), str(tiny["base"]), str(tiny["anti"]))
-    cpp = pair_tuner(
+    hf = pair_tuner(
+        "transformers", str(tiny["anti"]), str(tiny["base"]), str(tiny["anti"]),
+        adapter=str(adapter),
+    )  # fmt: skip
+    merged = pair_tuner(
         "llamacpp",
         str(tmp_path / "expert" / "model.gguf"),
         str(tiny["base"] / "model.gguf"),
         str(tiny["anti"] / "model.gguf"),
     )
+    # the adapter directory alone; its base directory holds a model.gguf: auto picks llama.cpp
+    as_adapter = pair_tuner("auto", str(adapter), str(tiny["base"]), str(tiny["anti"]))
+    expert_model, anti_model = (m.model for m in as_adapter.pairs[0].members)
+    assert isinstance(expert_model, llamacpp.LlamaCppModel)
+    assert expert_model.context.weights is anti_model.context.weights  # loaded once
+    assert backend_of(ModelSpec(str(tiny["anti"]), adapter=str(adapter))) == "llamacpp"
     settings = {"max_new_tokens": 12, "logprobs": True}
-    want, got = hf.generate(PROMPTS, **settings), cpp.generate(PROMPTS, **settings)
-    assert ids(got) == ids(want)
-    assert ids(got) != ids(cpp.alone("base").generate(PROMPTS, max_new_tokens=12))
-    for g, w in zip(got, want, strict=True):
-        assert [x.logprob for x in g.logprobs] == pytest.approx(
-            [x.logprob for x in w.logprobs], abs=1e-3
-        )
+    want = hf.generate(PROMPTS, **settings)
+    assert ids(want) != ids(hf.alone("base").generate(PROMPTS, max_new_tokens=12))
+    for cpp in (merged, as_adapter):
+        got = cpp.generate(PROMPTS, **settings)
+        assert ids(got) == ids(want)
+        for g, w in zip(got, want, strict=True):
+            assert [x.logprob for x in g.logprobs] == pytest.approx(
+                [x.logprob for x in w.logprobs], abs=1e-3
+            )
+
+
+def test_adapters_llamacpp_cannot_apply_name_the_way_round(tiny, tmp_path):
+    """DoRA, biases or adapted embeddings stay on transformers under ``auto`` and get a
+    one-line error under ``backend: llamacpp``."""
+    import json
+
+    from proxytune.backends.gguf_lora import lora_gguf
+    from proxytune.backends.load import backend_of
+    from proxytune.testing import save_tiny_lora
+
+    adapter = save_tiny_lora(tiny["anti"], tmp_path / "dora", seed=4)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    assert backend_of(ModelSpec(str(tiny["anti"]), adapter=str(adapter))) == "transformers"
+    with pytest.raises(ConfigError, match=r"DoRA.*backend: transformers"):
+        lora_gguf(adapter, "qwen2", 4, 2, cache=tmp_path)
+    with pytest.raises(ConfigError, match="not a readable LoRA adapter"):
+        lora_gguf(tmp_path / "nowhere", "qwen2", 4, 2, cache=tmp_path)
 
 
 def test_the_speed_benchmark_runs_the_llamacpp_systems(both, tiny, tmp_path):
@@ -275,8 +306,8 @@ def test_cli_backend_and_threads(both, tiny, capsys):
     assert main([*args, PROMPTS[0]]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["token_ids"] == cpp.generate(PROMPTS[0], max_new_tokens=6)[0].token_ids
-    bad = ["generate", "--base", str(tiny["base"]), "--threads", "1", "x"]
-    assert main(bad) == 2  # threads on a transformers model: one line naming the fix
+    bad = ["generate", "--base", str(tiny["base"]), "--backend", "transformers"]
+    assert main([*bad, "--threads", "1", "x"]) == 2  # threads on transformers: names the fix
     assert "applies to the llama.cpp backend" in capsys.readouterr().err
 
 

@@ -298,3 +298,45 @@ def test_variants_script_runs_on_a_finished_run(tmp_path, tiny_pair) -> None:
         assert f"| arith | acc | {name} |" in table
     stored = [json.loads(x) for x in (out / "eval" / "arith" / "variants" / "gated.jsonl").open()]
     assert len(stored) == 6
+
+
+def test_the_run_evaluates_on_llamacpp_with_the_same_results(tmp_path, tiny_pair) -> None:
+    """With GGUFs beside the models, ``backend: auto`` evaluates on llama.cpp (the trained
+    LoRAs as llama.cpp adapters): the same greedy outputs as on transformers, and a run made
+    on one backend is never resumed on the other."""
+    import shutil
+
+    from proxytune.backends import llamacpp
+    from proxytune.backends.gguf_write import export_gguf
+
+    if not llamacpp.available():
+        pytest.skip(f"llama-cpp-python is not installed ({llamacpp.INSTALL})")
+    pair = []
+    for path in tiny_pair:
+        copy = tmp_path / Path(path).name
+        shutil.copytree(path, copy)
+        export_gguf(path, tmp_path / "gguf")
+        (tmp_path / "gguf" / "model.gguf").rename(copy / "model.gguf")
+        shutil.rmtree(tmp_path / "gguf")
+        pair.append(str(copy))
+    outputs = {}
+    for backend in ("transformers", "auto"):
+        config = _config(tmp_path / backend, tuple(pair), tasks=("arith",), backend=backend)
+        want = "transformers" if backend == "transformers" else "llamacpp"
+        assert config.backends() == {"small": want, "big": want}
+        reproduce(config, log=lambda _: None)
+        outputs[backend] = {
+            s: [
+                json.loads(x)["outputs"]
+                for x in (tmp_path / backend / "eval" / "arith" / "test" / f"{s}.jsonl").open()
+            ]
+            for s in ("base", "expert", "tuned", "proxy", "product")
+        }
+    assert outputs["auto"] == outputs["transformers"]
+    # the transformers run's evaluation is not resumed on llama.cpp
+    with pytest.raises(ConfigError, match=r"stage 'validation'.*backends"):
+        reproduce(
+            _config(tmp_path / "transformers", tuple(pair), tasks=("arith",)), log=lambda _: None
+        )
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        _config(tmp_path / "x", tiny_pair, backend="vllm")

@@ -22,6 +22,48 @@ Prompt = str | Sequence[Message]
 """A plain string, or a chat as a list of ``{"role": ..., "content": ...}`` messages."""
 
 
+class TokenIds(str):
+    """A prompt given as token ids of the base's vocabulary, which every model reads verbatim
+    (so every model must be on the raw prompt format: :attr:`PromptFormat.verbatim`).
+
+    As a string it is the ids' decoded text: what rules, reports and logs see. Make one with
+    :func:`token_prompt`, which checks the ids.
+    """
+
+    ids: tuple[int, ...]
+
+    def __new__(cls, ids: Sequence[int], text: str) -> TokenIds:
+        obj = super().__new__(cls, text)
+        obj.ids = tuple(ids)
+        return obj
+
+
+def token_prompt(
+    ids: Sequence[int], tokenizer: Any, vocab_size: int, where: str = "prompt"
+) -> TokenIds:
+    """``ids`` as a :class:`TokenIds` prompt; an empty list and ids outside ``0..vocab_size-1``
+    are refused with a message that starts with ``where``.
+
+    >>> class Tok:
+    ...     def decode(self, ids, skip_special_tokens=False): return "".join(map(chr, ids))
+    >>> p = token_prompt([72, 105], Tok(), 128)
+    >>> p, p.ids
+    ('Hi', (72, 105))
+    >>> token_prompt([72, 200], Tok(), 128)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    proxytune.errors.ConfigError: prompt: token id 200 at position 1 is outside the vocabulary ...
+    """
+    if not ids:
+        raise ConfigError(f"{where}: an empty list of token ids; give at least one id")
+    for i, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ConfigError(
+                f"{where}: token id {t!r} at position {i} is outside the vocabulary "
+                f"(ids 0..{vocab_size - 1})"
+            )
+    return TokenIds(ids, tokenizer.decode(list(ids), skip_special_tokens=False))
+
+
 def as_messages(prompt: Prompt, system: str | None = None) -> list[dict[str, str]]:
     """The prompt as a chat: a string becomes one user message; ``system`` is prepended."""
     if isinstance(prompt, str):
@@ -93,6 +135,12 @@ class PromptFormat:
         return cls(**dict(spec))
 
     @property
+    def verbatim(self) -> bool:
+        """Whether the model reads a prompt's ids as they are: the raw format, no system text
+        (what token-id prompts and the server's ``echo`` need)."""
+        return self.kind == "raw" and not self.system
+
+    @property
     def label(self) -> str:
         """A short name for reports: the kind, or the template text of a ``template``."""
         return self.template if self.kind == "template" else self.kind  # type: ignore[return-value]
@@ -102,6 +150,13 @@ class PromptFormat:
         by the tokenizer alone, see :func:`resolve_prompt`)."""
         if self.kind == "auto":
             return resolve_prompt(self, None, tokenizer).render(prompt, tokenizer)
+        if isinstance(prompt, TokenIds):
+            if not self.verbatim:
+                raise ConfigError(
+                    f"prompt: token-id prompts are read verbatim, but this model reads "
+                    f"{self.label!r} prompts; send the prompt as text"
+                )
+            return list(prompt.ids)
         if self.kind == "chat":
             if not getattr(tokenizer, "chat_template", None):
                 raise ConfigError(

@@ -16,7 +16,7 @@ from .engine.plain import decode
 from .engine.prepare import Prepared, prepare
 from .errors import ConfigError
 from .overlap import can_overlap
-from .prompts import Prompt, PromptFormat, resolve_prompt
+from .prompts import Prompt, PromptFormat, TokenIds, resolve_prompt
 from .results import GenerationResult, StepUpdate, TokenLogprob
 from .rules import Request, Rule, RuleBase, make_rule
 from .schedules import Schedule, as_schedule
@@ -129,6 +129,16 @@ class ProxyTuner:
                 own = m.model.eos_token_ids
                 ids += self.cross_maps[i].base_ids_of(own) if i in self.cross_maps else own
         return tuple(i for i in dict.fromkeys(ids) if i < self.vocab_size)
+
+    @property
+    def ids_differ(self) -> str | None:
+        """Why the models cannot all read one list of the base's token ids (token-id prompts,
+        the server's ``echo``), or ``None``: each model's prompt format is checked apart."""
+        if self.cross_maps:
+            return f"pair {min(self.cross_maps)}'s models read another tokenizer than the base"
+        if is_top_k_only(self.base.model):
+            return "the base is an API model, which is sent text"
+        return None
 
     @property
     def blackbox(self) -> bool:
@@ -362,6 +372,12 @@ class ProxyTuner:
         chosen = self.rule if rule is None else self._checked_rule(rule)
         pairs = self._pairs_with(alpha)
         prompt_list = _as_prompt_list(prompts)
+        why = self.ids_differ
+        if why is not None and any(isinstance(p, TokenIds) for p in prompt_list):
+            raise ConfigError(
+                f"prompt: token-id prompts are read verbatim by every model, but {why}; "
+                "send the prompt as text"
+            )
         return prepare(self.base, pairs, prompt_list, cfg, self.vocab_size, eos, chosen)
 
     def run(

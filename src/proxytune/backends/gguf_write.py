@@ -109,7 +109,7 @@ def _rope_theta(cfg: Any) -> float:
     return float(theta)
 
 
-def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
+def permute_heads(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """Llama's q/k rows from the Hugging Face rotary layout (halves) to GGUF's (pairs)."""
     return (
         weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:])
@@ -118,37 +118,59 @@ def _permute(weight: torch.Tensor, heads: int) -> torch.Tensor:
     )
 
 
+LAYER_TENSORS = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight",
+    "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.bias": "attn_v.bias",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight",
+    "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+"""A decoder layer's tensors: Hugging Face name (after ``model.layers.N.``) -> GGUF name."""
+MODEL_TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+}
+
+
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """The GGUF name of a Llama/Qwen2 weight (``model.layers.3.mlp.up_proj.weight`` ->
+    ``blk.3.ffn_up.weight``), or ``None`` for a name this writer does not know."""
+    if hf_name in MODEL_TENSORS:
+        return MODEL_TENSORS[hf_name]
+    parts = hf_name.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        inner = LAYER_TENSORS.get(parts[3])
+        return None if inner is None else f"blk.{parts[2]}.{inner}"
+    return None
+
+
+def permuted_rows(gguf_name: str, arch: str, heads: int, kv_heads: int) -> int | None:
+    """How many heads a weight's rows are permuted over for GGUF (Llama's q and k), or
+    ``None``."""
+    if arch != "llama":
+        return None
+    if gguf_name.endswith("attn_q.weight"):
+        return heads
+    return kv_heads if gguf_name.endswith("attn_k.weight") else None
+
+
 def _tensors(model: Any, arch: str, heads: int, kv_heads: int) -> list[tuple[str, torch.Tensor]]:
     """``(GGUF name, tensor)`` for every weight of a Llama/Qwen2 model."""
-    state = model.state_dict()
-    out = [("token_embd.weight", state["model.embed_tokens.weight"])]
-    names = {
-        "input_layernorm.weight": "attn_norm.weight",
-        "self_attn.q_proj.weight": "attn_q.weight",
-        "self_attn.k_proj.weight": "attn_k.weight",
-        "self_attn.v_proj.weight": "attn_v.weight",
-        "self_attn.o_proj.weight": "attn_output.weight",
-        "self_attn.q_proj.bias": "attn_q.bias",
-        "self_attn.k_proj.bias": "attn_k.bias",
-        "self_attn.v_proj.bias": "attn_v.bias",
-        "post_attention_layernorm.weight": "ffn_norm.weight",
-        "mlp.gate_proj.weight": "ffn_gate.weight",
-        "mlp.up_proj.weight": "ffn_up.weight",
-        "mlp.down_proj.weight": "ffn_down.weight",
-    }
-    for layer in range(model.config.num_hidden_layers):
-        for hf_name, gguf_name in names.items():
-            tensor = state.get(f"model.layers.{layer}.{hf_name}")
-            if tensor is None:
-                continue
-            if arch == "llama" and hf_name == "self_attn.q_proj.weight":
-                tensor = _permute(tensor, heads)
-            elif arch == "llama" and hf_name == "self_attn.k_proj.weight":
-                tensor = _permute(tensor, kv_heads)
-            out.append((f"blk.{layer}.{gguf_name}", tensor))
-    out.append(("output_norm.weight", state["model.norm.weight"]))
-    if not model.config.tie_word_embeddings:
-        out.append(("output.weight", state["lm_head.weight"]))
+    out = []
+    for hf_name, tensor in model.state_dict().items():
+        name = gguf_tensor_name(hf_name)
+        if name is None or (name == "output.weight" and model.config.tie_word_embeddings):
+            continue
+        over = permuted_rows(name, arch, heads, kv_heads)
+        out.append((name, tensor if over is None else permute_heads(tensor, over)))
     return out
 
 

@@ -24,13 +24,14 @@ other backends; llama.cpp's own tokenizer is never used, so both backends read t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import threading
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -95,13 +96,77 @@ def _backend_init(lc: Any) -> None:
             lc.llama_backend_init()
 
 
+class _Weights:
+    """A GGUF file's weights loaded once per process: roles and adapters on the same file
+    share them (each in its own context). Freed when the last context lets go."""
+
+    _loaded: ClassVar[weakref.WeakValueDictionary[str, _Weights]] = (
+        weakref.WeakValueDictionary()
+    )
+    _lock = threading.Lock()
+
+    def __init__(self, lc: Any, path: str) -> None:
+        self.lc, self.path = lc, path
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = 0
+        self.model = lc.llama_model_load_from_file(path.encode(), params)
+        if not self.model:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path!r}: not a GGUF model it supports "
+                "(check the file, or load it with backend: transformers)"
+            )
+        self.adapters: dict[str, Any] = {}
+        """LoRA GGUF path -> llama.cpp adapter (freed with the weights)."""
+
+    @classmethod
+    def load(cls, lc: Any, path: str) -> _Weights:
+        key = os.path.realpath(path)
+        with cls._lock:
+            weights = cls._loaded.get(key)
+            if weights is None:
+                weights = cls._loaded[key] = cls(lc, path)
+            return weights
+
+    def metadata(self, key: str) -> str | None:
+        """A string from the file's metadata (``general.architecture``), or ``None``."""
+        buffer = ctypes.create_string_buffer(256)
+        size = self.lc.llama_model_meta_val_str(self.model, key.encode(), buffer, len(buffer))
+        return None if size < 0 else buffer.value.decode("utf-8", "replace")
+
+    def adapter(self, path: Path) -> Any:
+        """The LoRA GGUF at ``path`` loaded for these weights (once)."""
+        key = str(path)
+        with self._lock:
+            if key not in self.adapters:
+                handle = self.lc.llama_adapter_lora_init(self.model, key.encode())
+                if not handle:
+                    raise ModelLoadError(
+                        f"llama.cpp could not load the LoRA adapter {key!r} for {self.path!r} "
+                        "(was it trained on this base model?)"
+                    )
+                self.adapters[key] = handle
+            return self.adapters[key]
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown
+            self.lc.llama_model_free(self.model)  # frees its adapters too
+
+
 class _Context:
     """One llama.cpp context over a model: a KV cache, a pool of sequence ids, a batch."""
 
     def __init__(
-        self, lc: Any, model: Any, n_vocab: int, threads: int, exact: bool, cells: int
+        self,
+        lc: Any,
+        weights: _Weights,
+        n_vocab: int,
+        threads: int,
+        exact: bool,
+        cells: int,
+        adapter: Path | None = None,
     ) -> None:
         self.lc = lc
+        model = weights.model
         params = lc.llama_context_default_params()
         params.n_ctx = cells
         self.cells = cells
@@ -117,10 +182,15 @@ class _Context:
             params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # its CPU kernel is f16
         if hasattr(params, "kv_unified"):
             params.kv_unified = True  # one cache for every sequence, not n_ctx / n_seq each
-        self.model = model
+        self.weights = weights
+        """Kept alive as long as the context: the weights it runs on."""
         self.ctx = lc.llama_init_from_model(model, params)
         if not self.ctx:
             raise ModelLoadError("llama.cpp could not create a context for the model")
+        if adapter is not None:
+            handles = (lc.llama_adapter_lora_p_ctypes * 1)(weights.adapter(adapter))
+            if lc.llama_set_adapters_lora(self.ctx, handles, 1, (ctypes.c_float * 1)(1.0)) != 0:
+                raise ModelLoadError(f"llama.cpp could not apply the LoRA adapter {adapter}")
         self.memory = lc.llama_get_memory(self.ctx)
         self.n_batch = min(N_BATCH, int(lc.llama_n_batch(self.ctx)))
         """Tokens per decode: llama.cpp lowers the batch to a small cache's size."""
@@ -133,13 +203,11 @@ class _Context:
         """The state started last: the next one may join its group."""
 
     def __del__(self) -> None:
-        """Free the batch, the context, then the model it was made from: the context owns
-        the model, so a state that outlives its :class:`LlamaCppModel` never sees freed
-        weights."""
+        """Free the batch and the context; the weights go when nothing holds them (a state
+        that outlives its :class:`LlamaCppModel` never sees freed weights)."""
         try:
             self.lc.llama_batch_free(self.batch)
             self.lc.llama_free(self.ctx)
-            self.lc.llama_model_free(self.model)
         except Exception:  # interpreter shutdown
             pass
 
@@ -231,19 +299,15 @@ class LlamaCppModel:
         name: str,
         threads: int | None = None,
         kv_cells: int | None = None,
+        adapter: str | Path | None = None,
     ) -> None:
         lc = llama_cpp_module()
         _backend_init(lc)
-        params = lc.llama_model_default_params()
-        params.n_gpu_layers = 0
         self.lc = lc
         self.path = str(path)
-        self._model = lc.llama_model_load_from_file(self.path.encode(), params)
-        if not self._model:
-            raise ModelLoadError(
-                f"llama.cpp could not load {self.path!r}: not a GGUF model it supports "
-                "(check the file, or load it with backend: transformers)"
-            )
+        weights = _Weights.load(lc, self.path)
+        self._model = weights.model
+        lora = None if adapter is None else _lora_file(weights, adapter)
         vocab = lc.llama_model_get_vocab(self._model)
         self._vocab_width = int(lc.llama_vocab_n_tokens(vocab))
         self._n_ctx_train = int(lc.llama_model_n_ctx_train(self._model))
@@ -258,7 +322,7 @@ class LlamaCppModel:
         float_weights = int(lc.llama_model_ftype(self._model)) in FLOAT_FILE_TYPES
         self.kv_cells = kv_cells or KV_CELLS
         self.context = _Context(
-            lc, self._model, self._vocab_width, self.threads, float_weights, self.kv_cells
+            lc, weights, self._vocab_width, self.threads, float_weights, self.kv_cells, lora
         )
 
     @property
@@ -454,29 +518,45 @@ class LlamaCppState:
         """Nothing to do: dropped rows' cache cells were freed when they were dropped."""
 
 
+def _lora_file(weights: _Weights, adapter: str | Path) -> Path:
+    """A PEFT LoRA adapter directory as a llama.cpp LoRA GGUF for ``weights``."""
+    from .gguf_lora import lora_gguf
+
+    arch = weights.metadata("general.architecture") or "?"
+    lc = weights.lc
+    heads = int(lc.llama_model_n_head(weights.model))
+    kv_heads = int(lc.llama_model_n_head_kv(weights.model))
+    return lora_gguf(adapter, arch, heads, kv_heads)
+
+
+GGUF_IN_DIRECTORY = "model.gguf"
+"""The GGUF a model directory may hold next to its weights (``proxytune setup`` and
+``proxytune export`` write it)."""
+
+
 def gguf_of(path: str) -> Path | None:
-    """The GGUF file a model path names: a ``.gguf`` file, or the GGUF that ``proxytune
-    setup`` keeps for an ``embedded:NAME`` model; ``None`` if there is none."""
+    """The GGUF file a model path names: a ``.gguf`` file, a directory's ``model.gguf``, or
+    the GGUF that ``proxytune setup`` keeps for an ``embedded:NAME`` model; ``None`` if there
+    is none."""
     if path.startswith("embedded:"):
         from ..embedded import embedded_gguf
 
         kept = embedded_gguf(path.removeprefix("embedded:"))
         return kept if kept.is_file() else None
     local = Path(path).expanduser()
+    if local.is_dir():
+        local = local / GGUF_IN_DIRECTORY
+        return local if local.is_file() else None
     return local if local.suffix == ".gguf" and local.is_file() else None
 
 
 def load_llamacpp(spec: ModelSpec) -> LlamaCppModel:
     """Load a GGUF file with llama.cpp and its Hugging Face tokenizer (the tokenizer files in
-    the file's directory where there are some, else the one the GGUF carries)."""
+    the file's directory where there are some, else the one the GGUF carries); a LoRA
+    ``adapter`` runs as a llama.cpp adapter on the file's weights (shared with the roles that
+    run the file plain)."""
     from transformers import AutoTokenizer
 
-    if spec.adapter is not None:
-        raise ConfigError(
-            f"the llama.cpp backend runs GGUF files; write the adapter {spec.adapter!r} merged "
-            "into its base as GGUF (`proxytune export ADAPTER_DIR OUT_DIR`), or load it with "
-            "backend: transformers"
-        )
     if spec.quantize is not None:
         raise ConfigError(
             f"quantize={spec.quantize!r} applies to the transformers backend; a GGUF file "
@@ -490,8 +570,9 @@ def load_llamacpp(spec: ModelSpec) -> LlamaCppModel:
                 "run `proxytune setup` once more, or use backend: transformers"
             )
         raise ConfigError(
-            f"the llama.cpp backend needs a .gguf file, got {spec.path!r}; give the file "
-            "or use backend: transformers"
+            f"the llama.cpp backend needs a .gguf file or a directory with {GGUF_IN_DIRECTORY}, "
+            f"got {spec.path!r}; give the file (`proxytune export` writes one) or use "
+            "backend: transformers"
         )
     folder = gguf.parent
     try:
@@ -502,4 +583,6 @@ def load_llamacpp(spec: ModelSpec) -> LlamaCppModel:
     except Exception as err:
         raise ModelLoadError(f"could not load the tokenizer of {spec.path!r}: {err}") from err
     name = spec.path.removeprefix("embedded:")
-    return LlamaCppModel(gguf, tokenizer, name, spec.threads, spec.kv_cells)
+    if spec.adapter is not None:
+        name = f"{name}+{Path(spec.adapter).name}"
+    return LlamaCppModel(gguf, tokenizer, name, spec.threads, spec.kv_cells, spec.adapter)

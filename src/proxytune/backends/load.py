@@ -9,17 +9,28 @@ from ..specs import ModelSpec
 
 
 def backend_of(spec: ModelSpec) -> str:
-    """``transformers`` or ``llamacpp``: ``auto`` runs a GGUF (a ``.gguf`` file, or an embedded
-    model's kept GGUF) on llama.cpp where ``llama-cpp-python`` is installed, unless an adapter
-    or load-time quantization asks for transformers."""
+    """``transformers`` or ``llamacpp``: ``auto`` runs a GGUF (a ``.gguf`` file, a directory's
+    ``model.gguf``, or an embedded model's kept GGUF) on llama.cpp where ``llama-cpp-python``
+    is installed, with a LoRA adapter as a llama.cpp adapter, unless load-time quantization or
+    an adapter llama.cpp cannot apply asks for transformers."""
     if spec.backend != "auto":
         return spec.backend
     from .llamacpp import available, gguf_of
 
-    plain = spec.adapter is None and spec.quantize is None
-    if plain and gguf_of(spec.path) is not None and available():
+    runs_gguf = spec.quantize is None and gguf_of(spec.path) is not None and available()
+    if runs_gguf and (spec.adapter is None or _llamacpp_applies(spec.adapter)):
         return "llamacpp"
     return "transformers"
+
+
+def _llamacpp_applies(adapter: str) -> bool:
+    from .gguf_lora import lora_config
+
+    try:
+        lora_config(adapter)
+    except ConfigError:
+        return False
+    return True
 
 
 def load_model(spec: ModelSpec) -> Any:

@@ -100,11 +100,19 @@ def _same_model(a: str, b: str) -> bool:
 
 
 def pairable(expert: ModelSpec | None, anti: ModelSpec | None) -> bool:
-    """The expert is a LoRA adapter on the anti-expert's model, loaded the same way."""
+    """The expert is a LoRA adapter on the anti-expert's model, loaded the same way on
+    transformers (on llama.cpp the two share the weights through the backend instead)."""
     if expert is None or anti is None or expert.adapter is None or anti.adapter is not None:
         return False
+    from .load import backend_of
+
     same_load = expert.load_key[2:] == anti.load_key[2:]  # device, dtype, revision, ...
-    return same_load and _same_model(expert.path, anti.path) and _is_lora(expert.adapter)
+    return (
+        same_load
+        and _same_model(expert.path, anti.path)
+        and _is_lora(expert.adapter)
+        and backend_of(expert) == "transformers"
+    )
 
 
 def _is_lora(adapter: str) -> bool:

@@ -45,6 +45,10 @@ def reproduce(
     until: Annotated[str, Opt(help="Stop after this stage (data ... report).")] = "report",
     device: DeviceOption = None,
     dtype: DtypeOption = None,
+    backend: Annotated[
+        str | None,
+        Opt(help="Evaluate on auto (llama.cpp where installed) | transformers | llamacpp."),
+    ] = None,
     progress: Annotated[bool, Opt(help="Show progress bars.")] = True,
 ) -> None:
     """Reproduce the paper's experiment in miniature: make the data, train the expert and the
@@ -69,6 +73,7 @@ def reproduce(
         analysis_examples=analysis_examples,
         device=device,
         dtype=dtype,
+        backend=backend,
         progress=progress,
     )
     run_reproduction(config, until=until)

@@ -17,7 +17,7 @@ import torch
 from ..config import GenerationConfig
 from ..detokenize import TextTracker
 from ..errors import ConfigError, PromptTooLongError
-from ..prompts import Prompt
+from ..prompts import Prompt, TokenIds
 from ..rules import Combiner, Request, Rule, Sides, make_rule
 from .members import Member, Pair
 
@@ -56,12 +56,27 @@ def running_members(pairs: Sequence[Pair], needs: Sequence[Sides]) -> list[Membe
     ]
 
 
+def mask_needs(needs: Sequence[Sides], active: Sequence[bool] | None) -> list[Sides]:
+    """What a request reads of each pair once switched-off pairs (``active``) are dropped."""
+    if active is None:
+        return list(needs)
+    return [(e and on, a and on) for (e, a), on in zip(needs, active, strict=True)]
+
+
 def render_prompts(
     members: Sequence[Member], prompts: Sequence[Prompt]
 ) -> dict[str, list[list[int]]]:
-    """Each member's token ids for each prompt; checks emptiness and context length."""
+    """Each member's token ids for each prompt; checks emptiness and context length, and that
+    every member reads token-id prompts (:class:`~proxytune.prompts.TokenIds`) verbatim."""
     rendered: dict[str, list[list[int]]] = {}
+    by_ids = any(isinstance(p, TokenIds) for p in prompts)
     for member in members:
+        if by_ids and not member.prompt.verbatim:
+            raise ConfigError(
+                f"prompt: token-id prompts are read verbatim by every model, but the "
+                f"{member.role} ({member.model.name}) reads {member.prompt.label!r} prompts; "
+                "send the prompt as text, or serve that model on the raw prompt format"
+            )
         ids = [member.prompt.render(p, member.model.tokenizer) for p in prompts]
         limit = member.model.context_length
         for i, row in enumerate(ids):
@@ -202,8 +217,7 @@ def prepare(
     if not prompts:
         raise ConfigError("no prompts given: pass at least one prompt")
     combine, needs, _ = plan(rule, base, pairs, prompts, vocab_size, eos_token_ids)
-    if active is not None:
-        needs = [(e and on, a and on) for (e, a), on in zip(needs, active, strict=True)]
+    needs = mask_needs(needs, active)
     members = [base, *running_members(pairs, needs)]
     rendered = render_prompts(members, prompts)
     return Prepared(

@@ -23,7 +23,7 @@ import torch
 
 from ..arithmetic import log_probs
 from ..engine.members import Member
-from ..engine.prepare import plan
+from ..engine.prepare import mask_needs, plan
 from ..engine.step import checked_scores, model_logprobs, step_context
 from ..errors import ConfigError, PromptTooLongError
 from ..prompts import Prompt
@@ -55,7 +55,7 @@ class TokenScore:
     kl_combined_base: float | None = None
     """KL(p_combined || p_base) in nats (finite whenever the base has full support)."""
     top: list[tuple[int, float]] = field(default_factory=list)
-    """The combined distribution's most likely ``(id, logprob)`` at this position."""
+    """The combined distribution's most likely ``(id, logprob)`` at this position (``top``)."""
     top_base: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -118,7 +118,8 @@ def score(
     its own with the base tokenizer, as generation appends tokens after each rendered prompt.
 
     ``alpha`` and ``rule`` override the tuner's, as in :meth:`ProxyTuner.generate`.
-    ``detail`` adds every member's log-prob and rank, the KLs and the ``top`` alternatives.
+    ``detail`` adds every member's log-prob and rank, the KLs and the base's ``top``
+    alternatives; the combined distribution's ``top`` alternatives come with or without it.
 
     >>> score(tuner, ["Q: 2+2?\\nA:"], [" 4"])[0].logprob  # doctest: +SKIP
     -0.31
@@ -148,12 +149,14 @@ def score_ids(
     prompts: Sequence[Prompt] | None = None,
     alpha: Any = None,
     rule: Any = None,
+    active: Sequence[bool] | None = None,
     detail: bool = False,
     top: int = 0,
     batch_size: int = 8,
 ) -> list[ContinuationScore]:
     """:func:`score` on token ids: ``prompt_ids[i]`` maps each role to its prompt ids (a plain
-    list of ids is used for every role); ``prompts`` (the text) is only shown to rules."""
+    list of ids is used for every role); ``prompts`` (the text) is only shown to rules.
+    ``active``: per pair, whether it may run (the server's ``active_pairs``)."""
     return score_sweep(
         tuner,
         prompt_ids,
@@ -161,6 +164,7 @@ def score_ids(
         [alpha],
         prompts=prompts,
         rule=rule,
+        active=active,
         detail=detail,
         top=top,
         batch_size=batch_size,
@@ -175,6 +179,7 @@ def score_sweep(
     *,
     prompts: Sequence[Prompt] | None = None,
     rule: Any = None,
+    active: Sequence[bool] | None = None,
     detail: bool = False,
     top: int = 0,
     batch_size: int = 8,
@@ -205,6 +210,7 @@ def score_sweep(
             [texts[i] for i in rows],
             detail,
             top,
+            active,
         )
         for k, per_variant in enumerate(scored):
             for i, s in zip(rows, per_variant, strict=True):
@@ -221,15 +227,19 @@ def _score_batch(
     prompts: list[Prompt],
     detail: bool,
     top: int,
+    active: Sequence[bool] | None = None,
 ) -> list[list[ContinuationScore]]:
     """Score one batch under each variant (the pairs with one alpha each)."""
     vocab = tuner.vocab_size
     base = tuner.base
-    plans = [plan(rule, base, pairs, prompts, vocab, tuner.eos_token_ids) for pairs in variants]
+    plans = []
+    for pairs in variants:
+        combine, needs, _ = plan(rule, base, pairs, prompts, vocab, tuner.eos_token_ids)
+        plans.append((combine, mask_needs(needs, active)))
     members: list[Member] = [base]
     for i, pair in enumerate(tuner.pairs):  # pair order, as the decode loop runs them
         for side, m in enumerate((pair.expert, pair.anti_expert)):
-            if m is not None and (detail or any(needs[i][side] for _, needs, _ in plans)):
+            if m is not None and (detail or any(needs[i][side] for _, needs in plans)):
                 members.append(m)
     for m in members:
         _check_length(m, prompt_ids, conts)
@@ -255,7 +265,7 @@ def _score_batch(
             index = torch.tensor(live, device=device)
             logits = {role: w[:, offset].to(device)[index] for role, w in window.items()}
             targets = torch.tensor([conts[i][j] for i in live], device=device)
-            for k, (pairs, (combine, needs, _)) in enumerate(zip(variants, plans, strict=True)):
+            for k, (pairs, (combine, needs)) in enumerate(zip(variants, plans, strict=True)):
                 base_lp, pair_lps = model_logprobs(base, pairs, needs, logits, vocab, device)
                 generated = [conts[i][:j] for i in live]
                 ctx = step_context(base_lp, pair_lps, pairs, j, live, generated)
@@ -263,12 +273,15 @@ def _score_batch(
                 extra = None
                 if detail:
                     extra = _details(members, logits, base_lp, scores, targets, vocab, top)
+                best = _top(scores, top) if top and not detail else None
                 chosen = scores.gather(-1, targets[:, None]).squeeze(-1)
                 greedy = chosen >= scores.max(dim=-1).values
                 for r, i in enumerate(live):
                     token = TokenScore(int(targets[r]), float(chosen[r]), bool(greedy[r]))
                     if extra is not None:
                         extra(r, token)
+                    if best is not None:
+                        token.top = best[r]
                     results[k][i].append(token)
         pos += size
         if pos < longest:
@@ -315,9 +328,7 @@ def _details(
     p_base, p_comb = base_lp.exp(), combined.exp()
     kl_bc = torch.where(p_base > 0, p_base * (base_lp - combined), 0.0).sum(-1)
     kl_cb = torch.where(p_comb > 0, p_comb * (combined - base_lp), 0.0).sum(-1)
-    k = min(top, vocab)
-    top_c = torch.topk(combined, k, dim=-1) if k else None
-    top_b = torch.topk(base_lp, k, dim=-1) if k else None
+    top_c, top_b = _top(combined, top), _top(base_lp, top)
 
     def fill(r: int, token: TokenScore) -> None:
         token.model_logprobs = {role: float(v[r]) for role, v in picked.items()}
@@ -325,13 +336,23 @@ def _details(
         token.rank = int(rank[r])
         token.kl_base_combined = float(kl_bc[r])
         token.kl_combined_base = float(kl_cb[r])
-        if top_c is not None and top_b is not None:
-            token.top = list(zip(top_c.indices[r].tolist(), top_c.values[r].tolist(), strict=True))
-            token.top_base = list(
-                zip(top_b.indices[r].tolist(), top_b.values[r].tolist(), strict=True)
-            )
+        if top_c and top_b:
+            token.top, token.top_base = top_c[r], top_b[r]
 
     return fill
+
+
+def _top(lp: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
+    """Per row of ``(B, V)`` log-probs, the ``k`` most likely ``(id, logprob)``, best first
+    (``[]`` when ``k`` is 0)."""
+    k = min(k, lp.shape[-1])
+    if not k:
+        return []
+    found = torch.topk(lp, k, dim=-1)
+    return [
+        list(zip(i, v, strict=True))
+        for i, v in zip(found.indices.tolist(), found.values.tolist(), strict=True)
+    ]
 
 
 def rolling_windows(

@@ -14,9 +14,11 @@ from .tasks import DATA_VERSION, SPLITS, task_kind
 SMALL = "embedded:qwen2.5-coder-0.5b-instruct"
 BIG = "embedded:qwen2.5-coder-1.5b-instruct"
 
-DEFAULT_SIZES = {"train": 100, "validation": 24, "test": 100}
-FIXED_SIZES = {"truthfulqa": {"train": 70, "validation": 24, "test": 100}}
+DEFAULT_SIZES = {"train": 100, "validation": 24, "test": 200}
+FIXED_SIZES = {"truthfulqa": {"train": 70, "validation": 24, "test": 200}}
 """Tasks on a fixed data set get sizes that fit it (TruthfulQA: 299 questions)."""
+
+BACKENDS = ("auto", "transformers", "llamacpp")
 
 RULES: dict[str, Any] = {
     "proxy": "proxy",
@@ -54,6 +56,10 @@ class ReproduceConfig:
     """Test prompts of each generate task replayed token by token (0: no analysis)."""
     device: str = "auto"
     dtype: str = "auto"
+    backend: str = "auto"
+    """Where evaluation runs: ``auto`` (llama.cpp where it is installed and the models have
+    GGUFs, the trained LoRAs as llama.cpp adapters; else transformers), ``transformers`` or
+    ``llamacpp``. Training always runs on transformers."""
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -84,6 +90,8 @@ class ReproduceConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.analysis_examples < 0:
             raise ConfigError("analysis_examples must be >= 0")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
     def split_sizes(self, task: str) -> dict[str, int]:
         sizes = dict(FIXED_SIZES.get(task, DEFAULT_SIZES))
@@ -125,11 +133,24 @@ class ReproduceConfig:
             "rules": {r: RULES[r] for r in self.rules},
             "dtype": self.dtype,
         }
+        backends = self.backends()
+        if set(backends.values()) != {"transformers"}:  # transformers-only runs keep their key
+            evaluation["backends"] = backends
         if stage in ("validation", "test", "analysis", "report"):
             if stage == "analysis":
                 evaluation["analysis_examples"] = self.analysis_examples
             return evaluation
         raise ConfigError(f"unknown stage {stage!r}")
+
+    def backends(self) -> dict[str, str]:
+        """The backend each model is evaluated on (``auto`` resolved on this machine)."""
+        from ..backends.load import backend_of
+        from ..specs import ModelSpec
+
+        return {
+            role: backend_of(ModelSpec(path, backend=self.backend))
+            for role, path in (("small", self.small), ("big", self.big))
+        }
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

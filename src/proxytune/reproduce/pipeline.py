@@ -265,10 +265,10 @@ class Experiment:
             from ..specs import ModelSpec
             from ..tuner import ProxyTuner
 
-            opts = {  # the trained adapters run on transformers: so do the models they steer
+            opts = {
                 "device": self.config.device,
                 "dtype": self.config.dtype,
-                "backend": "transformers",
+                "backend": self.config.backend,
             }
             self._models["proxy"] = ProxyTuner.from_specs(
                 ModelSpec(self.config.big, prompt="raw", **opts),
@@ -299,6 +299,7 @@ class Experiment:
                     prompt="raw",
                     device=self.config.device,
                     dtype=self.config.dtype,
+                    backend=self.config.backend,
                 )
             )
         return self._models["tuned"]

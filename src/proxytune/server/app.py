@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -27,6 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine.continuous import Job
 from ..errors import ConfigError, PromptTooLongError
 from ..schedules import Constant
+from .echo import Echo, check_echo, completion_prompts, echoes, prompt_logprobs
 from .gate import LOOPBACK_NAMES, Gate
 from .metrics import Metrics
 from .protocol import (
@@ -37,7 +39,7 @@ from .protocol import (
     ModelList,
     parse_request,
 )
-from .render import Accumulator, Renderer, abandon, collect_events, stream_events
+from .render import Accumulator, Renderer, abandon, collect_events, failure, stream_events
 from .scheduler import QueueFull, Scheduler, ShuttingDown
 
 if TYPE_CHECKING:
@@ -194,7 +196,7 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         req = parse_request(await read_body(request, settings.max_body_bytes), CompletionRequest)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+        prompts = completion_prompts(req.prompt, tuner)
         top = req.logprobs
         _check_top(top, "logprobs", settings.max_top_logprobs)
         return await generate(request, req, prompts, req.max_tokens, top, "prompt", chat=False)
@@ -231,11 +233,18 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
                 f"{field} is {max_tokens}, more than this server's limit of {settings.max_tokens}",
                 param=field,
             )
-        budget = max_tokens
+        budget = max_tokens or None  # 0 (echo alone) prepares one token that never runs
         if budget is None and settings.max_tokens:  # the default, within the server's cap
             budget = min(tuner.defaults.max_new_tokens, settings.max_tokens)
         job = await run_in_threadpool(_prepare, scheduler, tuner, req, prompts, budget, top)
         _check_room(job, max_tokens, prompt_field, chat and req.max_completion_tokens is not None)
+        acc = Accumulator(job, renderer, chat, req, request_id=_request_id(chat))
+        if not chat and req.echo:
+            acc.echo = await echo_of(req, job)
+            if max_tokens == 0:
+                for c in acc.choices:
+                    c.finish_reason = "length"
+                return JSONResponse(acc.response().model_dump())
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
 
@@ -244,21 +253,8 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
 
         try:
             scheduler.submit(job, sink)
-        except QueueFull as err:
-            raise APIError(
-                f"{err}; retry after {settings.retry_after}s",
-                429,
-                code="queue_full",
-                headers={"Retry-After": str(settings.retry_after)},
-            ) from None
-        except ShuttingDown as err:
-            raise APIError(
-                f"{err}; retry on another replica or later",
-                503,
-                code="shutting_down",
-                headers={"Retry-After": str(settings.retry_after * 5)},
-            ) from None
-        acc = Accumulator(job, renderer, chat, req, request_id=_request_id(chat))
+        except (QueueFull, ShuttingDown) as err:
+            raise busy(err) from None
         endpoint = request.url.path
         if req.stream:
             stream = stream_events(acc, events, job, scheduler, metrics, started, endpoint)
@@ -269,6 +265,46 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
             )
         return await collect_events(
             request, acc, events, job, scheduler, metrics, started, endpoint
+        )
+
+    async def echo_of(req: CompletionRequest, job: Job) -> list[Echo]:
+        """What ``echo`` puts before each choice: the prompt, and with ``logprobs`` its
+        tokens' log-probs (scored on the scheduler's thread, which drives the models)."""
+        check_echo(tuner, job.prepared)
+        ids = job.rendered[job.prepared.base.role]
+        records = None
+        if req.logprobs is not None:
+            fn = partial(
+                prompt_logprobs,
+                tuner,
+                job.prompts,
+                ids,
+                req.logprobs,
+                req.alpha,
+                req.active_pairs,
+                req.rule,
+            )
+            try:
+                records = await asyncio.wrap_future(scheduler.call(fn))
+            except (QueueFull, ShuttingDown) as err:
+                raise busy(err) from None
+            except Exception as err:  # the models or the rule failed
+                raise failure(err) from err
+        return echoes(renderer, job.prompts, ids, records, bool(req.return_tokens_as_token_ids))
+
+    def busy(err: QueueFull | ShuttingDown) -> APIError:
+        if isinstance(err, QueueFull):
+            return APIError(
+                f"{err}; retry after {settings.retry_after}s",
+                429,
+                code="queue_full",
+                headers={"Retry-After": str(settings.retry_after)},
+            )
+        return APIError(
+            f"{err}; retry on another replica or later",
+            503,
+            code="shutting_down",
+            headers={"Retry-After": str(settings.retry_after * 5)},
         )
 
     return app

@@ -1,8 +1,10 @@
 """The OpenAI wire format: request models (validated strictly) and response models.
 
-Requests follow the OpenAI API; unknown fields are refused with a 400 naming them (as OpenAI
-does), fields the server cannot honour (tools, ``logit_bias``, ``echo``...) are refused when set,
-and harmless hints (``store``, ``metadata``, ``service_tier``...) are accepted and ignored.
+Requests follow the OpenAI API. Unknown fields are ignored and named in a logged warning, as
+vLLM does (lm-eval and other clients forward settings verbatim); fields the server cannot honour
+(tools, ``logit_bias``, ``suffix``...) are refused when set, and harmless hints (``store``,
+``metadata``, ``service_tier``...) are accepted and ignored. ``/v1/completions`` takes text or
+token-id prompts and ``echo`` (:mod:`.echo`).
 Proxy-tuning controls are extra body fields: ``alpha``, ``active_pairs``, ``rule`` (and the
 vLLM-style ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
 ``return_tokens_as_token_ids``).
@@ -11,6 +13,7 @@ vLLM-style ``top_k``, ``min_p``, ``repetition_penalty``, ``ignore_eos``,
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Any, Literal
 
@@ -18,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import ConfigError
 from ..jsontext import lone_surrogate
+
+log = logging.getLogger("proxytune.server")
 
 
 class APIError(Exception):
@@ -57,7 +62,20 @@ class APIError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    """Strict types; fields it does not know are ignored and named in a logged warning (as
+    vLLM's ``OpenAIBaseModel`` does)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _note_unknown(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [k for k in data if k not in cls.model_fields]
+            if unknown:
+                names = ", ".join(repr(k) for k in unknown)
+                log.warning("%s: ignored unknown field(s) %s", cls.__name__, names)
+        return data
 
 
 class StreamOptions(_Strict):
@@ -117,8 +135,10 @@ class _Common(_Strict):
 class CompletionRequest(_Common):
     """``POST /v1/completions``."""
 
-    prompt: str | list[str]
-    max_tokens: int | None = Field(None, ge=1)
+    prompt: str | list[str] | list[int] | list[list[int]]
+    """Text, texts, token ids, or a list of token-id lists (a batch, as OpenAI takes)."""
+    max_tokens: int | None = Field(None, ge=0)
+    """0 only with ``echo``: the prompt's log-probs, nothing generated."""
     logprobs: int | None = Field(None, ge=0)
     echo: bool = False
     suffix: str | None = None
@@ -126,8 +146,16 @@ class CompletionRequest(_Common):
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
-        if self.echo:
-            raise ConfigError("echo: not supported by this server")
+        if self.echo and self.stream:
+            raise ConfigError(
+                "echo: not supported with stream: true; send stream: false (the prompt's "
+                "log-probs come in the one response)"
+            )
+        if self.max_tokens == 0 and not self.echo:
+            raise ConfigError(
+                "max_tokens: must be >= 1; 0 is allowed only with echo: true (the prompt's "
+                "log-probs alone)"
+            )
         if self.suffix:
             raise ConfigError("suffix: not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
@@ -245,9 +273,12 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
+    """The legacy format: parallel lists. With ``echo`` the prompt's tokens come first; its
+    first token has no log-prob (``None`` in ``token_logprobs`` and ``top_logprobs``)."""
+
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -374,9 +405,14 @@ def validation_error(err: ValidationError) -> APIError:
         return APIError(f"{param}: this field is required", param=param)
     if first["type"] == "extra_forbidden":
         return APIError(f"{param}: unrecognized request argument", param=param)
-    if param == "prompt" and first["type"] in ("string_type", "list_type"):
-        message = (
-            "must be a string or a list of strings (token-id prompts are not supported: each "
-            "model renders the text in its own prompt format)"
-        )
+    if param == "prompt":
+        message = PROMPT_SHAPES
+        value = first.get("input")
+        if isinstance(value, list) and any(isinstance(v, dict) for v in value):
+            message += "; a chat (a list of messages) goes to /v1/chat/completions as messages"
     return APIError(f"{param}: {message}", param=param)
+
+
+PROMPT_SHAPES = (
+    "must be a string, a list of strings, a list of token ids (integers) or a list of such lists"
+)

@@ -8,13 +8,14 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from ..engine.continuous import Job
 from ..results import StepUpdate, TokenLogprob
+from .echo import joined
 from .metrics import Metrics
 from .protocol import (
     APIError,
@@ -31,6 +32,9 @@ from .protocol import (
 )
 from .scheduler import Finished, Scheduler, ShuttingDown
 from .tokens import TokenText
+
+if TYPE_CHECKING:
+    from .echo import Echo
 
 FLOOR = -9999.0
 """What OpenAI reports for an impossible token (JSON has no -Infinity)."""
@@ -51,14 +55,18 @@ class Renderer:
         self, records: list[TokenLogprob], offset: int, as_ids: bool
     ) -> tuple[CompletionLogprobs, int]:
         """The legacy format: parallel lists; ``top_logprobs`` holds the alternatives and the
-        chosen token. Returns the offset after these tokens too."""
+        chosen token. Two ids may show as the same text (two halves of characters): its entry
+        holds the larger log-prob, so the dict's maximum is the most likely token's (lm-eval
+        tests greediness with it). Returns the offset after these tokens too."""
         out = CompletionLogprobs()
         for r in records:
             token = self.tokens.text(r.token_id, as_ids)
             out.tokens.append(token)
             out.token_logprobs.append(_lp(r.logprob))
-            top = {self.tokens.text(i, as_ids): _lp(lp) for i, _, lp in r.top}
-            top[token] = _lp(r.logprob)  # two ids may show as the same text; the chosen wins
+            shown = [(self.tokens.text(i, as_ids), lp) for i, _, lp in r.top]
+            top: dict[str, float] = {}
+            for text, lp in [*shown, (token, r.logprob)]:
+                top[text] = max(top.get(text, FLOOR), _lp(lp))
             out.top_logprobs.append(top)
             out.text_offset.append(offset)
             offset += len(self.tokens.text(r.token_id))
@@ -101,6 +109,8 @@ class Accumulator:
         self.as_ids = bool(req.return_tokens_as_token_ids)
         self.first_token_at: float | None = None
         self.finished = False
+        self.echo: list[Echo] | None = None
+        """With ``echo``: per prompt, what comes before each of its choices."""
 
     @property
     def usage(self) -> Usage:
@@ -147,17 +157,24 @@ class Accumulator:
             created=self.created,
             model=r.model_name,
             usage=self.usage,
-            choices=[
-                CompletionChoice(
-                    index=i,
-                    text="".join(c.text),
-                    logprobs=r.completion_logprobs(c.logprobs, 0, self.as_ids)[0]
-                    if self.job.config.logprobs
-                    else None,
-                    finish_reason=c.finish_reason,
-                )
-                for i, c in enumerate(self.choices)
-            ],
+            choices=[self._completion_choice(i, c) for i, c in enumerate(self.choices)],
+        )
+
+    def _completion_choice(self, i: int, c: _Choice) -> CompletionChoice:
+        """Choice ``i``: its text and log-probs, after its prompt's with ``echo``."""
+        head = self.echo[i // self.job.config.n] if self.echo else None
+        start = len(head.text) if head else 0
+        logprobs = None
+        if self.job.config.logprobs:
+            logprobs = self.renderer.completion_logprobs(c.logprobs, start, self.as_ids)[0]
+            if head is not None and head.logprobs is not None:
+                logprobs = joined(head.logprobs, logprobs)
+        text = "".join(c.text)
+        return CompletionChoice(
+            index=i,
+            text=head.text + text if head else text,
+            logprobs=logprobs,
+            finish_reason=c.finish_reason,
         )
 
     # streaming ------------------------------------------------------------------------------

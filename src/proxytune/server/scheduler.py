@@ -8,6 +8,10 @@ tokens through the request's ``sink``. A request's sink receives, in order: list
 :class:`~proxytune.results.StepUpdate` (one list per step), then exactly one :class:`Finished`
 (``error`` set if it failed or was cancelled by shutdown). Cancelled requests (the client went away)
 are dropped between steps and get no further events.
+
+Work that must run on the models outside the batch (scoring an ``echo`` prompt) is handed to
+the worker with :meth:`Scheduler.call`: it runs between two steps, so one thread drives the
+models.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -112,6 +117,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
         self._waiting: deque[_Ticket] = deque()
+        self._calls: deque[tuple[Callable[[], Any], Future[Any]]] = deque()
         self._running: dict[Job, _Ticket] = {}
         self._cond = threading.Condition()
         self._draining = False
@@ -159,7 +165,7 @@ class Scheduler:
             self._draining = True
             self._deadline = min(self._deadline, time.monotonic() + timeout)
             self._cond.notify_all()
-            while (self._waiting or self._running) and self.alive:
+            while (self._waiting or self._running or self._calls) and self.alive:
                 left = self._deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -170,12 +176,19 @@ class Scheduler:
             self._thread.join(timeout=max(5.0, timeout))
         with self._cond:
             left_over = [*self._waiting, *self._running.values()]
+            calls = list(self._calls)
             self._waiting.clear()
             self._running.clear()
+            self._calls.clear()
         cut = [t for t in left_over if not t.job.cancelled]
         for ticket in cut:
             self._send(ticket, Finished(ShuttingDown("the server shut down before finishing")))
-        return len(cut)
+        calls_cut = 0
+        for _, future in calls:  # an echo's scoring: its request gets a 503
+            if future.set_running_or_notify_cancel():
+                future.set_exception(ShuttingDown("the server shut down before finishing"))
+                calls_cut += 1
+        return len(cut) + calls_cut
 
     def hurry(self) -> None:
         """End a :meth:`close` now (any thread): what is still running is cut at once."""
@@ -196,6 +209,19 @@ class Scheduler:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
             self._waiting.append(_Ticket(job, sink, time.monotonic()))
             self._cond.notify_all()
+
+    def call(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn`` on the worker thread between two steps; its result (or error) arrives in
+        the returned future. Raises :class:`QueueFull` or :class:`ShuttingDown` instead."""
+        future: Future[Any] = Future()
+        with self._cond:
+            if self._draining or not self.alive:
+                raise ShuttingDown("the server is shutting down")
+            if len(self._waiting) + len(self._calls) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting)")
+            self._calls.append((fn, future))
+            self._cond.notify_all()
+        return future
 
     def cancel(self, job: Job) -> None:
         """Drop ``job`` (any thread): out of the queue now, out of the batch at the next step."""
@@ -228,7 +254,12 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stop and not self._waiting and not self.batch.live_rows:
+                    while (
+                        not self._stop
+                        and not self._waiting
+                        and not self._calls
+                        and not self.batch.live_rows
+                    ):
                         self._reap()  # a job cancelled since the last step leaves now
                         self.batch.retire()  # free the caches of cancelled rows while idle
                         self._cond.wait()
@@ -237,6 +268,12 @@ class Scheduler:
                     admitted = self._take()
                     for ticket in admitted:
                         self._running[ticket.job] = ticket
+                    calls = list(self._calls)
+                    self._calls.clear()
+                for fn, future in calls:
+                    _run(fn, future)
+                if calls and not admitted and not self._waiting and not self.batch.live_rows:
+                    continue  # only calls were waiting: nothing to step
                 try:
                     updates = self.batch.step([t.job for t in admitted])
                     self._admitted(admitted)
@@ -322,3 +359,13 @@ class Scheduler:
             ticket.sink(event)
         except Exception:  # the receiving side is gone (its event loop closed)
             ticket.job.cancel()
+
+
+def _run(fn: Callable[[], Any], future: Future[Any]) -> None:
+    """``fn()`` into ``future`` (its error too: a bad call fails its request alone)."""
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as err:
+        future.set_exception(err)
