@@ -143,3 +143,24 @@ def test_a_second_signal_cuts_the_drain_short_and_a_third_exits_at_once(tuner):
     assert server.cut == 1 and not server.force_exit
     server.handle_exit(signal.SIGINT, None)
     assert server.force_exit
+
+
+def test_a_scoring_call_still_waiting_at_the_timeout_is_cut_too(tuner):
+    """An echo's prompt scoring waits for the worker (``Scheduler.call``); the drain counts it
+    and its request gets ShuttingDown (a 503), like a request still in the batch."""
+    import threading
+
+    from proxytune.server.scheduler import Scheduler, ShuttingDown
+
+    scheduler = Scheduler(tuner, max_batch_size=4, max_queue=4)
+    scheduler.start()
+    release = threading.Event()
+    busy = scheduler.call(lambda: release.wait(10))
+    while not busy.running():
+        time.sleep(0.01)
+    waiting = scheduler.call(lambda: "scored")
+    threading.Timer(0.5, release.set).start()  # the worker frees up after the timeout
+    assert scheduler.close(timeout=0.1) == 1
+    with pytest.raises(ShuttingDown):
+        waiting.result(5)
+    assert busy.result(5) is True
