@@ -337,11 +337,8 @@ def load(b: Battery, quick: bool) -> Iterator[tuple[str, str | None]]:
         "among_abusive_ms": among_abusive * 1000,
     }
     slowed = among_abusive > 3 * among_valid + 0.5
-    yield "an innocent request among abusive ones", (
-        f"took {among_abusive:.2f} s, {among_valid:.2f} s among as many valid requests"
-        if slowed
-        else None
-    )
+    took = f"took {among_abusive:.2f} s, {among_valid:.2f} s among as many valid requests"
+    yield "an innocent request among abusive ones", took if slowed else None
 
 
 def shutdown(b: Battery, quick: bool) -> Iterator[tuple[str, str | None]]:
