@@ -21,6 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ProxyTuneError
+from ..paths import need_file
 from .extract import get_extractor
 from .metrics import (
     gap_closed,
@@ -446,8 +447,7 @@ def load_metric(spec: str, root: str = "") -> MetricFn:
         path = Path(module_name).expanduser()
         if not path.is_absolute() and root:
             path = Path(root) / path
-        if not path.is_file():
-            raise ConfigError(f"metric file {str(path)!r} does not exist")
+        need_file(path, "metric file")
         module_spec = importlib.util.spec_from_file_location(f"_metric_{path.stem}", path)
         assert module_spec is not None and module_spec.loader is not None
         module = importlib.util.module_from_spec(module_spec)
