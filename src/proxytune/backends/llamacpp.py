@@ -108,6 +108,10 @@ class _Weights:
         self.lc, self.path = lc, path
         params = lc.llama_model_default_params()
         params.n_gpu_layers = 0
+        # read the weights in, not mapped: on CPUs llama.cpp repacks most quantized weights
+        # into its own buffers, and a mapping keeps the file's pages resident beside those
+        # copies (the embedded default: 2.9 GiB resident mapped, 2.4 read; docs/speed.md)
+        params.load_mode = lc.LLAMA_LOAD_MODE_NONE
         self.model = lc.llama_model_load_from_file(path.encode(), params)
         if not self.model:
             raise ModelLoadError(
