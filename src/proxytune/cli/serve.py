@@ -79,6 +79,17 @@ def serve(
     prefix_cache: PrefixCacheOption = None,
     one_pass: OnePassOption = None,
     log_level: Annotated[str, Opt(help="critical | error | warning | info | debug")] = "info",
+    model_root: Annotated[
+        list[str] | None,
+        Opt(help="A directory the admin API may load pairs from (repeatable; needs --api-key)."),
+    ] = None,
+    fallback: Annotated[
+        str,
+        Opt(help="When a pair fails mid-request: fail | base | expert (requests: 'fallback')."),
+    ] = "fail",
+    allow_pickle: Annotated[
+        bool, Opt(help="Let the admin API load pickled (.bin) weights (pickle can run code).")
+    ] = False,
 ) -> None:
     """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""
     from ..extras import require
@@ -115,6 +126,10 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         max_body_bytes=max_body_bytes,
         allowed_hosts=(*LOOPBACK_NAMES, *(allow_host or ())),
+        model_roots=tuple(model_root or ()),
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        fallback=fallback,
     )
     tuner = build_tuner(
         ModelOptions(

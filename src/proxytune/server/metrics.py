@@ -246,6 +246,14 @@ class Metrics:
                 lock,
             )
         )
+        self.fallbacks = self._add(
+            Counter(
+                "proxytune_fallbacks_total",
+                "Requests that finished on their fallback after their pair failed, by reason "
+                "(non_finite, error) and fallback (base, expert).",
+                lock,
+            )
+        )
 
     def _add(self, metric):  # type: ignore[no-untyped-def]
         self._all.append(metric)
