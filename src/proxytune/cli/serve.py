@@ -87,6 +87,15 @@ def serve(
         str,
         Opt(help="When a pair fails mid-request: fail | base | expert (requests: 'fallback')."),
     ] = "fail",
+    drift_baseline: Annotated[
+        str | None, Opt(help="A baseline from 'proxytune monitor baseline': alert on drift.")
+    ] = None,
+    drift_threshold: Annotated[
+        list[str] | None,
+        Opt(help="Relative change that alerts: 0.5, or STAT=0.5 for kl|changed|entropy."),
+    ] = None,
+    drift_window: Annotated[int, Opt(help="Steered tokens per pair in the drift window.")] = 512,
+    drift_min_tokens: Annotated[int, Opt(help="Tokens a window needs to alert.")] = 64,
     allow_pickle: Annotated[
         bool, Opt(help="Let the admin API load pickled (.bin) weights (pickle can run code).")
     ] = False,
@@ -106,6 +115,7 @@ def serve(
     from ..errors import ConfigError
     from ..server import ServerSettings
     from ..server import serve as run_server
+    from ..server.drift import parse_thresholds
     from ..server.gate import LOOPBACK_NAMES
 
     if not 0 <= port <= 65535:
@@ -130,6 +140,10 @@ def serve(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         fallback=fallback,
+        drift_baseline=drift_baseline,
+        drift_thresholds=parse_thresholds(drift_threshold or ()),
+        drift_window=drift_window,
+        drift_min_tokens=drift_min_tokens,
     )
     tuner = build_tuner(
         ModelOptions(

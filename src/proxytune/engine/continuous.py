@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..arithmetic import steering_kl
+from ..arithmetic import steering_kl, steering_stats
 from ..backends.base import DecodeState
 from ..config import GenerationConfig
 from ..errors import ConfigError, NumericalError
@@ -129,6 +129,8 @@ class StepStats:
     failed: list[Job] = field(default_factory=list)
     fallbacks: list[Job] = field(default_factory=list)
     """Jobs that fell back in this step."""
+    pairs: dict[str, list[float]] = field(default_factory=dict)
+    """Per pair name: sums of KL, changed top tokens, entropy, and the rows they cover."""
 
 
 @dataclass(eq=False)
@@ -396,9 +398,7 @@ class ContinuousBatch(RequestCore):
                         ok[i] = False
                     continue
             if self.kl and job.steered:
-                kl = steering_kl(part, base_lp)
-                self.stats.kl_sum += float(kl.sum())
-                self.stats.kl_rows += len(idx)
+                self._measure(job, part, base_lp)
             if len(idx) == len(rows):
                 return part, ok
             if scores is None:
@@ -407,6 +407,21 @@ class ContinuousBatch(RequestCore):
         if scores is None:  # every request failed
             scores = torch.zeros((len(rows), self.vocab_size), device=self.device)
         return scores, ok
+
+    def _measure(self, job: Job, scores: torch.Tensor, base_lp: torch.Tensor) -> None:
+        """What steering did to ``job``'s rows this step: the batch's KL, and per pair it ran
+        (by name) the sums of KL, changed top tokens and entropy (:attr:`StepStats.pairs`)."""
+        kl, changed, entropy = steering_stats(scores, base_lp)
+        sums = (float(kl.sum()), float(changed.sum()), float(entropy.sum()), kl.shape[0])
+        self.stats.kl_sum += sums[0]
+        self.stats.kl_rows += sums[3]
+        p = job.prepared
+        for i, (pair, (e, a)) in enumerate(zip(p.pairs, p.needs, strict=True)):
+            if e or a:
+                name = pair.name or str(i)
+                total = self.stats.pairs.setdefault(name, [0.0, 0.0, 0.0, 0])
+                for k, v in enumerate(sums):
+                    total[k] += v
 
     def _job_logits(self, job: Job, rows: Sequence[_Row]) -> dict[str, torch.Tensor]:
         """Each of ``job``'s members' logits for ``rows``; a member whose forward failed is

@@ -14,6 +14,7 @@ load on a thread of their own; the swap happens between two decode steps (see
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -43,9 +44,14 @@ class PairLoadRequest(_Strict):
 
 
 def add_admin_routes(
-    app: FastAPI, tuner: ProxyTuner, scheduler: Scheduler, settings: ServerSettings
+    app: FastAPI,
+    tuner: ProxyTuner,
+    scheduler: Scheduler,
+    settings: ServerSettings,
+    on_change: Callable[[str], None] | None = None,
 ) -> LivePairs:
-    """Register the admin routes on ``app``; returns the registry they change."""
+    """Register the admin routes on ``app``; returns the registry they change. ``on_change``
+    hears the name of each pair loaded, replaced or unloaded (the drift monitor resets it)."""
     live = LivePairs(
         tuner,
         roots=settings.model_roots,
@@ -91,6 +97,8 @@ def add_admin_routes(
                     f"{type(err).__name__}: {one_line(err)}", 422, code="pair_not_loaded"
                 ) from None
             await swap(new)
+        if on_change is not None:
+            on_change(name)
         return {"loaded": name, "replaced": replaced, "pairs": live.listing()}
 
     @app.delete("/admin/pairs/{name}")
@@ -106,6 +114,8 @@ def add_admin_routes(
             except ProxyTuneError as err:  # the rule needs that pair
                 raise APIError(one_line(err), 400, code="pair_not_unloaded") from None
             await swap(new)
+        if on_change is not None:
+            on_change(name)
         return {"unloaded": name, "pairs": live.listing()}
 
     return live

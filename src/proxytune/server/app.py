@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -30,6 +30,7 @@ from ..engine.fallback import check_policy
 from ..errors import ConfigError, PromptTooLongError
 from ..schedules import Constant
 from .admin import add_admin_routes
+from .drift import DriftMonitor, load_baseline
 from .echo import Echo, check_echo, completion_prompts, echoes, prompt_logprobs
 from .gate import LOOPBACK_NAMES, Gate
 from .metrics import Metrics
@@ -93,6 +94,14 @@ class ServerSettings:
     fallback: str = "fail"
     """When a pair fails mid-request: ``fail`` it, or finish on the ``base`` or the ``expert``
     alone; requests may choose their own (``fallback``)."""
+    drift_baseline: str | None = None
+    """A baseline file (``proxytune monitor baseline``): alerts when steering drifts from it."""
+    drift_thresholds: Mapping[str, float] | None = None
+    """Per statistic (``kl``, ``changed``, ``entropy``): the relative change that alerts."""
+    drift_window: int = 512
+    """Steered tokens per pair the drift window holds."""
+    drift_min_tokens: int = 64
+    """Tokens a pair's window needs before it can alert."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_top_logprobs", "max_body_bytes"):
@@ -153,7 +162,15 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
         metrics=metrics,
         allowed_hosts=settings.allowed_hosts,
     )
-    app.state.pairs = add_admin_routes(app, tuner, scheduler, settings)
+    app.state.drift = drift = DriftMonitor(
+        load_baseline(settings.drift_baseline) if settings.drift_baseline else None,
+        settings.drift_thresholds,
+        settings.drift_window,
+        settings.drift_min_tokens,
+    )
+    drift.register(metrics)
+    scheduler.observers.append(lambda stats: drift.observe(stats.pairs))
+    app.state.pairs = add_admin_routes(app, tuner, scheduler, settings, on_change=drift.reset)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
@@ -176,6 +193,8 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
         ok = scheduler.alive and not scheduler.draining
         state = "ok" if ok else ("draining" if scheduler.draining else "worker stopped")
         body = {"status": state, "running": scheduler.running, "queued": scheduler.queue_depth}
+        if settings.drift_baseline:
+            body["drift"] = drift.health()
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")

@@ -123,6 +123,8 @@ class Scheduler:
         self._draining = False
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.observers: list[Callable[[Any], None]] = []
+        """Called on the worker with each step's ``StepStats`` (the drift monitor)."""
 
     # state, read from any thread -------------------------------------------------------------
 
@@ -308,6 +310,8 @@ class Scheduler:
             m.generation_tokens.inc(len(updates))
         if stats.kl_rows:
             m.kl.add(stats.kl_sum, stats.kl_rows)
+        for observe in self.observers:
+            observe(stats)
         for job in stats.fallbacks:
             assert job.fell_back is not None
             m.fallbacks.inc(reason=job.fell_back.reason, to=job.fell_back.to)
