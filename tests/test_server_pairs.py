@@ -219,3 +219,35 @@ def test_the_pairs_command_changes_a_running_server(served, tiny_dirs, root, cap
     assert main(["pairs", "unload", "b", *common]) == 2
     assert "404" in capsys.readouterr().err
     assert main(["pairs", "list", "--server", url]) == 2  # no key
+
+
+def test_a_gguf_loads_as_a_pair(served, tiny_dirs, root):
+    from proxytune.backends import llamacpp
+    from proxytune.backends.gguf_write import write_gguf
+    from proxytune.specs import ModelSpec
+
+    if not llamacpp.available():
+        pytest.skip(f"llama-cpp-python is not installed ({llamacpp.INSTALL})")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = root / "expert2"
+    gguf = root / "expert2.gguf"
+    if not gguf.exists():
+        write_gguf(
+            AutoModelForCausalLM.from_pretrained(folder),
+            AutoTokenizer.from_pretrained(folder),
+            gguf,
+        )
+    url, _ = served
+    r = put(url, "gguf", expert=str(gguf), anti_expert=str(tiny_dirs["anti"]))
+    assert r.status_code == 200, r.text
+    assert r.json()["pairs"][1]["expert"]["model"] == str(gguf)
+
+    def spec(path: Path) -> ModelSpec:
+        return ModelSpec(str(path), prompt="raw", device="cpu", dtype="float32")
+
+    ref = ProxyTuner.from_specs(
+        spec(tiny_dirs["base"]), [(spec(gguf), spec(tiny_dirs["anti"]), 1.0)]
+    )
+    want = ref.generate(PROMPTS[0], max_new_tokens=GREEDY["max_tokens"], ignore_eos=True)[0]
+    assert complete(url, PROMPTS[0], active_pairs=[1]) == want.text

@@ -353,7 +353,7 @@ class ProxyTuner:
 
     def snapshot(self) -> ProxyTuner:
         """A consistent shallow copy of the model set, safe to read while another thread
-        calls :meth:`set_pairs`."""
+        calls :meth:`adopt`."""
         with _SWAP:
             return copy.copy(self)
 
@@ -563,7 +563,7 @@ class ProxyTuner:
 
 
 _SWAP = threading.Lock()
-"""Makes :meth:`ProxyTuner.set_pairs` and :meth:`ProxyTuner.snapshot` atomic."""
+"""Makes :meth:`ProxyTuner.adopt` and :meth:`ProxyTuner.snapshot` atomic."""
 
 
 def load_member(

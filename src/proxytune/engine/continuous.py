@@ -51,7 +51,7 @@ SlotKey = tuple[str, int]
 
 def member_key(member: Member) -> SlotKey:
     """Which decode state holds a member's rows: its role and its model object. A pair swapped
-    in under the same role (:meth:`~proxytune.tuner.ProxyTuner.set_pairs`) gets its own
+    in under the same role (:meth:`~proxytune.tuner.ProxyTuner.adopt`) gets its own
     state, so rows that started on the old pair finish on it."""
     return member.role, id(member.model)
 
