@@ -179,3 +179,14 @@ def test_the_server_says_a_request_fell_back_and_counts_it(tuner):
         assert post({**body, "fallback": "sideways"}).status_code == 400
         metrics = httpx.get(f"{url}/metrics").text
     assert 'proxytune_fallbacks_total{reason="non_finite",to="base"} 2' in metrics
+
+
+def test_a_server_on_the_tuners_own_loop_refuses_a_fallback_it_cannot_give(tuner):
+    pytest.importorskip("fastapi")
+    from proxytune.errors import ConfigError
+    from proxytune.server import ServerSettings, create_app
+
+    with pytest.raises(ConfigError, match="leave --fallback at fail"):
+        create_app(tuner, ServerSettings(speculative=2, fallback="base"))
+    with pytest.raises(ConfigError, match="fallback must be one of"):
+        ServerSettings(fallback="sideways")

@@ -134,11 +134,13 @@ def test_unloading_a_pair_frees_its_model(served, tiny_dirs, root):
     r = put(url, "extra", expert=str(root / "expert2"), anti_expert=str(tiny_dirs["anti"]))
     assert r.status_code == 200, r.text
     assert names(url) == ["0", "extra"]
+    assert httpx.get(f"{url}/v1/models/m", headers=AUTH).json()["pairs"] == 2
     assert complete(url, PROMPTS[0], active_pairs=[1])
     model = weakref.ref(tuner.pairs[1].expert.model)
     r = httpx.delete(f"{url}/admin/pairs/extra", headers=AUTH)
     assert r.status_code == 200, r.text
     assert names(url) == ["0"]
+    assert httpx.get(f"{url}/v1/models/m", headers=AUTH).json()["pairs"] == 1
     gc.collect()
     assert model() is None
     gone = httpx.post(

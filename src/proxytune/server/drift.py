@@ -75,6 +75,9 @@ class DriftMonitor:
             raise ConfigError("drift-window and drift-min-tokens must be >= 1")
         self.baseline = {k: dict(v) for k, v in (baseline or {}).items()}
         self.thresholds = dict(thresholds or dict.fromkeys(STATS, DEFAULT_THRESHOLD))
+        unknown = sorted(set(self.thresholds) - set(STATS))
+        if unknown:
+            raise ConfigError(f"drift thresholds: unknown statistic(s) {unknown}; known: {STATS}")
         self.window, self.min_tokens = window, min_tokens
         self._pairs: dict[str, _Window] = {}
         self._lock = threading.Lock()
