@@ -397,7 +397,7 @@ class ContinuousBatch(RequestCore):
                     for i in idx:
                         ok[i] = False
                     continue
-            if self.kl and job.steered:
+            if self.kl and job.steered and job.fell_back is None:  # what its pairs do
                 self._measure(job, part, base_lp)
             if len(idx) == len(rows):
                 return part, ok
