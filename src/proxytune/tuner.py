@@ -272,14 +272,17 @@ class ProxyTuner:
         An expert that is a LoRA adapter of its anti-expert's model shares that model and runs
         in the same forward pass (:mod:`proxytune.backends.lora_pair`) unless the engine option
         ``one_pass`` is off (or ``cross_tokenizer`` is set: that mode rolls pair states back). A
-        trained
-        adapter directory may stand alone as a model path. ``base`` may be an
+        trained adapter directory may stand alone as a model path. ``base`` may be an
         :class:`~proxytune.backends.api.APISpec` (a base behind an API). A prompt format
         ``auto`` is resolved here, once per model (:func:`~proxytune.prompts.resolve_prompt`).
         """
-        cache = loaded if loaded is not None else {}
         from .backends.api import APISpec
+        from .backends.lora_specs import resolve_adapter_dir
 
+        cache = loaded if loaded is not None else {}
+        for spec in (base, *(m for pair in pairs for m in pair[:2])):  # before any model loads
+            if isinstance(spec, ModelSpec):
+                resolve_adapter_dir(spec)  # refuses an unfinished training run
         api_base = isinstance(base, APISpec)
         base_member = None if api_base else load_member("base", base, cache)
         engine_options = EngineOptions.parse(options)
