@@ -103,6 +103,30 @@ def test_the_baseline_holds_each_pairs_means(baseline):
     assert stats["kl"] >= 0 and stats["entropy"] > 0
 
 
+def test_an_offline_baseline_equals_the_servers(tuner, baseline, tmp_path):
+    pair = tuner.pairs[0]
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"""
+base: {{model: "{tuner.base.model.name}", prompt: raw}}
+pairs:
+  - expert: {{model: "{pair.expert.model.name}", prompt: raw}}
+    anti_expert: {{model: "{pair.anti_expert.model.name}", prompt: raw}}
+model_defaults: {{device: cpu, dtype: float32}}
+"""
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(REFERENCE) + "\n")
+    out = tmp_path / "offline.json"
+    argv = ["monitor", "baseline", "--recipe", str(recipe), "--prompts", str(prompts)]
+    assert main([*argv, "--out", str(out), "--max-tokens", str(TOKENS)]) == 0
+    served = json.loads(baseline.read_text())["pairs"]
+    offline = json.loads(out.read_text())["pairs"]
+    assert offline.keys() == served.keys()
+    for name, stats in served.items():
+        assert offline[name] == pytest.approx(stats, rel=1e-5)
+
+
 def test_a_drift_alert_fires_on_a_shifted_prompt_set_and_not_on_the_baseline_set(watched):
     send(watched, REFERENCE)
     health = httpx.get(f"{watched}/health").json()

@@ -47,18 +47,28 @@ def baseline(
     max_tokens: Annotated[int, Opt(help="Tokens generated per prompt.")] = 64,
     server: ServerOption = "http://127.0.0.1:8000",
     api_key: ApiKeyOption = None,
+    recipe: Annotated[
+        str | None, Opt(help="Compute it offline on this recipe's models instead of a server.")
+    ] = None,
 ) -> None:
     """Send every prompt (greedy, one at a time) and write each pair's mean KL, changed-top-
     token rate and entropy over them: the server's --drift-baseline. Capture it while no
-    other traffic reaches the server (its /metrics counters are read before and after)."""
-    from ..server.drift import baseline_between
+    other traffic reaches the server (its /metrics counters are read before and after), or
+    offline with --recipe (the same numbers, computed in process)."""
+    from ..server.drift import baseline_between, baseline_offline
 
     texts = read_prompts(prompts)
-    before = call("GET", server, "/metrics", api_key)
-    for text in texts:
-        body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0}
-        call("POST", server, "/v1/completions", api_key, body)
-    pairs = baseline_between(before, call("GET", server, "/metrics", api_key))
+    if recipe is not None:
+        from .options import ModelOptions, build_tuner
+
+        pairs = baseline_offline(build_tuner(ModelOptions(recipe=recipe)), texts, max_tokens)
+        server = f"offline:{recipe}"
+    else:
+        before = call("GET", server, "/metrics", api_key)
+        for text in texts:
+            body = {"prompt": text, "max_tokens": max_tokens, "temperature": 0}
+            call("POST", server, "/v1/completions", api_key, body)
+        pairs = baseline_between(before, call("GET", server, "/metrics", api_key))
     if not pairs:
         raise ConfigError("no pair steered any token: check that the server runs a pair")
     record: dict[str, Any] = {

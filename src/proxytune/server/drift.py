@@ -246,25 +246,51 @@ def baseline_between(before: str, after: str) -> dict[str, dict[str, float]]:
     """Per pair, the mean of each statistic over the tokens steered between two scrapes of
     ``/metrics`` (``before`` and ``after``)."""
     a, b = parse_metrics(after), parse_metrics(before)
-    names = {
-        dict(labels)["pair"]
-        for (name, labels) in a
-        if name == "proxytune_pair_steered_tokens_total"
+    names = {dict(k)["pair"] for (n, k) in a if n == "proxytune_pair_steered_tokens_total"}
+    metrics = (
+        "proxytune_pair_kl_nats_sum",
+        "proxytune_pair_changed_tokens_total",
+        "proxytune_pair_entropy_nats_sum",
+        "proxytune_pair_steered_tokens_total",
+    )
+    sums = {
+        pair: [
+            a.get((m, (("pair", pair),)), 0.0) - b.get((m, (("pair", pair),)), 0.0) for m in metrics
+        ]
+        for pair in names
     }
+    return means(sums)
+
+
+def baseline_offline(
+    tuner: Any, prompts: list[str], max_tokens: int
+) -> dict[str, dict[str, float]]:
+    """The same baseline computed in process on ``tuner``: each prompt decoded greedily in the
+    server's continuous batch (row-wise exact, so it equals what a server of ``tuner`` measures)."""
+    import torch
+
+    from ..engine.continuous import ContinuousBatch
+
+    batch = ContinuousBatch(tuner)
+    config = tuner.config(max_new_tokens=max_tokens, temperature=0)
+    sums: dict[str, list[float]] = {}
+    jobs = [batch.prepare([p], config) for p in prompts]
+    with torch.inference_mode():
+        while jobs or batch.live_rows:
+            batch.step(jobs)
+            jobs = []
+            for name, step in batch.stats.pairs.items():
+                total = sums.setdefault(name, [0.0] * 4)
+                for i, v in enumerate(step):
+                    total[i] += v
+    return means(sums)
+
+
+def means(sums: Mapping[str, list[float]]) -> dict[str, dict[str, float]]:
+    """``{pair: [kl, changed, entropy, tokens]}`` sums -> each pair's means and token count."""
     out = {}
-    for pair in sorted(names):
-        key = (("pair", pair),)
-
-        def delta(metric: str, key: Any = key) -> float:
-            return a.get((metric, key), 0.0) - b.get((metric, key), 0.0)
-
-        n = delta("proxytune_pair_steered_tokens_total")
-        if n <= 0:
-            continue
-        out[pair] = {
-            "kl": delta("proxytune_pair_kl_nats_sum") / n,
-            "changed": delta("proxytune_pair_changed_tokens_total") / n,
-            "entropy": delta("proxytune_pair_entropy_nats_sum") / n,
-            "tokens": n,
-        }
+    for pair in sorted(sums):
+        *totals, n = sums[pair]
+        if n > 0:
+            out[pair] = {s: v / n for s, v in zip(STATS, totals, strict=True)} | {"tokens": n}
     return out
