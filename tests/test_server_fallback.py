@@ -181,12 +181,53 @@ def test_the_server_says_a_request_fell_back_and_counts_it(tuner):
     assert 'proxytune_fallbacks_total{reason="non_finite",to="base"} 2' in metrics
 
 
-def test_a_server_on_the_tuners_own_loop_refuses_a_fallback_it_cannot_give(tuner):
-    pytest.importorskip("fastapi")
-    from proxytune.errors import ConfigError
-    from proxytune.server import ServerSettings, create_app
+def test_a_request_on_an_api_base_that_stops_answering_finishes_on_the_expert():
+    from test_api_backend import FakeVLLM, mock_tuner, pair_of
 
-    with pytest.raises(ConfigError, match="leave --fallback at fail"):
-        create_app(tuner, ServerSettings(speculative=2, fallback="base"))
+    from proxytune.backends.hf import HFModel
+    from proxytune.server.serial import EngineLoop
+    from proxytune.testing import build_model, build_tokenizer
+
+    tok = build_tokenizer(300)
+    models = {n: HFModel(build_model(tok, seed=s), tok, name=n) for n, s in
+              (("base", 0), ("expert", 1), ("anti", 2))}  # fmt: skip
+
+    class StopsAnswering(FakeVLLM):
+        def __call__(self, request):
+            if len(self.bodies) >= K:
+                self.fail = 1
+            return super().__call__(request)
+
+    spec = {"top_logprobs": 5, "chunk": 1, "max_retries": 0}
+    healthy_api = mock_tuner(models, tok, FakeVLLM(models["base"], tok), **spec)
+    want = healthy_api.generate(PROMPTS[0], max_new_tokens=N, ignore_eos=True)[0].token_ids
+    served = mock_tuner(models, tok, StopsAnswering(models["base"], tok), **spec)
+    loop = EngineLoop(served)
+    cfg = served.config(max_new_tokens=N, ignore_eos=True)
+    job, failing = loop.prepare([PROMPTS[0]], cfg), loop.prepare([PROMPTS[1]], cfg)
+    job.fallback = "expert"
+    got: list[int] = []
+    first = [job, failing]
+    while first or loop.live_rows:
+        for j, update in loop.step(first):
+            if j is job:
+                got.append(update.token_id)
+        first = []
+    assert failing.error is not None and "failed" in str(failing.error)
+    fell = job.fell_back
+    assert job.error is None and fell is not None and fell.to == "expert" and fell.reason == "error"
+    assert 0 < fell.step < N and len(got) == N
+    assert got[: fell.step] == want[: fell.step]
+    expert_ids = job.prepared.rendered["expert[0]"][0] + got[: fell.step]
+    alone = ProxyTuner(Member("base", models["expert"], RAW))
+    rest = alone.generate(TokenIds(expert_ids, "x"), max_new_tokens=N - fell.step, ignore_eos=True)
+    assert got[fell.step :] == rest[0].token_ids
+    assert pair_of(models).expert.prompt.label == "chat"  # the expert read its own rendering
+
+
+def test_a_fallback_policy_is_one_of_three():
+    from proxytune.errors import ConfigError
+    from proxytune.server import ServerSettings
+
     with pytest.raises(ConfigError, match="fallback must be one of"):
         ServerSettings(fallback="sideways")

@@ -16,9 +16,11 @@ import torch
 
 from ..arithmetic import check_finite
 from ..errors import ConfigError, NumericalError
+from ..prompts import PromptFormat, TokenIds
 from ..rules import StepContext
+from .capabilities import is_top_k_only
 from .members import Member
-from .prepare import Prepared
+from .prepare import Prepared, prepare
 
 POLICIES = ("fail", "base", "expert")
 REASONS = ("non_finite", "error")
@@ -110,3 +112,36 @@ def _expert_alone(index: int):  # type: ignore[no-untyped-def]
 
     combine.label = f"expert[{index}] alone"  # type: ignore[attr-defined]
     return combine
+
+
+# a request on the tuner's own loop (server/serial.py) ------------------------------------------
+
+
+def fallback_member(
+    prepared: Prepared, policy: str, other_tokenizer: set[int] | frozenset[int] = frozenset()
+) -> Member | None:
+    """The one model a request of the tuner's own loop continues on: the base (a local one) or
+    the expert of the first pair it ran (not one of another tokenizer, ``other_tokenizer``)."""
+    if policy == "expert":
+        for i, (p, (runs_expert, _)) in enumerate(zip(prepared.pairs, prepared.needs, strict=True)):
+            if p.expert is not None and runs_expert and i not in other_tokenizer:
+                return p.expert
+    if policy in ("base", "expert") and not is_top_k_only(prepared.base.model):
+        return prepared.base
+    return None
+
+
+def continuation(
+    prepared: Prepared, member: Member, rows: list[int], generated: dict[int, list[int]]
+) -> Prepared:
+    """Rows ``rows`` of ``prepared`` continued on ``member`` alone, one prompt each: the row's
+    prompt as that member rendered it, then the ids it generated so far, read verbatim."""
+    n, tokenizer = prepared.config.n, member.model.tokenizer
+    prompts = []
+    for r in rows:
+        ids = [*prepared.rendered[member.role][r // n], *generated.get(r, [])]
+        prompts.append(TokenIds(ids, tokenizer.decode(ids)))
+    done = max((len(generated.get(r, [])) for r in rows), default=0)
+    config = prepared.config.updated(n=1, max_new_tokens=prepared.config.max_new_tokens - done)
+    alone = Member("base", member.model, PromptFormat.parse("raw"))
+    return prepare(alone, [], prompts, config, prepared.vocab_size, sorted(prepared.eos))

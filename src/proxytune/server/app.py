@@ -25,7 +25,7 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.continuous import ContinuousBatch, Job
+from ..engine.continuous import Job
 from ..engine.fallback import check_policy
 from ..errors import ConfigError, PromptTooLongError
 from ..schedules import Constant
@@ -162,13 +162,6 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
         metrics=metrics,
         allowed_hosts=settings.allowed_hosts,
     )
-    continuous = isinstance(scheduler.batch, ContinuousBatch)
-    if settings.fallback != "fail" and not continuous:
-        raise ConfigError(
-            f"fallback {settings.fallback!r} applies to the continuous batch; this server runs "
-            "each request on the tuner's own loop (an API base, a pair of another tokenizer, "
-            "speculative): leave --fallback at fail"
-        )
     app.state.drift = drift = DriftMonitor(
         load_baseline(settings.drift_baseline) if settings.drift_baseline else None,
         settings.drift_thresholds,
@@ -282,12 +275,6 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
         if budget is None and settings.max_tokens:  # the default, within the server's cap
             budget = min(tuner.defaults.max_new_tokens, settings.max_tokens)
         job = await run_in_threadpool(_prepare, scheduler, tuner, req, prompts, budget, top)
-        if req.fallback not in (None, "fail") and not continuous:
-            raise APIError(
-                "fallback: this server runs each request on the tuner's own loop, where a "
-                "failing pair cannot hand over; send fallback 'fail' or leave it out",
-                param="fallback",
-            )
         job.fallback = req.fallback or settings.fallback
         _check_room(job, max_tokens, prompt_field, chat and req.max_completion_tokens is not None)
         acc = Accumulator(job, renderer, chat, req, request_id=_request_id(chat))
