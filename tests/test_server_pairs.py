@@ -253,3 +253,14 @@ def test_a_gguf_loads_as_a_pair(served, tiny_dirs, root):
     )
     want = ref.generate(PROMPTS[0], max_new_tokens=GREEDY["max_tokens"], ignore_eos=True)[0]
     assert complete(url, PROMPTS[0], active_pairs=[1]) == want.text
+
+
+def test_a_half_loaded_pair_keeps_no_model_alive(tiny_dirs, root):
+    from proxytune.server.pairs import LivePairs, PairLoad
+
+    tuner = make_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"])
+    live = LivePairs(tuner, roots=[str(root)])
+    request = PairLoad(expert=str(root / "expert2"), anti_expert=str(root / "broken"))
+    with pytest.raises(Exception, match="broken"):
+        live.load("x", request)
+    assert live._cache == {} and live.names == ["0"]

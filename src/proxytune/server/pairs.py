@@ -112,9 +112,14 @@ class LivePairs:
         expert = self._spec(request.expert, request.expert_prompt, request, "expert")
         anti = self._spec(request.anti_expert, request.anti_expert_prompt, request, "anti_expert")
         one_pass = self.tuner.options.one_pass and not self.tuner.cross_options
-        pair = load_pair(index, expert, anti, request.alpha, self._cache, one_pass, name)
-        pairs[index : index + 1] = [pair]
-        return self._checked(pairs)
+        before = dict(self._cache)
+        try:
+            pair = load_pair(index, expert, anti, request.alpha, self._cache, one_pass, name)
+            pairs[index : index + 1] = [pair]
+            return self._checked(pairs)
+        except BaseException:
+            self._cache = before  # a half-loaded pair keeps nothing alive
+            raise
 
     def without(self, name: str) -> ProxyTuner:
         """The served tuner with pair ``name`` unloaded (later pairs move down one index)."""
