@@ -35,6 +35,15 @@ def root(tiny_dirs, tmp_path_factory) -> Path:
     save_tiny_lora(tiny_dirs["base"], root / "lora", seed=3)
     (root / "broken").mkdir()
     (root / "broken" / "config.json").write_text("{not json")
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    shutil.copytree(root / "expert2", root / "pickled")  # the same weights as a pickle
+    weights = root / "pickled" / "model.safetensors"
+    torch.save(load_file(weights), root / "pickled" / "pytorch_model.bin")
+    weights.unlink()
     return root
 
 
@@ -184,6 +193,8 @@ def test_the_admin_api_checks_the_key_and_the_model_roots(served, tiny_dirs, roo
     finally:
         (root / "link").unlink()
     assert put(url, "bad name!", expert=str(root / "expert2")).status_code == 400
+    pickled = put(url, "p", expert=str(root / "pickled"))  # no --allow-pickle: refused
+    assert pickled.status_code in (400, 422) and "safetensors" in pickled.text
     assert names(url) == ["0"]
 
 
@@ -264,3 +275,14 @@ def test_a_half_loaded_pair_keeps_no_model_alive(tiny_dirs, root):
     with pytest.raises(Exception, match="broken"):
         live.load("x", request)
     assert live._cache == {} and live.names == ["0"]
+
+
+def test_pickled_weights_load_only_where_the_server_allows_them(tiny_dirs, root):
+    from proxytune.server.pairs import LivePairs, PairLoad
+
+    tuner = make_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"])
+    request = PairLoad(expert=str(root / "pickled"), expert_prompt="raw")
+    with pytest.raises(Exception, match="safetensors"):
+        LivePairs(tuner, roots=[str(root)]).load("p", request)
+    new = LivePairs(tuner, roots=[str(root)], allow_pickle=True).load("p", request)
+    assert [p.name for p in new.pairs] == ["0", "p"]
