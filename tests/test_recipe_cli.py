@@ -278,6 +278,7 @@ def test_options_have_one_spelling_and_no_double_negatives():
     commands = click_commands()
     assert set(commands) == {
         "generate", "rules", "setup", "serve", "train", "export", "eval", "analyze", "reproduce",
+        "pairs", "monitor",
     }  # fmt: skip
     for name, command in commands.items():
         for param in command.params:

@@ -15,7 +15,7 @@ import torch
 
 from proxytune import ProxyTuner
 from proxytune.arithmetic import steering_kl
-from proxytune.engine.continuous import ContinuousBatch
+from proxytune.engine.continuous import ContinuousBatch, member_key
 from proxytune.engine.controls import MAX_ABS_ALPHA, request_alphas
 from proxytune.errors import ConfigError, NumericalError
 from proxytune.schedules import Linear
@@ -79,8 +79,8 @@ def test_pairs_that_are_off_never_run(tuner):
     job = batch.prepare(PROMPTS[:2], tuner.config(max_new_tokens=3), 0.0)
     assert set(job.rendered) == {"base"}
     batch.step([job])
-    assert len(batch.slots["base"].rows) == 2
-    assert batch.slots["expert[0]"].state is None and not batch.slots["expert[0]"].rows
+    assert len(batch.slots[member_key(tuner.base)].rows) == 2
+    assert member_key(tuner.pairs[0].expert) not in batch.slots
 
 
 def test_each_request_runs_its_own_rule_in_a_shared_batch(tuner):

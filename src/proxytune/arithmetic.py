@@ -160,3 +160,24 @@ def steering_kl(scores: torch.Tensor, base_lp: torch.Tensor) -> torch.Tensor:
     p = lp.exp()
     terms = torch.where(p > 0, p * (lp - base_lp.float()), torch.zeros_like(p))
     return terms.sum(dim=-1)
+
+
+def steering_stats(
+    scores: torch.Tensor, base_lp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What steering does to each row, ``(B, V)`` -> three ``(B,)``: ``KL(steered || base)``
+    (nats), whether the steered top token differs from the base's (0/1), and the steered
+    distribution's entropy (nats). One softmax for all three (the server's drift monitor).
+
+    >>> base = torch.log(torch.tensor([[0.75, 0.25]]))
+    >>> kl, changed, entropy = steering_stats(torch.log(torch.tensor([[0.25, 0.75]])), base)
+    >>> round(float(kl), 4), float(changed), round(float(entropy), 4)
+    (0.5493, 1.0, 0.5623)
+    """
+    lp = torch.log_softmax(scores.float(), dim=-1)
+    p = lp.exp()
+    live = p > 0
+    kl = torch.where(live, p * (lp - base_lp.float()), torch.zeros_like(p)).sum(dim=-1)
+    entropy = -torch.where(live, p * lp, torch.zeros_like(p)).sum(dim=-1)
+    changed = (scores.argmax(dim=-1) != base_lp.argmax(dim=-1)).float()
+    return kl, changed, entropy

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -83,9 +84,7 @@ class ProxyTuner:
         """The same models under other engine options (``options`` and/or single ``changes``
         such as ``overlap=True``); nothing is reloaded. ``one_pass`` applies when models load:
         give it to :meth:`from_specs` or :meth:`from_recipe` instead."""
-        new = (self.options if options is None else EngineOptions.parse(options)).updated(
-            **changes
-        )
+        new = (self.options if options is None else EngineOptions.parse(options)).updated(**changes)
         if new.one_pass != self.options.one_pass:
             raise ConfigError(
                 "the one_pass engine option applies when the models load; pass it to "
@@ -273,45 +272,24 @@ class ProxyTuner:
         An expert that is a LoRA adapter of its anti-expert's model shares that model and runs
         in the same forward pass (:mod:`proxytune.backends.lora_pair`) unless the engine option
         ``one_pass`` is off (or ``cross_tokenizer`` is set: that mode rolls pair states back). A
-        trained
-        adapter directory may stand alone as a model path. ``base`` may be an
+        trained adapter directory may stand alone as a model path. ``base`` may be an
         :class:`~proxytune.backends.api.APISpec` (a base behind an API). A prompt format
         ``auto`` is resolved here, once per model (:func:`~proxytune.prompts.resolve_prompt`).
         """
-        from .backends.load import load_model
-        from .backends.lora_pair import pair_models, resolve_adapter_dir
+        from .backends.api import APISpec
+        from .backends.lora_specs import resolve_adapter_dir
 
         cache = loaded if loaded is not None else {}
         for spec in (base, *(m for pair in pairs for m in pair[:2])):  # before any model loads
             if isinstance(spec, ModelSpec):
                 resolve_adapter_dir(spec)  # refuses an unfinished training run
-
-        def member(role: str, spec: ModelSpec | None) -> Member | None:
-            spec = resolve_adapter_dir(spec)
-            if spec is None:
-                return None
-            if spec.load_key not in cache:
-                cache[spec.load_key] = load_model(spec)
-            model = cache[spec.load_key]
-            return Member(role, model, resolve_prompt(spec.prompt, spec, model.tokenizer))
-
-        from .backends.api import APISpec
-
         api_base = isinstance(base, APISpec)
-        base_member = None if api_base else member("base", base)
+        base_member = None if api_base else load_member("base", base, cache)
         engine_options = EngineOptions.parse(options)
         one_pass = engine_options.one_pass and not CrossOptions.parse(cross_tokenizer)
-        built = []
-        for i, (e, a, alpha) in enumerate(pairs):
-            if one_pass:
-                pair_models(resolve_adapter_dir(e), resolve_adapter_dir(a), cache)
-            built.append(
-                Pair(
-                    member(f"expert[{i}]", e),
-                    member(f"anti_expert[{i}]", a),
-                    as_schedule(alpha, f"alpha of pair {i}"),
-                )
-            )
+        built = [
+            load_pair(i, e, a, alpha, cache, one_pass) for i, (e, a, alpha) in enumerate(pairs)
+        ]
         if base_member is None:  # an API base, built last: it may borrow a pair's tokenizer
             from .backends.api import load_api_model
 
@@ -349,6 +327,38 @@ class ProxyTuner:
             if m.role == role:
                 return ProxyTuner(replace(m, role="base"), (), self.defaults)
         raise ConfigError(f"no model in role {role!r}; roles: {[m.role for m in self.members]}")
+
+    def with_pairs(self, pairs: Sequence[Pair]) -> ProxyTuner:
+        """The same base, defaults, rule and options with other (loaded) pairs, checked as any
+        new tuner is (vocabularies, the rule); pairs without a name are named by index.
+        ``stacked`` and ``prefix_cache`` wrap every model together: then pairs cannot change."""
+        if self.options.stacked or self.options.prefix_cache:
+            raise ConfigError(
+                "pairs cannot change while the stacked or prefix_cache engine option wraps the "
+                "models; serve without them to swap pairs live"
+            )
+        named = [replace(p, name=p.name or str(i)) for i, p in enumerate(pairs)]
+        return ProxyTuner(
+            self._loaded[0],
+            named,
+            self.defaults,
+            self.rule,
+            cross_tokenizer=self.cross_options,
+            options=self.options,
+        )
+
+    def adopt(self, other: ProxyTuner) -> None:
+        """Become ``other`` (a :meth:`with_pairs` of this tuner) at once, in place: every holder
+        of this tuner sees the new pairs; decodes already running keep the ones they started
+        with."""
+        with _SWAP:
+            self.__dict__.update(other.__dict__)
+
+    def snapshot(self) -> ProxyTuner:
+        """A consistent shallow copy of the model set, safe to read while another thread
+        calls :meth:`adopt`."""
+        with _SWAP:
+            return copy.copy(self)
 
     # generation -----------------------------------------------------------------------------
 
@@ -555,9 +565,52 @@ class ProxyTuner:
         ]
 
 
-def _wrapped(
-    base: Member, pairs: list[Pair], options: EngineOptions
-) -> tuple[Member, list[Pair]]:
+_SWAP = threading.Lock()
+"""Makes :meth:`ProxyTuner.adopt` and :meth:`ProxyTuner.snapshot` atomic."""
+
+
+def load_member(
+    role: str, spec: ModelSpec | None, cache: dict[tuple[Any, ...], Any]
+) -> Member | None:
+    """``spec`` loaded into ``role`` (weights shared through ``cache`` by load settings); a
+    trained adapter directory may stand alone as a model path; prompt ``auto`` resolved."""
+    from .backends.load import load_model
+    from .backends.lora_specs import resolve_adapter_dir
+
+    spec = resolve_adapter_dir(spec)
+    if spec is None:
+        return None
+    if spec.load_key not in cache:
+        cache[spec.load_key] = load_model(spec)
+    model = cache[spec.load_key]
+    return Member(role, model, resolve_prompt(spec.prompt, spec, model.tokenizer))
+
+
+def load_pair(
+    index: int,
+    expert: ModelSpec | None,
+    anti_expert: ModelSpec | None,
+    alpha: AlphaSpec,
+    cache: dict[tuple[Any, ...], Any],
+    one_pass: bool = False,
+    name: str | None = None,
+) -> Pair:
+    """Pair ``index`` loaded (:func:`load_member`); ``one_pass``: an expert that is a LoRA
+    adapter of its anti-expert's model shares it and runs in the same forward pass."""
+    from .backends.lora_pair import pair_models
+    from .backends.lora_specs import resolve_adapter_dir
+
+    if one_pass:
+        pair_models(resolve_adapter_dir(expert), resolve_adapter_dir(anti_expert), cache)
+    return Pair(
+        load_member(f"expert[{index}]", expert, cache),
+        load_member(f"anti_expert[{index}]", anti_expert, cache),
+        as_schedule(alpha, f"alpha of pair {index}"),
+        name,
+    )
+
+
+def _wrapped(base: Member, pairs: list[Pair], options: EngineOptions) -> tuple[Member, list[Pair]]:
     """The members with the model wrappers ``options`` ask for (stacked roles, prefix cache)."""
     if not (options.stacked or options.prefix_cache):
         return base, pairs

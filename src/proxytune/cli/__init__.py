@@ -2,7 +2,8 @@
 
 One module per command, each registering on the shared :data:`app` (:mod:`._app`):
 :mod:`.generate`, :mod:`.rules`, :mod:`.setup`, :mod:`.serve`, :mod:`.train`, :mod:`.export`,
-:mod:`.evaluate` (``eval``), :mod:`.analyze`, :mod:`.reproduce`. Options used by several
+:mod:`.evaluate` (``eval``), :mod:`.analyze`, :mod:`.reproduce`, :mod:`.pairs` and
+:mod:`.monitor` (a running server's pairs and drift baseline). Options used by several
 commands (models, decoding settings, engine options) are declared once in :mod:`.options`,
 which also builds the tuner from them.
 """
@@ -27,6 +28,8 @@ COMMANDS = (
     "evaluate",
     "analyze",
     "reproduce",
+    "pairs",
+    "monitor",
 )
 """The command modules, in the order ``--help`` lists them."""
 

@@ -81,6 +81,26 @@ def serve(
     prefix_cache: PrefixCacheOption = None,
     one_pass: OnePassOption = None,
     log_level: Annotated[str, Opt(help="critical | error | warning | info | debug")] = "info",
+    model_root: Annotated[
+        list[str] | None,
+        Opt(help="A directory the admin API may load pairs from (repeatable; needs --api-key)."),
+    ] = None,
+    fallback: Annotated[
+        str,
+        Opt(help="When a pair fails mid-request: fail | base | expert (requests: 'fallback')."),
+    ] = "fail",
+    drift_baseline: Annotated[
+        str | None, Opt(help="A baseline from 'proxytune monitor baseline': alert on drift.")
+    ] = None,
+    drift_threshold: Annotated[
+        list[str] | None,
+        Opt(help="Relative change that alerts: 0.5, or STAT=0.5 for kl|changed|entropy."),
+    ] = None,
+    drift_window: Annotated[int, Opt(help="Steered tokens per pair in the drift window.")] = 512,
+    drift_min_tokens: Annotated[int, Opt(help="Tokens a window needs to alert.")] = 64,
+    allow_pickle: Annotated[
+        bool, Opt(help="Let the admin API load pickled (.bin) weights (pickle can run code).")
+    ] = False,
 ) -> None:
     """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""
     from ..extras import require
@@ -97,6 +117,7 @@ def serve(
     from ..errors import ConfigError
     from ..server import ServerSettings
     from ..server import serve as run_server
+    from ..server.drift import parse_thresholds
     from ..server.gate import LOOPBACK_NAMES
 
     if not 0 <= port <= 65535:
@@ -117,6 +138,14 @@ def serve(
         shutdown_timeout=shutdown_timeout,
         max_body_bytes=max_body_bytes,
         allowed_hosts=(*LOOPBACK_NAMES, *(allow_host or ())),
+        model_roots=tuple(model_root or ()),
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        fallback=fallback,
+        drift_baseline=drift_baseline,
+        drift_thresholds=parse_thresholds(drift_threshold or ()),
+        drift_window=drift_window,
+        drift_min_tokens=drift_min_tokens,
     )
     tuner = build_tuner(
         ModelOptions(

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..arithmetic import steering_kl
+from ..arithmetic import steering_kl, steering_stats
 from ..backends.base import DecodeState
 from ..config import GenerationConfig
 from ..errors import ConfigError, NumericalError
@@ -37,13 +37,23 @@ from ..prompts import Prompt
 from ..results import StepUpdate, TokenLogprob
 from .capabilities import can_extend, compact
 from .controls import Steerable, prepare_request
-from .members import Member, Pair
+from .fallback import FellBack, failing_member, fallback_prepared, reason_of
+from .members import Member
 from .prepare import Prepared, Row
 from .step import choose, emit, logprob_records, score
 
 log = logging.getLogger("proxytune.server")
 
-__all__ = ["ContinuousBatch", "Job", "RequestCore", "StepStats", "steering_kl"]
+__all__ = ["ContinuousBatch", "Job", "RequestCore", "StepStats", "member_key", "steering_kl"]
+
+SlotKey = tuple[str, int]
+
+
+def member_key(member: Member) -> SlotKey:
+    """Which decode state holds a member's rows: its role and its model object. A pair swapped
+    in under the same role (:meth:`~proxytune.tuner.ProxyTuner.adopt`) gets its own
+    state, so rows that started on the old pair finish on it."""
+    return member.role, id(member.model)
 
 
 @dataclass(eq=False)
@@ -60,6 +70,10 @@ class Job:
     cancelled: bool = False
     error: BaseException | None = None
     rows_left: int = 0
+    fallback: str = "fail"
+    """What to do when a pair fails mid-decode (:mod:`~proxytune.engine.fallback`)."""
+    fell_back: FellBack | None = None
+    """Set once the request left its pair for its fallback."""
 
     @property
     def prompts(self) -> list[Prompt]:
@@ -93,6 +107,11 @@ class Job:
         """Whether any pair model runs for this request."""
         return self.prepared.steered
 
+    @property
+    def keys(self) -> frozenset[SlotKey]:
+        """The decode states (:func:`member_key`) this request's rows run in."""
+        return frozenset(member_key(m) for m in self.prepared.members)
+
     def cancel(self) -> None:
         self.cancelled = True
 
@@ -108,6 +127,10 @@ class StepStats:
     """Speculative drafts tested against the target in this step."""
     drafts_accepted: int = 0
     failed: list[Job] = field(default_factory=list)
+    fallbacks: list[Job] = field(default_factory=list)
+    """Jobs that fell back in this step."""
+    pairs: dict[str, list[float]] = field(default_factory=dict)
+    """Per pair name: sums of KL, changed top tokens, entropy, and the rows they cover."""
 
 
 @dataclass(eq=False)
@@ -128,8 +151,9 @@ class _Row(Row):
 
 @dataclass
 class _Slots:
-    """The rows one model role holds, in the order of its decode state's batch."""
+    """The rows one running member holds, in the order of its decode state's batch."""
 
+    member: Member
     rows: list[_Row] = field(default_factory=list)
     state: DecodeState | None = None
     logits: torch.Tensor | None = None
@@ -168,17 +192,18 @@ class ContinuousBatch(RequestCore):
     def __init__(self, tuner: Steerable, kl: bool = True) -> None:
         self.tuner = tuner
         self.base: Member = tuner.base
-        self.pairs: list[Pair] = list(tuner.pairs)
-        self.members: list[Member] = tuner.members
         self.vocab_size: int = tuner.vocab_size
-        self.eos = tuple(tuner.eos_token_ids)
         self.device = self.base.model.device
         self.kl = kl
-        self.slots = {m.role: _Slots() for m in self.members}
+        self.slots: dict[SlotKey, _Slots] = {}
+        """One decode state per running member (:func:`member_key`), in the order members
+        joined; a state leaves with its last row (an unloaded pair's models are then free)."""
         self.stats = StepStats()
         self.deferred: list[Job] = []
         """Jobs the last step could not merge; they wait until the batch has drained."""
         self.hold = False
+        self._broken: dict[SlotKey, BaseException] = {}
+        """Members whose forward raised in this step (their rows fall back or fail)."""
 
     def _rows_of(self, job: Job) -> list[_Row]:
         rows = job.prepared.rows(_Row, job=job)
@@ -190,7 +215,8 @@ class ContinuousBatch(RequestCore):
     @property
     def rows(self) -> list[_Row]:
         """Every row in the batch, in the base model's order."""
-        return self.slots[self.base.role].rows
+        slots = self.slots.get(member_key(self.base))
+        return slots.rows if slots is not None else []
 
     @property
     def live_rows(self) -> int:
@@ -210,7 +236,7 @@ class ContinuousBatch(RequestCore):
 
     def reset(self) -> None:
         """Forget every row (after a failed step); the models keep their weights."""
-        self.slots = {m.role: _Slots() for m in self.members}
+        self.slots = {}
 
     def step(self, new_jobs: Sequence[Job] = ()) -> list[tuple[Job, StepUpdate]]:
         """Admit ``new_jobs``, then decode one token for every row in the batch.
@@ -219,6 +245,7 @@ class ContinuousBatch(RequestCore):
         the start of the next step; so are the rows of cancelled or failed jobs.
         """
         self.stats = StepStats()
+        self._broken = {}
         self.retire()
         self._advance()
         self._admit(new_jobs)
@@ -237,14 +264,15 @@ class ContinuousBatch(RequestCore):
         return out
 
     def retire(self) -> None:
-        """Drop finished, cancelled and failed rows from every model's batch."""
-        for slots in self.slots.values():
-            keep = [i for i, r in enumerate(slots.rows) if not r.gone]
+        """Drop finished, cancelled and failed rows from every model's batch (and a member's
+        rows once its request stopped running it)."""
+        for key, slots in list(self.slots.items()):
+            keep = [i for i, r in enumerate(slots.rows) if not r.gone and key in r.job.keys]  # type: ignore[union-attr]
             if len(keep) == len(slots.rows):
                 continue
             slots.logits = None
             if not keep:
-                slots.rows, slots.state = [], None
+                del self.slots[key]
                 continue
             assert slots.state is not None
             slots.state.keep(torch.tensor(keep, device=self.device))
@@ -254,7 +282,7 @@ class ContinuousBatch(RequestCore):
     def _advance(self) -> None:
         """Feed each role its rows' last ids (the roles' forwards at once where the tuner
         asks for :attr:`~proxytune.tuner.ProxyTuner.overlap`)."""
-        models = {m.role: m.model for m in self.members}
+        models = {key: slots.member.model for key, slots in self.slots.items()}
         overlap = self.tuner.options.overlap and can_overlap(models.values())
         calls, filled = [], []
         for role, slots in self.slots.items():
@@ -262,11 +290,23 @@ class ContinuousBatch(RequestCore):
                 continue
             ids = torch.tensor([r.last for r in slots.rows], dtype=torch.long).view(-1, 1)
             key = engine(models[role]) if overlap else None
-            calls.append((key, lambda s=slots.state, x=ids: s.advance(x)))
-            filled.append(slots)
+            calls.append((key, lambda s=slots.state, x=ids: _attempt(s.advance, x)))
+            filled.append(role)
         outs = run_grouped(calls, overlap)
-        for slots, out in zip(filled, outs, strict=True):
-            slots.logits = out[:, -1]
+        for role, out in zip(filled, outs, strict=True):
+            if isinstance(out, BaseException):
+                self._lose(role, out)
+            else:
+                self.slots[role].logits = out[:, -1]
+
+    def _lose(self, key: SlotKey, err: BaseException) -> None:
+        """A member's forward raised: drop its state (its requests fall back or fail at
+        scoring); the base's failure fails the whole step."""
+        if key == member_key(self.base):
+            raise err
+        log.warning("%s failed (%s: %s); its requests fall back", key[0], type(err).__name__, err)
+        self.slots.pop(key, None)
+        self._broken[key] = err
 
     def _admit(self, jobs: Sequence[Job]) -> None:
         """Prefill ``jobs`` and merge them into the running batch.
@@ -282,17 +322,21 @@ class ContinuousBatch(RequestCore):
         if not self.can_join:
             raise RuntimeError("rows cannot join this batch now (a model's cache cannot merge)")
         new = [(job, self._rows_of(job)) for job in jobs if not job.cancelled]
-        started: dict[str, tuple[DecodeState, torch.Tensor, list[_Row]]] = {}
-        for m in self.members:
-            joining = [r for job, rows in new for r in rows if m.role in job.rendered]
+        members = {member_key(m): m for job, _ in new for m in job.prepared.members}
+        started: dict[SlotKey, tuple[DecodeState, torch.Tensor, list[_Row]]] = {}
+        for key, m in members.items():
+            joining = [r for job, rows in new for r in rows if key in job.keys]
             if joining:
                 prompts = [r.job.rendered[m.role][r.prompt_index] for r in joining]
-                state, logits = m.model.start(prompts, use_cache=True)
-                started[m.role] = (state, logits, joining)
-        merged: list[str] = []
+                out = _attempt(m.model.start, prompts, use_cache=True)
+                if isinstance(out, BaseException):
+                    self._lose(key, out)
+                    continue
+                started[key] = (*out, joining)
+        merged: list[SlotKey] = []
         try:
             for role, (state, _, _) in started.items():
-                running = self.slots[role].state
+                running = self.slots[role].state if role in self.slots else None
                 if running is not None:
                     running.extend(state)  # type: ignore[attr-defined]  (can_join checked it)
                     merged.append(role)
@@ -305,8 +349,8 @@ class ContinuousBatch(RequestCore):
             self.deferred = [job for job, _ in new]
             self.hold = True
             return
-        for role, (state, logits, joining) in started.items():
-            slots = self.slots[role]
+        for key, (state, logits, joining) in started.items():
+            slots = self.slots.setdefault(key, _Slots(members[key]))
             if slots.state is None:
                 slots.state, slots.logits = state, logits
             else:
@@ -314,9 +358,9 @@ class ContinuousBatch(RequestCore):
                 slots.logits = torch.cat([slots.logits, logits.to(slots.logits)])
             slots.rows.extend(joining)
 
-    def _logits(self, role: str, rows: Sequence[_Row]) -> torch.Tensor:
-        """``role``'s next-token logits for ``rows`` (all of which it holds), in that order."""
-        slots = self.slots[role]
+    def _logits(self, member: Member, rows: Sequence[_Row]) -> torch.Tensor:
+        """``member``'s next-token logits for ``rows`` (all of which it holds), in that order."""
+        slots = self.slots[member_key(member)]
         assert slots.logits is not None
         if len(rows) == len(slots.rows) and all(
             a is b for a, b in zip(rows, slots.rows, strict=True)
@@ -338,21 +382,23 @@ class ContinuousBatch(RequestCore):
         for job, idx in groups.items():
             members = rows if len(idx) == len(rows) else [rows[i] for i in idx]
             step = members[0].step  # a job's rows start together and advance together
+            logits = self._job_logits(job, members)
             try:
-                logits = {role: self._logits(role, members) for role in job.rendered}
                 part, base_lp = score(job.prepared, logits, members, step)
             except Exception as err:  # this request's rule or models: fail it, keep the rest
-                if not isinstance(err, ConfigError | ArithmeticError):
-                    log.exception("scoring failed for one request")
-                job.error = err
-                self.stats.failed.append(job)
-                for i in idx:
-                    ok[i] = False
-                continue
-            if self.kl and job.steered:
-                kl = steering_kl(part, base_lp)
-                self.stats.kl_sum += float(kl.sum())
-                self.stats.kl_rows += len(idx)
+                fell = self._fall_back(job, logits, members, step, err)
+                if fell is not None:
+                    part, base_lp = fell
+                else:
+                    if not isinstance(err, ConfigError | ArithmeticError | KeyError):
+                        log.exception("scoring failed for one request")
+                    job.error = self._broken_error(job) or err
+                    self.stats.failed.append(job)
+                    for i in idx:
+                        ok[i] = False
+                    continue
+            if self.kl and job.steered and job.fell_back is None:  # what its pairs do
+                self._measure(job, part, base_lp)
             if len(idx) == len(rows):
                 return part, ok
             if scores is None:
@@ -361,6 +407,70 @@ class ContinuousBatch(RequestCore):
         if scores is None:  # every request failed
             scores = torch.zeros((len(rows), self.vocab_size), device=self.device)
         return scores, ok
+
+    def _measure(self, job: Job, scores: torch.Tensor, base_lp: torch.Tensor) -> None:
+        """What steering did to ``job``'s rows this step: the batch's KL, and per pair it ran
+        (by name) the sums of KL, changed top tokens and entropy (:attr:`StepStats.pairs`)."""
+        kl, changed, entropy = steering_stats(scores, base_lp)
+        sums = (float(kl.sum()), float(changed.sum()), float(entropy.sum()), kl.shape[0])
+        self.stats.kl_sum += sums[0]
+        self.stats.kl_rows += sums[3]
+        p = job.prepared
+        for i, (pair, (e, a)) in enumerate(zip(p.pairs, p.needs, strict=True)):
+            if e or a:
+                name = pair.name or str(i)
+                total = self.stats.pairs.setdefault(name, [0.0, 0.0, 0.0, 0])
+                for k, v in enumerate(sums):
+                    total[k] += v
+
+    def _job_logits(self, job: Job, rows: Sequence[_Row]) -> dict[str, torch.Tensor]:
+        """Each of ``job``'s members' logits for ``rows``; a member whose forward failed is
+        missing."""
+        out = {}
+        for m in job.prepared.members:
+            key = member_key(m)
+            if key in self.slots and key not in self._broken:
+                try:
+                    out[m.role] = self._logits(m, rows)
+                except KeyError:  # its rows never joined that state (its prefill failed)
+                    continue
+        return out
+
+    def _broken_error(self, job: Job) -> BaseException | None:
+        """The error of a member of ``job`` whose forward failed in this step, if any."""
+        for key in job.keys:
+            if key in self._broken:
+                return self._broken[key]
+        return None
+
+    def _fall_back(
+        self,
+        job: Job,
+        logits: dict[str, torch.Tensor],
+        rows: Sequence[_Row],
+        step: int,
+        err: BaseException,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Score ``job`` on its fallback after its pair failed (``err``), or ``None`` where
+        its policy is ``fail``, it fell back already, or no pair is at fault."""
+        if job.fallback == "fail" or job.fell_back is not None:
+            return None
+        failed = failing_member(job.prepared, logits)
+        broken = self._broken.get(member_key(failed)) if failed is not None else None
+        if failed is None and not isinstance(err, ArithmeticError):
+            return None  # the rule itself (a bug or its settings): no fallback fixes that
+        cause = broken or err
+        prepared, to = fallback_prepared(job.prepared, job.fallback, failed)
+        try:
+            scored = score(prepared, logits, rows, step)
+        except Exception:
+            return None
+        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        job.prepared = prepared
+        job.fell_back = FellBack(to, reason_of(cause), detail, step)
+        self.stats.fallbacks.append(job)
+        log.warning("a request fell back to the %s at step %d: %s", to, step, detail)
+        return scored
 
     def _fail(self, job: Job, err: BaseException, idx: Sequence[int], ok: list[bool]) -> None:
         """Mark ``job`` failed (its rows ``idx`` leave at the next step); the rest go on."""
@@ -468,6 +578,14 @@ class ContinuousBatch(RequestCore):
             row.done = True
             job.rows_left -= 1
         return update
+
+
+def _attempt(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, or the exception it raised (returned, not raised)."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as err:
+        return err
 
 
 def _sampling_error(err: BaseException) -> BaseException:

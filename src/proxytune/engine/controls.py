@@ -92,6 +92,8 @@ class Steerable(Protocol):
 
     def with_rule(self, rule: Any) -> Steerable: ...
 
+    def snapshot(self) -> Steerable: ...
+
 
 def prepare_request(
     tuner: Steerable,
@@ -103,14 +105,15 @@ def prepare_request(
 ) -> Prepared:
     """One server request, validated and prepared: its alphas and active pairs
     (:func:`request_alphas`), its rule (:func:`request_rule`; default the tuner's), then
-    :func:`~proxytune.engine.prepare.prepare`. A switched-off pair never runs."""
+    :func:`~proxytune.engine.prepare.prepare`. A switched-off pair never runs. The tuner is
+    read once (:meth:`~proxytune.tuner.ProxyTuner.snapshot`): pairs swapped meanwhile apply to
+    the next request."""
+    tuner = tuner.snapshot()
     schedules, active = request_alphas(tuner.pairs, alpha, active_pairs)
     pairs = [dataclasses.replace(p, alpha=s) for p, s in zip(tuner.pairs, schedules, strict=True)]
     chosen = tuner.rule if rule is None else request_rule(tuner, rule)
     eos = config.eos_token_ids if config.eos_token_ids is not None else tuner.eos_token_ids
-    return prepare(
-        tuner.base, pairs, list(prompts), config, tuner.vocab_size, eos, chosen, active
-    )
+    return prepare(tuner.base, pairs, list(prompts), config, tuner.vocab_size, eos, chosen, active)
 
 
 def request_rule(tuner: Steerable, spec: Any) -> Rule:

@@ -27,6 +27,8 @@ class Pair:
     expert: Member | None = None
     anti_expert: Member | None = None
     alpha: Schedule = field(default_factory=lambda: Constant(1.0))
+    name: str | None = None
+    """What the server's pairs admin API and per-pair metrics call it (``None``: its index)."""
 
     def __post_init__(self) -> None:
         if self.expert is None and self.anti_expert is None:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from functools import partial
@@ -26,8 +26,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.continuous import Job
+from ..engine.fallback import check_policy
 from ..errors import ConfigError, PromptTooLongError
 from ..schedules import Constant
+from .admin import add_admin_routes
+from .drift import DriftMonitor, load_baseline
 from .echo import Echo, check_echo, completion_prompts, echoes, prompt_logprobs
 from .gate import LOOPBACK_NAMES, Gate
 from .metrics import Metrics
@@ -82,6 +85,23 @@ class ServerSettings:
     """``Host`` header names answered (port ignored) when there is no API key; others get 403,
     so that a web page that rebinds its DNS name to this machine cannot read answers. ``"*"``
     allows any; ``serve`` adds the interface it binds to."""
+    model_roots: tuple[str, ...] = ()
+    """Directories the admin API may load pairs from (``--model-root``); none: it loads none."""
+    allow_pickle: bool = False
+    """Let the admin API load pickled (``.bin``) weights."""
+    trust_remote_code: bool = False
+    """Let the admin API load models that run their own code."""
+    fallback: str = "fail"
+    """When a pair fails mid-request: ``fail`` it, or finish on the ``base`` or the ``expert``
+    alone; requests may choose their own (``fallback``)."""
+    drift_baseline: str | None = None
+    """A baseline file (``proxytune monitor baseline``): alerts when steering drifts from it."""
+    drift_thresholds: Mapping[str, float] | None = None
+    """Per statistic (``kl``, ``changed``, ``entropy``): the relative change that alerts."""
+    drift_window: int = 512
+    """Steered tokens per pair the drift window holds."""
+    drift_min_tokens: int = 64
+    """Tokens a pair's window needs before it can alert."""
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "max_top_logprobs", "max_body_bytes"):
@@ -97,6 +117,7 @@ class ServerSettings:
             or self.max_tokens < 1
         ):
             raise ConfigError(f"max-tokens must be an integer >= 1, got {self.max_tokens!r}")
+        check_policy(self.fallback, "fallback")
         if not self.shutdown_timeout >= 0:
             raise ConfigError(f"shutdown-timeout must be >= 0 seconds, got {self.shutdown_timeout}")
 
@@ -109,7 +130,7 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
         tuner,
         max_batch_size=settings.max_batch_size,
         max_queue=settings.max_queue,
-        kl=settings.kl_metric and bool(tuner.pairs),
+        kl=settings.kl_metric,
         metrics=metrics,
         continuous=settings.continuous,
         speculative=settings.speculative,
@@ -141,7 +162,15 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
         metrics=metrics,
         allowed_hosts=settings.allowed_hosts,
     )
-    contexts = [m.model.context_length for m in tuner.members if m.model.context_length]
+    app.state.drift = drift = DriftMonitor(
+        load_baseline(settings.drift_baseline) if settings.drift_baseline else None,
+        settings.drift_thresholds,
+        settings.drift_window,
+        settings.drift_min_tokens,
+    )
+    drift.register(metrics)
+    scheduler.observers.append(lambda stats: drift.observe(stats.pairs))
+    app.state.pairs = add_admin_routes(app, tuner, scheduler, settings, on_change=drift.reset)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, err: APIError) -> JSONResponse:
@@ -164,6 +193,8 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
         ok = scheduler.alive and not scheduler.draining
         state = "ok" if ok else ("draining" if scheduler.draining else "worker stopped")
         body = {"status": state, "running": scheduler.running, "queued": scheduler.queue_depth}
+        if settings.drift_baseline:
+            body["drift"] = drift.health()
         if ok:
             return JSONResponse(body)
         return JSONResponse(body, 503, headers={"Retry-After": str(settings.retry_after * 5)})
@@ -172,26 +203,33 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
 
-    card = ModelCard(
-        id=settings.model_name,
-        created=int(time.time()),
-        max_model_len=min(contexts) if contexts else None,
-        pairs=len(tuner.pairs),
-        default_alpha=[
-            p.alpha.alpha if isinstance(p.alpha, Constant) else repr(p.alpha) for p in tuner.pairs
-        ],
-        rule=str(tuner.rule) if tuner.pairs else None,
-    )
+    created = int(time.time())
+
+    def card() -> ModelCard:
+        """The served model as it is now (pairs change with the admin API)."""
+        now = tuner.snapshot()
+        contexts = [m.model.context_length for m in now.members if m.model.context_length]
+        return ModelCard(
+            id=settings.model_name,
+            created=created,
+            max_model_len=min(contexts) if contexts else None,
+            pairs=len(now.pairs),
+            default_alpha=[
+                p.alpha.alpha if isinstance(p.alpha, Constant) else repr(p.alpha)
+                for p in now.pairs
+            ],
+            rule=str(now.rule) if now.pairs else None,
+        )
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return ModelList(data=[card]).model_dump()
+        return ModelList(data=[card()]).model_dump()
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
         if model_id != settings.model_name:
             raise _unknown_model(model_id, settings.model_name)
-        return card.model_dump()
+        return card().model_dump()
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -237,6 +275,7 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
         if budget is None and settings.max_tokens:  # the default, within the server's cap
             budget = min(tuner.defaults.max_new_tokens, settings.max_tokens)
         job = await run_in_threadpool(_prepare, scheduler, tuner, req, prompts, budget, top)
+        job.fallback = req.fallback or settings.fallback
         _check_room(job, max_tokens, prompt_field, chat and req.max_completion_tokens is not None)
         acc = Accumulator(job, renderer, chat, req, request_id=_request_id(chat))
         if not chat and req.echo:
@@ -244,7 +283,7 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
             if max_tokens == 0:
                 for c in acc.choices:
                     c.finish_reason = "length"
-                return JSONResponse(acc.response().model_dump())
+                return JSONResponse(acc.body())
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()
 

@@ -52,6 +52,8 @@ class Gate:
         path = scope.get("path", "")
         if path.startswith("/v1/models/"):
             endpoint = "/v1/models/{id}"
+        elif path.startswith("/admin/pairs"):
+            endpoint = "/admin/pairs"
         else:
             endpoint = path if path in ENDPOINTS else "other"  # bounded label values
         status = {"code": 500, "started": False}

@@ -91,6 +91,26 @@ class Gauge(_Metric):
         return [f"{self.name} {_number(float(self.read()))}"]
 
 
+class LabeledGauge(_Metric):
+    """Values per label set, read from a callback at scrape time (per-pair statistics)."""
+
+    kind = "gauge"
+
+    def __init__(
+        self,
+        name: str,
+        help: str,
+        lock: threading.Lock,
+        read: Callable[[], dict[Labels, float]],
+        kind: str = "gauge",
+    ) -> None:
+        super().__init__(name, help, lock)
+        self.read, self.kind = read, kind
+
+    def samples(self) -> list[str]:
+        return [f"{self.name}{_labels(k)} {_number(v)}" for k, v in sorted(self.read().items())]
+
+
 class Histogram(_Metric):
     """Cumulative buckets, sum and count, optionally per label set."""
 
@@ -246,6 +266,14 @@ class Metrics:
                 lock,
             )
         )
+        self.fallbacks = self._add(
+            Counter(
+                "proxytune_fallbacks_total",
+                "Requests that finished on their fallback after their pair failed, by reason "
+                "(non_finite, error) and fallback (base, expert).",
+                lock,
+            )
+        )
 
     def _add(self, metric):  # type: ignore[no-untyped-def]
         self._all.append(metric)
@@ -255,11 +283,22 @@ class Metrics:
         """Register a gauge whose value is read at scrape time."""
         self._add(Gauge(name, help, self.lock, read))
 
+    def labeled_gauge(
+        self,
+        name: str,
+        help: str,
+        read: Callable[[], dict[Labels, float]],
+        kind: str = "gauge",
+    ) -> None:
+        """Register values per label set, all read at scrape time (``kind``: their type:
+        ``counter`` for totals the callback keeps)."""
+        self._add(LabeledGauge(name, help, self.lock, read, kind))
+
     def render(self) -> str:
         """The Prometheus text exposition of every metric."""
         lines: list[str] = []
         for metric in self._all:
-            if isinstance(metric, Gauge):
+            if isinstance(metric, Gauge | LabeledGauge):
                 samples = metric.samples()  # reads outside the lock: callbacks may take it
             else:
                 with self.lock:

@@ -105,6 +105,8 @@ class _Common(_Strict):
     """Indices of the pairs to run; ``[]`` runs the base alone."""
     rule: Any = None
     """A steering rule for this request: a name or ``{"name": ..., **settings}``."""
+    fallback: Literal["fail", "base", "expert"] | None = None
+    """When a pair fails mid-request (default: the server's ``--fallback``)."""
     # vLLM-style extras
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1)

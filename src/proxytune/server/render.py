@@ -130,7 +130,20 @@ class Accumulator:
             if u.finish_reason is not None:
                 c.finish_reason = u.finish_reason
 
+    @property
+    def extra(self) -> dict[str, Any] | None:
+        """The ``proxytune`` field of the answer: set when the request fell back."""
+        fell = self.job.fell_back
+        return None if fell is None else fell.as_dict()
+
     # non-streaming --------------------------------------------------------------------------
+
+    def body(self) -> dict[str, Any]:
+        """The whole answer as JSON, with a ``proxytune`` field where the request fell back."""
+        out = self.response().model_dump()
+        if self.extra is not None:
+            out["proxytune"] = self.extra
+        return out
 
     def response(self) -> Completion | ChatCompletion:
         r = self.renderer
@@ -191,6 +204,13 @@ class Accumulator:
             chunk["usage"] = None
         return chunk
 
+    def _finish(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        """The chunk that finishes a choice: with ``proxytune`` where the request fell back."""
+        chunk = self._chunk(choices)
+        if self.extra is not None:
+            chunk["proxytune"] = self.extra
+        return chunk
+
     def opening_chunks(self) -> list[dict[str, Any]]:
         """Chat streams open with the assistant role for every choice."""
         if not self.chat:
@@ -233,7 +253,7 @@ class Accumulator:
                     )
                 if u.finish_reason is not None:
                     out.append(
-                        self._chunk(
+                        self._finish(
                             [
                                 {
                                     "index": u.row,
@@ -252,8 +272,9 @@ class Accumulator:
                 c = self.choices[u.row]
                 lp, c.offset = r.completion_logprobs(records, c.offset, self.as_ids)
                 logprobs = lp.model_dump()
+            make = self._finish if u.finish_reason is not None else self._chunk
             out.append(
-                self._chunk(
+                make(
                     [
                         {
                             "index": u.row,
@@ -360,7 +381,7 @@ async def collect_events(
     if done.error is not None:
         raise failure(done.error)
     metrics.latency.observe(time.monotonic() - started, endpoint=endpoint)
-    return JSONResponse(acc.response().model_dump())
+    return JSONResponse(acc.body())
 
 
 async def disconnected(receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:

@@ -124,6 +124,8 @@ class Scheduler:
         self._deadline = float("inf")  # when close() cuts what is left
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.observers: list[Callable[[Any], None]] = []
+        """Called on the worker with each step's ``StepStats`` (the drift monitor)."""
 
     # state, read from any thread -------------------------------------------------------------
 
@@ -266,21 +268,25 @@ class Scheduler:
                     if self._stop:
                         return
                     admitted = self._take()
-                    for ticket in admitted:
-                        self._running[ticket.job] = ticket
+                    self._running.update((t.job, t) for t in admitted)
                     calls = list(self._calls)
                     self._calls.clear()
-                for fn, future in calls:
-                    _run(fn, future)
-                if calls and not admitted and not self._waiting and not self.batch.live_rows:
-                    continue  # only calls were waiting: nothing to step
-                try:
-                    updates = self.batch.step([t.job for t in admitted])
-                    self._admitted(admitted)
-                    self._dispatch(updates)
-                except Exception as err:  # a bug or a broken model: fail the batch, keep serving
-                    log.exception("decode step failed; failing %d request(s)", self.running)
-                    self._fail_all(err)
+                self._work(admitted, calls)
+                del admitted, calls  # a finished request's models must not outlive it here
+
+    def _work(self, admitted: list[_Ticket], calls: list[tuple[Callable[[], Any], Any]]) -> None:
+        """Run the waiting calls, then one step with ``admitted`` joining."""
+        for fn, future in calls:
+            _run(fn, future)
+        if calls and not admitted and not self._waiting and not self.batch.live_rows:
+            return  # only calls were waiting: nothing to step
+        try:
+            updates = self.batch.step([t.job for t in admitted])
+            self._admitted(admitted)
+            self._dispatch(updates)
+        except Exception as err:  # a bug or a broken model: fail the batch, keep serving
+            log.exception("decode step failed; failing %d request(s)", self.running)
+            self._fail_all(err)
 
     def _reap(self) -> None:
         """Drop cancelled jobs from :attr:`running` (with ``_cond`` held, on the worker thread).
@@ -316,6 +322,11 @@ class Scheduler:
             m.generation_tokens.inc(len(updates))
         if stats.kl_rows:
             m.kl.add(stats.kl_sum, stats.kl_rows)
+        for observe in self.observers:
+            observe(stats)
+        for job in stats.fallbacks:
+            assert job.fell_back is not None
+            m.fallbacks.inc(reason=job.fell_back.reason, to=job.fell_back.to)
         if stats.drafts_proposed:
             m.drafts_proposed.inc(stats.drafts_proposed)
             m.drafts_accepted.inc(stats.drafts_accepted)

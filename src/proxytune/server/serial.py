@@ -15,10 +15,13 @@ request's latency (fewer base forwards per token) at the price of continuous bat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..engine.continuous import Job, RequestCore, StepStats
+from ..engine.fallback import FellBack, continuation, fallback_member, reason_of
+from ..engine.plain import decode
 from ..engine.prepare import Prepared
 from ..engine.speculative import SpeculativeStats
 from ..results import StepUpdate
@@ -39,6 +42,10 @@ class EngineLoop(RequestCore):
         self.speculative = speculative
         self.speculation = SpeculativeStats()
         self.running: list[Job] = []
+        self.generated: dict[Job, dict[int, list[int]]] = {}
+        """Per running job and row: the ids emitted so far (what a fallback continues)."""
+        self.finished: dict[Job, set[int]] = {}
+        """Per running job: its rows that finished."""
         self.stats = StepStats()
         self.deferred: list[Job] = []
         self.can_join = True
@@ -61,6 +68,8 @@ class EngineLoop(RequestCore):
         for job in self.running:
             if job.cancelled or job.error is not None or job.rows_left == 0:
                 job.steps.close()  # type: ignore[union-attr]
+                self.generated.pop(job, None)
+                self.finished.pop(job, None)
             else:
                 keep.append(job)
         self.running = keep
@@ -69,6 +78,7 @@ class EngineLoop(RequestCore):
         for job in self.running:
             job.steps.close()  # type: ignore[union-attr]
         self.running = []
+        self.generated, self.finished = {}, {}
 
     def step(self, new_jobs: Sequence[Job] = ()) -> list[tuple[Job, StepUpdate]]:
         """One step of every running request, in arrival order."""
@@ -83,19 +93,64 @@ class EngineLoop(RequestCore):
         for job in self.running:
             try:
                 updates = next(job.steps)  # type: ignore[arg-type]
-            except Exception as err:  # its models or rule failed: this request alone
-                job.error = (
-                    err
-                    if not isinstance(err, StopIteration)
-                    else RuntimeError("the engine stopped before every row finished")
-                )
+            except StopIteration:
+                job.error = RuntimeError("the engine stopped before every row finished")
                 self.stats.failed.append(job)
                 continue
+            except Exception as err:  # its models or rule failed: this request alone...
+                try:  # ...unless its fallback can finish it
+                    updates = self._fall_back(job, err)
+                except Exception as again:
+                    err, updates = again, None
+                if updates is None:
+                    job.error = err
+                    self.stats.failed.append(job)
+                    continue
+            mine = self.generated.setdefault(job, {})
             for u in updates:
+                mine.setdefault(u.row, []).append(u.token_id)
                 if u.finish_reason is not None:
                     job.rows_left -= 1
+                    self.finished.setdefault(job, set()).add(u.row)
                 out.append((job, u))
         self.stats.rows = len(out)
         self.stats.drafts_proposed = self.speculation.proposed - before[0]
         self.stats.drafts_accepted = self.speculation.accepted - before[1]
         return out
+
+    def _fall_back(self, job: Job, err: BaseException) -> list[StepUpdate] | None:
+        """Continue ``job``'s unfinished rows on its fallback model alone (from the tokens they
+        emitted) and return that loop's first step; ``None`` where its policy is ``fail`` or no
+        model can take over (an API base, a pair of another tokenizer)."""
+        if job.fallback == "fail" or job.fell_back is not None:
+            return None
+        p = job.prepared
+        member = fallback_member(p, job.fallback, set(self.tuner.cross_maps))
+        if member is None:
+            return None
+        generated, done = self.generated.get(job, {}), self.finished.get(job, set())
+        rows = [r for r in range(p.n_rows) if r not in done]
+        step = max((len(ids) for ids in generated.values()), default=0)
+        job.steps.close()  # type: ignore[union-attr]
+        job.steps = _remapped(decode(continuation(p, member, rows, generated)), rows, p.config.n)
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        to = "base" if member is p.base else "expert"
+        job.fell_back = FellBack(to, reason_of(err), detail, step)
+        self.stats.fallbacks.append(job)
+        return next(job.steps)
+
+
+def _remapped(
+    steps: Iterator[list[StepUpdate]], rows: list[int], n: int
+) -> Iterator[list[StepUpdate]]:
+    """A continuation's updates under the rows they continue (row ``i`` there is ``rows[i]``)."""
+    try:
+        for updates in steps:
+            yield [
+                dataclasses.replace(
+                    u, row=rows[u.row], prompt_index=rows[u.row] // n, sample_index=rows[u.row] % n
+                )
+                for u in updates
+            ]
+    finally:
+        steps.close()
