@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -209,9 +210,14 @@ class FakeVLLM:
     """``/v1/completions`` over a local model, vLLM-style: token-id prompts, ``token_id:N``
     candidates, ``n`` samples. Switches make it fail the ways endpoints fail."""
 
-    def __init__(self, model, tokenizer, *, tokens=True, logprobs=True, fail=0, status=503):
+    def __init__(
+        self, model, tokenizer, *, tokens=True, logprobs=True, fail=0, status=503, adds=(),
+        report_ids=False, max_prompts=None,
+    ):  # fmt: skip
         self.model, self.tok = model, tokenizer
         self.tokens, self.logprobs, self.fail, self.status = tokens, logprobs, fail, status
+        self.adds = list(adds)  # ids put before every token prompt (a server adding a BOS)
+        self.report_ids, self.max_prompts = report_ids, max_prompts
         self.bodies: list[dict] = []
         self.headers: list[httpx.Headers] = []
         self.gen = torch.Generator().manual_seed(0)
@@ -224,14 +230,18 @@ class FakeVLLM:
             self.fail -= 1
             return httpx.Response(self.status, json={"error": {"message": "busy"}})
         choices, prompt_tokens = [], 0
+        if self.max_prompts and len(body["prompt"]) > self.max_prompts:
+            return httpx.Response(500, json={"error": {"message": ""}})  # llama.cpp's assert
         for p in body["prompt"]:
             if not isinstance(p, str) and not self.tokens:
                 message = "prompt: must be a string or a list of strings"
                 return httpx.Response(400, json={"error": {"message": message}})
-            ids = self.tok(p)["input_ids"] if isinstance(p, str) else list(p)
+            ids = self.tok(p)["input_ids"] if isinstance(p, str) else self.adds + list(p)
             prompt_tokens += len(ids)
             for _ in range(body.get("n", 1)):
                 choices.append(self._choice(list(ids), body, len(choices)))
+                if self.report_ids:
+                    choices[-1]["prompt_token_ids"] = list(ids)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(choices)}
         return httpx.Response(200, json={"choices": choices, "usage": usage})
 
@@ -311,10 +321,52 @@ def test_token_prompts_are_exact_where_text_would_drift(bpe):
     # the same endpoint taking text only: prompts are re-tokenized, and the drift is counted
     text_only = FakeVLLM(models["base"], tok, tokens=False)
     stats = BlackBoxStats()
-    mock_tuner(models, tok, text_only, top_logprobs=len(tok), chunk=1).generate(
-        PROMPTS, max_new_tokens=STEPS, stats=stats
-    )
+    tuner = mock_tuner(models, tok, text_only, top_logprobs=len(tok), chunk=1)
+    tuner.generate(PROMPTS, max_new_tokens=STEPS, stats=stats)
     assert stats.notes and stats.chunks.text_drift > 0
+    assert tuner.base.model.prompt_path == "text"
+
+
+def test_the_path_is_probed_once_logged_and_shown(bpe, caplog):
+    tok, models = bpe
+    for endpoint, path in ((FakeVLLM(models["base"], tok), "tokens"),
+                           (FakeVLLM(models["base"], tok, tokens=False), "text")):  # fmt: skip
+        model = mock_tuner(models, tok, endpoint).base.model
+        assert model.client.describe()["prompt_path"] == "not yet probed"
+        with caplog.at_level(logging.INFO, logger="proxytune.backends.api_client"):
+            assert model.probe() == path
+        assert model.client.describe()["prompt_path"] == path
+        assert f"prompts travel as {path}" in caplog.text
+        assert len(endpoint.bodies) == (1 if path == "tokens" else 2)  # a refusal, then text
+        caplog.clear()
+
+
+@pytest.mark.parametrize("how", ["usage", "prompt_token_ids"])
+def test_an_endpoint_that_does_not_read_token_ids_verbatim_is_refused(bpe, how):
+    """A server that puts a BOS before token prompts scores other prefixes: refused, by the
+    ids it says it read or by its prompt-token count."""
+    tok, models = bpe
+    endpoint = FakeVLLM(models["base"], tok, adds=[tok.bos_token_id], report_ids=how != "usage")
+    tuner = mock_tuner(models, tok, endpoint)
+    with pytest.raises(EndpointError, match=r"not take token-id prompts verbatim.*prompt_as: te"):
+        tuner.generate(PROMPTS[0], max_new_tokens=2)
+    reported = FakeVLLM(models["base"], tok, report_ids=True)  # the ids sent: fine
+    mock_tuner(models, tok, reported).generate(PROMPTS[0], max_new_tokens=2)
+
+
+def test_max_prompts_sends_one_prompt_per_call(bpe):
+    """llama.cpp's server takes one prompt per request: ``max_prompts: 1`` splits the call,
+    the output is unchanged."""
+    tok, models = bpe
+    want = mock_tuner(models, tok, FakeVLLM(models["base"], tok)).generate(
+        PROMPTS, max_new_tokens=4
+    )
+    endpoint = FakeVLLM(models["base"], tok, max_prompts=1)
+    got = mock_tuner(models, tok, endpoint, max_prompts=1).generate(PROMPTS, max_new_tokens=4)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert all(len(b["prompt"]) == 1 for b in endpoint.bodies)
+    with pytest.raises(ConfigError, match="max_prompts must be an integer >= 1"):
+        APISpec(url="http://x.test/v1", model="m", max_prompts=0)
 
 
 def test_support_is_the_endpoints_candidates_and_the_experts_top(bpe):

@@ -87,6 +87,9 @@ class APISpec:
     prompt_as: str = "auto"
     """``tokens`` (exact), ``text`` (the endpoint re-tokenizes), or ``auto`` (tokens, then
     text if the endpoint refuses token prompts)."""
+    max_prompts: int | None = None
+    """Prompts per call (``None``: every row that needs the endpoint in one call; llama.cpp's
+    server takes 1)."""
     token_ids: bool | None = None
     """Ask for ``token_id:N`` candidates (``None``: ask, and stop if the endpoint refuses)."""
     timeout: float = 60.0
@@ -123,6 +126,8 @@ class APISpec:
             raise ConfigError(f"prompt_as must be auto, tokens or text, got {self.prompt_as!r}")
         if self.expert_top is not None:
             _int(self.expert_top, "expert_top", 0)
+        if self.max_prompts is not None:
+            _int(self.max_prompts, "max_prompts", 1)
         for name in ("timeout", "backoff", "cost_ratio"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
@@ -205,6 +210,18 @@ class APIModel:
     def eos_token_ids(self) -> tuple[int, ...]:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return () if eos is None else (int(eos),)
+
+    @property
+    def prompt_path(self) -> str:
+        """``tokens`` or ``text``: how prompts travel to the endpoint
+        (:attr:`EndpointClient.prompt_path`)."""
+        return self.client.prompt_path
+
+    def probe(self) -> str:
+        """Settle :attr:`prompt_path` now with a one-token call (logged); returns it."""
+        text = "Hello"
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] or [0]
+        return self.client.probe(EndpointPrompt(ids=list(ids), text=text))
 
     def start(self, prompts: Sequence[Sequence[int]], use_cache: bool = True) -> Any:
         raise ConfigError(

@@ -12,6 +12,7 @@ Candidates to ids (:class:`CandidateMapper`), in order:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -25,6 +26,13 @@ if TYPE_CHECKING:
     from .api import APISpec
 
 RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
+PATHS = {
+    "tokens": "token ids, exact: the endpoint reads the loop's ids",
+    "text": "the endpoint re-tokenizes them: exact only where that gives the loop's ids",
+}
+"""The two ways a row's prefix travels (:attr:`EndpointClient.prompt_path`)."""
+
+log = logging.getLogger(__name__)
 
 
 class EndpointError(ProxyTuneError):
@@ -170,6 +178,8 @@ class EndpointClient:
         self.usage = APIUsage()
         self.sleep = sleep
         self.prompt_as = "tokens" if spec.prompt_as == "auto" else spec.prompt_as
+        self.settled = spec.prompt_as != "auto"
+        """Whether :attr:`prompt_path` is known (set, or found out by a call)."""
         self.token_ids = True if spec.token_ids is None else spec.token_ids
         self.notes: list[str] = []
         """What auto-detection found out about the endpoint (for the report)."""
@@ -181,6 +191,32 @@ class EndpointClient:
 
     def close(self) -> None:
         self._http.close()
+
+    @property
+    def prompt_path(self) -> str:
+        """``tokens`` or ``text``: how prefixes travel (:data:`PATHS`); on ``prompt_as: auto``
+        ``tokens`` until the endpoint refuses a token prompt (:meth:`probe` asks at once)."""
+        return self.prompt_as
+
+    def describe(self) -> dict[str, Any]:
+        """What a report or ``/health`` shows about the endpoint."""
+        return {
+            "url": self.url,
+            "model": self.spec.model,
+            "prompt_path": self.prompt_path if self.settled else "not yet probed",
+            "token_id_candidates": self.token_ids,
+            "max_prompts": self.spec.max_prompts,
+            "notes": list(self.notes),
+        }
+
+    def probe(self, prompt: EndpointPrompt) -> str:
+        """One one-token call that settles :attr:`prompt_path` (and whether candidates come
+        back as ids); returns the path. Costs one call, added to :attr:`usage`."""
+        if self.spec.logprobs == "sampled":
+            self.samples([prompt], 2)
+        else:
+            self.positions([prompt], 1, 1)
+        return self.prompt_path
 
     # requests ---------------------------------------------------------------------------------
 
@@ -237,8 +273,17 @@ class EndpointClient:
     def _complete(
         self, body: dict[str, Any], prompts: Sequence[EndpointPrompt], n: int, u: APIUsage
     ) -> list[dict[str, Any]]:
-        """Send ``body`` with the prompts as tokens or text (as the endpoint accepts); return
-        the choices in prompt order (``n`` per prompt)."""
+        """Send ``body`` with the prompts as tokens or text (as the endpoint accepts), at most
+        ``max_prompts`` per call; return the choices in prompt order (``n`` per prompt)."""
+        size = self.spec.max_prompts or len(prompts)
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(prompts), size):
+            out += self._complete_group(body, prompts[start : start + size], n, u)
+        return out
+
+    def _complete_group(
+        self, body: dict[str, Any], prompts: Sequence[EndpointPrompt], n: int, u: APIUsage
+    ) -> list[dict[str, Any]]:
         expect = len(prompts) * n
         while True:
             sent = dict(body)
@@ -256,18 +301,55 @@ class EndpointClient:
             finally:
                 u.seconds += time.monotonic() - started
             break
+        self._settle()
         choices = data.get("choices")
         if not isinstance(choices, list) or len(choices) != expect:
             raise EndpointError(
                 f"the endpoint {self.url} answered {len(choices or [])} choices for {expect} "
-                "prompt(s); it must support a list of prompts on /completions"
+                "prompt(s); it must support a list of prompts on /completions (else set the "
+                "base's max_prompts: 1, one call per prompt)"
             )
+        choices = sorted(choices, key=lambda c: int(c.get("index", 0)))
+        usage = data.get("usage") or {}  # the endpoint's count; ours where it gives none
+        if not as_text:
+            self._check_ids(prompts, choices, n, usage.get("prompt_tokens"))
         u.calls += 1
         u.row_requests += len(prompts)
-        usage = data.get("usage") or {}  # the endpoint's count; ours where it gives none
         u.prompt_tokens += int(usage.get("prompt_tokens") or sum(len(p.ids) for p in prompts))
         u.completion_tokens += int(usage.get("completion_tokens") or body["max_tokens"] * expect)
-        return sorted(choices, key=lambda c: int(c.get("index", 0)))
+        return choices
+
+    def _settle(self) -> None:
+        """After the first answer: the path is known; say it once."""
+        if not self.settled:
+            self.settled = True
+            path = self.prompt_as
+            log.info("API base %s: prompts travel as %s (%s)", self.spec.name, path, PATHS[path])
+
+    def _check_ids(
+        self,
+        prompts: Sequence[EndpointPrompt],
+        choices: Sequence[dict[str, Any]],
+        n: int,
+        counted: Any,
+    ) -> None:
+        """Token prompts must be read verbatim: the ids an answer says it read
+        (``prompt_token_ids``, vLLM) are the ids sent, and so is its prompt-token count."""
+        for i, c in enumerate(choices):
+            read = c.get("prompt_token_ids")
+            sent = list(prompts[i // n].ids)
+            if read is not None and list(read) != sent:
+                raise self._not_verbatim(f"prompt {i // n} as {len(read)} other ids")
+        sent_total = sum(len(p.ids) for p in prompts)
+        if n == 1 and isinstance(counted, int) and counted != sent_total:
+            raise self._not_verbatim(f"{counted} prompt tokens where {sent_total} ids were sent")
+
+    def _not_verbatim(self, what: str) -> EndpointError:
+        return EndpointError(
+            f"the endpoint {self.url} read {what}: it does not take token-id prompts verbatim "
+            "(it adds or drops tokens), so the base would score other prefixes than the loop's; "
+            "set the base's prompt_as: text, or serve the model without a template/BOS"
+        )
 
     def _adapt(self, message: str, as_text: bool) -> bool:
         """After a refusal: drop what the endpoint does not support and say whether to retry."""
@@ -279,6 +361,7 @@ class EndpointClient:
         if not as_text and self.spec.prompt_as == "auto" and "prompt" in lower:
             self.prompt_as = "text"
             self.notes.append("the endpoint refuses token prompts: prompts are sent as text")
+            log.warning("API base %s: %s", self.spec.name, self.notes[-1])
             return True
         return False
 

@@ -127,8 +127,12 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
     )
     renderer = Renderer(tuner.tokenizer, settings.model_name)
 
+    api_base = getattr(tuner.base.model, "client", None)  # an API base's EndpointClient
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if api_base is not None:
+            await run_in_threadpool(_probe, tuner.base.model)
         scheduler.start()
         yield
         await run_in_threadpool(scheduler.close, settings.shutdown_timeout)
@@ -164,6 +168,8 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
         ok = scheduler.alive and not scheduler.draining
         state = "ok" if ok else ("draining" if scheduler.draining else "worker stopped")
         body = {"status": state, "running": scheduler.running, "queued": scheduler.queue_depth}
+        if api_base is not None:
+            body["base_api"] = api_base.describe()
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/metrics")
@@ -450,3 +456,12 @@ def serve(
         timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
     )
     uvicorn.Server(config).run()
+
+
+def _probe(model: Any) -> None:
+    """Settle how an API base's prompts travel before serving (logged); a failure is logged
+    and the first request finds out instead."""
+    try:
+        model.probe()
+    except Exception as err:  # the endpoint may come up later
+        log.warning("could not probe the API base %s: %s", model.name, err)
