@@ -29,7 +29,6 @@ from proxytune.backends.api import (  # noqa: E402
 from proxytune.backends.hf import HFModel  # noqa: E402
 from proxytune.backends.topk import topk_row  # noqa: E402
 from proxytune.cli import main  # noqa: E402
-from proxytune.crosstok import _byte_encoder  # noqa: E402
 from proxytune.engine import Member, Pair  # noqa: E402
 from proxytune.engine.blackbox import BlackBoxStats  # noqa: E402
 from proxytune.errors import ConfigError  # noqa: E402
@@ -37,8 +36,7 @@ from proxytune.prompts import PromptFormat  # noqa: E402
 from proxytune.recipe import parse_recipe  # noqa: E402
 from proxytune.server import ServerSettings, create_app  # noqa: E402
 from proxytune.testing import (  # noqa: E402
-    CHAT_TEMPLATE,
-    SPECIALS,
+    build_char_tokenizer,
     build_model,
     build_tokenizer,
 )
@@ -47,27 +45,7 @@ PROMPTS = ["The quick brown fox", "def add(a, b):"]
 STEPS = 12
 
 
-def char_tokenizer():
-    """Byte-level BPE with no merges over ASCII: every text is one token per character, so a
-    text prompt re-tokenizes to exactly the ids it came from (text mode is exact)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    enc = _byte_encoder()
-    chars = [enc[b] for b in (9, 10, *range(32, 127))]
-    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+char_tokenizer = build_char_tokenizer
 
 
 @contextlib.contextmanager

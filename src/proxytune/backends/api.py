@@ -87,6 +87,9 @@ class APISpec:
     prompt_as: str = "auto"
     """``tokens`` (exact), ``text`` (the endpoint re-tokenizes), or ``auto`` (tokens, then
     text if the endpoint refuses token prompts)."""
+    extra_body: Mapping[str, Any] | None = None
+    """Fields added to every request body, for what an engine needs beyond the OpenAI API
+    (llama.cpp's server: ``logit_bias`` on its stop tokens, see docs/black-box.md)."""
     max_prompts: int | None = None
     """Prompts per call (``None``: every row that needs the endpoint in one call; llama.cpp's
     server takes 1)."""
@@ -126,6 +129,8 @@ class APISpec:
             raise ConfigError(f"prompt_as must be auto, tokens or text, got {self.prompt_as!r}")
         if self.expert_top is not None:
             _int(self.expert_top, "expert_top", 0)
+        if self.extra_body is not None and not isinstance(self.extra_body, Mapping):
+            raise ConfigError(f"extra_body must be a mapping of fields, got {self.extra_body!r}")
         if self.max_prompts is not None:
             _int(self.max_prompts, "max_prompts", 1)
         for name in ("timeout", "backoff", "cost_ratio"):
@@ -139,7 +144,7 @@ class APISpec:
 
     @property
     def load_key(self) -> tuple[Any, ...]:
-        return ("api", self.url, self.model, self.tokenizer)
+        return ("api", self.url, self.model, self.tokenizer, repr(self.extra_body))
 
     @classmethod
     def parse(cls, spec: Mapping[str, Any] | APISpec, **defaults: Any) -> APISpec:

@@ -286,7 +286,7 @@ class EndpointClient:
     ) -> list[dict[str, Any]]:
         expect = len(prompts) * n
         while True:
-            sent = dict(body)
+            sent = {**(self.spec.extra_body or {}), **body}
             as_text = self.prompt_as == "text"
             sent["prompt"] = [p.text if as_text else list(p.ids) for p in prompts]
             if self.token_ids and "logprobs" in sent:
@@ -392,7 +392,7 @@ class EndpointClient:
                     last = "the answer is not JSON"
                     continue
             message = _error_message(r)
-            if r.status_code in RETRY_STATUS:
+            if r.status_code in RETRY_STATUS and not _invalid_request(message):
                 last = f"HTTP {r.status_code}: {message}"
                 after = r.headers.get("retry-after", "")
                 asked = float(after) if after.replace(".", "", 1).isdigit() else 0.0
@@ -473,6 +473,12 @@ def _error_message(r: Any) -> str:
     except (ValueError, AttributeError):
         pass
     return (r.text or "").strip()[:300] or f"HTTP {r.status_code}"
+
+
+def _invalid_request(message: str) -> bool:
+    """A server error that is a refused request: llama-cpp-python's server answers a body
+    that fails validation with HTTP 500 ``N validation error(s): ...``; retrying cannot help."""
+    return "validation error" in message.lower()
 
 
 def _completions_url(url: str) -> str:
