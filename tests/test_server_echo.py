@@ -287,7 +287,7 @@ def test_a_black_box_base_on_this_server_is_exact_with_a_bpe_tokenizer(
         got = steered.generate(prompts, max_new_tokens=24, stats=stats)
     want = tuner.generate(prompts, max_new_tokens=24)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
-    assert steered.base.model.prompt_path == "tokens"  # the id path, by default
+    assert steered.base.model.prompt_path == stats.prompt_path == "tokens"  # the id path
     assert stats.api.calls > 0 and not stats.notes and stats.chunks.text_drift == 0
 
 
