@@ -263,6 +263,87 @@ class FakeVLLM:
         }
 
 
+class FakeChat(FakeVLLM):
+    """``/v1/chat/completions`` over a local model: the user message is the raw prompt, an
+    assistant message is continued (``continue_final_message``); candidates carry ``bytes``;
+    ``cap`` refuses more ``top_logprobs`` (OpenAI: 20)."""
+
+    def __init__(self, model, tokenizer, cap=None):
+        super().__init__(model, tokenizer)
+        self.cap = cap
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.bodies.append(body)
+        top = body.get("top_logprobs") if body.get("logprobs") else None
+        if self.cap is not None and top is not None and top > self.cap:
+            message = f"top_logprobs: must be <= {self.cap}"
+            return httpx.Response(400, json={"error": {"message": message}})
+        messages = body["messages"]
+        assert body.get("continue_final_message", False) == (len(messages) == 2)
+        ids = self.tok("".join(m["content"] for m in messages))["input_ids"]
+        legacy = {**body, "logprobs": top, "return_tokens_as_token_ids": False}
+        choices = [self._chat(self._choice(list(ids), legacy, i)) for i in range(body.get("n", 1))]
+        return httpx.Response(200, json={"choices": choices})
+
+    @staticmethod
+    def _chat(choice: dict) -> dict:
+        def entry(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        lp, content = choice["logprobs"], None
+        if lp is not None:
+            content = [
+                {**entry(t, v), "top_logprobs": [entry(a, b) for a, b in top.items()]}
+                for t, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
+                                     strict=True)
+            ]  # fmt: skip
+        return {
+            "index": choice["index"],
+            "message": {"role": "assistant", "content": choice["text"]},
+            "logprobs": {"content": content} if content is not None else None,
+            "finish_reason": choice["finish_reason"],
+        }
+
+
+def test_a_chat_endpoint_continues_the_reply_and_is_exact_with_every_candidate(chars):
+    """k = V on a chat endpoint over the character tokenizer (text is exact): the output of
+    the completions endpoint; the reply so far travels as a continued assistant message."""
+    tok, models, _ = chars
+    want = mock_tuner(models, tok, FakeVLLM(models["base"], tok), top_logprobs=len(tok))
+    want = want.generate(PROMPTS, max_new_tokens=6, alpha=0.5)
+    endpoint = FakeChat(models["base"], tok)
+    stats = BlackBoxStats()
+    tuner = mock_tuner(models, tok, endpoint, top_logprobs=len(tok), endpoint="chat")
+    got = tuner.generate(PROMPTS, max_new_tokens=6, alpha=0.5, stats=stats)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert stats.prompt_path == "text" and stats.api.unmapped == 0
+    assert stats.api.calls == stats.api.row_requests  # one conversation per request
+    later = [b for b in endpoint.bodies if len(b["messages"]) == 2]
+    assert later and all(b["continue_final_message"] for b in later)
+    user, assistant = later[0]["messages"]
+    assert user["role"] == "user" and user["content"] in PROMPTS
+    assert assistant["role"] == "assistant" and assistant["content"]
+
+
+def test_a_chat_endpoint_caps_its_alternatives(chars):
+    """OpenAI's chat endpoint gives at most 20 alternatives: more is its one-line refusal;
+    20 runs (the rest of the vocabulary gets the missing-mass rule)."""
+    tok, models, _ = chars
+    capped = FakeChat(models["base"], tok, cap=20)
+    with pytest.raises(EndpointError, match="top_logprobs: must be <= 20"):
+        mock_tuner(models, tok, capped, top_logprobs=len(tok), endpoint="chat").generate(
+            PROMPTS[0], max_new_tokens=2
+        )
+    stats = BlackBoxStats()
+    mock_tuner(models, tok, capped, top_logprobs=20, endpoint="chat").generate(
+        PROMPTS[0], max_new_tokens=4, stats=stats
+    )
+    assert stats.api.calls >= 1 and stats.mean_coverage > 0.9
+    with pytest.raises(ConfigError, match="endpoint must be completions or chat"):
+        APISpec(url="http://x.test/v1", model="m", endpoint="responses")
+
+
 @pytest.fixture(scope="module")
 def bpe():
     """Base, expert and anti-expert over a BPE tokenizer with merges (text is not exact)."""
@@ -272,11 +353,11 @@ def bpe():
     return tok, models
 
 
-def mock_tuner(models, tok, endpoint: FakeVLLM, sleeps: list | None = None, **spec) -> ProxyTuner:
+def mock_tuner(models, tok, fake: FakeVLLM, sleeps: list | None = None, **spec) -> ProxyTuner:
     model = APIModel(
         APISpec(url="http://endpoint.test/v1", model="m", **spec),
         tok,
-        transport=httpx.MockTransport(endpoint),
+        transport=httpx.MockTransport(fake),
         sleep=(sleeps.append if sleeps is not None else lambda s: None),
     )
     return ProxyTuner(Member("base", model), [pair_of(models)])
@@ -467,6 +548,7 @@ def test_candidate_mapping_rules():
 def test_spec_validation_and_urls():
     assert _completions_url("http://h:1") == "http://h:1/v1/completions"
     assert _completions_url("http://h:1/v1/") == "http://h:1/v1/completions"
+    assert _completions_url("http://h:1", chat=True) == "http://h:1/v1/chat/completions"
     with pytest.raises(ConfigError, match="top_logprobs"):
         APISpec(url="http://h", model="m", top_logprobs=0)
     with pytest.raises(ConfigError, match="http"):

@@ -87,6 +87,12 @@ class APISpec:
     prompt_as: str = "auto"
     """``tokens`` (exact), ``text`` (the endpoint re-tokenizes), or ``auto`` (tokens, then
     text if the endpoint refuses token prompts)."""
+    endpoint: str = "completions"
+    """``completions`` (``/v1/completions``: token-id prompts, exact) or ``chat``
+    (``/v1/chat/completions``: the prompt is the user message, the tokens so far an assistant
+    message continued with vLLM's ``continue_final_message``; text only, one row per call,
+    OpenAI caps ``top_logprobs`` at 20). Only for endpoints that continue the final message:
+    others answer for a new turn, unseen. See docs/black-box.md."""
     extra_body: Mapping[str, Any] | None = None
     """Fields added to every request body, for what an engine needs beyond the OpenAI API
     (llama.cpp's server: ``logit_bias`` on its stop tokens, see docs/black-box.md)."""
@@ -125,6 +131,8 @@ class APISpec:
             raise ConfigError(
                 f"missing_mass must be one of {MISSING_RULES}, got {self.missing_mass!r}"
             )
+        if self.endpoint not in ("completions", "chat"):
+            raise ConfigError(f"endpoint must be completions or chat, got {self.endpoint!r}")
         if self.prompt_as not in ("auto", "tokens", "text"):
             raise ConfigError(f"prompt_as must be auto, tokens or text, got {self.prompt_as!r}")
         if self.expert_top is not None:

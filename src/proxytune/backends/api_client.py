@@ -139,6 +139,13 @@ class EndpointPrompt:
 
     ids: Sequence[int]
     text: str
+    reply: str = ""
+    """The generated part of ``text`` (a chat endpoint gets it as the assistant message)."""
+
+    def messages(self) -> list[dict[str, str]]:
+        """The prefix as chat messages: the prompt as the user's, the reply as the assistant's."""
+        user = [{"role": "user", "content": self.text[: len(self.text) - len(self.reply)]}]
+        return user + ([{"role": "assistant", "content": self.reply}] if self.reply else [])
 
 
 @dataclass
@@ -174,11 +181,14 @@ class EndpointClient:
             ) from err
         self.spec = spec
         self.mapper = mapper
-        self.url = _completions_url(spec.url)
+        self.chat = spec.endpoint == "chat"
+        self.url = _completions_url(spec.url, self.chat)
         self.usage = APIUsage()
         self.sleep = sleep
         self.prompt_as = "tokens" if spec.prompt_as == "auto" else spec.prompt_as
-        self.settled = spec.prompt_as != "auto"
+        if self.chat:
+            self.prompt_as = "text"  # messages are text
+        self.settled = spec.prompt_as != "auto" or self.chat
         """Whether :attr:`prompt_path` is known (set, or found out by a call)."""
         self.token_ids = True if spec.token_ids is None else spec.token_ids
         self.notes: list[str] = []
@@ -275,7 +285,7 @@ class EndpointClient:
     ) -> list[dict[str, Any]]:
         """Send ``body`` with the prompts as tokens or text (as the endpoint accepts), at most
         ``max_prompts`` per call; return the choices in prompt order (``n`` per prompt)."""
-        size = self.spec.max_prompts or len(prompts)
+        size = 1 if self.chat else self.spec.max_prompts or len(prompts)
         out: list[dict[str, Any]] = []
         for start in range(0, len(prompts), size):
             out += self._complete_group(body, prompts[start : start + size], n, u)
@@ -288,7 +298,10 @@ class EndpointClient:
         while True:
             sent = {**(self.spec.extra_body or {}), **body}
             as_text = self.prompt_as == "text"
-            sent["prompt"] = [p.text if as_text else list(p.ids) for p in prompts]
+            if self.chat:
+                sent.update(_chat_body(prompts[0], sent.pop("logprobs", None)))
+            else:
+                sent["prompt"] = [p.text if as_text else list(p.ids) for p in prompts]
             if self.token_ids and "logprobs" in sent:
                 sent["return_tokens_as_token_ids"] = True
             started = time.monotonic()
@@ -310,6 +323,8 @@ class EndpointClient:
                 "base's max_prompts: 1, one call per prompt)"
             )
         choices = sorted(choices, key=lambda c: int(c.get("index", 0)))
+        if self.chat:
+            choices = [_legacy(c) for c in choices]
         usage = data.get("usage") or {}  # the endpoint's count; ours where it gives none
         if not as_text:
             self._check_ids(prompts, choices, n, usage.get("prompt_tokens"))
@@ -481,10 +496,49 @@ def _invalid_request(message: str) -> bool:
     return "validation error" in message.lower()
 
 
-def _completions_url(url: str) -> str:
+def _completions_url(url: str, chat: bool = False) -> str:
     from urllib.parse import urlsplit
 
     root = url.rstrip("/")
     if urlsplit(root).path in ("", "/"):
         root += "/v1"
-    return root + "/completions"
+    return root + ("/chat/completions" if chat else "/completions")
+
+
+def _chat_body(prompt: EndpointPrompt, top: int | None) -> dict[str, Any]:
+    """A chat request's fields for one prefix: the messages, the assistant reply continued
+    (vLLM's ``continue_final_message``), and ``top`` alternatives per position."""
+    body: dict[str, Any] = {"messages": prompt.messages()}
+    if prompt.reply:
+        body.update(continue_final_message=True, add_generation_prompt=False)
+    if top is not None:
+        body.update(logprobs=True, top_logprobs=top)
+    return body
+
+
+def _legacy(choice: dict[str, Any]) -> dict[str, Any]:
+    """A chat choice in the legacy completions shape (``text``; ``tokens``, ``token_logprobs``,
+    ``top_logprobs``), each candidate named by its ``bytes`` where given (exact)."""
+    out = {"index": choice.get("index", 0), "finish_reason": choice.get("finish_reason")}
+    out["text"] = (choice.get("message") or {}).get("content") or ""
+    content = (choice.get("logprobs") or {}).get("content")
+    if content:
+        out["logprobs"] = {
+            "tokens": [_chat_token(c) for c in content],
+            "token_logprobs": [c.get("logprob") for c in content],
+            "top_logprobs": [
+                {_chat_token(t): t.get("logprob") for t in c.get("top_logprobs") or []}
+                for c in content
+            ],
+        }
+    return out
+
+
+def _chat_token(entry: dict[str, Any]) -> str:
+    """A chat candidate's name for :class:`CandidateMapper`: ``token_id:N`` as given, else its
+    UTF-8 ``bytes`` (as ``bytes:\\xNN...``), else its text."""
+    token = str(entry.get("token", ""))
+    raw = entry.get("bytes")
+    if token.startswith("token_id:") or not raw:
+        return token
+    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
