@@ -179,6 +179,9 @@ def test_from_api_recipe_and_cli(chars, url, tmp_path, capsys):
     assert "calls" in out.err and "coverage" in out.err
     assert main(["generate", "--base-url", url, "x"]) == 2  # --base-model is required
     assert "--base-model" in capsys.readouterr().err
+    bad = ["generate", "--base-url", url, "--base-model", "tiny", "--base-endpoint", "responses"]
+    assert main([*bad, "--expert", str(dirs["expert"]), "x"]) == 2
+    assert "endpoint must be completions or chat" in capsys.readouterr().err
 
 
 # an in-process vLLM-like endpoint -------------------------------------------------------------
