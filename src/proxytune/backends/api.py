@@ -22,9 +22,9 @@ import torch
 
 from ..errors import ConfigError
 from ..prompts import Prompt, PromptFormat, as_messages, raw_text
+from .api_candidates import CandidateMapper
 from .api_client import (
     APIUsage,
-    CandidateMapper,
     EndpointClient,
     EndpointError,
     EndpointPrompt,

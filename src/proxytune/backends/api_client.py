@@ -1,13 +1,7 @@
-"""The HTTP side of an API base: requests, retries, answers, candidates -> ids, the bill.
+"""The HTTP side of an API base: requests, retries, answers, the bill.
 
-Candidates to ids (:class:`CandidateMapper`), in order:
-
-1. ``token_id:N`` (vLLM's ``return_tokens_as_token_ids``, asked for by default): ``N``, exact.
-2. ``bytes:\\xNN...`` (how some servers show a partial UTF-8 token): the token with those bytes.
-3. the token's text: the one id whose bytes decode (UTF-8, errors replaced) to that text, else
-   the one id whose raw piece (``Ġthe``) is that text; a text that several ids share (half
-   characters all show as U+FFFD) or that no id has is *unmapped*: counted, and its mass is
-   treated as missing mass.
+Candidates become ids through :class:`~.api_candidates.CandidateMapper`; a chat endpoint's
+requests and answers go through :mod:`.api_chat`.
 """
 
 from __future__ import annotations
@@ -21,6 +15,8 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ProxyTuneError
+from .api_candidates import CandidateMapper
+from .api_chat import chat_body, legacy_choice
 
 if TYPE_CHECKING:
     from .api import APISpec
@@ -71,64 +67,6 @@ class APIUsage:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-# candidates -> ids ---------------------------------------------------------------------------
-
-
-class CandidateMapper:
-    """Maps the endpoint's candidate tokens to ids of a local tokenizer (rule in the module
-    docstring). Tables are built on first use of a text candidate."""
-
-    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self._by_bytes: dict[bytes, int] | None = None
-        self._by_text: dict[str, int | None] = {}
-        self._by_piece: dict[str, int | None] = {}
-
-    def id_of(self, token: str) -> int | None:
-        """The id of one candidate, or ``None`` when it maps to no single id."""
-        if token.startswith("token_id:"):
-            try:
-                value = int(token[len("token_id:") :])
-            except ValueError:
-                return None
-            return value if 0 <= value < self.vocab_size else None
-        self._tables()
-        if token.startswith("bytes:"):
-            raw = _unescape_bytes(token[len("bytes:") :])
-            return None if raw is None else self._by_bytes.get(raw)  # type: ignore[union-attr]
-        if token in self._by_text:
-            return self._by_text[token]
-        return self._by_piece.get(token)
-
-    def _tables(self) -> None:
-        if self._by_bytes is not None:
-            return
-        from ..crosstok import token_bytes
-
-        raw = token_bytes(self.tokenizer, self.vocab_size)
-        pieces = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
-        self._by_bytes = {}
-        for i, b in enumerate(raw):
-            if b is not None:
-                self._by_bytes.setdefault(b, i)
-            _unique(self._by_text, b.decode("utf-8", errors="replace") if b else "", i)
-            if pieces[i] is not None:
-                _unique(self._by_piece, pieces[i], i)
-
-
-def _unique(table: dict[str, int | None], key: str, value: int) -> None:
-    """``table[key] = value``, or ``None`` once a second id has the same key (ambiguous)."""
-    table[key] = value if key not in table else None
-
-
-def _unescape_bytes(text: str) -> bytes | None:
-    try:
-        return text.encode("latin-1").decode("unicode_escape").encode("latin-1")
-    except (UnicodeError, ValueError):
-        return None
-
-
 # the client ---------------------------------------------------------------------------------
 
 
@@ -141,11 +79,6 @@ class EndpointPrompt:
     text: str
     reply: str = ""
     """The generated part of ``text`` (a chat endpoint gets it as the assistant message)."""
-
-    def messages(self) -> list[dict[str, str]]:
-        """The prefix as chat messages: the prompt as the user's, the reply as the assistant's."""
-        user = [{"role": "user", "content": self.text[: len(self.text) - len(self.reply)]}]
-        return user + ([{"role": "assistant", "content": self.reply}] if self.reply else [])
 
 
 @dataclass
@@ -163,7 +96,8 @@ class Position:
 
 
 class EndpointClient:
-    """POSTs to ``/completions`` with retries; parses candidates into :class:`Position` s."""
+    """POSTs to ``/completions`` (or ``/chat/completions``: :mod:`.api_chat`) with retries;
+    parses candidates into :class:`Position` s."""
 
     def __init__(
         self,
@@ -299,7 +233,8 @@ class EndpointClient:
             sent = {**(self.spec.extra_body or {}), **body}
             as_text = self.prompt_as == "text"
             if self.chat:
-                sent.update(_chat_body(prompts[0], sent.pop("logprobs", None)))
+                top, first = sent.pop("logprobs", None), prompts[0]
+                sent.update(chat_body(first.text, first.reply, top))
             else:
                 sent["prompt"] = [p.text if as_text else list(p.ids) for p in prompts]
             if self.token_ids and "logprobs" in sent:
@@ -324,7 +259,7 @@ class EndpointClient:
             )
         choices = sorted(choices, key=lambda c: int(c.get("index", 0)))
         if self.chat:
-            choices = [_legacy(c) for c in choices]
+            choices = [legacy_choice(c) for c in choices]
         usage = data.get("usage") or {}  # the endpoint's count; ours where it gives none
         if not as_text:
             self._check_ids(prompts, choices, n, usage.get("prompt_tokens"))
@@ -503,42 +438,3 @@ def _completions_url(url: str, chat: bool = False) -> str:
     if urlsplit(root).path in ("", "/"):
         root += "/v1"
     return root + ("/chat/completions" if chat else "/completions")
-
-
-def _chat_body(prompt: EndpointPrompt, top: int | None) -> dict[str, Any]:
-    """A chat request's fields for one prefix: the messages, the assistant reply continued
-    (vLLM's ``continue_final_message``), and ``top`` alternatives per position."""
-    body: dict[str, Any] = {"messages": prompt.messages()}
-    if prompt.reply:
-        body.update(continue_final_message=True, add_generation_prompt=False)
-    if top is not None:
-        body.update(logprobs=True, top_logprobs=top)
-    return body
-
-
-def _legacy(choice: dict[str, Any]) -> dict[str, Any]:
-    """A chat choice in the legacy completions shape (``text``; ``tokens``, ``token_logprobs``,
-    ``top_logprobs``), each candidate named by its ``bytes`` where given (exact)."""
-    out = {"index": choice.get("index", 0), "finish_reason": choice.get("finish_reason")}
-    out["text"] = (choice.get("message") or {}).get("content") or ""
-    content = (choice.get("logprobs") or {}).get("content")
-    if content:
-        out["logprobs"] = {
-            "tokens": [_chat_token(c) for c in content],
-            "token_logprobs": [c.get("logprob") for c in content],
-            "top_logprobs": [
-                {_chat_token(t): t.get("logprob") for t in c.get("top_logprobs") or []}
-                for c in content
-            ],
-        }
-    return out
-
-
-def _chat_token(entry: dict[str, Any]) -> str:
-    """A chat candidate's name for :class:`CandidateMapper`: ``token_id:N`` as given, else its
-    UTF-8 ``bytes`` (as ``bytes:\\xNN...``), else its text."""
-    token = str(entry.get("token", ""))
-    raw = entry.get("bytes")
-    if token.startswith("token_id:") or not raw:
-        return token
-    return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
