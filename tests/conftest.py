@@ -29,6 +29,18 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def bnb_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """base, expert and anti-expert whose linear layers fill bitsandbytes' 4-bit CPU blocks
+    (hidden 64: every layer's outputs a multiple of 32 and inputs of 64), which it repacks on
+    AVX-512 CPUs; the ``tiny_dirs`` models (hidden 32) do not."""
+    root = tmp_path_factory.mktemp("tiny-bnb")
+    return {
+        name: save_tiny_model(root / name, seed=seed, hidden=64)
+        for seed, name in enumerate(("base", "expert", "anti"))
+    }
+
+
+@pytest.fixture(scope="session")
 def tuner(tiny_dirs: dict[str, Path]):
     """base + one pair, alpha 1, CPU float32, the expert on its chat template (the paper's
     formats: base and anti-expert raw; given explicitly, the defaults are ``auto``)."""

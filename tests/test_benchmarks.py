@@ -12,14 +12,14 @@ from pathlib import Path
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
-def test_bench_speed_runs_every_kind_of_system(tmp_path, tiny_dirs):
-    recipe = tmp_path / "tiny.yaml"
+def test_bench_speed_runs_every_kind_of_system(tmp_path, bnb_dirs):
+    recipe = tmp_path / "tiny.yaml"  # models bitsandbytes' 4-bit CPU path takes (AVX-512 too)
     recipe.write_text(
         f"""
-base: {{model: "{tiny_dirs["base"]}", prompt: raw}}
+base: {{model: "{bnb_dirs["base"]}", prompt: raw}}
 pairs:
-  - expert: {{model: "{tiny_dirs["anti"]}", prompt: chat}}
-    anti_expert: {{model: "{tiny_dirs["anti"]}", prompt: raw}}
+  - expert: {{model: "{bnb_dirs["anti"]}", prompt: chat}}
+    anti_expert: {{model: "{bnb_dirs["anti"]}", prompt: raw}}
 model_defaults: {{device: cpu, dtype: float32}}
 """
     )
@@ -50,3 +50,17 @@ def test_bench_api_base_prints_its_tables_and_the_id_path_is_exact():
     ids = [r for r in rows if len(r) == 7 and r[1] == "tokens"]
     assert len(ids) == 4 and all(r[-1] == "2/2 |" for r in ids)  # the id path is local's output
     assert any(r[0] == "| 20" for r in rows)  # the top-k table
+
+
+def test_abuse_battery_finds_no_defect(tmp_path):
+    """Issue 16: a few cases of every category of benchmarks/abuse_server.py (the full battery
+    is the script without --quick): each answered as documented, nothing 5xx, no traceback."""
+    out = tmp_path / "abuse.json"
+    cmd = [sys.executable, str(BENCHMARKS / "abuse_server.py"), "--quick", "--json", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["status_5xx"] == 0 and report["tracebacks"] == 0
+    categories = report["categories"]
+    assert len(categories) == 8 and all(c["tried"] == c["handled"] > 0 for c in categories.values())

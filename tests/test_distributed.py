@@ -116,3 +116,70 @@ def test_cli_ray_actors(cluster, tiny_dirs, tmp_path, capsys):
     assert by_id(out) == by_id(local)
     assert main(["generate", *models, "--ray-actors", "2", "Rain"]) == 2  # needs --input
 
+
+def eval_build(dirs: dict[str, str], crash_marker: str | None = None):
+    """``build`` for ``eval``'s actors: ``(tuner, tuned)``; the first scorer to run dies once."""
+    tuner = build(dirs)
+    if crash_marker is not None:
+        score = tuner.alone("base").__class__.generate
+
+        def dying(self, *args, **kwargs):
+            if not Path(crash_marker).exists():
+                Path(crash_marker).write_text("died once")
+                os._exit(1)
+            return score(self, *args, **kwargs)
+
+        tuner.__class__.generate = dying
+    return tuner, None
+
+
+def test_eval_on_ray_equals_the_local_run_even_when_an_actor_dies(cluster, tiny_dirs, tmp_path):
+    """``proxytune eval --ray-actors``: every system's per-example results (generation and
+    multiple choice, several alphas) equal the local run's; a dead actor's batch is rerun."""
+    import json
+
+    from proxytune.distributed import ray_eval_runner, system_source
+    from proxytune.evaluation.runner import evaluate
+    from proxytune.evaluation.systems import standard_systems
+    from proxytune.evaluation.tasks import load_task
+
+    rows = [{"prompt": f"Count {i}:", "answer": str(i)} for i in range(4)]
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mc = [
+        {"question": f"Pick {i}", "choices": ["red", "blue", "x"], "label": i % 3} for i in range(4)
+    ]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    dirs = {k: str(v) for k, v in tiny_dirs.items()}
+    tuner = build(dirs)
+    marker = tmp_path / "crashed"
+    runner = ray_eval_runner(  # one pool of actors for both tasks
+        partial(eval_build, dirs, str(marker)), lambda s: system_source(s, tuner), actors=2
+    )
+    for name in ("gen", "mc"):
+        task = load_task(str(tmp_path / f"{name}.jsonl"))
+        systems = standard_systems(tuner, alphas=(0.5, 1.0))
+        common = {"batch_size": 2, "progress": False, "settings": {"max_new_tokens": 5}}
+        local = evaluate(task, systems, tmp_path / name / "local", **common)
+        remote = evaluate(task, systems, tmp_path / name / "ray", **common, runner=runner)
+        assert [s.metrics for s in remote.systems] == [s.metrics for s in local.systems]
+        for system in systems:
+            want = by_id(tmp_path / name / "local" / f"{system.name}.jsonl")
+            assert by_id(tmp_path / name / "ray" / f"{system.name}.jsonl") == want
+    assert marker.exists()  # an actor did die, and its batch was run again
+
+
+def test_cli_eval_ray_actors(cluster, tiny_dirs, tmp_path, capsys):
+    import json
+
+    from proxytune.cli import main
+
+    mc = [{"question": f"Pick {i}", "choices": ["red", "blue"], "label": i % 2} for i in range(3)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    models = ["--base", str(tiny_dirs["base"]), "--expert", str(tiny_dirs["expert"])]
+    models += ["--anti-expert", str(tiny_dirs["anti"]), "--device", "cpu", "--no-progress"]
+    args = ["eval", str(tmp_path / "mc.jsonl"), *models, "--json", "--out"]
+    assert main([*args, str(tmp_path / "ray"), "--ray-actors", "1"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert main([*args, str(tmp_path / "local")]) == 0
+    local = json.loads(capsys.readouterr().out)
+    assert [s["metrics"] for s in remote["systems"]] == [s["metrics"] for s in local["systems"]]

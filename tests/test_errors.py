@@ -263,3 +263,61 @@ def test_bad_recipes_are_one_line_errors(content, says, tmp_path, capsys):
     assert main(["generate", "hi", "--recipe", str(recipe)]) == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("error: ") and says in line, line
+
+
+@pytest.mark.parametrize(
+    ("extra", "data", "says"),
+    [
+        (["--lr", "nan"], None, "learning_rate (--lr) must be a finite number > 0, got nan"),
+        (["--lr", "inf"], None, "learning_rate (--lr) must be a finite number > 0, got inf"),
+        ([], "[" * 100_000 + "]" * 100_000, "line 1: not valid JSON (it is nested too deeply)"),
+        ([], '{"prompt": "x\\ud800", "completion": "y"}', "line 1: prompt holds a lone surrogate"),
+        ([], "folder", "is a directory; give a file"),
+    ],
+)
+def test_bad_train_inputs_are_one_line_errors_naming_the_file_and_line(
+    extra, data, says, tmp_path, capsys
+):
+    """Issue 16, items 8 and 9: tracebacks (deep JSON, a lone surrogate), or "does not exist"
+    for a folder, or "must be > 0" for NaN; the model does not exist: refused before loading."""
+    path = tmp_path / "train.jsonl"
+    if data == "folder":
+        path.mkdir()
+    else:
+        path.write_text((data or '{"prompt": "a", "completion": "b"}') + "\n", encoding="utf-8")
+    argv = ["train", "--model", "no-such-model", "--data", str(path), "--out", str(tmp_path / "o")]
+    assert main([*argv, *extra]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and says in line, line
+    if data not in (None, "folder"):
+        assert str(path) in line
+
+
+def test_a_path_that_is_a_directory_is_called_one(tmp_path, capsys):
+    from proxytune.jobs import run_jobs
+    from proxytune.paths import need_dir, need_file
+
+    assert main(["generate", "hi", "--recipe", str(tmp_path)]) == 2
+    assert f"recipe file {str(tmp_path)!r} is a directory; give a file" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"input file .* is a directory; give a file"):
+        run_jobs(None, tmp_path, tmp_path / "out.jsonl", executor=lambda *a: None)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ModelLoadError, match=r"adapter directory .* is a file; give a directory"):
+        need_dir(tmp_path / "f", "adapter directory", ModelLoadError)
+    with pytest.raises(ConfigError, match="does not exist"):
+        need_file(tmp_path / "nope", "data file")
+
+
+def test_a_block_list_of_every_token_is_a_400_not_a_500(tuner):
+    pytest.importorskip("fastapi")
+    import httpx
+    from serving import serve_in_thread
+
+    from proxytune.server import ServerSettings, create_app
+
+    every = list(range(tuner.vocab_size))
+    body = {"prompt": "hi", "max_tokens": 2, "rule": {"name": "tokens", "block": every}}
+    with serve_in_thread(create_app(tuner, ServerSettings(model_name="m"))) as url:
+        answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert answer.status_code == 400, answer.text
+    assert "block-list leaves no token to choose" in answer.json()["error"]["message"]

@@ -274,6 +274,57 @@ def test_resume_from_a_checkpoint_matches_an_uninterrupted_run(tiny_dirs, task, 
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+class KillAfterSave(StopAt):
+    """Raises once the checkpoint of ``step`` is saved: the process dies mid-run."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            raise KeyboardInterrupt
+
+
+def test_an_unfinished_run_is_refused_with_how_to_resume(tiny_dirs, task, tmp_path, capsys):
+    from proxytune.errors import ModelLoadError
+    from proxytune.training.output import read_meta
+
+    out = tmp_path / "killed"
+    cut = config(tiny_dirs["anti"], task, out, lora=True, max_steps=4, save_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, callbacks=[KillAfterSave(2)])
+    assert read_meta(out)["status"] == "running" and (out / "checkpoint-2").is_dir()
+    gen = ["generate", "--base", str(tiny_dirs["base"]), "--expert", str(out)]
+    gen += ["--anti-expert", str(tiny_dirs["anti"]), "--device", "cpu", "--max-new-tokens", "2"]
+    capsys.readouterr()
+    assert main([*gen, "hi"]) == 2  # refused before any model loads, in one line
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "tokenizer" not in err
+    assert "unfinished `proxytune train` run (status 'running'" in err
+    assert f"--data {task} --lora --out {out} --resume" in err
+    cut.resume = True  # the command it names finishes the run; then it loads
+    train(cut)
+    assert read_meta(out)["status"] == "complete"
+    assert main([*gen, "hi"]) == 0
+    # a complete adapter whose metadata still says running (killed between the two) is refused
+    meta = json.loads((out / "proxytune_train.json").read_text())
+    (out / "proxytune_train.json").write_text(json.dumps({**meta, "status": "running"}))
+    with pytest.raises(ModelLoadError, match="unfinished `proxytune train` run"):
+        ProxyTuner.from_pretrained(str(tiny_dirs["base"]), expert=str(out), **CPU)
+
+
+def test_the_run_status_is_written_whole_or_not_at_all(tiny_dirs, task, tmp_path, monkeypatch):
+    from proxytune.training import output
+
+    run = train(config(tiny_dirs["anti"], task, tmp_path / "run", lora=True, max_steps=1))
+    before = (run.out / "proxytune_train.json").read_text()
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(output.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        output.write_meta(run.out, config(tiny_dirs["anti"], task, run.out), "raw", status="x")
+    assert (run.out / "proxytune_train.json").read_text() == before
+
+
 def test_overwrite_protection(tiny_dirs, task, tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -507,10 +558,13 @@ def test_two_adapters_on_one_anti_expert_share_one_model(tiny_dirs, random_adapt
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from proxytune.backends.lora_specs import peft_quietly
+
     torch.manual_seed(8)
     model = AutoModelForCausalLM.from_pretrained(tiny_dirs["anti"])
     lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    get_peft_model(model, lora).save_pretrained(tmp_path / "second")
+    with peft_quietly():
+        get_peft_model(model, lora).save_pretrained(tmp_path / "second")
     base, first, anti = pair_specs(tiny_dirs, random_adapter)
     second = ModelSpec(str(tiny_dirs["anti"]), adapter=str(tmp_path / "second"), **CPU)
     pairs = [(first, anti, 1.0), (second, anti, 0.5)]
@@ -522,3 +576,18 @@ def test_two_adapters_on_one_anti_expert_share_one_model(tiny_dirs, random_adapt
     assert [r.token_ids for r in got] == [
         r.token_ids for r in two.generate(PROMPTS, max_new_tokens=12)
     ]
+
+
+def test_no_gradient_checkpointing_deprecation_warning(tiny_dirs, task, tmp_path):
+    """Issue 16, item 12: peft read transformers' deprecated ``is_gradient_checkpointing``
+    whenever it built a model (13 warnings in these tests)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run = train(config(tiny_dirs["anti"], task, tmp_path / "w", lora=True, max_steps=1))
+        base, anti = (ModelSpec(str(tiny_dirs[n]), **CPU) for n in ("base", "anti"))
+        for one_pass in (True, False):
+            pairs = [(ModelSpec(str(run.out), **CPU), anti, 1.0)]
+            ProxyTuner.from_specs(base, pairs, options={"one_pass": one_pass})
+    assert not [w for w in seen if "is_gradient_checkpointing" in str(w.message)]

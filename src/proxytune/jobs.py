@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from .config import GenerationConfig
 from .errors import ConfigError, ProxyTuneError
 from .evaluation.store import load_records
+from .paths import need_file
 
 if TYPE_CHECKING:
     from .tuner import ProxyTuner
@@ -180,8 +181,7 @@ def run_jobs(
             raise ConfigError("give a tuner or an executor")
         executor = local_executor(tuner)
     source, target = Path(input_path).expanduser(), Path(output_path).expanduser()
-    if not source.is_file():
-        raise ConfigError(f"input file {str(source)!r} does not exist")
+    need_file(source, "input file")
     if target.exists() and source.resolve() == target.resolve():
         raise ConfigError("the output must be another file than the input")
     lines = read_lines(source)

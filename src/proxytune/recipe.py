@@ -31,6 +31,7 @@ import yaml
 
 from .config import EngineOptions, GenerationConfig
 from .errors import ConfigError
+from .paths import need_file
 from .schedules import as_schedule
 from .specs import ModelSpec
 
@@ -73,9 +74,7 @@ def default_recipe_path() -> Path:
 
 def load_recipe(path: str | Path, **model_overrides: Any) -> Recipe:
     """Read a ``.yaml``/``.yml``/``.toml`` recipe; ``model_overrides`` (device, dtype) win."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"recipe file {str(path)!r} does not exist")
+    path = need_file(path, "recipe file")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:

@@ -138,9 +138,12 @@ def save_tiny_lora(model_dir: str | Path, path: str | Path, seed: int = 0) -> Pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from .backends.lora_specs import peft_quietly
+
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(model_dir)
         lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
-        get_peft_model(model, lora).save_pretrained(path)
+        with peft_quietly():
+            get_peft_model(model, lora).save_pretrained(path)
     return Path(path)

@@ -282,6 +282,9 @@ class ProxyTuner:
         from .backends.lora_pair import pair_models, resolve_adapter_dir
 
         cache = loaded if loaded is not None else {}
+        for spec in (base, *(m for pair in pairs for m in pair[:2])):  # before any model loads
+            if isinstance(spec, ModelSpec):
+                resolve_adapter_dir(spec)  # refuses an unfinished training run
 
         def member(role: str, spec: ModelSpec | None) -> Member | None:
             spec = resolve_adapter_dir(spec)

@@ -10,8 +10,16 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError, ModelLoadError
+from ..paths import need_dir
 from ..specs import ModelSpec
-from .quantize import BNB_METHODS, METHODS, bnb_config
+from .lora_specs import peft_quietly
+from .quantize import (
+    BNB_METHODS,
+    METHODS,
+    bnb_config,
+    check_bnb4_cpu_shapes,
+    repacks_4bit_on_cpu,
+)
 
 
 def pick_device(device: str) -> torch.device:
@@ -94,6 +102,8 @@ def load_hf(spec: ModelSpec) -> HFModel:
         weights["use_safetensors"] = True
     if bnb:
         weights["quantization_config"] = bnb_config(spec.quantize, dtype)
+        if spec.quantize == "bnb4" and device.type == "cpu" and repacks_4bit_on_cpu():
+            check_bnb4_cpu_shapes(_skeleton(source, common), spec.path)
         weights["device_map"] = {"": str(device)}  # bitsandbytes places the weights itself
     spread = spec.max_memory is not None
     if spread:
@@ -119,6 +129,20 @@ def load_hf(spec: ModelSpec) -> HFModel:
     return HFModel(
         model, tokenizer, name=spec.path if not spec.adapter else f"{spec.path}+{spec.adapter}"
     )
+
+
+def _skeleton(source: str, common: dict[str, Any]) -> Any:
+    """The model's modules on the meta device: its shapes, no weights read or memory used."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(source, **common)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(
+                config, trust_remote_code=common["trust_remote_code"]
+            )
+    except Exception as err:
+        raise ModelLoadError(_load_hint(source, "model", err)) from err
 
 
 def _spread(max_memory: dict[str, str]) -> dict[str, Any]:
@@ -155,12 +179,12 @@ def input_device(model: Any) -> torch.device:
 def _apply_adapter(model: Any, adapter: str, merge: bool = True) -> Any:
     """``model`` with the LoRA ``adapter``: merged into float weights, or kept as side layers
     over quantized ones (``merge=False``; merging would round the update into 4/8 bits)."""
-    if not Path(adapter).expanduser().is_dir():
-        raise ModelLoadError(f"adapter directory {adapter!r} does not exist")
+    need_dir(adapter, "adapter directory", ModelLoadError)
     from peft import PeftModel
 
     try:
-        peft_model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
+        with peft_quietly():
+            peft_model = PeftModel.from_pretrained(model, str(Path(adapter).expanduser()))
         return peft_model.merge_and_unload() if merge else peft_model
     except Exception as err:
         raise ModelLoadError(

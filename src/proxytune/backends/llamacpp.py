@@ -24,7 +24,6 @@ other backends; llama.cpp's own tokenizer is never used, so both backends read t
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import threading
@@ -148,8 +147,10 @@ class _Weights:
             return self.adapters[key]
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):  # interpreter shutdown
+        try:  # noqa: SIM105 (module globals such as contextlib may be gone at shutdown)
             self.lc.llama_model_free(self.model)  # frees its adapters too
+        except Exception:
+            pass
 
 
 class _Context:

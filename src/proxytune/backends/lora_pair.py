@@ -37,7 +37,7 @@ import torch
 from ..errors import ModelLoadError, ProxyTuneError
 from ..specs import ModelSpec
 from .hf import HFDecodeState, HFModel, load_hf
-from .lora_specs import pairable, resolve_adapter_dir
+from .lora_specs import pairable, peft_quietly, resolve_adapter_dir
 
 __all__ = ["LockstepError", "LoraHost", "LoraView", "pair_models", "resolve_adapter_dir"]
 
@@ -159,7 +159,8 @@ class LoraHost:
             if self.lm is None:
                 from peft import PeftModel
 
-                model = PeftModel.from_pretrained(self._plain.model, path, adapter_name=name)
+                with peft_quietly():
+                    model = PeftModel.from_pretrained(self._plain.model, path, adapter_name=name)
                 self.lm = _PeftLM(model.eval(), self._plain.tokenizer, self._plain.name)
             else:
                 self.lm.model.load_adapter(path, adapter_name=name)

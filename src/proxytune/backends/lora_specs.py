@@ -5,7 +5,10 @@ No heavy imports here: these look at directories and ``adapter_config.json`` onl
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -14,6 +17,18 @@ from ..specs import ModelSpec
 
 TRAIN_META = "proxytune_train.json"
 """Written by ``proxytune train`` next to what it saves; names the base model of an adapter."""
+
+
+@contextlib.contextmanager
+def peft_quietly() -> Iterator[None]:
+    """Around building a peft model: peft (0.21) reads transformers' deprecated
+    ``is_gradient_checkpointing`` there, a FutureWarning no user of ours can act on (only
+    that warning is hidden)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", "`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield
 
 
 def adapter_base(adapter_dir: str | Path) -> str | None:
@@ -40,17 +55,39 @@ def adapter_base(adapter_dir: str | Path) -> str | None:
     )
 
 
+def refuse_unfinished(folder: Path) -> None:
+    """Refuse a ``proxytune train`` output whose run did not complete: killed (or still
+    running) before it wrote ``status: complete``, its weights may be a checkpoint's or none."""
+    try:
+        meta = json.loads((folder / TRAIN_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # not a training output (or not ours): the loader judges it
+    status = meta.get("status") if isinstance(meta, dict) else None
+    if status in (None, "complete"):
+        return
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    flags = " --lora" if config.get("lora") else ""
+    flags += " --dpo" if config.get("method") == "dpo" else ""
+    raise ModelLoadError(
+        f"{str(folder)!r} holds an unfinished `proxytune train` run (status {status!r}: it was "
+        "stopped or is still running); let it finish, or resume it with `proxytune train "
+        f"--model {meta.get('base_model', 'BASE')} --data {config.get('data', 'DATA')}{flags} "
+        f"--out {folder} --resume` and the other options it started with"
+    )
+
+
 def resolve_adapter_dir(spec: ModelSpec | None) -> ModelSpec | None:
     """``ModelSpec(path=ADAPTER_DIR)`` -> ``ModelSpec(path=BASE, adapter=ADAPTER_DIR)``.
 
     Lets a trained adapter directory stand alone where a model is expected (``--expert OUT``).
-    Anything else is returned unchanged.
+    Anything else is returned unchanged; an unfinished training run is refused.
     """
     if spec is None or spec.adapter is not None:
         return spec
     local = Path(spec.path).expanduser()
     if not local.is_dir():
         return spec
+    refuse_unfinished(local)
     base = adapter_base(local)
     return spec if base is None else replace(spec, path=base, adapter=str(local))
 

@@ -21,7 +21,9 @@ speed, memory and output: docs/speed.md.
 ``quantize="bnb8"`` / ``"bnb4"`` load the model through bitsandbytes instead (LLM.int8 8-bit
 weights, or 4-bit NF4 with double quantization), on CUDA or, with bitsandbytes >= 0.45, on the
 CPU: :func:`bnb_config` builds transformers' ``BitsAndBytesConfig``; the output head stays in
-float here too.
+float here too. On a CPU with AVX-512 BF16, bitsandbytes repacks each 4-bit weight for its CPU
+kernel at the first forward, which needs whole blocks (:data:`BNB4_CPU_BLOCKS`);
+:func:`check_bnb4_cpu_shapes` refuses a model that does not fill them before it loads.
 """
 
 from __future__ import annotations
@@ -122,6 +124,41 @@ def bnb_config(method: str, dtype: torch.dtype) -> Any:
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype,
     )
+
+
+BNB4_CPU_BLOCKS = (32, 64)
+"""(output rows, inputs) every 4-bit layer must be a multiple of where bitsandbytes repacks
+its weights for the AVX-512 BF16 CPU kernel (``_convert_weight_packed_for_cpu``: 32 rows per
+block; one absmax per 64 inputs, the 4-bit quantization block)."""
+
+
+def repacks_4bit_on_cpu() -> bool:
+    """Whether bitsandbytes repacks 4-bit weights on this CPU (its AVX-512 BF16 path)."""
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
+    return bool(has_avx512bf16())
+
+
+def check_bnb4_cpu_shapes(skeleton: Any, path: str) -> None:
+    """Refuse ``quantize="bnb4"`` on a CPU where bitsandbytes repacks 4-bit weights when a
+    linear layer of ``skeleton`` (the model's modules, e.g. on the meta device) does not fill
+    whole blocks: bitsandbytes would fail at the first forward, in the middle of generation."""
+    rows, inputs = BNB4_CPU_BLOCKS
+    head = skeleton.get_output_embeddings()  # stays in float
+    bad = [
+        f"{name} ({m.out_features} x {m.in_features})"
+        for name, m in skeleton.named_modules()
+        if isinstance(m, nn.Linear) and m is not head
+        and (m.out_features % rows or m.in_features % inputs)
+    ]  # fmt: skip
+    if bad:
+        raise ConfigError(
+            f"quantize='bnb4' on this CPU (AVX-512 BF16): bitsandbytes repacks 4-bit weights in "
+            f"blocks of {rows} output rows and {inputs} inputs, which {len(bad)} layer(s) of "
+            f"{path!r} do not fill, e.g. {bad[0]}; use quantize='bnb8' or 'int8', or a GPU"
+        )
 
 
 class _OnceFilter(logging.Filter):

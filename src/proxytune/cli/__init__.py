@@ -37,7 +37,8 @@ for _module in COMMANDS:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 2 bad input) instead of exiting."""
     try:
-        app(args=argv, standalone_mode=False)
+        # a command's ``raise typer.Exit(code)`` comes back as the return value here
+        code = app(args=argv, standalone_mode=False)
     except ProxyTuneError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         return 1
-    return 0
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 __all__ = ["app", "main"]

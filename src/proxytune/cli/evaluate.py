@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -103,6 +104,12 @@ def eval_command(
     max_drop: Annotated[
         float, Opt(help="With --gate-metric: the drop allowed before the gate fails.")
     ] = 0.0,
+    ray_actors: Annotated[
+        int, Opt(help="Score batches on N Ray actors, each holding the models (ray extra).")
+    ] = 0,
+    ray_address: Annotated[
+        str | None, Opt(help="With --ray-actors: a Ray cluster (default: a local one).")
+    ] = None,
 ) -> None:
     """Score base, expert, proxy-tuned (per alpha) and tuned models on a task; gap closed."""
     from ..evaluation.commands import run_eval
@@ -121,34 +128,39 @@ def eval_command(
         prefix_cache=prefix_cache,
         one_pass=one_pass,
     )
-    tuner = build_tuner(
-        ModelOptions(
-            recipe=recipe,
-            base=base,
-            experts=tuple(expert or ()),
-            anti_experts=tuple(anti_expert or ()),
-            base_prompt=base_prompt,
-            expert_prompt=expert_prompt,
-            anti_expert_prompt=anti_expert_prompt,
-            device=device,
-            dtype=dtype,
-            backend=backend,
-            threads=threads,
-            trust_remote_code=trust_remote_code,
-            engine=engine,
-        )
+    models = ModelOptions(
+        recipe=recipe,
+        base=base,
+        experts=tuple(expert or ()),
+        anti_experts=tuple(anti_expert or ()),
+        base_prompt=base_prompt,
+        expert_prompt=expert_prompt,
+        anti_expert_prompt=anti_expert_prompt,
+        device=device,
+        dtype=dtype,
+        backend=backend,
+        threads=threads,
+        trust_remote_code=trust_remote_code,
+        engine=engine,
     )
-    tuned_tuner = None
-    if tuned is not None:
-        from ..tuner import ProxyTuner
+    tuned_options = {
+        "base_prompt": tuned_prompt,
+        "device": device or "auto",
+        "dtype": dtype or "auto",
+        "trust_remote_code": trust_remote_code,
+    }
+    build = partial(eval_tuners, models, tuned, tuned_options)
+    runner = None
+    if ray_actors or ray_address:  # Ray is checked (and the actors start) before models load
+        from ..distributed import ray_eval_runner, system_source
 
-        tuned_tuner = ProxyTuner.from_pretrained(
-            tuned,
-            base_prompt=tuned_prompt,
-            device=device or "auto",
-            dtype=dtype or "auto",
-            trust_remote_code=trust_remote_code,
+        runner = ray_eval_runner(
+            build,
+            lambda system: system_source(system, tuner, tuned_tuner),
+            max(ray_actors, 1),
+            address=ray_address,
         )
+    tuner, tuned_tuner = build()
     overrides: dict[str, Any] = {"fewshot": fewshot}
     if k is not None:
         overrides["k"] = tuple(int(x) for x in k.split(","))
@@ -180,5 +192,19 @@ def eval_command(
             against=against,
             gate_metric=gate_metric,
             max_drop=max_drop,
+            runner=runner,
         )
     )
+
+
+def eval_tuners(
+    models: ModelOptions, tuned: str | None, tuned_options: dict[str, Any]
+) -> tuple[Any, Any]:
+    """The evaluation's tuner and its directly tuned reference (or ``None``): what the
+    command loads, and what each Ray actor loads for itself."""
+    tuner = build_tuner(models)
+    if tuned is None:
+        return tuner, None
+    from ..tuner import ProxyTuner
+
+    return tuner, ProxyTuner.from_pretrained(tuned, **tuned_options)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import typer
+
 from ._app import app
 from .options import (
     AlphaOption,
@@ -134,4 +136,6 @@ def serve(
             engine=engine,
         )
     )
-    run_server(tuner, settings, host=host, port=port, log_level=log_level)
+    status = run_server(tuner, settings, host=host, port=port, log_level=log_level)
+    if status:  # the drain cut requests (server/shutdown.py: EXIT_CUT)
+        raise typer.Exit(status)

@@ -43,12 +43,14 @@ def run_eval(
     against: str | Path | None = None,
     gate_metric: str | None = None,
     max_drop: float = 0.0,
+    runner: Any = None,
 ) -> int:
     """Evaluate (or search alpha on a validation split, then test) and print the table.
 
     ``against``: an earlier run's folder; the new results are compared with it example by
     example (:mod:`.gate`), and the return code is 1 when ``gate_metric`` dropped by more than
-    ``max_drop`` in any system."""
+    ``max_drop`` in any system. ``runner``: where batches are scored
+    (:data:`~.runner.BatchRunner`; default here)."""
     if against is not None and search is not None:
         raise ConfigError("--against compares plain eval runs; leave --search out")
     if gate_metric is not None and against is None:
@@ -68,6 +70,7 @@ def run_eval(
         "workers": workers,
         "gold_only": gold_only,
         "settings": settings,
+        "runner": runner,
     }
     if search is not None:
         if not tuner.pairs:

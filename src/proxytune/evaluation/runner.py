@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import re
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, ProxyTuneError
+from ..paths import need_file
 from .extract import get_extractor
 from .metrics import (
     gap_closed,
@@ -91,6 +92,31 @@ class EvalReport:
         return "\n".join(lines)
 
 
+Records = list[dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class ScoringJob:
+    """What a worker needs to score batches as :func:`evaluate` does (sent to Ray actors)."""
+
+    task: Task
+    decoding: dict[str, Any]
+    gold_only: bool
+    workers: int
+    batch_size: int
+
+    def scorer(self, systems: Sequence[System] = ()) -> _Scorer:
+        """A scorer; ``systems`` that differ only in alpha then share one pass of the models."""
+        return _Scorer(
+            self.task, self.decoding, self.gold_only, self.workers, self.batch_size, systems
+        )
+
+
+BatchRunner = Callable[[ScoringJob, System, list[Records]], Iterator[tuple[Records, Records]]]
+"""Scores ``system``'s batches, yielding ``(batch, records)`` as each is done, in any order
+(:func:`proxytune.distributed.ray_eval_runner` spreads them over Ray actors)."""
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
@@ -115,12 +141,14 @@ def evaluate(
     gold_only: bool = False,
     settings: Mapping[str, Any] | None = None,
     write_summary: bool = True,
+    runner: BatchRunner | None = None,
 ) -> EvalReport:
     """Evaluate every system on ``task``; results go to ``out_dir`` (see the module docstring).
 
     ``limit``: the first ``limit`` examples of the split. ``gold_only``: skip generation and
     report only the teacher-forced gold metrics (generate tasks with a ``gold`` template).
     ``settings`` override the task's decoding settings (``max_new_tokens``, ``n``, ...).
+    ``runner``: where batches are scored (default: here, one after the other).
     """
     if not systems:
         raise ConfigError("no systems to evaluate")
@@ -140,7 +168,8 @@ def evaluate(
             "temperature > 0 (e.g. --temperature 0.8) to sample, or n=1"
         )
     out = Path(out_dir)
-    scorer = _Scorer(task, decoding, gold_only, workers, batch_size, systems)
+    job = ScoringJob(task, decoding, gold_only, workers, batch_size)
+    scorer = job.scorer(systems)
     results = []
     for system in systems:
         store = ResultStore(out / f"{_safe(system.name)}.jsonl")
@@ -163,13 +192,9 @@ def evaluate(
             unit="ex",
             disable=not progress,
         )
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            try:
-                records = scorer.run(system, batch)
-            except ProxyTuneError as err:
-                ids = [ex["id"] for ex in batch]
-                raise type(err)(f"{task.name}, {system.name}, examples {ids}: {err}") from err
+        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
+        scored = (runner or _run_here(scorer))(job, system, batches)
+        for batch, records in scored:
             store.append(records)
             done.update({r["id"]: r for r in records})
             bar.update(len(batch))
@@ -191,6 +216,27 @@ def evaluate(
 
         write_report(report)
     return report
+
+
+def _run_here(scorer: _Scorer) -> BatchRunner:
+    """Score batches in this process, in order."""
+
+    def run(
+        job: ScoringJob, system: System, batches: list[Records]
+    ) -> Iterator[tuple[Records, Records]]:
+        for batch in batches:
+            yield batch, score_batch(scorer, job, system, batch)
+
+    return run
+
+
+def score_batch(scorer: _Scorer, job: ScoringJob, system: System, batch: Records) -> Records:
+    """``scorer.run``, with the task, system and examples named in its errors."""
+    try:
+        return scorer.run(system, batch)
+    except ProxyTuneError as err:
+        ids = [ex["id"] for ex in batch]
+        raise type(err)(f"{job.task.name}, {system.name}, examples {ids}: {err}") from err
 
 
 def aggregate(rows: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
@@ -401,8 +447,7 @@ def load_metric(spec: str, root: str = "") -> MetricFn:
         path = Path(module_name).expanduser()
         if not path.is_absolute() and root:
             path = Path(root) / path
-        if not path.is_file():
-            raise ConfigError(f"metric file {str(path)!r} does not exist")
+        need_file(path, "metric file")
         module_spec = importlib.util.spec_from_file_location(f"_metric_{path.stem}", path)
         assert module_spec is not None and module_spec.loader is not None
         module = importlib.util.module_from_spec(module_spec)

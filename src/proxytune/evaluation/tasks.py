@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from ..errors import ConfigError
+from ..paths import need_file
 from .extract import get_extractor
 from .metrics import GENERATION_METRICS
 
@@ -145,8 +146,7 @@ class Task:
             path = Path(self.data).expanduser()
             if not path.is_absolute() and self.root:
                 path = Path(self.root) / path
-        if not path.is_file():
-            raise ConfigError(f"task {self.name!r}: data file {str(path)!r} does not exist")
+        need_file(path, f"task {self.name!r}: data file")
         return path
 
     def examples(

@@ -212,6 +212,7 @@ class Tokens(_Wrapper):
                 sequences.append((tuple(prefix), last, b))
             else:
                 bias[last] = NEG_INF if b == NEG_INF else bias[last] + b
+        left = ~torch.isneginf(bias)  # (V,) ids not blocked
         allow = None
         if self.allow is not None or self.allow_strings is not None:
             allow = torch.zeros(v, dtype=torch.bool, device=request.device)  # (V,)
@@ -221,10 +222,10 @@ class Tokens(_Wrapper):
                 allow[list(encode(s, "allow_strings"))] = True
             if self.allow_eos:
                 allow[[i for i in request.eos_token_ids if i < v]] = True
-            if not bool((allow & ~torch.isneginf(bias)).any()):
-                raise ConfigError(
-                    f"{where}: the allow-list minus the block-list leaves no token to choose"
-                )
+            left &= allow
+        if not bool(left.any()):  # refused here (a 400), not at the first step (a 500)
+            what = "the block-list" if allow is None else "the allow-list minus the block-list"
+            raise ConfigError(f"{where}: {what} leaves no token to choose")
         used = bool(bias.any())
         return _TokenState(
             self.inner.bind(request), bias if used else None, tuple(sequences), allow

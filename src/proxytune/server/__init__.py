@@ -7,7 +7,8 @@ Modules: :mod:`.protocol` (OpenAI request/response models and parsing), :mod:`.s
 own loop, for black-box tuners), :mod:`.scheduler` (queue and worker thread, driving
 :class:`~proxytune.engine.continuous.ContinuousBatch`), :mod:`.render` (engine output -> OpenAI JSON
 and server-sent events), :mod:`.tokens` (token text and bytes), :mod:`.metrics` (Prometheus),
-:mod:`.gate` (API key, request counts), :mod:`.app` (FastAPI routes, ``serve``).
+:mod:`.gate` (API key, request counts), :mod:`.app` (FastAPI routes, ``serve``),
+:mod:`.shutdown` (draining on SIGTERM/SIGINT).
 """
 
 from __future__ import annotations

@@ -170,7 +170,9 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
         body = {"status": state, "running": scheduler.running, "queued": scheduler.queue_depth}
         if api_base is not None:
             body["base_api"] = api_base.describe()
-        return JSONResponse(body, status_code=200 if ok else 503)
+        if ok:
+            return JSONResponse(body)
+        return JSONResponse(body, 503, headers={"Retry-After": str(settings.retry_after * 5)})
 
     @app.get("/metrics")
     async def prometheus() -> PlainTextResponse:
@@ -438,9 +440,12 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
-) -> None:
-    """Serve ``tuner`` with uvicorn until interrupted (SIGINT/SIGTERM drain in-flight work)."""
+) -> int:
+    """Serve ``tuner`` with uvicorn until SIGTERM/SIGINT, then drain in-flight work
+    (``server/shutdown.py``). Returns the exit status: 0, or ``EXIT_CUT`` if work was cut."""
     import uvicorn
+
+    from .shutdown import run_draining
 
     settings = settings or ServerSettings()
     if host not in LOOPBACK_NAMES and not settings.api_key:
@@ -448,14 +453,8 @@ def serve(
     if host not in settings.allowed_hosts and host not in ("0.0.0.0", "::"):
         settings = replace(settings, allowed_hosts=(*settings.allowed_hosts, host))
     app = create_app(tuner, settings)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        timeout_graceful_shutdown=max(1, round(settings.shutdown_timeout)),
-    )
-    uvicorn.Server(config).run()
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+    return run_draining(config, app.state.scheduler, settings.shutdown_timeout)
 
 
 def _probe(model: Any) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
+from ..jsontext import lone_surrogate
 
 log = logging.getLogger("proxytune.server")
 
@@ -367,7 +368,7 @@ def parse_request(raw: bytes, model: type[BaseModel]) -> Any:
         raise APIError(f"the request body is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise APIError("the request body must be a JSON object")
-    where = _lone_surrogate(data)
+    where = lone_surrogate(data)
     if where is not None:
         raise APIError(
             f"{where}: holds a lone surrogate escape (\\ud800-\\udfff), which is not text; "
@@ -378,26 +379,6 @@ def parse_request(raw: bytes, model: type[BaseModel]) -> Any:
         return model.model_validate(data)
     except ValidationError as err:
         raise validation_error(err) from None
-
-
-def _lone_surrogate(data: Any) -> str | None:
-    """The path (``messages[0].content``) of the first string in ``data`` that cannot be
-    encoded (a lone surrogate from a ``\\ud800`` escape), or ``None``."""
-    stack: list[tuple[Any, str]] = [(data, "")]
-    while stack:
-        value, path = stack.pop()
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return path or "body"
-        elif isinstance(value, dict):
-            for key, item in value.items():
-                stack.append((key, path or "body"))
-                stack.append((item, f"{path}.{key}" if path else str(key)))
-        elif isinstance(value, list):
-            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
-    return None
 
 
 _NESTED = {"role", "content", "name", "include_usage", "type", "text"}

@@ -13,6 +13,13 @@ DEFAULT_LR = {("sft", False): 2e-5, ("sft", True): 2e-4, ("dpo", False): 1e-6, (
 """Learning rates used when none is given: (method, lora) -> rate."""
 
 
+def _positive(value: float, least: float | None = None) -> bool:
+    """``value`` is a finite number > 0 (or >= ``least``): NaN and infinity never pass."""
+    if not math.isfinite(value):
+        return False
+    return value > 0 if least is None else value >= least
+
+
 def _help(text: str, default: object = None, **kw: object) -> object:
     return field(default=default, metadata={"help": text}, **kw)  # type: ignore[call-overload]
 
@@ -74,12 +81,23 @@ class TrainConfig:
             (self.template in ("auto", "chat", "raw"), "template must be auto, chat or raw"),
             (self.lora_r >= 1, "lora_r must be at least 1"),
             (0 <= self.lora_dropout < 1, "lora_dropout must be in [0, 1)"),
-            (self.beta > 0, "beta must be positive"),
+            (_positive(self.beta), f"beta must be a finite number > 0, got {self.beta}"),
             (0 <= self.eval_fraction < 1, "eval_fraction must be in [0, 1)"),
-            (self.epochs > 0 and math.isfinite(self.epochs), "epochs must be positive"),
+            (_positive(self.epochs), f"epochs must be a finite number > 0, got {self.epochs}"),
             (self.max_steps is None or self.max_steps >= 1, "max_steps must be at least 1"),
-            (self.learning_rate is None or self.learning_rate > 0, "learning_rate must be > 0"),
-            (self.warmup >= 0, "warmup must be >= 0"),
+            (
+                self.learning_rate is None or _positive(self.learning_rate),
+                f"learning_rate (--lr) must be a finite number > 0, got {self.learning_rate}",
+            ),
+            (_positive(self.warmup, 0), f"warmup must be a finite number >= 0, got {self.warmup}"),
+            (
+                _positive(self.weight_decay, 0),
+                f"weight_decay must be a finite number >= 0, got {self.weight_decay}",
+            ),
+            (
+                _positive(self.lora_alpha),
+                f"lora_alpha must be a finite number > 0, got {self.lora_alpha}",
+            ),
             (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size, grad_accum must be >= 1"),
             (self.max_length is None or self.max_length >= 2, "max_length must be at least 2"),
             (self.save_total_limit >= 1, "save_total_limit must be at least 1"),

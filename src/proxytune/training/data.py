@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ProxyTuneError
+from ..jsontext import loads, lone_surrogate
+from ..paths import need_file
 from ..prompts import Prompt
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -67,6 +69,8 @@ class _Problems:
     def raise_if_any(self) -> None:
         if not self.items:
             return
+        if len(self.items) == 1:  # one line: one line of error
+            raise DataError(f"{self.path}: {self.items[0]}")
         shown = self.items[:MAX_REPORTED]
         more = len(self.items) - len(shown)
         tail = f"\n  ... and {more} more" if more else ""
@@ -78,9 +82,7 @@ class _Problems:
 def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
     """``(line number, parsed value)`` for every non-blank line; bad JSON raises at once,
     with every bad line of the file named."""
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"data file {str(path)!r} does not exist")
+    file = need_file(path, "data file", DataError)
     problems = _Problems(str(path))
     rows: list[tuple[int, Any]] = []
     with file.open("rb") as handle:
@@ -93,9 +95,22 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
             if not text.strip():
                 continue
             try:
-                rows.append((number, json.loads(text)))
+                row = loads(text)
             except json.JSONDecodeError as err:
                 problems.add(number, f"not valid JSON ({err.msg} at column {err.colno})")
+                continue
+            except ValueError as err:  # nested too deeply, an integer of over 4300 digits
+                problems.add(number, f"not valid JSON ({err})")
+                continue
+            where = lone_surrogate(row)
+            if where is not None:
+                problems.add(
+                    number,
+                    f"{where} holds a lone surrogate escape (\\ud800-\\udfff), which is not "
+                    "text; write the character itself or a valid UTF-16 pair",
+                )
+                continue
+            rows.append((number, row))
     problems.raise_if_any()
     if not rows:
         raise DataError(f"{path}: no examples (the file is empty)")

@@ -10,6 +10,7 @@ when the run starts, so a crashed run is still recognised as ours (for ``--resum
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -111,4 +112,8 @@ def write_meta(out: Path, config: TrainConfig, template: str, **extra: Any) -> N
             **extra,
         }
     )
-    (out / TRAIN_META).write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    # written whole or not at all: a kill mid-write never leaves a torn (or "running") file
+    # beside a complete adapter
+    tmp = out / f"{TRAIN_META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, out / TRAIN_META)

@@ -190,6 +190,8 @@ def _encode(
 def _with_lora(model: Any, config: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    from ..backends.lora_specs import peft_quietly
+
     targets: Any = config.lora_targets
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
@@ -201,7 +203,8 @@ def _with_lora(model: Any, config: TrainConfig) -> Any:
         task_type="CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, lora)
+        with peft_quietly():
+            return get_peft_model(model, lora)
     except ValueError as err:
         raise ConfigError(f"cannot add LoRA to {config.model!r}: {err}") from err
 
