@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -28,7 +29,6 @@ from proxytune.backends.api import (  # noqa: E402
 from proxytune.backends.hf import HFModel  # noqa: E402
 from proxytune.backends.topk import topk_row  # noqa: E402
 from proxytune.cli import main  # noqa: E402
-from proxytune.crosstok import _byte_encoder  # noqa: E402
 from proxytune.engine import Member, Pair  # noqa: E402
 from proxytune.engine.blackbox import BlackBoxStats  # noqa: E402
 from proxytune.errors import ConfigError  # noqa: E402
@@ -36,8 +36,7 @@ from proxytune.prompts import PromptFormat  # noqa: E402
 from proxytune.recipe import parse_recipe  # noqa: E402
 from proxytune.server import ServerSettings, create_app  # noqa: E402
 from proxytune.testing import (  # noqa: E402
-    CHAT_TEMPLATE,
-    SPECIALS,
+    build_char_tokenizer,
     build_model,
     build_tokenizer,
 )
@@ -46,27 +45,7 @@ PROMPTS = ["The quick brown fox", "def add(a, b):"]
 STEPS = 12
 
 
-def char_tokenizer():
-    """Byte-level BPE with no merges over ASCII: every text is one token per character, so a
-    text prompt re-tokenizes to exactly the ids it came from (text mode is exact)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    enc = _byte_encoder()
-    chars = [enc[b] for b in (9, 10, *range(32, 127))]
-    vocab = {t: i for i, t in enumerate(SPECIALS + chars)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+char_tokenizer = build_char_tokenizer
 
 
 @contextlib.contextmanager
@@ -200,6 +179,9 @@ def test_from_api_recipe_and_cli(chars, url, tmp_path, capsys):
     assert "calls" in out.err and "coverage" in out.err
     assert main(["generate", "--base-url", url, "x"]) == 2  # --base-model is required
     assert "--base-model" in capsys.readouterr().err
+    bad = ["generate", "--base-url", url, "--base-model", "tiny", "--base-endpoint", "responses"]
+    assert main([*bad, "--expert", str(dirs["expert"]), "x"]) == 2
+    assert "endpoint must be completions or chat" in capsys.readouterr().err
 
 
 # an in-process vLLM-like endpoint -------------------------------------------------------------
@@ -209,9 +191,14 @@ class FakeVLLM:
     """``/v1/completions`` over a local model, vLLM-style: token-id prompts, ``token_id:N``
     candidates, ``n`` samples. Switches make it fail the ways endpoints fail."""
 
-    def __init__(self, model, tokenizer, *, tokens=True, logprobs=True, fail=0, status=503):
+    def __init__(
+        self, model, tokenizer, *, tokens=True, logprobs=True, fail=0, status=503, adds=(),
+        report_ids=False, max_prompts=None,
+    ):  # fmt: skip
         self.model, self.tok = model, tokenizer
         self.tokens, self.logprobs, self.fail, self.status = tokens, logprobs, fail, status
+        self.adds = list(adds)  # ids put before every token prompt (a server adding a BOS)
+        self.report_ids, self.max_prompts = report_ids, max_prompts
         self.bodies: list[dict] = []
         self.headers: list[httpx.Headers] = []
         self.gen = torch.Generator().manual_seed(0)
@@ -224,14 +211,18 @@ class FakeVLLM:
             self.fail -= 1
             return httpx.Response(self.status, json={"error": {"message": "busy"}})
         choices, prompt_tokens = [], 0
+        if self.max_prompts and len(body["prompt"]) > self.max_prompts:
+            return httpx.Response(500, json={"error": {"message": ""}})  # llama.cpp's assert
         for p in body["prompt"]:
             if not isinstance(p, str) and not self.tokens:
                 message = "prompt: must be a string or a list of strings"
                 return httpx.Response(400, json={"error": {"message": message}})
-            ids = self.tok(p)["input_ids"] if isinstance(p, str) else list(p)
+            ids = self.tok(p)["input_ids"] if isinstance(p, str) else self.adds + list(p)
             prompt_tokens += len(ids)
             for _ in range(body.get("n", 1)):
                 choices.append(self._choice(list(ids), body, len(choices)))
+                if self.report_ids:
+                    choices[-1]["prompt_token_ids"] = list(ids)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(choices)}
         return httpx.Response(200, json={"choices": choices, "usage": usage})
 
@@ -275,6 +266,87 @@ class FakeVLLM:
         }
 
 
+class FakeChat(FakeVLLM):
+    """``/v1/chat/completions`` over a local model: the user message is the raw prompt, an
+    assistant message is continued (``continue_final_message``); candidates carry ``bytes``;
+    ``cap`` refuses more ``top_logprobs`` (OpenAI: 20)."""
+
+    def __init__(self, model, tokenizer, cap=None):
+        super().__init__(model, tokenizer)
+        self.cap = cap
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        self.bodies.append(body)
+        top = body.get("top_logprobs") if body.get("logprobs") else None
+        if self.cap is not None and top is not None and top > self.cap:
+            message = f"top_logprobs: must be <= {self.cap}"
+            return httpx.Response(400, json={"error": {"message": message}})
+        messages = body["messages"]
+        assert body.get("continue_final_message", False) == (len(messages) == 2)
+        ids = self.tok("".join(m["content"] for m in messages))["input_ids"]
+        legacy = {**body, "logprobs": top, "return_tokens_as_token_ids": False}
+        choices = [self._chat(self._choice(list(ids), legacy, i)) for i in range(body.get("n", 1))]
+        return httpx.Response(200, json={"choices": choices})
+
+    @staticmethod
+    def _chat(choice: dict) -> dict:
+        def entry(token: str, logprob: float) -> dict:
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        lp, content = choice["logprobs"], None
+        if lp is not None:
+            content = [
+                {**entry(t, v), "top_logprobs": [entry(a, b) for a, b in top.items()]}
+                for t, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
+                                     strict=True)
+            ]  # fmt: skip
+        return {
+            "index": choice["index"],
+            "message": {"role": "assistant", "content": choice["text"]},
+            "logprobs": {"content": content} if content is not None else None,
+            "finish_reason": choice["finish_reason"],
+        }
+
+
+def test_a_chat_endpoint_continues_the_reply_and_is_exact_with_every_candidate(chars):
+    """k = V on a chat endpoint over the character tokenizer (text is exact): the output of
+    the completions endpoint; the reply so far travels as a continued assistant message."""
+    tok, models, _ = chars
+    want = mock_tuner(models, tok, FakeVLLM(models["base"], tok), top_logprobs=len(tok))
+    want = want.generate(PROMPTS, max_new_tokens=6, alpha=0.5)
+    endpoint = FakeChat(models["base"], tok)
+    stats = BlackBoxStats()
+    tuner = mock_tuner(models, tok, endpoint, top_logprobs=len(tok), endpoint="chat")
+    got = tuner.generate(PROMPTS, max_new_tokens=6, alpha=0.5, stats=stats)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert stats.prompt_path == "text" and stats.api.unmapped == 0
+    assert stats.api.calls == stats.api.row_requests  # one conversation per request
+    later = [b for b in endpoint.bodies if len(b["messages"]) == 2]
+    assert later and all(b["continue_final_message"] for b in later)
+    user, assistant = later[0]["messages"]
+    assert user["role"] == "user" and user["content"] in PROMPTS
+    assert assistant["role"] == "assistant" and assistant["content"]
+
+
+def test_a_chat_endpoint_caps_its_alternatives(chars):
+    """OpenAI's chat endpoint gives at most 20 alternatives: more is its one-line refusal;
+    20 runs (the rest of the vocabulary gets the missing-mass rule)."""
+    tok, models, _ = chars
+    capped = FakeChat(models["base"], tok, cap=20)
+    with pytest.raises(EndpointError, match="top_logprobs: must be <= 20"):
+        mock_tuner(models, tok, capped, top_logprobs=len(tok), endpoint="chat").generate(
+            PROMPTS[0], max_new_tokens=2
+        )
+    stats = BlackBoxStats()
+    mock_tuner(models, tok, capped, top_logprobs=20, endpoint="chat").generate(
+        PROMPTS[0], max_new_tokens=4, stats=stats
+    )
+    assert stats.api.calls >= 1 and stats.mean_coverage > 0.9
+    with pytest.raises(ConfigError, match="endpoint must be completions or chat"):
+        APISpec(url="http://x.test/v1", model="m", endpoint="responses")
+
+
 @pytest.fixture(scope="module")
 def bpe():
     """Base, expert and anti-expert over a BPE tokenizer with merges (text is not exact)."""
@@ -284,11 +356,11 @@ def bpe():
     return tok, models
 
 
-def mock_tuner(models, tok, endpoint: FakeVLLM, sleeps: list | None = None, **spec) -> ProxyTuner:
+def mock_tuner(models, tok, fake: FakeVLLM, sleeps: list | None = None, **spec) -> ProxyTuner:
     model = APIModel(
         APISpec(url="http://endpoint.test/v1", model="m", **spec),
         tok,
-        transport=httpx.MockTransport(endpoint),
+        transport=httpx.MockTransport(fake),
         sleep=(sleeps.append if sleeps is not None else lambda s: None),
     )
     return ProxyTuner(Member("base", model), [pair_of(models)])
@@ -311,10 +383,52 @@ def test_token_prompts_are_exact_where_text_would_drift(bpe):
     # the same endpoint taking text only: prompts are re-tokenized, and the drift is counted
     text_only = FakeVLLM(models["base"], tok, tokens=False)
     stats = BlackBoxStats()
-    mock_tuner(models, tok, text_only, top_logprobs=len(tok), chunk=1).generate(
-        PROMPTS, max_new_tokens=STEPS, stats=stats
-    )
+    tuner = mock_tuner(models, tok, text_only, top_logprobs=len(tok), chunk=1)
+    tuner.generate(PROMPTS, max_new_tokens=STEPS, stats=stats)
     assert stats.notes and stats.chunks.text_drift > 0
+    assert tuner.base.model.prompt_path == "text"
+
+
+def test_the_path_is_probed_once_logged_and_shown(bpe, caplog):
+    tok, models = bpe
+    for endpoint, path in ((FakeVLLM(models["base"], tok), "tokens"),
+                           (FakeVLLM(models["base"], tok, tokens=False), "text")):  # fmt: skip
+        model = mock_tuner(models, tok, endpoint).base.model
+        assert model.client.describe()["prompt_path"] == "not yet probed"
+        with caplog.at_level(logging.INFO, logger="proxytune.backends.api_client"):
+            assert model.probe() == path
+        assert model.client.describe()["prompt_path"] == path
+        assert f"prompts travel as {path}" in caplog.text
+        assert len(endpoint.bodies) == (1 if path == "tokens" else 2)  # a refusal, then text
+        caplog.clear()
+
+
+@pytest.mark.parametrize("how", ["usage", "prompt_token_ids"])
+def test_an_endpoint_that_does_not_read_token_ids_verbatim_is_refused(bpe, how):
+    """A server that puts a BOS before token prompts scores other prefixes: refused, by the
+    ids it says it read or by its prompt-token count."""
+    tok, models = bpe
+    endpoint = FakeVLLM(models["base"], tok, adds=[tok.bos_token_id], report_ids=how != "usage")
+    tuner = mock_tuner(models, tok, endpoint)
+    with pytest.raises(EndpointError, match=r"not take token-id prompts verbatim.*prompt_as: te"):
+        tuner.generate(PROMPTS[0], max_new_tokens=2)
+    reported = FakeVLLM(models["base"], tok, report_ids=True)  # the ids sent: fine
+    mock_tuner(models, tok, reported).generate(PROMPTS[0], max_new_tokens=2)
+
+
+def test_max_prompts_sends_one_prompt_per_call(bpe):
+    """llama.cpp's server takes one prompt per request: ``max_prompts: 1`` splits the call,
+    the output is unchanged."""
+    tok, models = bpe
+    want = mock_tuner(models, tok, FakeVLLM(models["base"], tok)).generate(
+        PROMPTS, max_new_tokens=4
+    )
+    endpoint = FakeVLLM(models["base"], tok, max_prompts=1)
+    got = mock_tuner(models, tok, endpoint, max_prompts=1).generate(PROMPTS, max_new_tokens=4)
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert all(len(b["prompt"]) == 1 for b in endpoint.bodies)
+    with pytest.raises(ConfigError, match="max_prompts must be an integer >= 1"):
+        APISpec(url="http://x.test/v1", model="m", max_prompts=0)
 
 
 def test_support_is_the_endpoints_candidates_and_the_experts_top(bpe):
@@ -437,6 +551,7 @@ def test_candidate_mapping_rules():
 def test_spec_validation_and_urls():
     assert _completions_url("http://h:1") == "http://h:1/v1/completions"
     assert _completions_url("http://h:1/v1/") == "http://h:1/v1/completions"
+    assert _completions_url("http://h:1", chat=True) == "http://h:1/v1/chat/completions"
     with pytest.raises(ConfigError, match="top_logprobs"):
         APISpec(url="http://h", model="m", top_logprobs=0)
     with pytest.raises(ConfigError, match="http"):

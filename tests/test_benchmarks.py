@@ -40,6 +40,18 @@ model_defaults: {{device: cpu, dtype: float32}}
     assert results["speculative+overlap"]["acceptance"] is not None
 
 
+def test_bench_api_base_prints_its_tables_and_the_id_path_is_exact():
+    cmd = [sys.executable, str(BENCHMARKS / "bench_api_base.py"), "--prompts", "2", "--tokens", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| ")]
+    ids = [r for r in rows if len(r) == 7 and r[1] == "tokens"]
+    assert len(ids) == 4 and all(r[-1] == "2/2 |" for r in ids)  # the id path is local's output
+    assert any(r[0] == "| 20" for r in rows)  # the top-k table
+
+
 def test_abuse_battery_finds_no_defect(tmp_path):
     """Issue 16: a few cases of every category of benchmarks/abuse_server.py (the full battery
     is the script without --quick): each answered as documented, nothing 5xx, no traceback."""

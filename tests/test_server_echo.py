@@ -235,6 +235,8 @@ def test_ids_and_echo_are_refused_where_the_base_is_an_api_model(url, tiny_dirs,
     with pytest.raises(ConfigError, match="the base is an API model"):
         steered.prepare(TokenIds([5, 6], "ab"))
     with serve_in_thread(create_app(steered, ServerSettings(model_name="s"))) as u:
+        base_api = httpx.get(u + "/health").json()["base_api"]  # probed at startup
+        assert base_api["prompt_path"] == "tokens" and base_api["model"] == "raw"
         for body, param in (
             ({"prompt": [5, 6]}, "prompt"),
             ({"prompt": "x", "echo": True}, "echo"),
@@ -285,7 +287,8 @@ def test_a_black_box_base_on_this_server_is_exact_with_a_bpe_tokenizer(
         got = steered.generate(prompts, max_new_tokens=24, stats=stats)
     want = tuner.generate(prompts, max_new_tokens=24)
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
-    assert not any("as text" in note for note in stats.notes)
+    assert steered.base.model.prompt_path == stats.prompt_path == "tokens"  # the id path
+    assert stats.api.calls > 0 and not stats.notes and stats.chunks.text_drift == 0
 
 
 def test_a_rule_failing_while_echo_scores_fails_that_request_alone(raw):

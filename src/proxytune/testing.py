@@ -53,6 +53,36 @@ def build_tokenizer(vocab_size: int = 300, corpus: list[str] | None = None) -> A
     return fast
 
 
+def build_char_tokenizer(for_gguf: bool = False) -> Any:
+    """Byte-level BPE with no merges over ASCII: every text is one token per character, so a
+    text re-tokenizes to exactly the ids it came from (an endpoint's text path is exact).
+
+    ``for_gguf``: llama.cpp refuses a BPE vocabulary without merges, so one merge is added
+    that never applies (``a`` + ``0``: the byte-level pre-tokenizer always splits a letter
+    from a digit); its token ``a0`` is never produced by tokenizing."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .crosstok import _byte_encoder
+
+    enc = _byte_encoder()
+    chars = [enc[b] for b in (9, 10, *range(32, 127))]
+    merges = [("a", "0")] if for_gguf else []
+    vocab = {t: i for i, t in enumerate(SPECIALS + chars + ["".join(m) for m in merges])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
 def build_model(
     tokenizer: Any,
     seed: int = 0,

@@ -22,9 +22,9 @@ import torch
 
 from ..errors import ConfigError
 from ..prompts import Prompt, PromptFormat, as_messages, raw_text
+from .api_candidates import CandidateMapper
 from .api_client import (
     APIUsage,
-    CandidateMapper,
     EndpointClient,
     EndpointError,
     EndpointPrompt,
@@ -87,6 +87,18 @@ class APISpec:
     prompt_as: str = "auto"
     """``tokens`` (exact), ``text`` (the endpoint re-tokenizes), or ``auto`` (tokens, then
     text if the endpoint refuses token prompts)."""
+    endpoint: str = "completions"
+    """``completions`` (``/v1/completions``: token-id prompts, exact) or ``chat``
+    (``/v1/chat/completions``: the prompt is the user message, the tokens so far an assistant
+    message continued with vLLM's ``continue_final_message``; text only, one row per call,
+    OpenAI caps ``top_logprobs`` at 20). Only for endpoints that continue the final message:
+    others answer for a new turn, unseen. See docs/black-box.md."""
+    extra_body: Mapping[str, Any] | None = None
+    """Fields added to every request body, for what an engine needs beyond the OpenAI API
+    (llama.cpp's server: ``logit_bias`` on its stop tokens, see docs/black-box.md)."""
+    max_prompts: int | None = None
+    """Prompts per call (``None``: every row that needs the endpoint in one call; llama.cpp's
+    server takes 1)."""
     token_ids: bool | None = None
     """Ask for ``token_id:N`` candidates (``None``: ask, and stop if the endpoint refuses)."""
     timeout: float = 60.0
@@ -119,10 +131,16 @@ class APISpec:
             raise ConfigError(
                 f"missing_mass must be one of {MISSING_RULES}, got {self.missing_mass!r}"
             )
+        if self.endpoint not in ("completions", "chat"):
+            raise ConfigError(f"endpoint must be completions or chat, got {self.endpoint!r}")
         if self.prompt_as not in ("auto", "tokens", "text"):
             raise ConfigError(f"prompt_as must be auto, tokens or text, got {self.prompt_as!r}")
         if self.expert_top is not None:
             _int(self.expert_top, "expert_top", 0)
+        if self.extra_body is not None and not isinstance(self.extra_body, Mapping):
+            raise ConfigError(f"extra_body must be a mapping of fields, got {self.extra_body!r}")
+        if self.max_prompts is not None:
+            _int(self.max_prompts, "max_prompts", 1)
         for name in ("timeout", "backoff", "cost_ratio"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be a number >= 0, got {getattr(self, name)!r}")
@@ -134,7 +152,7 @@ class APISpec:
 
     @property
     def load_key(self) -> tuple[Any, ...]:
-        return ("api", self.url, self.model, self.tokenizer)
+        return ("api", self.url, self.model, self.tokenizer, repr(self.extra_body))
 
     @classmethod
     def parse(cls, spec: Mapping[str, Any] | APISpec, **defaults: Any) -> APISpec:
@@ -205,6 +223,18 @@ class APIModel:
     def eos_token_ids(self) -> tuple[int, ...]:
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return () if eos is None else (int(eos),)
+
+    @property
+    def prompt_path(self) -> str:
+        """``tokens`` or ``text``: how prompts travel to the endpoint
+        (:attr:`EndpointClient.prompt_path`)."""
+        return self.client.prompt_path
+
+    def probe(self) -> str:
+        """Settle :attr:`prompt_path` now with a one-token call (logged); returns it."""
+        text = "Hello"
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] or [0]
+        return self.client.probe(EndpointPrompt(ids=list(ids), text=text))
 
     def start(self, prompts: Sequence[Sequence[int]], use_cache: bool = True) -> Any:
         raise ConfigError(

@@ -1,17 +1,12 @@
-"""The HTTP side of an API base: requests, retries, answers, candidates -> ids, the bill.
+"""The HTTP side of an API base: requests, retries, answers, the bill.
 
-Candidates to ids (:class:`CandidateMapper`), in order:
-
-1. ``token_id:N`` (vLLM's ``return_tokens_as_token_ids``, asked for by default): ``N``, exact.
-2. ``bytes:\\xNN...`` (how some servers show a partial UTF-8 token): the token with those bytes.
-3. the token's text: the one id whose bytes decode (UTF-8, errors replaced) to that text, else
-   the one id whose raw piece (``Ġthe``) is that text; a text that several ids share (half
-   characters all show as U+FFFD) or that no id has is *unmapped*: counted, and its mass is
-   treated as missing mass.
+Candidates become ids through :class:`~.api_candidates.CandidateMapper`; a chat endpoint's
+requests and answers go through :mod:`.api_chat`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -20,11 +15,20 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError, ProxyTuneError
+from .api_candidates import CandidateMapper
+from .api_chat import chat_body, legacy_choice
 
 if TYPE_CHECKING:
     from .api import APISpec
 
 RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
+PATHS = {
+    "tokens": "token ids, exact: the endpoint reads the loop's ids",
+    "text": "the endpoint re-tokenizes them: exact only where that gives the loop's ids",
+}
+"""The two ways a row's prefix travels (:attr:`EndpointClient.prompt_path`)."""
+
+log = logging.getLogger(__name__)
 
 
 class EndpointError(ProxyTuneError):
@@ -63,64 +67,6 @@ class APIUsage:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-# candidates -> ids ---------------------------------------------------------------------------
-
-
-class CandidateMapper:
-    """Maps the endpoint's candidate tokens to ids of a local tokenizer (rule in the module
-    docstring). Tables are built on first use of a text candidate."""
-
-    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
-        self.tokenizer = tokenizer
-        self.vocab_size = vocab_size
-        self._by_bytes: dict[bytes, int] | None = None
-        self._by_text: dict[str, int | None] = {}
-        self._by_piece: dict[str, int | None] = {}
-
-    def id_of(self, token: str) -> int | None:
-        """The id of one candidate, or ``None`` when it maps to no single id."""
-        if token.startswith("token_id:"):
-            try:
-                value = int(token[len("token_id:") :])
-            except ValueError:
-                return None
-            return value if 0 <= value < self.vocab_size else None
-        self._tables()
-        if token.startswith("bytes:"):
-            raw = _unescape_bytes(token[len("bytes:") :])
-            return None if raw is None else self._by_bytes.get(raw)  # type: ignore[union-attr]
-        if token in self._by_text:
-            return self._by_text[token]
-        return self._by_piece.get(token)
-
-    def _tables(self) -> None:
-        if self._by_bytes is not None:
-            return
-        from ..crosstok import token_bytes
-
-        raw = token_bytes(self.tokenizer, self.vocab_size)
-        pieces = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
-        self._by_bytes = {}
-        for i, b in enumerate(raw):
-            if b is not None:
-                self._by_bytes.setdefault(b, i)
-            _unique(self._by_text, b.decode("utf-8", errors="replace") if b else "", i)
-            if pieces[i] is not None:
-                _unique(self._by_piece, pieces[i], i)
-
-
-def _unique(table: dict[str, int | None], key: str, value: int) -> None:
-    """``table[key] = value``, or ``None`` once a second id has the same key (ambiguous)."""
-    table[key] = value if key not in table else None
-
-
-def _unescape_bytes(text: str) -> bytes | None:
-    try:
-        return text.encode("latin-1").decode("unicode_escape").encode("latin-1")
-    except (UnicodeError, ValueError):
-        return None
-
-
 # the client ---------------------------------------------------------------------------------
 
 
@@ -131,6 +77,8 @@ class EndpointPrompt:
 
     ids: Sequence[int]
     text: str
+    reply: str = ""
+    """The generated part of ``text`` (a chat endpoint gets it as the assistant message)."""
 
 
 @dataclass
@@ -148,7 +96,8 @@ class Position:
 
 
 class EndpointClient:
-    """POSTs to ``/completions`` with retries; parses candidates into :class:`Position` s."""
+    """POSTs to ``/completions`` (or ``/chat/completions``: :mod:`.api_chat`) with retries;
+    parses candidates into :class:`Position` s."""
 
     def __init__(
         self,
@@ -166,10 +115,15 @@ class EndpointClient:
             ) from err
         self.spec = spec
         self.mapper = mapper
-        self.url = _completions_url(spec.url)
+        self.chat = spec.endpoint == "chat"
+        self.url = _completions_url(spec.url, self.chat)
         self.usage = APIUsage()
         self.sleep = sleep
         self.prompt_as = "tokens" if spec.prompt_as == "auto" else spec.prompt_as
+        if self.chat:
+            self.prompt_as = "text"  # messages are text
+        self.settled = spec.prompt_as != "auto" or self.chat
+        """Whether :attr:`prompt_path` is known (set, or found out by a call)."""
         self.token_ids = True if spec.token_ids is None else spec.token_ids
         self.notes: list[str] = []
         """What auto-detection found out about the endpoint (for the report)."""
@@ -181,6 +135,32 @@ class EndpointClient:
 
     def close(self) -> None:
         self._http.close()
+
+    @property
+    def prompt_path(self) -> str:
+        """``tokens`` or ``text``: how prefixes travel (:data:`PATHS`); on ``prompt_as: auto``
+        ``tokens`` until the endpoint refuses a token prompt (:meth:`probe` asks at once)."""
+        return self.prompt_as
+
+    def describe(self) -> dict[str, Any]:
+        """What a report or ``/health`` shows about the endpoint."""
+        return {
+            "url": self.url,
+            "model": self.spec.model,
+            "prompt_path": self.prompt_path if self.settled else "not yet probed",
+            "token_id_candidates": self.token_ids,
+            "max_prompts": self.spec.max_prompts,
+            "notes": list(self.notes),
+        }
+
+    def probe(self, prompt: EndpointPrompt) -> str:
+        """One one-token call that settles :attr:`prompt_path` (and whether candidates come
+        back as ids); returns the path. Costs one call, added to :attr:`usage`."""
+        if self.spec.logprobs == "sampled":
+            self.samples([prompt], 2)
+        else:
+            self.positions([prompt], 1, 1)
+        return self.prompt_path
 
     # requests ---------------------------------------------------------------------------------
 
@@ -237,13 +217,26 @@ class EndpointClient:
     def _complete(
         self, body: dict[str, Any], prompts: Sequence[EndpointPrompt], n: int, u: APIUsage
     ) -> list[dict[str, Any]]:
-        """Send ``body`` with the prompts as tokens or text (as the endpoint accepts); return
-        the choices in prompt order (``n`` per prompt)."""
+        """Send ``body`` with the prompts as tokens or text (as the endpoint accepts), at most
+        ``max_prompts`` per call; return the choices in prompt order (``n`` per prompt)."""
+        size = 1 if self.chat else self.spec.max_prompts or len(prompts)
+        out: list[dict[str, Any]] = []
+        for start in range(0, len(prompts), size):
+            out += self._complete_group(body, prompts[start : start + size], n, u)
+        return out
+
+    def _complete_group(
+        self, body: dict[str, Any], prompts: Sequence[EndpointPrompt], n: int, u: APIUsage
+    ) -> list[dict[str, Any]]:
         expect = len(prompts) * n
         while True:
-            sent = dict(body)
+            sent = {**(self.spec.extra_body or {}), **body}
             as_text = self.prompt_as == "text"
-            sent["prompt"] = [p.text if as_text else list(p.ids) for p in prompts]
+            if self.chat:
+                top, first = sent.pop("logprobs", None), prompts[0]
+                sent.update(chat_body(first.text, first.reply, top))
+            else:
+                sent["prompt"] = [p.text if as_text else list(p.ids) for p in prompts]
             if self.token_ids and "logprobs" in sent:
                 sent["return_tokens_as_token_ids"] = True
             started = time.monotonic()
@@ -256,18 +249,57 @@ class EndpointClient:
             finally:
                 u.seconds += time.monotonic() - started
             break
+        self._settle()
         choices = data.get("choices")
         if not isinstance(choices, list) or len(choices) != expect:
             raise EndpointError(
                 f"the endpoint {self.url} answered {len(choices or [])} choices for {expect} "
-                "prompt(s); it must support a list of prompts on /completions"
+                "prompt(s); it must support a list of prompts on /completions (else set the "
+                "base's max_prompts: 1, one call per prompt)"
             )
+        choices = sorted(choices, key=lambda c: int(c.get("index", 0)))
+        if self.chat:
+            choices = [legacy_choice(c) for c in choices]
+        usage = data.get("usage") or {}  # the endpoint's count; ours where it gives none
+        if not as_text:
+            self._check_ids(prompts, choices, n, usage.get("prompt_tokens"))
         u.calls += 1
         u.row_requests += len(prompts)
-        usage = data.get("usage") or {}  # the endpoint's count; ours where it gives none
         u.prompt_tokens += int(usage.get("prompt_tokens") or sum(len(p.ids) for p in prompts))
         u.completion_tokens += int(usage.get("completion_tokens") or body["max_tokens"] * expect)
-        return sorted(choices, key=lambda c: int(c.get("index", 0)))
+        return choices
+
+    def _settle(self) -> None:
+        """After the first answer: the path is known; say it once."""
+        if not self.settled:
+            self.settled = True
+            path = self.prompt_as
+            log.info("API base %s: prompts travel as %s (%s)", self.spec.name, path, PATHS[path])
+
+    def _check_ids(
+        self,
+        prompts: Sequence[EndpointPrompt],
+        choices: Sequence[dict[str, Any]],
+        n: int,
+        counted: Any,
+    ) -> None:
+        """Token prompts must be read verbatim: the ids an answer says it read
+        (``prompt_token_ids``, vLLM) are the ids sent, and so is its prompt-token count."""
+        for i, c in enumerate(choices):
+            read = c.get("prompt_token_ids")
+            sent = list(prompts[i // n].ids)
+            if read is not None and list(read) != sent:
+                raise self._not_verbatim(f"prompt {i // n} as {len(read)} other ids")
+        sent_total = sum(len(p.ids) for p in prompts)
+        if n == 1 and isinstance(counted, int) and counted != sent_total:
+            raise self._not_verbatim(f"{counted} prompt tokens where {sent_total} ids were sent")
+
+    def _not_verbatim(self, what: str) -> EndpointError:
+        return EndpointError(
+            f"the endpoint {self.url} read {what}: it does not take token-id prompts verbatim "
+            "(it adds or drops tokens), so the base would score other prefixes than the loop's; "
+            "set the base's prompt_as: text, or serve the model without a template/BOS"
+        )
 
     def _adapt(self, message: str, as_text: bool) -> bool:
         """After a refusal: drop what the endpoint does not support and say whether to retry."""
@@ -279,6 +311,7 @@ class EndpointClient:
         if not as_text and self.spec.prompt_as == "auto" and "prompt" in lower:
             self.prompt_as = "text"
             self.notes.append("the endpoint refuses token prompts: prompts are sent as text")
+            log.warning("API base %s: %s", self.spec.name, self.notes[-1])
             return True
         return False
 
@@ -309,7 +342,7 @@ class EndpointClient:
                     last = "the answer is not JSON"
                     continue
             message = _error_message(r)
-            if r.status_code in RETRY_STATUS:
+            if r.status_code in RETRY_STATUS and not _invalid_request(message):
                 last = f"HTTP {r.status_code}: {message}"
                 after = r.headers.get("retry-after", "")
                 asked = float(after) if after.replace(".", "", 1).isdigit() else 0.0
@@ -392,10 +425,16 @@ def _error_message(r: Any) -> str:
     return (r.text or "").strip()[:300] or f"HTTP {r.status_code}"
 
 
-def _completions_url(url: str) -> str:
+def _invalid_request(message: str) -> bool:
+    """A server error that is a refused request: llama-cpp-python's server answers a body
+    that fails validation with HTTP 500 ``N validation error(s): ...``; retrying cannot help."""
+    return "validation error" in message.lower()
+
+
+def _completions_url(url: str, chat: bool = False) -> str:
     from urllib.parse import urlsplit
 
     root = url.rstrip("/")
     if urlsplit(root).path in ("", "/"):
         root += "/v1"
-    return root + "/completions"
+    return root + ("/chat/completions" if chat else "/completions")

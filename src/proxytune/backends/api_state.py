@@ -139,12 +139,12 @@ class APIBaseState:
         return best_chunk(self.rate, self.spec.cost_ratio, self.spec.max_chunk)
 
     def _prompt(self, row: _Prefix) -> EndpointPrompt:
-        text = row.text
+        reply = ""
         if row.generated:
-            text += self.model.tokenizer.decode(
+            reply = self.model.tokenizer.decode(
                 row.generated, skip_special_tokens=False, clean_up_tokenization_spaces=False
             )
-        return EndpointPrompt(ids=row.ids + row.generated, text=text)
+        return EndpointPrompt(ids=row.ids + row.generated, text=row.text + reply, reply=reply)
 
     def _check_text(self, prompts: list[EndpointPrompt]) -> None:
         """Count rows whose text, re-tokenized, is not the ids the loop holds."""

@@ -16,6 +16,7 @@ from .options import (
     ApiKeyEnvOption,
     BackendOption,
     BaseChunkOption,
+    BaseEndpointOption,
     BaseModelOption,
     BaseOption,
     BaseSamplesOption,
@@ -113,6 +114,7 @@ def generate(
     api_key_env: ApiKeyEnvOption = "OPENAI_API_KEY",
     base_chunk: BaseChunkOption = "auto",
     base_samples: BaseSamplesOption = None,
+    base_endpoint: BaseEndpointOption = "completions",
     cross_tokenizer: CrossTokenizerOption = False,
     min_coverage: MinCoverageOption = None,
     input_file: Annotated[
@@ -192,6 +194,7 @@ def generate(
             chunk=base_chunk,
             samples=base_samples,
             prompt=base_prompt,
+            endpoint=base_endpoint,
         ),
         cross_tokenizer=cross_mode(cross_tokenizer, min_coverage),
         engine=engine,

@@ -121,6 +121,13 @@ BaseChunkOption = Annotated[
         help="Tokens the API drafts per call while the proxy agrees: auto | N.", rich_help_panel=API
     ),
 ]
+BaseEndpointOption = Annotated[
+    str,
+    Opt(
+        help="The API route: completions (token ids, exact) | chat (the reply continued).",
+        rich_help_panel=API,
+    ),
+]
 BaseSamplesOption = Annotated[
     int | None,
     Opt(
@@ -381,6 +388,7 @@ def api_base(
     chunk: str,
     samples: int | None,
     prompt: str,
+    endpoint: str = "completions",
 ) -> Any:
     """The ``--base-url`` options as an :class:`~proxytune.backends.api.APISpec` (or None)."""
     if url is None:
@@ -402,6 +410,7 @@ def api_base(
         "api_key_env": api_key_env,
         "chunk": int(chunk) if chunk.isdigit() else chunk,
         "prompt": prompt,
+        "endpoint": endpoint,
     }
     if samples is not None:
         options.update(logprobs="sampled", samples=samples)

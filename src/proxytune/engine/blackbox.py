@@ -48,6 +48,8 @@ class BlackBoxStats:
     api: APIUsage = field(default_factory=APIUsage)
     chunks: ChunkStats = field(default_factory=ChunkStats)
     notes: list[str] = field(default_factory=list)
+    prompt_path: str | None = None
+    """An API base: how prefixes travelled, ``tokens`` (exact) or ``text`` (re-tokenized)."""
 
     @property
     def mean_coverage(self) -> float:
@@ -74,6 +76,7 @@ class BlackBoxStats:
             "calls_saved": self.calls_saved,
             "prompt_tokens_saved": self.prompt_tokens_saved,
             "notes": list(self.notes),
+            "prompt_path": self.prompt_path,
         }
 
     def summary(self) -> str:
@@ -82,7 +85,8 @@ class BlackBoxStats:
         if self.api.calls:
             a = self.api
             parts.append(
-                f"{a.calls} calls ({self.calls_saved} saved by chunking), {a.prompt_tokens} "
+                f"{a.calls} calls ({self.calls_saved} saved by chunking), prompts as "
+                f"{self.prompt_path}, {a.prompt_tokens} "
                 f"prompt + {a.completion_tokens} completion tokens, {a.retries} retries, "
                 f"{a.unmapped} unmapped candidates"
             )
@@ -145,6 +149,7 @@ class _Loop:
             self.stats.text_scored = sum(f.scored for f in feeders.values())
             if api is not None:
                 self.stats.notes = list(api.client.notes)
+                self.stats.prompt_path = api.client.prompt_path
             yield updates
             if not keep:
                 return

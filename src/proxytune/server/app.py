@@ -148,8 +148,12 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
     )
     renderer = Renderer(tuner.tokenizer, settings.model_name)
 
+    api_base = getattr(tuner.base.model, "client", None)  # an API base's EndpointClient
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if api_base is not None:
+            await run_in_threadpool(_probe, tuner.base.model)
         scheduler.start()
         yield
         await run_in_threadpool(scheduler.close, settings.shutdown_timeout)
@@ -195,6 +199,8 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
         body = {"status": state, "running": scheduler.running, "queued": scheduler.queue_depth}
         if settings.drift_baseline:
             body["drift"] = drift.health()
+        if api_base is not None:
+            body["base_api"] = api_base.describe()
         if ok:
             return JSONResponse(body)
         return JSONResponse(body, 503, headers={"Retry-After": str(settings.retry_after * 5)})
@@ -488,3 +494,12 @@ def serve(
     app = create_app(tuner, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
     return run_draining(config, app.state.scheduler, settings.shutdown_timeout)
+
+
+def _probe(model: Any) -> None:
+    """Settle how an API base's prompts travel before serving (logged); a failure is logged
+    and the first request finds out instead."""
+    try:
+        model.probe()
+    except Exception as err:  # the endpoint may come up later
+        log.warning("could not probe the API base %s: %s", model.name, err)
