@@ -157,7 +157,7 @@ def test_eval_on_ray_equals_the_local_run_even_when_an_actor_dies(cluster, tiny_
     )
     for name in ("gen", "mc"):
         task = load_task(str(tmp_path / f"{name}.jsonl"))
-        systems = standard_systems(tuner, alphas=(0.5, 1.0))
+        systems = standard_systems(tuner, alphas=(0.5, 1.0), include=("base", "proxy"))
         common = {"batch_size": 2, "progress": False, "settings": {"max_new_tokens": 5}}
         local = evaluate(task, systems, tmp_path / name / "local", **common)
         remote = evaluate(task, systems, tmp_path / name / "ray", **common, runner=runner)
