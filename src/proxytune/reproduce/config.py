@@ -215,8 +215,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "dtype": "bfloat16",
     },
 }
-"""``cpu``: the embedded Qwen2.5-Coder 0.5B / 1.5B, sized for about an hour on 2 cores;
-``tiny``: the test suite's size; ``gpu``: Llama-2 7B / 13B (hub ids) on one large GPU."""
+"""``cpu``: the embedded Qwen2.5-Coder 0.5B / 1.5B (training on transformers, evaluation on
+llama.cpp where it is installed); ``tiny``: the test suite's size; ``gpu``: Llama-2 7B / 13B (hub ids) on one large GPU."""
 
 
 def preset(name: str, out: str, **overrides: Any) -> ReproduceConfig:
