@@ -216,7 +216,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 """``cpu``: the embedded Qwen2.5-Coder 0.5B / 1.5B (training on transformers, evaluation on
-llama.cpp where it is installed); ``tiny``: the test suite's size; ``gpu``: Llama-2 7B / 13B (hub ids) on one large GPU."""
+llama.cpp where it is installed); ``tiny``: the test suite's size; ``gpu``: Llama-2 7B / 13B
+(hub ids) on one large GPU."""
 
 
 def preset(name: str, out: str, **overrides: Any) -> ReproduceConfig:
