@@ -40,10 +40,7 @@ def bnb_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.fixture(scope="session")
-def tuner(tiny_dirs: dict[str, Path]):
-    """base + one pair, alpha 1, CPU float32, the expert on its chat template (the paper's
-    formats: base and anti-expert raw; given explicitly, the defaults are ``auto``)."""
+def _tiny_tuner(tiny_dirs: dict[str, Path], expert_prompt: str):
     from proxytune import ProxyTuner
 
     return ProxyTuner.from_pretrained(
@@ -52,11 +49,24 @@ def tuner(tiny_dirs: dict[str, Path]):
         anti_expert=str(tiny_dirs["anti"]),
         alpha=1.0,
         base_prompt="raw",
-        expert_prompt="chat",
+        expert_prompt=expert_prompt,
         anti_expert_prompt="raw",
         device="cpu",
         dtype="float32",
     )
+
+
+@pytest.fixture(scope="session")
+def tuner(tiny_dirs: dict[str, Path]):
+    """base + one pair, alpha 1, CPU float32, the expert on its chat template (the paper's
+    formats: base and anti-expert raw; given explicitly, the defaults are ``auto``)."""
+    return _tiny_tuner(tiny_dirs, "chat")
+
+
+@pytest.fixture(scope="session")
+def raw_tuner(tiny_dirs: dict[str, Path]):
+    """The same models with every one on the raw prompt format (they all read the same ids)."""
+    return _tiny_tuner(tiny_dirs, "raw")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

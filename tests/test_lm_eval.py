@@ -26,7 +26,6 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 from serving import serve_in_thread
 
-from proxytune import ProxyTuner
 from proxytune.evaluation import System, Task, evaluate
 from proxytune.evaluation.scoring import score
 from proxytune.evaluation.store import ResultStore
@@ -126,18 +125,8 @@ def run_lm_eval(url: str, tokenizer: Path, tasks: Path, out: Path) -> dict[str, 
     return samples
 
 
-def test_lm_eval_local_completions_scores_equal_proxytune_eval(tiny_dirs, tmp_path):
-    tuner = ProxyTuner.from_pretrained(
-        str(tiny_dirs["base"]),
-        expert=str(tiny_dirs["expert"]),
-        anti_expert=str(tiny_dirs["anti"]),
-        alpha=1.0,
-        base_prompt="raw",
-        expert_prompt="raw",
-        anti_expert_prompt="raw",
-        device="cpu",
-        dtype="float32",
-    )
+def test_lm_eval_local_completions_scores_equal_proxytune_eval(tiny_dirs, raw_tuner, tmp_path):
+    tuner = raw_tuner
     # gold answers: the proxy-tuned greedy output for every other item, so that exact match
     # is 1/2 on both sides only if both generate the same text
     outputs = [r.text for r in tuner.generate(QUESTIONS, max_new_tokens=MAX_TOKENS, stop=[STOP])]

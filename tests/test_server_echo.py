@@ -29,19 +29,9 @@ TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def raw(tiny_dirs) -> ProxyTuner:
+def raw(raw_tuner) -> ProxyTuner:
     """base + one pair, every model on the raw prompt format (they all read the same ids)."""
-    return ProxyTuner.from_pretrained(
-        str(tiny_dirs["base"]),
-        expert=str(tiny_dirs["expert"]),
-        anti_expert=str(tiny_dirs["anti"]),
-        alpha=1.0,
-        base_prompt="raw",
-        expert_prompt="raw",
-        anti_expert_prompt="raw",
-        device="cpu",
-        dtype="float32",
-    )
+    return raw_tuner
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,6 @@ CORPUS = [
 def build_tokenizer(vocab_size: int = 300, corpus: list[str] | None = None) -> Any:
     """A byte-level BPE ``PreTrainedTokenizerFast`` with chat tokens and a chat template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -42,6 +41,14 @@ def build_tokenizer(vocab_size: int = 300, corpus: list[str] | None = None) -> A
         show_progress=False,
     )
     tok.train_from_iterator(corpus or CORPUS, trainer=trainer)
+    return _wrapped(tok)
+
+
+def _wrapped(tok: Any) -> Any:
+    """A ``tokenizers`` tokenizer as the test models' fast tokenizer (specials, chat
+    template)."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token="<s>",
@@ -61,7 +68,6 @@ def build_char_tokenizer(for_gguf: bool = False) -> Any:
     that never applies (``a`` + ``0``: the byte-level pre-tokenizer always splits a letter
     from a digit); its token ``a0`` is never produced by tokenizing."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     from .crosstok import _byte_encoder
 
@@ -72,15 +78,7 @@ def build_char_tokenizer(for_gguf: bool = False) -> Any:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    return fast
+    return _wrapped(tok)
 
 
 def build_model(
