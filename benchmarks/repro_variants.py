@@ -1,5 +1,6 @@
-"""Steering variants on a finished ``proxytune reproduce`` run: does calibration, gating or an
-alpha schedule let the base's own skill through where plain proxy-tuning copies the expert?
+"""Steering variants on a finished ``proxytune reproduce`` run: does calibration, gating, an
+alpha schedule or an offset on the ending tokens alone let the base's own skill through where
+plain proxy-tuning copies the expert?
 
     python benchmarks/repro_variants.py runs/reproduce --tasks sort_words --variants alpha=4,gated
 
@@ -13,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from proxytune.evaluation import evaluate
 from proxytune.evaluation.stats import aligned, gap_interval, mean_interval
@@ -22,11 +26,34 @@ from proxytune.evaluation.systems import System
 from proxytune.reproduce import Experiment, ReproduceConfig
 from proxytune.reproduce.report import per_example
 from proxytune.reproduce.tasks import eval_task, task_kind
+from proxytune.rules import StepContext
 from proxytune.schedules import Linear
 
 
-def variants(alpha: float) -> dict[str, tuple[Any, Any]]:
-    """name -> (alpha, rule), around the proxy's chosen ``alpha``."""
+def ending_ids(tokenizer: Any, eos: Sequence[int]) -> list[int]:
+    """The ids that end an answer: end-of-sequence, and every token whose text holds a newline
+    (the tasks stop at one)."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    return sorted(set(eos) | {i for i, text in enumerate(texts) if "\n" in text})
+
+
+def end_only(ends: Sequence[int]) -> Any:
+    """The proxy rule with each pair's offset added on the ``ends`` ids only: the base chooses
+    the content, the pair only where the answer stops."""
+    index = torch.tensor(list(ends))
+
+    def end_only_proxy(ctx: StepContext) -> torch.Tensor:
+        scores = ctx.base.clone()
+        for (expert, anti), alpha in zip(*ctx.ran(), strict=True):
+            scores[:, index] += alpha * (expert[:, index] - anti[:, index])
+        return scores
+
+    return end_only_proxy
+
+
+def variants(alpha: float, ends: Sequence[int] = ()) -> dict[str, tuple[Any, Any]]:
+    """name -> (alpha, rule), around the proxy's chosen ``alpha``; ``ends``: the ids that end
+    an answer (:func:`ending_ids`)."""
     return {
         # flatten the pair's distributions before taking their log-ratio (calibration)
         "calibrated": (
@@ -37,12 +64,14 @@ def variants(alpha: float) -> dict[str, tuple[Any, Any]]:
         "gated": (alpha, {"name": "gated"}),
         # full steer on the first tokens (format), fading to a quarter by the fourth
         "fading": (Linear(alpha, alpha / 4, 4), "proxy"),
+        # the base's content, the pair's decision to stop
+        "end-only": (alpha, end_only(ends)),
     }
 
 
-def chosen(names: list[str], alpha: float) -> dict[str, tuple[Any, Any]]:
+def chosen(names: list[str], alpha: float, ends: Sequence[int]) -> dict[str, tuple[Any, Any]]:
     """The variants asked for: names from :func:`variants`, or ``alpha=A`` (plain proxy)."""
-    known = variants(alpha)
+    known = variants(alpha, ends)
     out = {}
     for name in names:
         if name.startswith("alpha="):
@@ -61,7 +90,7 @@ def main() -> None:
     parser.add_argument(
         "--variants",
         default="calibrated,gated,fading",
-        help="comma-separated: calibrated, gated, fading, alpha=A",
+        help="comma-separated: calibrated, gated, fading, end-only, alpha=A",
     )
     args = parser.parse_args()
     out = Path(args.out)
@@ -70,13 +99,15 @@ def main() -> None:
     config = ReproduceConfig(**recorded)
     exp = Experiment(config, print)
     tasks = args.tasks.split(",") if args.tasks else list(config.tasks)
+    tuner = exp.proxy_tuner()
+    ends = ending_ids(tuner.base.model.tokenizer, tuner.eos_token_ids)
     lines = ["| task | metric | system | score | gap closed |", "|---|---|---|---|---|"]
     for task in tasks:
         kind = task_kind(task)
         alpha = exp.chosen_alphas()[task]["proxy"]
         systems = [
-            System(name, exp.proxy_tuner(), "other", a, rule)
-            for name, (a, rule) in chosen(args.variants.split(","), alpha).items()
+            System(name, tuner, "other", a, rule)
+            for name, (a, rule) in chosen(args.variants.split(","), alpha, ends).items()
         ]
         evaluate(
             eval_task(kind, str(exp.data_file(task, "test"))),

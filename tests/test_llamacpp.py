@@ -281,6 +281,22 @@ model_defaults: {{device: cpu}}
         assert results[exact]["ids"] == results["naive-cpp"]["ids"]
 
 
+def test_the_step_cost_benchmark_times_each_file_and_row_count(both, tiny):
+    import subprocess
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gguf_step.py"
+    files = [str(tiny[name] / "model.gguf") for name in ("base", "expert")]
+    cmd = [sys.executable, str(bench), *files, "--rows", "1", "2", "--positions", "3"]
+    cmd += ["--steps", "2", "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
+    assert [r[0].strip() for r in rows[1:]] == ["base", "expert"]
+    assert len(rows[0]) == 4 and "verify 3" in rows[0][3]
+    assert all(float(cell) > 0 for r in rows[1:] for cell in r[1:])
+
+
 def test_evaluation_scores_the_same_on_llamacpp(both):
     """``eval``'s continuation scoring (windows of several positions per forward)."""
     from proxytune.evaluation.scoring import score

@@ -27,7 +27,7 @@ from proxytune.reproduce.tasks import (
     sort_score,
     task_kind,
 )
-from proxytune.testing import save_tiny_model
+from proxytune.testing import build_tokenizer, save_tiny_model
 
 # --- tasks ------------------------------------------------------------------------------
 
@@ -286,7 +286,7 @@ def test_variants_script_runs_on_a_finished_run(tmp_path, tiny_pair) -> None:
     reproduce(_config(out, tiny_pair, tasks=("arith",)), log=lambda _: None)
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "repro_variants.py"
     done = subprocess.run(
-        [sys.executable, str(script), str(out), "--variants", "calibrated,gated,fading,alpha=3"],
+        [sys.executable, str(script), str(out), "--variants", "gated,fading,end-only,alpha=3"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -294,10 +294,35 @@ def test_variants_script_runs_on_a_finished_run(tmp_path, tiny_pair) -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     table = (out / "variants.md").read_text()
-    for name in ("proxy", "calibrated", "gated", "fading", "proxy@3"):
+    for name in ("proxy", "gated", "fading", "end-only", "proxy@3"):
         assert f"| arith | acc | {name} |" in table
     stored = [json.loads(x) for x in (out / "eval" / "arith" / "variants" / "gated.jsonl").open()]
     assert len(stored) == 6
+
+
+def test_the_end_only_variant_steers_the_ending_tokens_only() -> None:
+    import importlib.util
+
+    import torch
+
+    from proxytune.rules import StepContext
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "repro_variants.py"
+    spec = importlib.util.spec_from_file_location("repro_variants", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    tok = build_tokenizer()
+    ends = module.ending_ids(tok, [tok.eos_token_id])
+    assert tok.eos_token_id in ends and len(ends) < len(tok)
+    assert all("\n" in tok.decode([i]) for i in ends if i != tok.eos_token_id)
+    torch.manual_seed(0)
+    base, expert, anti = (torch.randn(2, len(tok)).log_softmax(-1) for _ in range(3))
+    rule = module.end_only(ends)
+    steered = rule(StepContext(base=base, pairs=((expert, anti),), alphas=(1.5,)))
+    others = [i for i in range(len(tok)) if i not in set(ends)]
+    assert torch.equal(steered[:, others], base[:, others])
+    expected = base[:, ends] + 1.5 * (expert[:, ends] - anti[:, ends])
+    torch.testing.assert_close(steered[:, ends], expected)
 
 
 def test_the_run_evaluates_on_llamacpp_with_the_same_results(tmp_path, tiny_pair) -> None:
