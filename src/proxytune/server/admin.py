@@ -22,25 +22,13 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import ProxyTuneError
 from .pairs import LivePairs, PairLoad, PathRefused
-from .protocol import APIError, _Strict, parse_request
+from .protocol import APIError, parse_request
 from .scheduler import QueueFull, ShuttingDown
 
 if TYPE_CHECKING:
     from ..tuner import ProxyTuner
     from .app import ServerSettings
     from .scheduler import Scheduler
-
-
-class PairLoadRequest(_Strict):
-    """``PUT /admin/pairs/{name}``: model paths (under a ``--model-root``) and settings."""
-
-    expert: str | None = None
-    anti_expert: str | None = None
-    alpha: Any = 1.0
-    expert_prompt: str = "auto"
-    anti_expert_prompt: str = "auto"
-    dtype: str = "auto"
-    backend: str = "auto"
 
 
 def add_admin_routes(
@@ -83,11 +71,11 @@ def add_admin_routes(
     @app.put("/admin/pairs/{name}")
     async def load_pair(name: str, request: Request) -> dict[str, Any]:
         check_key()
-        req = parse_request(await request.body(), PairLoadRequest)
+        req = parse_request(await request.body(), PairLoad)
         async with changing:
             replaced = name in live.names
             try:
-                new = await run_in_threadpool(live.load, name, PairLoad(**req.model_dump()))
+                new = await run_in_threadpool(live.load, name, req)
             except PathRefused as err:
                 raise APIError(str(err), 403, code="path_refused") from None
             except ProxyTuneError as err:

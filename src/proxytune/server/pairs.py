@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +26,7 @@ from ..engine.members import Pair
 from ..errors import ConfigError, ProxyTuneError
 from ..schedules import Constant
 from ..specs import ModelSpec
+from .protocol import _Strict
 
 if TYPE_CHECKING:
     from ..tuner import ProxyTuner
@@ -36,9 +36,9 @@ class PathRefused(ProxyTuneError):
     """A path outside the model roots, or weights the server does not load (HTTP 403)."""
 
 
-@dataclass(frozen=True)
-class PairLoad:
-    """What a client asks to load (``PUT /admin/pairs/{name}``)."""
+class PairLoad(_Strict):
+    """What a client asks to load (``PUT /admin/pairs/{name}``): model paths (under a
+    ``--model-root``) and settings."""
 
     expert: str | None = None
     anti_expert: str | None = None
