@@ -41,19 +41,9 @@ def bnb_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _tiny_tuner(tiny_dirs: dict[str, Path], expert_prompt: str):
-    from proxytune import ProxyTuner
+    from proxytune.testing import cpu_tuner
 
-    return ProxyTuner.from_pretrained(
-        str(tiny_dirs["base"]),
-        expert=str(tiny_dirs["expert"]),
-        anti_expert=str(tiny_dirs["anti"]),
-        alpha=1.0,
-        base_prompt="raw",
-        expert_prompt=expert_prompt,
-        anti_expert_prompt="raw",
-        device="cpu",
-        dtype="float32",
-    )
+    return cpu_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"], expert_prompt)
 
 
 @pytest.fixture(scope="session")

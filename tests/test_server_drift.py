@@ -20,7 +20,7 @@ from proxytune import ProxyTuner
 from proxytune.cli import main
 from proxytune.server import ServerSettings, create_app
 from proxytune.server.drift import DriftMonitor, parse_thresholds
-from proxytune.testing import save_tiny_model
+from proxytune.testing import cpu_tuner, save_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = [
@@ -50,17 +50,7 @@ def tuner(tmp_path_factory) -> ProxyTuner:
         weight[digits] += 2.0 * torch.randn(len(digits), weight.shape[1])
     model.save_pretrained(root / "expert")
     tokenizer.save_pretrained(root / "expert")
-    return ProxyTuner.from_pretrained(
-        str(base),
-        expert=str(root / "expert"),
-        anti_expert=str(anti),
-        alpha=1.0,
-        base_prompt="raw",
-        expert_prompt="raw",
-        anti_expert_prompt="raw",
-        device="cpu",
-        dtype="float32",
-    )
+    return cpu_tuner(base, root / "expert", anti)
 
 
 @pytest.fixture(scope="module")

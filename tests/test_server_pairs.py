@@ -19,7 +19,7 @@ from serving import serve_in_thread
 
 from proxytune import ProxyTuner
 from proxytune.server import ServerSettings, create_app
-from proxytune.testing import save_tiny_lora, save_tiny_model
+from proxytune.testing import cpu_tuner, save_tiny_lora, save_tiny_model
 
 KEY = "sekret"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -47,24 +47,10 @@ def root(tiny_dirs, tmp_path_factory) -> Path:
     return root
 
 
-def make_tuner(base: Path, expert: Path | None, anti: Path | None) -> ProxyTuner:
-    return ProxyTuner.from_pretrained(
-        str(base),
-        expert=str(expert) if expert else None,
-        anti_expert=str(anti) if anti else None,
-        alpha=1.0,
-        base_prompt="raw",
-        expert_prompt="raw",
-        anti_expert_prompt="raw",
-        device="cpu",
-        dtype="float32",
-    )
-
-
 @pytest.fixture
 def served(tiny_dirs, root) -> Iterator[tuple[str, ProxyTuner]]:
     """A server (API key, model roots: ``root`` and the tiny models' folder) on a fresh tuner."""
-    tuner = make_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"])
+    tuner = cpu_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"])
     settings = ServerSettings(
         model_name="m", api_key=KEY, model_roots=(str(root), str(tiny_dirs["base"].parent))
     )
@@ -100,8 +86,8 @@ def test_a_swapped_pair_serves_new_requests_while_running_ones_finish_on_theirs(
 ):
     url, _ = served
     long = 128  # long enough to outlast the swap on a busy machine
-    want_a = texts(make_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"]), long)
-    ref_b = make_tuner(tiny_dirs["base"], root / "expert2", tiny_dirs["anti"])
+    want_a = texts(cpu_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"]), long)
+    ref_b = cpu_tuner(tiny_dirs["base"], root / "expert2", tiny_dirs["anti"])
     got: dict[int, list[str]] = {i: [] for i in range(len(PROMPTS))}
     last_at: dict[int, float] = {}
     started = threading.Barrier(len(PROMPTS) + 1, timeout=60)
@@ -211,7 +197,7 @@ def test_a_trained_adapter_loads_as_a_pair(served, tiny_dirs, root):
     url, _ = served
     r = put(url, "lora", expert=str(root / "lora"), anti_expert=str(tiny_dirs["base"]))
     assert r.status_code == 200, r.text
-    ref = make_tuner(tiny_dirs["base"], root / "lora", tiny_dirs["base"])
+    ref = cpu_tuner(tiny_dirs["base"], root / "lora", tiny_dirs["base"])
     want = ref.generate(PROMPTS[0], max_new_tokens=GREEDY["max_tokens"], ignore_eos=True)[0]
     assert complete(url, PROMPTS[0], active_pairs=[1]) == want.text
 
@@ -269,7 +255,7 @@ def test_a_gguf_loads_as_a_pair(served, tiny_dirs, root):
 def test_a_half_loaded_pair_keeps_no_model_alive(tiny_dirs, root):
     from proxytune.server.pairs import LivePairs, PairLoad
 
-    tuner = make_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"])
+    tuner = cpu_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"])
     live = LivePairs(tuner, roots=[str(root)])
     request = PairLoad(expert=str(root / "expert2"), anti_expert=str(root / "broken"))
     with pytest.raises(Exception, match="broken"):
@@ -280,7 +266,7 @@ def test_a_half_loaded_pair_keeps_no_model_alive(tiny_dirs, root):
 def test_pickled_weights_load_only_where_the_server_allows_them(tiny_dirs, root):
     from proxytune.server.pairs import LivePairs, PairLoad
 
-    tuner = make_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"])
+    tuner = cpu_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"])
     request = PairLoad(expert=str(root / "pickled"), expert_prompt="raw")
     with pytest.raises(Exception, match="safetensors"):
         LivePairs(tuner, roots=[str(root)]).load("p", request)

@@ -129,6 +129,29 @@ def save_tiny_model(path: str | Path, seed: int = 0, head_padding: int = 0, **kw
     return path
 
 
+def cpu_tuner(
+    base: str | Path,
+    expert: str | Path | None,
+    anti_expert: str | Path | None,
+    expert_prompt: str = "raw",
+) -> Any:
+    """A ``ProxyTuner`` of saved tiny models on the CPU in float32: alpha 1, base and
+    anti-expert on the raw prompt format, the expert on ``expert_prompt``."""
+    from .tuner import ProxyTuner
+
+    return ProxyTuner.from_pretrained(
+        str(base),
+        expert=None if expert is None else str(expert),
+        anti_expert=None if anti_expert is None else str(anti_expert),
+        alpha=1.0,
+        base_prompt="raw",
+        expert_prompt=expert_prompt,
+        anti_expert_prompt="raw",
+        device="cpu",
+        dtype="float32",
+    )
+
+
 def save_tiny_lora(model_dir: str | Path, path: str | Path, seed: int = 0) -> Path:
     """Save a random LoRA adapter (every linear layer, rank 4, non-zero ``B``: it changes the
     model) for the model in ``model_dir`` into ``path``; the global RNG is left untouched."""
