@@ -25,6 +25,7 @@ other backends; llama.cpp's own tokenizer is never used, so both backends read t
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import threading
 import weakref
@@ -99,9 +100,7 @@ class _Weights:
     """A GGUF file's weights loaded once per process: roles and adapters on the same file
     share them (each in its own context). Freed when the last context lets go."""
 
-    _loaded: ClassVar[weakref.WeakValueDictionary[str, _Weights]] = (
-        weakref.WeakValueDictionary()
-    )
+    _loaded: ClassVar[weakref.WeakValueDictionary[str, _Weights]] = weakref.WeakValueDictionary()
     _lock = threading.Lock()
 
     def __init__(self, lc: Any, path: str) -> None:
@@ -294,6 +293,7 @@ class _Group:
         )
         """State -> (tokens decoded for it by a partner, their logits)."""
 
+
 class LlamaCppModel:
     """A GGUF model run by llama.cpp, behind :class:`~proxytune.backends.base.LogitsModel`."""
 
@@ -305,7 +305,10 @@ class LlamaCppModel:
         threads: int | None = None,
         kv_cells: int | None = None,
         adapter: str | Path | None = None,
+        eos_ids: Sequence[int] | None = None,
     ) -> None:
+        """``eos_ids``: the end-of-sequence ids a ``generation_config.json`` names (as the
+        transformers backend reads them); ``None``: the GGUF vocabulary's EOS and EOT."""
         lc = llama_cpp_module()
         _backend_init(lc)
         self.lc = lc
@@ -316,7 +319,10 @@ class LlamaCppModel:
         vocab = lc.llama_model_get_vocab(self._model)
         self._vocab_width = int(lc.llama_vocab_n_tokens(vocab))
         self._n_ctx_train = int(lc.llama_model_n_ctx_train(self._model))
-        ends = {int(lc.llama_vocab_eos(vocab)), int(lc.llama_vocab_eot(vocab))}
+        if eos_ids is None:
+            ends = {int(lc.llama_vocab_eos(vocab)), int(lc.llama_vocab_eot(vocab))}
+        else:
+            ends = {int(i) for i in eos_ids}
         if tokenizer.eos_token_id is not None:
             ends.add(int(tokenizer.eos_token_id))
         self._eos = tuple(sorted(i for i in ends if 0 <= i < self._vocab_width))
@@ -590,4 +596,21 @@ def load_llamacpp(spec: ModelSpec) -> LlamaCppModel:
     name = spec.path.removeprefix("embedded:")
     if spec.adapter is not None:
         name = f"{name}+{Path(spec.adapter).name}"
-    return LlamaCppModel(gguf, tokenizer, name, spec.threads, spec.kv_cells, spec.adapter)
+    return LlamaCppModel(
+        gguf, tokenizer, name, spec.threads, spec.kv_cells, spec.adapter, _generation_eos(folder)
+    )
+
+
+def _generation_eos(folder: Path) -> list[int] | None:
+    """The ``eos_token_id`` of a ``generation_config.json`` beside the GGUF (where the
+    transformers backend stops too), or ``None`` when there is none to read."""
+    path = folder / "generation_config.json"
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, int) for v in value):
+        return list(value)
+    return None
