@@ -25,7 +25,7 @@ from proxytune.evaluation.stats import aligned, gap_interval, mean_interval
 from proxytune.evaluation.systems import System
 from proxytune.reproduce import Experiment, ReproduceConfig
 from proxytune.reproduce.report import per_example
-from proxytune.reproduce.tasks import eval_task, task_kind
+from proxytune.reproduce.tasks import eval_task
 from proxytune.rules import StepContext
 from proxytune.schedules import Linear
 
@@ -96,14 +96,14 @@ def main() -> None:
     out = Path(args.out)
     recorded = json.loads((out / "reproduce.json").read_text())["config"]
     recorded.setdefault("backend", "transformers")  # runs made before the setting existed
-    config = ReproduceConfig(**recorded)
+    config = ReproduceConfig.from_dict(recorded)
     exp = Experiment(config, print)
-    tasks = args.tasks.split(",") if args.tasks else list(config.tasks)
+    tasks = args.tasks.split(",") if args.tasks else list(exp.tasks)
     tuner = exp.proxy_tuner()
     ends = ending_ids(tuner.base.model.tokenizer, tuner.eos_token_ids)
     lines = ["| task | metric | system | score | gap closed |", "|---|---|---|---|---|"]
     for task in tasks:
-        kind = task_kind(task)
+        kind = exp.kind(task)
         alpha = exp.chosen_alphas()[task]["proxy"]
         systems = [
             System(name, tuner, "other", a, rule)

@@ -35,7 +35,7 @@ from proxytune.testing import build_tokenizer, save_tiny_model
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_splits_are_disjoint_deterministic_and_sized(name: str) -> None:
     kind = task_kind(name)
-    sizes = {"train": 20, "validation": 10, "test": 30}
+    sizes = {"shots": 2, "screen": 3, "train": 20, "validation": 10, "test": 30}
     a = make_splits(kind, sizes, seed=3)
     assert a == make_splits(kind, sizes, seed=3)
     assert a != make_splits(kind, sizes, seed=4)
@@ -54,7 +54,8 @@ def test_check_disjoint_refuses_a_shared_example() -> None:
 
 
 def test_arith_examples_are_right_and_scored_both_ways() -> None:
-    for ex in make_splits(task_kind("arith"), {"train": 5, "validation": 5, "test": 40}, 0)["test"]:
+    sizes = {"shots": 0, "screen": 0, "train": 5, "validation": 5, "test": 40}
+    for ex in make_splits(task_kind("arith"), sizes, 0)["test"]:
         assert ex["completion"] == f" {ex['answer']}"
     ex = {"answer": "265"}
     assert arith_score("265", ex) == {"acc": 1.0, "strict": 1.0}
@@ -92,7 +93,11 @@ def test_truthfulqa_letters_point_at_the_true_option() -> None:
 
 def test_fixed_data_refuses_splits_that_do_not_fit() -> None:
     with pytest.raises(ConfigError, match="has 299 examples but the splits ask for 400"):
-        make_splits(task_kind("truthfulqa"), {"train": 200, "validation": 100, "test": 100}, 0)
+        make_splits(
+            task_kind("truthfulqa"),
+            {"shots": 0, "screen": 0, "train": 200, "validation": 100, "test": 100},
+            0,
+        )
 
 
 def test_token_classes() -> None:
@@ -174,11 +179,20 @@ def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair)
         assert (out / name).is_file(), name
     table = (out / "results.md").read_text()
     assert "| arith | acc | 6 |" in table and "gap closed" in table
-    assert set(data["tasks"]) == {"arith", "sort_words", "truthfulqa"}
+    assert "## Screening (untuned, before training)" in table and "base 3-shot" in table
+    # the tiny preset's rule passes every candidate; the two with the largest expected gap
+    # (all tie at 0: by name) are chosen, then the control
+    assert list(data["tasks"]) == ["arith", "gcd", "sort_words"]
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert predictions["chosen"] == ["arith", "gcd"]
+    assert set(predictions["screened"]) == {"arith", "pyexpr", "gcd"}
+    assert (out / "predictions.json").stat().st_mtime_ns < (
+        out / "expert" / "adapter_model.safetensors"
+    ).stat().st_mtime_ns  # written before the expert was trained
     for task in data["tasks"]:
         splits = {
             s: [json.loads(x) for x in (out / "data" / task / f"{s}.jsonl").open()]
-            for s in ("train", "validation", "test")
+            for s in ("shots", "screen", "train", "validation", "test")
         }
         check_disjoint(task, splits)
         test_ids = {r["id"] for r in splits["test"]}
@@ -188,7 +202,7 @@ def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair)
         assert set(stored) == test_ids  # evaluated on the test split only
     # the training file holds every train example and no validation or test prompt
     train_prompts = {json.loads(x)["prompt"] for x in (out / "data" / "train.jsonl").open()}
-    assert len(train_prompts) == 8 + 8 + 6
+    assert len(train_prompts) == 8 + 8 + 8
     held_out = {
         eval_task(task_kind(t), str(out / "data" / t / f"{s}.jsonl")).render(ex)
         for t in data["tasks"]
@@ -196,6 +210,13 @@ def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair)
         for ex in eval_task(task_kind(t), str(out / "data" / t / f"{s}.jsonl")).examples()
     }
     assert len(held_out) == 3 * 4 + 3 * 6 and not held_out & train_prompts
+    stamp = json.loads((out / "stages" / "expert.json").read_text())["result"]
+    assert set(stamp["compliance"]) == set(data["tasks"]) and stamp["epochs"] == 1.0
+    assert stamp["validation_loss_first_last"] is not None
+    test_systems = {p.stem for p in (out / "eval" / "arith" / "test").glob("*.jsonl")}
+    assert {"base", "base-3shot", "expert", "tuned", "proxy", "product"} <= test_systems
+    shot = json.loads((out / "eval" / "arith" / "test" / "base-3shot.jsonl").open().readline())
+    assert shot["outputs"] is not None
     csv_rows = (out / "results.csv").read_text().splitlines()
     assert csv_rows[0].startswith("task,metric,system,alpha")
 
@@ -223,8 +244,8 @@ def test_interrupted_stages_resume_where_they_stopped(tmp_path, tiny_pair) -> No
     assert not (out / "stages" / "tuned.json").exists()
     lines: list[str] = []
     reproduce(config, until="test", log=lines.append)
-    assert "skipped" in lines[0] and "skipped" in lines[1]
-    assert "skipped" not in lines[2] and lines[2].startswith("[tuned]")
+    assert all("skipped" in line for line in lines[:3])  # screen, data, expert
+    assert "skipped" not in lines[3] and lines[3].startswith("[tuned]")
 
     # a test stage killed mid-write: finished examples are kept, the torn line is dropped,
     # only the rest runs again
@@ -238,12 +259,15 @@ def test_interrupted_stages_resume_where_they_stopped(tmp_path, tiny_pair) -> No
     assert again[:2] == kept and len(again) == 6
     assert (results / "base.jsonl").stat().st_mtime_ns == untouched
 
-    # training interrupted, then resumed with another model: refused by name
-    (out / "stages" / "tuned.json").unlink()
-    assert list((out / "tuned").glob("checkpoint-*"))
-    other = config.with_overrides(big=tiny_pair[0])
-    with pytest.raises(ConfigError, match=r"stage 'tuned' was interrupted.*model"):
-        reproduce(other, until="tuned", log=lambda _: None)
+    # training interrupted, then resumed with another learning rate: refused by name
+    (out / "stages" / "expert.json").unlink()
+    assert list((out / "expert").glob("checkpoint-*"))
+    other = config.with_overrides(learning_rate=1e-3)
+    with pytest.raises(ConfigError, match=r"stage 'expert' was interrupted.*learning_rate"):
+        reproduce(other, until="expert", log=lambda _: None)
+    # another model is another experiment: the screen measured these models
+    with pytest.raises(ConfigError, match=r"holds another experiment.*screen\.big"):
+        reproduce(config.with_overrides(big=tiny_pair[0]), until="tuned", log=lambda _: None)
 
 
 def test_bad_input_is_refused_clearly(tmp_path, tiny_pair) -> None:
@@ -260,12 +284,15 @@ def test_bad_input_is_refused_clearly(tmp_path, tiny_pair) -> None:
     big = _config(
         tmp_path / "big",
         tiny_pair,
+        tasks=("truthfulqa",),
         sizes={"truthfulqa": {"train": 250, "validation": 40, "test": 100}},
     )
     with pytest.raises(ConfigError, match="make the splits smaller"):
         Experiment(big, lambda _: None).run("data")
     # nothing was finished there, so the same folder takes the corrected sizes
-    Experiment(_config(tmp_path / "big", tiny_pair), lambda _: None).run("data")
+    Experiment(_config(tmp_path / "big", tiny_pair, tasks=("truthfulqa",)), lambda _: None).run(
+        "data"
+    )
     assert (tmp_path / "big" / "stages" / "data.json").is_file()
     with pytest.raises(ConfigError, match="TASK=TRAIN,VALIDATION,TEST"):
         parse_sizes(["arith=1,2"], ("arith",))
@@ -359,7 +386,7 @@ def test_the_run_evaluates_on_llamacpp_with_the_same_results(tmp_path, tiny_pair
         }
     assert outputs["auto"] == outputs["transformers"]
     # the transformers run's evaluation is not resumed on llama.cpp
-    with pytest.raises(ConfigError, match=r"stage 'validation'.*backends"):
+    with pytest.raises(ConfigError, match=r"another experiment.*backends"):
         reproduce(
             _config(tmp_path / "transformers", tuple(pair), tasks=("arith",)), log=lambda _: None
         )

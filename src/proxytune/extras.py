@@ -25,6 +25,7 @@ EXTRAS = {
     "plots": ("matplotlib",),
     "llamacpp": ("llama-cpp-python",),
     "ray": ("ray",),
+    "reasoning": ("reasoning-gym",),
 }
 """The extras of ``pyproject.toml`` and the packages each brings (kept in step by a test)."""
 

@@ -16,7 +16,15 @@ def reproduce(
     preset: Annotated[
         str, Opt(help="cpu (embedded models, 2 cores) | gpu (Llama-2 7B/13B) | tiny.")
     ] = "cpu",
-    tasks: Annotated[str | None, Opt(help="Tasks, e.g. 'arith,sort_words,truthfulqa'.")] = None,
+    tasks: Annotated[
+        str | None, Opt(help="Tasks to run as given, e.g. 'pyexpr,gcd' (default: screened).")
+    ] = None,
+    candidates: Annotated[
+        str | None, Opt(help="Tasks screened for the selection rule (default: all built-in).")
+    ] = None,
+    task_file: Annotated[
+        list[str] | None, Opt(help="Your own task (YAML, docs/reproduction.md); repeatable.")
+    ] = None,
     small: Annotated[
         str | None, Opt(help="Small model (expert = its LoRA; anti-expert = it).")
     ] = None,
@@ -62,6 +70,8 @@ def reproduce(
         out,
         list(split or ()),
         tasks=tasks,
+        candidates=candidates,
+        task_files=tuple(task_file or ()) or None,
         small=small,
         big=big,
         alphas=tuple(parse_alphas(alpha)) or None,

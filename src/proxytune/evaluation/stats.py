@@ -41,6 +41,17 @@ def mean_interval(scores: Sequence[float], draws: int = 2000, seed: int = 0) -> 
     return Estimate(float(x.mean()), float(low), float(high))
 
 
+def diff_interval(
+    a: Sequence[float], b: Sequence[float], draws: int = 2000, seed: int = 0
+) -> Estimate:
+    """``mean(a) - mean(b)`` on paired per-example scores, with its 95% paired-bootstrap
+    interval (the same resampled examples for both)."""
+    x, y = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if x.size != y.size or x.size == 0:
+        return Estimate(None, None, None)
+    return mean_interval(x - y, draws, seed)
+
+
 def gap_interval(
     proxy: Sequence[float],
     base: Sequence[float],

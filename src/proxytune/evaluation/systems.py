@@ -31,6 +31,8 @@ class System:
     """``base``, ``expert``, ``proxy``, ``tuned`` (the reference for gap closed) or ``other``."""
     alpha: Any = None
     rule: Any = None
+    prefix: str = ""
+    """Text put before every prompt (a few-shot prompt's worked examples)."""
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -44,17 +46,28 @@ class System:
             out["rule"] = self.rule
         return out
 
+    def _prompts(self, prompts: Sequence[str]) -> list[str]:
+        return [self.prefix + p for p in prompts]
+
     def generate(self, prompts: Sequence[str], **settings: Any) -> list[Any]:
-        return self.tuner.generate(list(prompts), **self._steering(), **settings)
+        return self.tuner.generate(self._prompts(prompts), **self._steering(), **settings)
 
     def score(
         self, prompts: Sequence[str], continuations: Sequence[str], batch_size: int = 8
     ) -> list[ContinuationScore]:
-        return score(self.tuner, prompts, continuations, **self._steering(), batch_size=batch_size)
+        return score(
+            self.tuner,
+            self._prompts(prompts),
+            continuations,
+            **self._steering(),
+            batch_size=batch_size,
+        )
 
     def describe(self) -> dict[str, Any]:
         """What produced this system's results (saved beside them; compared on resume)."""
+        prefix = {"prefix": self.prefix} if self.prefix else {}  # older results have none
         return {
+            **prefix,
             "name": self.name,
             "role": self.role,
             "alpha": _plain(self.alpha),

@@ -6,7 +6,9 @@ from typing import Any
 
 from ..errors import ConfigError
 from .config import preset
-from .tasks import SPLITS
+
+SIZED = ("train", "validation", "test")
+"""The splits ``--split`` sizes (``shots`` and ``screen`` keep the task's sizes)."""
 
 
 def parse_sizes(items: list[str], tasks: tuple[str, ...]) -> dict[str, dict[str, int]]:
@@ -22,7 +24,7 @@ def parse_sizes(items: list[str], tasks: tuple[str, ...]) -> dict[str, dict[str,
                 f"--split {item!r}: write TASK=TRAIN,VALIDATION,TEST, e.g. arith=100,24,100"
             )
         try:
-            out[name.strip()] = dict(zip(SPLITS, (int(p) for p in parts), strict=True))
+            out[name.strip()] = dict(zip(SIZED, (int(p) for p in parts), strict=True))
         except ValueError:
             raise ConfigError(f"--split {item!r}: sizes must be whole numbers") from None
     return out
@@ -39,10 +41,16 @@ def build_config(preset_name: str, out: str, split: list[str], **options: Any) -
     ``alphas`` arrive parsed (the command line's shared ``--alpha`` parser)."""
     tasks = parse_names(options.pop("tasks", None))
     options["rules"] = parse_names(options.pop("rules", None))
+    options["candidates"] = parse_names(options.pop("candidates", None))
     if tasks is not None:
         options["tasks"] = tasks
     config = preset(preset_name, out, **options)
     if split:
-        sizes = {**config.sizes, **parse_sizes(split, config.tasks)}
+        named = config.screened() + tuple(config.controls)
+        sizes = {
+            t: {**config.sizes.get(t, {}), **given}
+            for t, given in parse_sizes(split, named).items()
+        }
+        sizes = {**config.sizes, **sizes}
         config = config.with_overrides(sizes=sizes)
     return config

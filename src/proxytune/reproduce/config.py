@@ -9,16 +9,23 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from ..errors import ConfigError
-from .tasks import DATA_VERSION, SPLITS, task_kind
+from .screen import SelectionRule
+from .taskfile import load_task_file
+from .tasks import CANDIDATES, CONTROLS, DATA_VERSION, SPLITS, TASKS, TaskKind, task_kind
 
 SMALL = "embedded:qwen2.5-coder-0.5b-instruct"
 BIG = "embedded:qwen2.5-coder-1.5b-instruct"
 
-DEFAULT_SIZES = {"train": 100, "validation": 24, "test": 200}
-FIXED_SIZES = {"truthfulqa": {"train": 70, "validation": 24, "test": 200}}
-"""Tasks on a fixed data set get sizes that fit it (TruthfulQA: 299 questions)."""
+DEFAULT_SIZES = {"shots": 3, "screen": 40, "train": 200, "validation": 50, "test": 200}
+"""Split sizes of a task that names none of its own (:attr:`.tasks.TaskKind.sizes`)."""
 
 BACKENDS = ("auto", "transformers", "llamacpp")
+
+ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)
+"""The validation grid; extended by x1.5 while a rule's best alpha is the largest tried."""
+MAX_EXTENSIONS = 4
+PRIMARY_ALPHA = 1.0
+"""The paper's alpha in every main result: the primary row, beside the validated alpha."""
 
 RULES: dict[str, Any] = {
     "proxy": "proxy",
@@ -36,7 +43,14 @@ class ReproduceConfig:
     """A reproduction: data, the trained expert and reference, and the evaluation."""
 
     out: str
-    tasks: tuple[str, ...] = ("arith", "sort_words", "truthfulqa")
+    tasks: tuple[str, ...] | None = None
+    """The tasks trained and reported; ``None``: the screened candidates that pass
+    ``selection``, then the ``controls`` (tasks from ``task_files`` are always included)."""
+    candidates: tuple[str, ...] = CANDIDATES
+    controls: tuple[str, ...] = CONTROLS
+    task_files: tuple[str, ...] = ()
+    """User tasks (:mod:`.taskfile` YAML files): screened, trained and reported."""
+    selection: SelectionRule = field(default_factory=SelectionRule)
     small: str = SMALL
     """The small model: the expert is a LoRA of it, the anti-expert is it untuned."""
     big: str = BIG
@@ -44,10 +58,15 @@ class ReproduceConfig:
     sizes: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per task: ``{"train": n, "validation": n, "test": n}``; missing tasks get the defaults."""
     seed: int = 0
-    alphas: tuple[float, ...] = (0.5, 1.0, 2.0)
-    """Validation sweep; each rule is tested at its best alpha."""
+    alphas: tuple[float, ...] = ALPHAS
+    """Validation sweep (extended while the best is the largest); each rule is tested at its
+    best alpha, and ``proxy`` at alpha 1 too."""
     rules: tuple[str, ...] = ("proxy", "product")
     epochs: float = 1.0
+    """Training epochs to start from; raised by one while the expert follows the taught format
+    on under ``min_compliance`` of any task's validation items (at most ``max_epochs``)."""
+    min_compliance: float = 0.95
+    max_epochs: float = 4.0
     learning_rate: float = 4e-4
     lora_r: int = 16
     train_batch_size: int = 4
@@ -60,18 +79,28 @@ class ReproduceConfig:
     """Where evaluation runs: ``auto`` (llama.cpp where it is installed and the models have
     GGUFs, the trained LoRAs as llama.cpp adapters; else transformers), ``transformers`` or
     ``llamacpp``. Training always runs on transformers."""
+    kv_cells: int = 16384
+    """llama.cpp's KV cells per model: room for a batch of 3-shot prompts (no effect on
+    results, so not part of any stage's settings)."""
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not self.tasks:
-            raise ConfigError("give at least one task")
-        for name in self.tasks:
-            task_kind(name)
-        if len(set(self.tasks)) != len(self.tasks):
-            raise ConfigError(f"tasks must be distinct, got {list(self.tasks)}")
+        if self.tasks is not None and not self.tasks and not self.task_files:
+            raise ConfigError("give at least one task (or none, to choose them by screening)")
+        named = self.screened() + tuple(self.controls)
+        for name in named:
+            self.kind(name)
+        for group in ("tasks", "candidates", "controls"):
+            values = getattr(self, group) or ()
+            if len(set(values)) != len(values):
+                raise ConfigError(f"{group} must be distinct, got {list(values)}")
         for name in self.sizes:
-            if name not in self.tasks:
+            if name not in named:
                 raise ConfigError(f"split sizes given for {name!r}, which is not among the tasks")
+        if not 0 <= self.min_compliance <= 1:
+            raise ConfigError(f"min_compliance must be in [0, 1], got {self.min_compliance}")
+        if not self.max_epochs >= self.epochs:
+            raise ConfigError(f"max_epochs ({self.max_epochs}) must be >= epochs ({self.epochs})")
         unknown = [r for r in self.rules if r not in RULES]
         if unknown or not self.rules:
             raise ConfigError(f"unknown rule(s) {unknown}; choose from {', '.join(RULES)}")
@@ -93,8 +122,43 @@ class ReproduceConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
+    # tasks -------------------------------------------------------------------------------
+
+    def file_kinds(self) -> dict[str, TaskKind]:
+        """The tasks of ``task_files``, by name (read once per config)."""
+        cached = self.__dict__.get("_file_kinds")
+        if cached is None:
+            cached = {}
+            for path in self.task_files:
+                kind = load_task_file(path)
+                if kind.name in cached or kind.name in TASKS:
+                    raise ConfigError(
+                        f"task file {path!r}: the name {kind.name!r} is taken; give it another"
+                    )
+                cached[kind.name] = kind
+            object.__setattr__(self, "_file_kinds", cached)
+        return cached
+
+    def kind(self, name: str) -> TaskKind:
+        """A task by name: a built-in or one of ``task_files``."""
+        files = self.file_kinds()
+        return files[name] if name in files else task_kind(name)
+
+    def screened(self) -> tuple[str, ...]:
+        """The tasks the screen stage measures."""
+        base = self.candidates if self.tasks is None else self.tasks
+        return tuple(base) + tuple(n for n in self.file_kinds() if n not in base)
+
+    def run_tasks(self, chosen: list[str] | None) -> tuple[str, ...]:
+        """The tasks trained and reported, given the screen's ``chosen`` candidates."""
+        files = tuple(self.file_kinds())
+        if self.tasks is not None:
+            return tuple(self.tasks) + tuple(f for f in files if f not in self.tasks)
+        picked = [*(chosen or []), *(f for f in files if f not in (chosen or []))]
+        return tuple(picked) + tuple(c for c in self.controls if c not in picked)
+
     def split_sizes(self, task: str) -> dict[str, int]:
-        sizes = dict(FIXED_SIZES.get(task, DEFAULT_SIZES))
+        sizes = dict(self.kind(task).sizes or DEFAULT_SIZES)
         sizes.update(self.sizes.get(task, {}))
         bad = sorted(set(sizes) - set(SPLITS))
         if bad:
@@ -105,25 +169,43 @@ class ReproduceConfig:
 
     def stage_settings(self, stage: str) -> dict[str, Any]:
         """The settings a stage's results depend on (its own and its inputs')."""
-        data = {
-            "tasks": list(self.tasks),
-            "sizes": {t: self.split_sizes(t) for t in self.tasks},
+        named = self.screened() + tuple(c for c in self.controls if c not in self.screened())
+        screen = {
+            "screened": list(self.screened()),
+            "sizes": {t: self.split_sizes(t) for t in named},
             "seed": self.seed,
             "version": DATA_VERSION,
+            "small": self.small,
+            "big": self.big,
+            "task_files": {k.name: k.digest for k in self.file_kinds().values()},
+            "dtype": self.dtype,
         }
+        backends = self.backends()
+        if set(backends.values()) != {"transformers"}:
+            screen["backends"] = backends
+        if self.tasks is None:
+            screen["selection"] = self.selection.to_dict()
+            screen["controls"] = list(self.controls)
+        else:
+            screen["tasks"] = list(self.tasks)
+        if stage == "screen":
+            return screen
+        data = {"screen": screen}
+        if stage == "data":
+            return data
         training = {
             "epochs": self.epochs,
+            "max_epochs": self.max_epochs,
+            "min_compliance": self.min_compliance,
             "learning_rate": self.learning_rate,
             "lora_r": self.lora_r,
             "batch_size": self.train_batch_size,
             "seed": self.seed,
         }
-        if stage == "data":
-            return data
         if stage == "expert":
             return {"data": data, "model": self.small, **training}
-        if stage == "tuned":
-            return {"data": data, "model": self.big, **training}
+        if stage == "tuned":  # the expert's final epochs: one recipe for both
+            return {"data": data, "model": self.big, "expert": {"model": self.small, **training}}
         evaluation = {
             "data": data,
             "small": self.small,
@@ -133,9 +215,6 @@ class ReproduceConfig:
             "rules": {r: RULES[r] for r in self.rules},
             "dtype": self.dtype,
         }
-        backends = self.backends()
-        if set(backends.values()) != {"transformers"}:  # transformers-only runs keep their key
-            evaluation["backends"] = backends
         if stage in ("validation", "test", "analysis", "report"):
             if stage == "analysis":
                 evaluation["analysis_examples"] = self.analysis_examples
@@ -154,6 +233,17 @@ class ReproduceConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ReproduceConfig:
+        """The config :meth:`to_dict` wrote (``reproduce.json``'s ``config``)."""
+        values = {k: v for k, v in values.items() if not k.startswith("_")}
+        if isinstance(values.get("selection"), dict):
+            values["selection"] = SelectionRule(**values["selection"])
+        for name in ("tasks", "candidates", "controls", "task_files", "alphas", "rules"):
+            if isinstance(values.get(name), list):
+                values[name] = tuple(values[name])
+        return cls(**values)
 
     def with_overrides(self, **changes: Any) -> ReproduceConfig:
         return replace(self, **changes)
@@ -183,16 +273,29 @@ def changed_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> str 
     return "; ".join(differences(recorded.get("settings"), settings)[:4])
 
 
+_TINY_SIZES = {"shots": 2, "screen": 4, "train": 8, "validation": 4, "test": 6}
+_GPU_SIZES = {"shots": 3, "screen": 100, "train": 2000, "validation": 200, "test": 1000}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "cpu": {},
     "tiny": {
-        "sizes": {
-            "arith": {"train": 8, "validation": 4, "test": 6},
-            "sort_words": {"train": 8, "validation": 4, "test": 6},
-            "truthfulqa": {"train": 6, "validation": 4, "test": 6},
-        },
+        "candidates": ("arith", "pyexpr", "gcd"),
+        "controls": ("sort_words",),
+        # tiny random models answer nothing: a rule every candidate passes, so the chosen
+        # tasks' path runs end to end (the real rule is tested on its own)
+        "selection": SelectionRule(
+            max_base_strict=1.0,
+            min_expected_tuned=0.0,
+            min_lenient_share=0.0,
+            min_lead_over_small=-1.0,
+            max_answer_tokens=10_000,
+            choose=2,
+        ),
+        "sizes": {t: _TINY_SIZES for t in ("arith", "pyexpr", "gcd", "sort_words", "truthfulqa")},
         "alphas": (0.5, 1.0),
         "epochs": 1.0,
+        "min_compliance": 0.0,
+        "max_epochs": 1.0,
         "train_batch_size": 4,
         "eval_batch_size": 4,
         "analysis_examples": 2,
@@ -201,11 +304,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "small": "meta-llama/Llama-2-7b-hf",
         "big": "meta-llama/Llama-2-13b-hf",
         "sizes": {
-            "arith": {"train": 2000, "validation": 200, "test": 1000},
-            "sort_words": {"train": 2000, "validation": 200, "test": 1000},
-            "truthfulqa": {"train": 100, "validation": 49, "test": 150},
+            **{t: _GPU_SIZES for t in (*CANDIDATES, *CONTROLS) if t != "arith"},
+            "arith": {**_GPU_SIZES, "train": 300, "validation": 100, "test": 200},
         },
-        "alphas": (0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
+        "alphas": (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0),
         "rules": ("proxy", "product", "plausible", "gated", "rerank", "mixture"),
         "epochs": 2.0,
         "learning_rate": 2e-4,
@@ -224,7 +326,15 @@ def preset(name: str, out: str, **overrides: Any) -> ReproduceConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     values = {**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}}
-    tasks = values.get("tasks", ReproduceConfig.tasks)
-    # a preset sizes every task; keep the sizes of the tasks chosen
-    values["sizes"] = {t: s for t, s in values.get("sizes", {}).items() if t in tasks}
+    tasks = values.get("tasks")
+    named = (
+        set(tasks)
+        if tasks is not None
+        else {
+            *values.get("candidates", CANDIDATES),
+            *values.get("controls", CONTROLS),
+        }
+    )
+    # a preset sizes every task; keep the sizes of the tasks named
+    values["sizes"] = {t: s for t, s in values.get("sizes", {}).items() if t in named}
     return ReproduceConfig(out=out, **values)

@@ -3,17 +3,23 @@
 Stages (each stamped in ``OUT/stages/NAME.json`` with the settings it depends on; a stage
 whose stamp matches is skipped, one whose stamp differs is refused by name):
 
-1. ``data``: disjoint train / validation / test splits per task (``OUT/data/TASK/``) and
-   the joint training file ``OUT/data/train.jsonl`` (every task's train split).
-2. ``expert``: LoRA SFT of the small model (``OUT/expert``); the anti-expert is the small
-   model untuned, so the pair runs as the one-pass LoRA pair.
-3. ``tuned``: the big model tuned directly on the same data, same recipe (``OUT/tuned``).
-4. ``validation``: every rule at every alpha on each task's validation split; the best alpha
-   per task and rule by the task's primary metric.
-5. ``test``: base, expert, tuned and each rule at its chosen alpha on the test split.
-6. ``analysis``: token-level records of what the proxy changed on test prompts.
-7. ``report``: ``results.md`` / ``.csv`` / ``.json`` with 95% bootstrap intervals and gap
-   closed, and ``alpha_sweep.png``; rewritten on every run from the stored results.
+1. ``screen``: every candidate task measured untuned on its ``screen`` split (the base raw and
+   3-shot, the small model raw); the selection rule (:mod:`.screen`) picks the tasks, and
+   the closure each predicts is written to ``OUT/predictions.json`` before any training.
+2. ``data``: the chosen tasks' disjoint splits (``OUT/data/TASK/``) and the joint training
+   and validation files ``OUT/data/{train,validation}.jsonl``.
+3. ``expert``: LoRA SFT of the small model (``OUT/expert``); trained again with one epoch
+   more while it follows the taught format on under ``min_compliance`` of a task's
+   validation items. The anti-expert is the small model untuned (the one-pass LoRA pair).
+4. ``tuned``: the big model tuned directly on the same data with the expert's final recipe.
+5. ``validation``: every rule over the alpha grid (extended x1.5 while a rule's best is its
+   largest alpha) on each task's validation split; the best alpha per task and rule.
+6. ``test``: base, the 3-shot base, expert, tuned, ``proxy`` at alpha 1 and at its
+   validated alpha, and each other rule at its validated alpha, on the test split.
+7. ``analysis``: token-level records of what the proxy changed on test prompts.
+8. ``report``: ``results.md`` / ``.csv`` / ``.json`` with 95% bootstrap intervals, paired
+   differences, gap closed where there is a gap, predicted against measured, and
+   ``alpha_sweep.png``; rewritten on every run from the stored results.
 
 Evaluation itself resumes inside a stage (per system and batch, :mod:`..evaluation.store`).
 """
@@ -29,10 +35,19 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .config import RULES, ReproduceConfig, changed_settings, differences, settings_key
-from .tasks import SPLITS, eval_task, make_splits, sft_rows, task_kind
+from .config import (
+    MAX_EXTENSIONS,
+    PRIMARY_ALPHA,
+    RULES,
+    ReproduceConfig,
+    changed_settings,
+    differences,
+    settings_key,
+)
+from .screen import SCREEN_SYSTEMS, screened_from_scores, screening_table, select
+from .tasks import SPLITS, TaskKind, eval_task, fewshot_prefix, make_splits, sft_rows
 
-STAGES = ("data", "expert", "tuned", "validation", "test", "analysis", "report")
+STAGES = ("screen", "data", "expert", "tuned", "validation", "test", "analysis", "report")
 MARKER = "reproduce.json"
 
 Log = Callable[[str], None]
@@ -147,6 +162,21 @@ class Experiment:
         summary = info.get("summary", "")
         self.log(f"[{name}] {summary}{'; ' if summary else ''}{seconds:.0f} s")
 
+    # tasks -------------------------------------------------------------------------------
+
+    def kind(self, task: str) -> TaskKind:
+        return self.config.kind(task)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The tasks trained and reported (the screen's choice, once it has run)."""
+        if self.config.tasks is not None:
+            return self.config.run_tasks(None)
+        stamp = self.done("screen")
+        if stamp is None:
+            raise ConfigError("the screen stage has not run")
+        return self.config.run_tasks(stamp["result"]["chosen"])
+
     # stages --------------------------------------------------------------------------------
 
     def run(self, until: str = "report") -> dict[str, Any]:
@@ -156,6 +186,7 @@ class Experiment:
         self.open()
         last = STAGES.index(until)
         steps = [
+            self.screen,
             self.make_data,
             self.train_expert,
             self.train_tuned,
@@ -172,21 +203,102 @@ class Experiment:
     def data_file(self, task: str, split: str) -> Path:
         return self.out / "data" / task / f"{split}.jsonl"
 
+    def splits(self, task: str) -> dict[str, list[dict[str, Any]]]:
+        return make_splits(self.kind(task), self.config.split_sizes(task), self.config.seed)
+
+    def prefix(self, task: str) -> str:
+        """The 3-shot prompt's worked examples (the task's ``shots`` split)."""
+        kind = self.kind(task)
+        return fewshot_prefix(kind, self.splits(task)["shots"])
+
+    def screen(self) -> None:
+        """Measure every screened task untuned; choose; write the predictions."""
+        from ..evaluation.scoring import encode
+        from ..evaluation.systems import System
+
+        with self.stage("screen") as info:
+            if info["skipped"]:
+                return
+            base, small = self.single_tuner(self.config.big), self.single_tuner(self.config.small)
+            screened: dict[str, Any] = {}
+            for task in self.config.screened():
+                kind = self.kind(task)
+                splits = self.splits(task)
+                for split in ("shots", "screen"):
+                    _write_jsonl(self.data_file(task, split), splits[split])
+                systems = [
+                    System("base", base, "base"),
+                    System("base-3shot", base, "other", prefix=self.prefix(task)),
+                    System("small", small, "other"),
+                ]
+                assert [s.name for s in systems] == list(SCREEN_SYSTEMS)
+                report = self._evaluate(task, "screen", systems)
+                scores = {s.name: s.metrics for s in report.systems}
+                tokens = max(
+                    (len(encode(base, str(r["completion"]))) for r in splits["screen"]), default=0
+                )
+                screened[task] = screened_from_scores(
+                    scores, "strict", kind.lenient, tokens, len(splits["screen"])
+                )
+            if self.config.tasks is None:
+                chosen = select(screened, self.config.selection)
+            else:
+                chosen = [t for t in self.config.tasks if t in screened]
+            self._models.clear()  # the screen's models; training needs the memory
+            rows = {t: s.to_dict() for t, s in screened.items()}
+            info["screened"] = rows
+            info["chosen"] = chosen
+            self._write_predictions(rows, chosen)
+            if not self.config.run_tasks(chosen) or (self.config.tasks is None and not chosen):
+                raise ConfigError(
+                    "no candidate task passed the selection rule (see "
+                    f"{self.out / 'predictions.md'}); add candidates or a --task-file"
+                )
+            info["summary"] = (
+                f"{len(screened)} screened; chosen: {', '.join(chosen) or 'none'}; predicted "
+                + ", ".join(f"{t} {_pct(rows[t]['predicted_closure'])}" for t in chosen)
+            )
+
+    def _write_predictions(self, rows: dict[str, Any], chosen: list[str]) -> None:
+        """``predictions.json`` / ``.md``: the screen and each chosen task's predicted gap
+        closed, written before the expert stage (and never after it)."""
+        data = {
+            "written_before": "expert",
+            "selection": self.config.selection.to_dict(),
+            "screened": rows,
+            "chosen": chosen,
+            "predicted_closure": {t: rows[t]["predicted_closure"] for t in chosen},
+        }
+        (self.out / "predictions.json").write_text(json.dumps(data, indent=2) + "\n")
+        text = [
+            "# Screening and predictions (written before training)",
+            "",
+            "Untuned, greedy, one generation per item of each task's screen split. Predicted "
+            "gap closed = (base lenient - base strict) / (expected tuned - base strict), "
+            "expected tuned = max(base lenient, 3-shot lenient).",
+            "",
+            *screening_table(rows, chosen, self.config.selection),
+        ]
+        (self.out / "predictions.md").write_text("\n".join(text) + "\n", encoding="utf-8")
+
     def make_data(self) -> None:
         with self.stage("data") as info:
             if info["skipped"]:
                 return
             counts = {}
             train: list[dict[str, str]] = []
-            for name in self.config.tasks:
-                kind = task_kind(name)
-                splits = make_splits(kind, self.config.split_sizes(name), self.config.seed)
+            validation: list[dict[str, str]] = []
+            for name in self.tasks:
+                kind = self.kind(name)
+                splits = self.splits(name)
                 for split in SPLITS:
                     _write_jsonl(self.data_file(name, split), splits[split])
                 train += sft_rows(kind, splits["train"])
+                validation += sft_rows(kind, splits["validation"])
                 counts[name] = {s: len(splits[s]) for s in SPLITS}
             random.Random(self.config.seed).shuffle(train)
             _write_jsonl(self.out / "data" / "train.jsonl", train)
+            _write_jsonl(self.out / "data" / "validation.jsonl", validation)
             info["counts"] = counts
             info["summary"] = (
                 ", ".join(
@@ -195,42 +307,43 @@ class Experiment:
                 + f" (train/validation/test); {len(train)} training lines"
             )
 
-    def _train(self, stage: str, model: str) -> None:
+    def _fit(self, stage: str, model: str, epochs: float, fresh: bool) -> dict[str, Any]:
+        """One LoRA training run of ``model`` into ``OUT/STAGE``; its losses."""
         from ..training import TrainConfig, train
         from ..training.output import read_meta
 
         out = self.out / stage
-        with self.stage(stage) as info:
-            if info["skipped"]:
-                return
-            meta = read_meta(out)
-            has_checkpoint = meta is not None and any(out.glob("checkpoint-*"))
-            self._check_started(stage, has_checkpoint)
-            config = TrainConfig(
-                model=model,
-                data=str(self.out / "data" / "train.jsonl"),
-                out=str(out),
-                lora=True,
-                lora_r=self.config.lora_r,
-                lora_alpha=2.0 * self.config.lora_r,
-                template="raw",
-                epochs=self.config.epochs,
-                learning_rate=self.config.learning_rate,
-                batch_size=self.config.train_batch_size,
-                eval_fraction=0.0,
-                warmup=0.1,
-                seed=self.config.seed,
-                device=self.config.device,
-                resume=has_checkpoint,
-                overwrite=meta is not None and not has_checkpoint,
-                progress=self.config.progress,
-            )
-            result = train(config)
-            losses = result.train_losses
-            info["train_loss_first_last"] = [losses[0], losses[-1]] if losses else None
-            info["summary"] = f"LoRA of {model}" + (
-                f", loss {losses[0]:.3f} -> {losses[-1]:.3f}" if losses else ""
-            )
+        meta = read_meta(out)
+        has_checkpoint = not fresh and meta is not None and any(out.glob("checkpoint-*"))
+        self._check_started(stage, has_checkpoint)
+        config = TrainConfig(
+            model=model,
+            data=str(self.out / "data" / "train.jsonl"),
+            eval_data=str(self.out / "data" / "validation.jsonl"),
+            out=str(out),
+            lora=True,
+            lora_r=self.config.lora_r,
+            lora_alpha=2.0 * self.config.lora_r,
+            template="raw",
+            epochs=epochs,
+            learning_rate=self.config.learning_rate,
+            batch_size=self.config.train_batch_size,
+            eval_fraction=0.0,
+            eval_steps=10**9,  # the validation loss before and after training only
+            warmup=0.1,
+            seed=self.config.seed,
+            device=self.config.device,
+            resume=has_checkpoint,
+            overwrite=meta is not None and not has_checkpoint,
+            progress=self.config.progress,
+        )
+        result = train(config)
+        losses, evals = result.train_losses, result.eval_losses
+        return {
+            "epochs": epochs,
+            "train_loss_first_last": [losses[0], losses[-1]] if losses else None,
+            "validation_loss_first_last": [evals[0], evals[-1]] if evals else None,
+        }
 
     def _check_started(self, stage: str, resuming: bool) -> None:
         """Record the settings an interrupted stage started with; resume only under those."""
@@ -250,13 +363,89 @@ class Experiment:
             encoding="utf-8",
         )
 
+    def compliance(self, adapter_stage: str, model: str, epochs: float) -> dict[str, float]:
+        """Per task, the share of validation outputs of the LoRA in ``OUT/ADAPTER_STAGE``
+        (alone, greedy) in the taught format, right or wrong."""
+        from ..evaluation.store import ResultStore
+        from ..evaluation.systems import System
+        from ..specs import ModelSpec
+        from ..tuner import ProxyTuner
+
+        tuner = ProxyTuner.from_specs(
+            ModelSpec(model, adapter=str(self.out / adapter_stage), prompt="raw", **self._opts())
+        )
+        name = f"{adapter_stage}-e{epochs:g}"
+        out = {}
+        for task in self.tasks:
+            self._evaluate(task, "validation", [System(name, tuner, "other")])
+            rows = ResultStore(self.out / "eval" / task / "validation" / f"{name}.jsonl").load()
+            follows = self.kind(task).follows_format
+            outs = [(r.get("outputs") or [""])[0] for r in rows.values()]
+            out[task] = sum(1 for o in outs if follows(o)) / max(1, len(outs))
+        return out
+
     def train_expert(self) -> None:
-        self._train("expert", self.config.small)
+        """Train the expert; one epoch more while it misses the format on validation."""
+        with self.stage("expert") as info:
+            if info["skipped"]:
+                return
+            epochs, fresh, runs = self.config.epochs, False, []
+            while True:
+                run = self._fit("expert", self.config.small, epochs, fresh)
+                run["compliance"] = self.compliance("expert", self.config.small, epochs)
+                runs.append(run)
+                worst = min(run["compliance"].values())
+                if worst >= self.config.min_compliance or epochs + 1 > self.config.max_epochs:
+                    break
+                self.log(
+                    f"[expert] {epochs:g} epoch(s): format followed on {100 * worst:.0f}% of a "
+                    f"task's validation items (< {100 * self.config.min_compliance:.0f}%); "
+                    f"training again with {epochs + 1:g}"
+                )
+                epochs, fresh = epochs + 1, True
+            info.update(runs=runs, epochs=epochs, compliance=runs[-1]["compliance"])
+            info.update(
+                {k: runs[-1][k] for k in ("train_loss_first_last", "validation_loss_first_last")}
+            )
+            info["summary"] = (
+                f"LoRA of {self.config.small}, {epochs:g} epoch(s)"
+                + _losses(runs[-1])
+                + f", format {_pct(worst)} (worst task)"
+            )
 
     def train_tuned(self) -> None:
-        self._train("tuned", self.config.big)
+        """Tune the big model directly with the expert's final recipe."""
+        with self.stage("tuned") as info:
+            if info["skipped"]:
+                return
+            epochs = float(self.done("expert")["result"]["epochs"])  # type: ignore[index]
+            run = self._fit("tuned", self.config.big, epochs, fresh=False)
+            info.update(run)
+            info["summary"] = f"LoRA of {self.config.big}, {epochs:g} epoch(s)" + _losses(run)
 
     # models ------------------------------------------------------------------------------
+
+    def _opts(self) -> dict[str, Any]:
+        opts: dict[str, Any] = {
+            "device": self.config.device,
+            "dtype": self.config.dtype,
+            "backend": self.config.backend,
+        }
+        if self.config.backends()["big"] == "llamacpp":
+            opts["kv_cells"] = self.config.kv_cells
+        return opts
+
+    def single_tuner(self, model: str) -> Any:
+        """``model`` alone on the raw prompt (screening)."""
+        key = f"single:{model}"
+        if key not in self._models:
+            from ..specs import ModelSpec
+            from ..tuner import ProxyTuner
+
+            self._models[key] = ProxyTuner.from_specs(
+                ModelSpec(model, prompt="raw", **self._opts())
+            )
+        return self._models[key]
 
     def proxy_tuner(self) -> Any:
         """Base = big model, expert = the trained LoRA, anti-expert = the small model; every
@@ -265,11 +454,7 @@ class Experiment:
             from ..specs import ModelSpec
             from ..tuner import ProxyTuner
 
-            opts = {
-                "device": self.config.device,
-                "dtype": self.config.dtype,
-                "backend": self.config.backend,
-            }
+            opts = self._opts()
             self._models["proxy"] = ProxyTuner.from_specs(
                 ModelSpec(self.config.big, prompt="raw", **opts),
                 [
@@ -294,12 +479,7 @@ class Experiment:
 
             self._models["tuned"] = ProxyTuner.from_specs(
                 ModelSpec(
-                    self.config.big,
-                    adapter=str(self.out / "tuned"),
-                    prompt="raw",
-                    device=self.config.device,
-                    dtype=self.config.dtype,
-                    backend=self.config.backend,
+                    self.config.big, adapter=str(self.out / "tuned"), prompt="raw", **self._opts()
                 )
             )
         return self._models["tuned"]
@@ -307,7 +487,7 @@ class Experiment:
     def _evaluate(self, task: str, split: str, systems: list[Any]) -> Any:
         from ..evaluation import evaluate
 
-        kind = task_kind(task)
+        kind = self.kind(task)
         try:
             return evaluate(
                 eval_task(kind, str(self.data_file(task, split))),
@@ -327,6 +507,7 @@ class Experiment:
     # evaluation stages -------------------------------------------------------------------
 
     def validate(self) -> dict[str, Any]:
+        """Each rule over the alpha grid, extended x1.5 while its best is the largest alpha."""
         from ..evaluation.systems import System
 
         with self.stage("validation") as info:
@@ -335,24 +516,28 @@ class Experiment:
             tuner = self.proxy_tuner()
             chosen: dict[str, dict[str, float]] = {}
             sweep: dict[str, dict[str, dict[str, float | None]]] = {}
-            for task in self.config.tasks:
-                kind = task_kind(task)
-                systems = [
-                    System(f"{rule}@{a:g}", tuner, "proxy", float(a), RULES[rule])
-                    for rule in self.config.rules
-                    for a in self.config.alphas
-                ]
-                report = self._evaluate(task, "validation", systems)
+            for task in self.tasks:
+                primary = self.kind(task).primary
                 chosen[task], sweep[task] = {}, {}
                 for rule in self.config.rules:
-                    points = {
-                        f"{a:g}": report.score(f"{rule}@{a:g}", kind.primary)
-                        for a in self.config.alphas
-                    }
+                    alphas = list(self.config.alphas)
+                    points: dict[str, float | None] = {}
+                    for _ in range(MAX_EXTENSIONS + 1):
+                        todo = [a for a in alphas if f"{a:g}" not in points]
+                        systems = [
+                            System(f"{rule}@{a:g}", tuner, "proxy", float(a), RULES[rule])
+                            for a in todo
+                        ]
+                        report = self._evaluate(task, "validation", systems)
+                        points.update(
+                            {f"{a:g}": report.score(f"{rule}@{a:g}", primary) for a in todo}
+                        )
+                        best = _best(alphas, points)
+                        if best != max(alphas) or len(alphas) < 2:
+                            break
+                        alphas.append(round(max(alphas) * 1.5, 4))
                     sweep[task][rule] = points
-                    # the best score; ties go to the smaller alpha (the gentler steer)
-                    best = max(self.config.alphas, key=lambda a, p=points: (p[f"{a:g}"] or 0, -a))
-                    chosen[task][rule] = float(best)
+                    chosen[task][rule] = float(_best(alphas, points))
             info["chosen"] = chosen
             info["sweep"] = sweep
             info["summary"] = "; ".join(
@@ -367,21 +552,24 @@ class Experiment:
         return stamp["result"]["chosen"]
 
     def test_systems(self, task: str) -> list[Any]:
+        """base, base-3shot, expert, tuned, ``proxy`` at alpha 1, ``proxy@val`` at its
+        validated alpha (when that is not 1) and every other rule at its validated alpha."""
         from ..evaluation.systems import System
 
         tuner = self.proxy_tuner()
         chosen = self.chosen_alphas()[task]
         systems = [
             System("base", tuner.alone("base"), "base"),
+            System("base-3shot", tuner.alone("base"), "other", prefix=self.prefix(task)),
             System("expert", tuner.alone("expert[0]"), "expert"),
             System("tuned", self.tuned_tuner(), "tuned"),
+            System("proxy", tuner, "proxy", PRIMARY_ALPHA, RULES["proxy"]),
         ]
+        if chosen["proxy"] != PRIMARY_ALPHA:
+            systems.append(System("proxy@val", tuner, "other", chosen["proxy"], RULES["proxy"]))
         for rule in self.config.rules:
-            systems.append(
-                System(
-                    rule, tuner, "proxy" if rule == "proxy" else "other", chosen[rule], RULES[rule]
-                )
-            )
+            if rule != "proxy":
+                systems.append(System(rule, tuner, "other", chosen[rule], RULES[rule]))
         return systems
 
     def test(self) -> None:
@@ -389,17 +577,17 @@ class Experiment:
             if info["skipped"]:
                 return
             scores = {}
-            for task in self.config.tasks:
+            for task in self.tasks:
                 report = self._evaluate(task, "test", self.test_systems(task))
                 scores[task] = {s.name: s.metrics for s in report.systems}
             info["scores"] = scores
-            primary = {t: task_kind(t).primary for t in self.config.tasks}
+            primary = {t: self.kind(t).primary for t in self.tasks}
             info["summary"] = "; ".join(
                 f"{t} {primary[t]}: "
                 + ", ".join(
                     f"{name} {m.get(primary[t]) or 0:.2f}"
                     for name, m in s.items()
-                    if name in ("base", "expert", "proxy", "tuned")
+                    if name in ("base", "base-3shot", "expert", "proxy", "tuned")
                 )
                 for t, s in scores.items()
             )
@@ -414,8 +602,8 @@ class Experiment:
                 return
             n = self.config.analysis_examples
             classes: dict[str, Any] = {}
-            for task in self.config.tasks:
-                kind = task_kind(task)
+            for task in self.tasks:
+                kind = self.kind(task)
                 if kind.kind != "generate" or n == 0:
                     continue
                 etask = eval_task(kind, str(self.data_file(task, "test")))
@@ -423,7 +611,7 @@ class Experiment:
                 records = analyze_tokens(
                     self.proxy_tuner(),
                     [etask.render(ex) for ex in examples],
-                    alpha=self.chosen_alphas()[task]["proxy"],
+                    alpha=PRIMARY_ALPHA,
                     batch_size=self.config.eval_batch_size,
                     progress=self.config.progress,
                     **etask.settings(),
@@ -454,6 +642,27 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
+
+
+def _best(alphas: list[float], points: dict[str, float | None]) -> float:
+    """The alpha with the best score; ties go to the smaller alpha (the gentler steer)."""
+    return max(alphas, key=lambda a: (points.get(f"{a:g}") or 0, -a))
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _losses(run: dict[str, Any]) -> str:
+    out = ""
+    for label, key in (
+        ("loss", "train_loss_first_last"),
+        ("validation loss", "validation_loss_first_last"),
+    ):
+        if run.get(key):
+            first, last = run[key]
+            out += f", {label} {first:.3f} -> {last:.3f}"
+    return out
 
 
 def reproduce(config: ReproduceConfig, until: str = "report", log: Log = print) -> dict[str, Any]:

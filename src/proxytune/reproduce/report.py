@@ -10,16 +10,27 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..evaluation.runner import _safe
-from ..evaluation.stats import Estimate, aligned, gap_interval, mean_interval
+from ..evaluation.stats import Estimate, aligned, diff_interval, gap_interval, mean_interval
 from ..evaluation.store import ResultStore
 from ..extras import MissingExtraError, require
 from .analysis import CLASSES, token_classes
-from .tasks import task_kind
+from .config import PRIMARY_ALPHA
+from .screen import SelectionRule, screening_table
 
 if TYPE_CHECKING:
     from .pipeline import Experiment
 
-REFERENCES = ("base", "expert", "tuned")
+REFERENCES = ("base", "base-3shot", "expert", "tuned")
+MIN_GAP = 0.25
+"""Gap closed is reported only where the lower bound of tuned - base is at least this."""
+DIFFERENCES = (
+    ("proxy", "base"),
+    ("tuned", "proxy"),
+    ("proxy", "expert"),
+    ("proxy", "base-3shot"),
+    ("tuned", "base"),
+)
+"""Paired differences reported for every task (``proxy``: alpha 1)."""
 
 
 def per_example(out: Path, task: str, split: str, system: str, metric: str) -> dict[str, Any]:
@@ -28,24 +39,61 @@ def per_example(out: Path, task: str, split: str, system: str, metric: str) -> d
     return {i: r.get("scores", {}).get(metric) for i, r in rows.items()}
 
 
+def systems_of(exp: Experiment, task: str) -> list[str]:
+    """The systems of a task's test table (``proxy@val`` where its alpha is not 1)."""
+    rules = [r for r in exp.config.rules if r != "proxy"]
+    val = ["proxy@val"] if exp.chosen_alphas()[task]["proxy"] != PRIMARY_ALPHA else []
+    return [*REFERENCES, "proxy", *val, *rules]
+
+
 def task_results(exp: Experiment, task: str) -> dict[str, Any]:
-    """Every system's score per metric with intervals, and gap closed per rule."""
-    kind = task_kind(task)
+    """Every system's score per metric with intervals, the paired differences, and gap
+    closed per rule where the tuned model's lead over the base is sure to be a real gap."""
+    kind = exp.kind(task)
     chosen = exp.chosen_alphas()[task]
-    systems = [*REFERENCES, *exp.config.rules]
+    systems = systems_of(exp, task)
+    alphas = {"proxy": PRIMARY_ALPHA, "proxy@val": chosen["proxy"]}
+    alphas.update({r: chosen[r] for r in exp.config.rules if r != "proxy"})
     ids = sorted(ResultStore(exp.out / "eval" / task / "test" / "base.jsonl").load())
     out: dict[str, Any] = {"n": len(ids), "primary": kind.primary, "metrics": {}}
     for metric in kind.metrics:
         scores = aligned({s: per_example(exp.out, task, "test", s, metric) for s in systems}, ids)
+        diffs = {f"{a} - {b}": diff_interval(scores[a], scores[b]) for a, b in DIFFERENCES}
+        gap = diffs["tuned - base"]
+        has_gap = gap.low is not None and gap.low >= MIN_GAP
         rows: dict[str, Any] = {}
         for s in systems:
-            est = mean_interval(scores[s])
-            row: dict[str, Any] = {"estimate": est, "alpha": chosen.get(s)}
-            if s in exp.config.rules:
-                gap, undefined = gap_interval(scores[s], scores["base"], scores["tuned"])
-                row.update(gap=gap, gap_undefined_resamples=undefined)
+            row: dict[str, Any] = {"estimate": mean_interval(scores[s]), "alpha": alphas.get(s)}
+            if s not in REFERENCES:
+                if has_gap:
+                    closed, undefined = gap_interval(scores[s], scores["base"], scores["tuned"])
+                    row.update(gap=closed, gap_undefined_resamples=undefined)
+                row["minus_base"] = diff_interval(scores[s], scores["base"])
             rows[s] = row
-        out["metrics"][metric] = rows
+        out["metrics"][metric] = {"systems": rows, "differences": diffs, "has_gap": has_gap}
+    return out
+
+
+def predicted_vs_measured(exp: Experiment, tasks: dict[str, Any]) -> dict[str, Any]:
+    """Per chosen task: the closure the screen predicted and the one measured (``proxy`` at
+    alpha 1, the primary metric)."""
+    stamp = exp.done("screen")
+    if stamp is None:
+        return {}
+    predicted = {t: r["predicted_closure"] for t, r in stamp["result"]["screened"].items()}
+    out = {}
+    for task, res in tasks.items():
+        if task not in predicted:
+            continue
+        m = res["metrics"][res["primary"]]
+        measured = m["systems"]["proxy"].get("gap")
+        out[task] = {
+            "predicted": predicted[task],
+            "measured": None if measured is None else measured.value,
+            "interval": measured,
+            "has_gap": m["has_gap"],
+            "difference": m["differences"]["proxy - base"],
+        }
     return out
 
 
@@ -59,7 +107,7 @@ def follow(exp: Experiment, task: str) -> dict[str, Any]:
     """Whose answers the proxy gives: how often its output equals the expert's and the
     tuned model's, and its accuracy where the expert was right or wrong (primary metric).
     A proxy that merely copies the small expert is right only where the expert is."""
-    metric = task_kind(task).primary
+    metric = exp.kind(task).primary
     proxy, expert = outputs(exp.out, task, "proxy"), outputs(exp.out, task, "expert")
     tuned = outputs(exp.out, task, "tuned")
     p_score = per_example(exp.out, task, "test", "proxy", metric)
@@ -86,24 +134,26 @@ def follow(exp: Experiment, task: str) -> dict[str, Any]:
 
 def write_results(exp: Experiment) -> dict[str, Any]:
     """Write ``results.md``, ``results.csv``, ``results.json`` and ``alpha_sweep.png``."""
-    tasks = {t: task_results(exp, t) for t in exp.config.tasks}
+    tasks = {t: task_results(exp, t) for t in exp.tasks}
     stages = {}
-    for stage in ("data", "expert", "tuned", "validation", "test", "analysis"):
+    for stage in ("screen", "data", "expert", "tuned", "validation", "test", "analysis"):
         stamp = exp.done(stage)
         if stamp is not None:
             stages[stage] = {"seconds": stamp["seconds"], **stamp.get("result", {})}
-    following = {t: follow(exp, t) for t in exp.config.tasks}
+    following = {t: follow(exp, t) for t in exp.tasks}
+    predictions = predicted_vs_measured(exp, tasks)
     data = {
         "config": exp.config.to_dict(),
         "stages": stages,
         "tasks": _plain(tasks),
+        "predictions": _plain(predictions),
         "follow": following,
         "token_classes": token_classes_of(exp),
     }
     (exp.out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     _write_csv(exp.out / "results.csv", tasks)
     plot = _plot_sweep(exp, stages.get("validation", {}).get("sweep", {}))
-    text = markdown(exp, tasks, stages, plot, following, data["token_classes"])
+    text = markdown(exp, tasks, stages, plot, following, data["token_classes"], predictions)
     (exp.out / "results.md").write_text(text, encoding="utf-8")
     return data
 
@@ -115,59 +165,122 @@ def markdown(
     plot: Any,
     following: dict[str, Any],
     classes: dict[str, Any],
+    predictions: dict[str, Any],
 ) -> str:
     cfg = exp.config
+    controls = [t for t in tasks if t in cfg.controls and cfg.tasks is None]
     lines = [
         "# Proxy-tuning reproduction",
         "",
         f"Small model (expert = LoRA of it, anti-expert = it untuned): `{cfg.small}`; base and "
         f"directly tuned reference (LoRA, same data and recipe): `{cfg.big}`. Scores in %, "
-        "95% bootstrap intervals in brackets; gap closed = (proxy - base) / (tuned - base), "
-        "its interval from the same resampled examples for every system (`[unstable]`: in "
-        "over 2.5% of resamples the tuned model did not beat the base, so the ratio has no "
-        "stable interval).",
-        "",
-        "## Main result",
-        "",
-        "| task | metric | n | base | expert | proxy (alpha) | tuned | gap closed |",
-        "|---|---|---|---|---|---|---|---|",
+        "95% bootstrap intervals in brackets, the same resampled examples for every system "
+        "(paired). `proxy` is the paper's rule at alpha 1; `proxy@val` at the alpha chosen on "
+        "validation. Gap closed = (proxy - base) / (tuned - base), shown only where the lower "
+        f"bound of tuned - base is at least {100 * MIN_GAP:.0f} points (else `no gap`); "
+        "`[unstable]`: in over 2.5% of resamples the tuned model did not beat the base."
+        + (f" Negative control: {', '.join(controls)}." if controls else ""),
     ]
-    for task, res in tasks.items():
-        for metric, rows in res["metrics"].items():
-            proxy = rows["proxy"]
+    screen = stages.get("screen")
+    if screen and screen.get("screened"):
+        rule = SelectionRule(**cfg.to_dict()["selection"])
+        lines += [
+            "",
+            "## Screening (untuned, before training)",
+            "",
+            *screening_table(screen["screened"], screen.get("chosen", []), rule),
+        ]
+    if predictions:
+        lines += [
+            "",
+            "## Predicted against measured gap closed (primary metric, proxy at alpha 1)",
+            "",
+            "| task | predicted | measured | proxy - base |",
+            "|---|---|---|---|",
+        ]
+        for task, p in predictions.items():
+            measured = p["interval"].percent() if p["has_gap"] and p["interval"] else "no gap"
             lines.append(
-                f"| {task} | {metric} | {res['n']} | {rows['base']['estimate'].percent()} | "
-                f"{rows['expert']['estimate'].percent()} | "
-                f"{proxy['estimate'].percent()} ({proxy['alpha']:g}) | "
-                f"{rows['tuned']['estimate'].percent()} | {proxy['gap'].percent()} |"
+                f"| {task} | {_pct(p['predicted'])} | {measured} | {p['difference'].percent()} |"
             )
     lines += [
         "",
-        "## Steering rules compared (each at its alpha chosen on validation)",
+        "## Main result (test split)",
         "",
-        "| task | metric | " + " | ".join(cfg.rules) + " |",
-        "|---|---|" + "---|" * len(cfg.rules),
+        "| task | metric | n | base | base 3-shot | expert | proxy (a=1) | proxy@val (a) | "
+        "tuned | gap closed (a=1) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for task, res in tasks.items():
-        for metric, rows in res["metrics"].items():
+        for metric, m in res["metrics"].items():
+            rows = m["systems"]
+            val = rows.get("proxy@val", rows["proxy"])
+            lines.append(
+                f"| {task} | {metric} | {res['n']} | {rows['base']['estimate'].percent()} | "
+                f"{rows['base-3shot']['estimate'].percent()} | "
+                f"{rows['expert']['estimate'].percent()} | "
+                f"{rows['proxy']['estimate'].percent()} | "
+                f"{val['estimate'].percent()} ({exp.chosen_alphas()[task]['proxy']:g}) | "
+                f"{rows['tuned']['estimate'].percent()} | {_gap(rows['proxy'], m)} |"
+            )
+    lines += [
+        "",
+        "## Paired differences (test split, points; proxy at alpha 1)",
+        "",
+        "| task | metric | " + " | ".join(f"{a} - {b}" for a, b in DIFFERENCES) + " | verdict |",
+        "|---|---|" + "---|" * (len(DIFFERENCES) + 1),
+    ]
+    for task, res in tasks.items():
+        for metric, m in res["metrics"].items():
+            d = m["differences"]
+            vs_fewshot = d["proxy - base-3shot"]
+            verdict = (
+                "proxy beats the 3-shot base"
+                if vs_fewshot.low is not None and vs_fewshot.low > 0
+                else "proxy not above the 3-shot base: not worth its cost"
+            )
+            cells = [d[f"{a} - {b}"].percent() for a, b in DIFFERENCES]
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + f" | {verdict} |")
+    others = list(
+        dict.fromkeys(
+            s
+            for res in tasks.values()
+            for m in res["metrics"].values()
+            for s in m["systems"]
+            if s not in REFERENCES
+        )
+    )
+    lines += [
+        "",
+        "## Steering rules compared (test split; proxy at 1, the others at their validated alpha)",
+        "",
+        "| task | metric | " + " | ".join(others) + " |",
+        "|---|---|" + "---|" * len(others),
+    ]
+    for task, res in tasks.items():
+        for metric, m in res["metrics"].items():
+            rows = m["systems"]
             cells = [
-                f"{rows[r]['estimate'].percent()} (a={rows[r]['alpha']:g}; gap "
-                f"{rows[r]['gap'].percent()})"
-                for r in cfg.rules
+                f"{rows[r]['estimate'].percent()} (a={rows[r]['alpha']:g}; gap {_gap(rows[r], m)})"
+                if r in rows
+                else "-"
+                for r in others
             ]
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
     sweep = stages.get("validation", {}).get("sweep", {})
     if sweep:
         lines += ["", "## Validation sweep (primary metric, %)", ""]
-        alphas = [f"{a:g}" for a in cfg.alphas]
+        alphas = sorted({float(a) for rules in sweep.values() for p in rules.values() for a in p})
+        names = [f"{a:g}" for a in alphas]
         lines += [
-            "| task | rule | " + " | ".join(alphas) + " |",
-            "|---|---|" + "---|" * len(alphas),
+            "| task | rule | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names),
         ]
         for task, rules in sweep.items():
             for rule, points in rules.items():
-                cells = ["-" if points.get(a) is None else f"{100 * points[a]:.1f}" for a in alphas]
+                cells = ["-" if points.get(a) is None else f"{100 * points[a]:.1f}" for a in names]
                 lines.append(f"| {task} | {rule} | " + " | ".join(cells) + " |")
+    lines += _training_lines(stages)
     if any(following.values()):
         lines += [
             "",
@@ -211,12 +324,49 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def _gap(row: dict[str, Any], metric: dict[str, Any]) -> str:
+    if not metric["has_gap"]:
+        return "no gap"
+    return row["gap"].percent()
+
+
+def _training_lines(stages: dict[str, Any]) -> list[str]:
+    """Both models' epochs, losses and (the expert's) format compliance on validation."""
+    rows = []
+    for stage in ("expert", "tuned"):
+        info = stages.get(stage)
+        if not info:
+            continue
+        loss, val = info.get("train_loss_first_last"), info.get("validation_loss_first_last")
+        compliance = info.get("compliance") or {}
+        rows.append(
+            f"| {stage} | {info.get('epochs', '-')} | "
+            + (f"{loss[0]:.3f} -> {loss[1]:.3f}" if loss else "-")
+            + " | "
+            + (f"{val[0]:.3f} -> {val[1]:.3f}" if val else "-")
+            + " | "
+            + (", ".join(f"{t} {_pct(c)}" for t, c in compliance.items()) or "-")
+            + " |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "## Training",
+        "",
+        "| model | epochs | training loss (first -> last) | validation loss (before -> after) "
+        "| format followed on validation |",
+        "|---|---|---|---|---|",
+        *rows,
+    ]
+
+
 def token_classes_of(exp: Experiment) -> dict[str, Any]:
     """Per task, :func:`.analysis.token_classes` of the saved token records."""
     from ..analysis.records import load_records
 
     out = {}
-    for task in exp.config.tasks:
+    for task in exp.tasks:
         path = exp.out / "analysis" / task / "records.jsonl"
         if path.is_file():
             out[task] = token_classes(load_records(path))
@@ -246,8 +396,8 @@ def _write_csv(path: Path, tasks: dict[str, Any]) -> None:
             ]
         )
         for task, res in tasks.items():
-            for metric, rows in res["metrics"].items():
-                for system, row in rows.items():
+            for metric, m in res["metrics"].items():
+                for system, row in m["systems"].items():
                     e: Estimate = row["estimate"]
                     g: Estimate | None = row.get("gap")
                     gap = (None, None, None) if g is None else (g.value, g.low, g.high)
@@ -288,7 +438,7 @@ def _plot_sweep(exp: Experiment, sweep: dict[str, Any]) -> Path | None:
             ax.plot(xs, ys, marker="o", label=rule)
         ax.set_title(f"{task} (validation)")
         ax.set_xlabel("alpha")
-        ax.set_ylabel(f"{task_kind(task).primary} (%)")
+        ax.set_ylabel(f"{exp.kind(task).primary} (%)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,21 +1,26 @@
-"""The reproduction's tasks: data made offline with fixed seeds, split three ways, and the
+"""The reproduction's tasks: data made offline with fixed seeds, split five ways, and the
 evaluation :class:`~proxytune.evaluation.Task` that scores each split.
 
-Three kinds, as in the paper's evaluation (maths, a learned behaviour, truthfulness):
+Splits: ``shots`` (the few-shot prompt's worked examples), ``screen`` (the screening stage's
+items, seen before anything is trained), ``train``, ``validation``, ``test``; disjoint by
+construction and checked again by :func:`check_disjoint`.
 
-- ``arith``: multiplication word problems (``a * b``, a 12-39, b 3-19) answered with the
-  number alone. The instruct base, asked in this raw format, starts explaining instead; tuning
-  teaches the bare answer. ``acc`` extracts the last number of the output (the paper's GSM
-  extraction), ``strict`` needs the number and nothing else.
-- ``sort_words``: sort 4-6 words alphabetically. An instruct model can sort, but tuning
-  teaches a new convention (``a | b | c``); ``acc`` checks the order of the words whatever
-  the separators, ``strict`` the exact taught line.
+Screening candidates (:data:`CANDIDATES`) answer inside an answer shell (``#### ANSWER``,
+:mod:`.scoring`): ``pyexpr``, ``unit_conversion``, ``case_conversion`` (:mod:`.generators`),
+``arith_shell`` (arith's problems in the shell) and seven reasoning-gym generators. The
+earlier tasks stay, with their own scorers:
+
+- ``arith``: multiplication word problems (``a * b``, a 12-49, b 3-19) answered with the
+  number alone. ``acc`` extracts the last number of the output (the paper's GSM
+  extraction), ``strict`` needs the number and nothing else. A candidate: it has no gap.
+- ``sort_words``: sort 4-6 words alphabetically in a taught convention (``a | b | c``);
+  ``acc`` checks the order of the words whatever the separators, ``strict`` the exact taught
+  line. The negative control: a skill the base gains only through its own weight update.
 - ``truthfulqa``: TruthfulQA MC1 (the vendored BIG-bench subset) with the options shuffled
-  and lettered; tuned on the letters of the training questions' true answers. ``acc``: the
-  letter the output names is the true option's; ``strict``: the letter alone.
+  and lettered. ``acc``: the letter the output names is the true option's; ``strict``: the
+  letter alone. Not screened: its options alone give most answers away.
 
-Every generator is a pure function of its seed; the splits are disjoint by construction and
-checked again by :func:`check_disjoint`.
+Every generator is a pure function of its seed.
 """
 
 from __future__ import annotations
@@ -29,9 +34,11 @@ from typing import Any
 from ..errors import ConfigError
 from ..evaluation.extract import last_number, normalize_number
 from ..evaluation.tasks import Task, data_dir, read_rows
+from . import generators
+from .scoring import DEFAULT_SHELL, complies, fill, first_line, scoring_fields
 
-SPLITS = ("train", "validation", "test")
-DATA_VERSION = 3
+SPLITS = ("shots", "screen", "train", "validation", "test")
+DATA_VERSION = 4
 """Bump when a generator changes: stamped data of another version is never reused."""
 
 Example = dict[str, Any]
@@ -54,6 +61,14 @@ class TaskKind:
     """The evaluation task's settings (prompt, extraction, metrics, decoding)."""
     limited: bool = False
     """The data is a fixed set: its size bounds the splits."""
+    lenient: str = "lenient"
+    """The metric that credits the right content in any format (screening's "lenient")."""
+    follows_format: Callable[[str | None], bool] = lambda output: True
+    """The output is in the taught format, right or wrong (training's compliance check)."""
+    sizes: Mapping[str, int] | None = None
+    """Default split sizes when the task needs its own (a fixed data set); else the run's."""
+    digest: str = ""
+    """A user task's file contents hash (its data changes, its results are not reused)."""
 
 
 # --- arith ------------------------------------------------------------------------------
@@ -105,7 +120,7 @@ _ITEMS = (
 
 def _arith_one(rng: random.Random) -> Example:
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    a, b = rng.randint(12, 39), rng.randint(3, 19)
+    a, b = rng.randint(12, 49), rng.randint(3, 19)
     question = rng.choice(
         (
             f"{name} buys {a} bags of {b} {item}. How many {item} is that?",
@@ -230,6 +245,58 @@ def letter_score(answer: str | None, example: Mapping[str, Any]) -> dict[str, fl
     return {"acc": float(acc), "strict": float(strict)}
 
 
+# --- shell tasks ------------------------------------------------------------------------
+
+RAW_PROMPT = "Q: {question}\nA:"
+SHELL_GENERATION = {"max_new_tokens": 16, "stop": ["\n"]}
+"""Answers are at most 8 tokens; the rest lets an unshelled answer show its content."""
+
+
+def shell_task(
+    name: str,
+    description: str,
+    make: Callable[[int, int], list[Example]],
+    strict: str,
+    lenient: str,
+    shell: str = DEFAULT_SHELL,
+    prompt: str = RAW_PROMPT,
+    limited: bool = False,
+    sizes: Mapping[str, int] | None = None,
+    digest: str = "",
+) -> TaskKind:
+    """A task whose answer is written in ``shell``, scored by :func:`.scoring.shell_metrics`
+    (``strict`` and ``lenient`` name its matchers)."""
+    fields = scoring_fields(shell, strict, lenient)
+
+    def made(n: int, seed: int) -> list[Example]:
+        rows = make(n, seed)
+        return [{**r, **fields, "completion": " " + fill(shell, str(r["answer"]))} for r in rows]
+
+    return TaskKind(
+        name=name,
+        kind="generate",
+        description=description,
+        make=made,
+        primary="strict",
+        metrics=("strict", "lenient"),
+        task_fields={
+            "prompt": prompt,
+            "metrics": ["proxytune.reproduce.scoring:shell_metrics"],
+            "target": "answer",
+            "generation": SHELL_GENERATION,
+        },
+        limited=limited,
+        lenient="lenient",
+        follows_format=lambda output: complies(output, shell),
+        sizes=sizes,
+        digest=digest,
+    )
+
+
+def _gym(name: str, description: str, strict: str, lenient: str, contains: bool = False):
+    return shell_task(name, description, generators.gym(name, contains), strict, lenient)
+
+
 # --- registry -----------------------------------------------------------------------------
 
 TASKS: dict[str, TaskKind] = {
@@ -246,6 +313,8 @@ TASKS: dict[str, TaskKind] = {
             "target": "answer",
             "generation": {"max_new_tokens": 8, "stop": ["\n"]},
         },
+        lenient="acc",
+        follows_format=lambda output: re.fullmatch(r"-?\d+", first_line(output)) is not None,
     ),
     "sort_words": TaskKind(
         name="sort_words",
@@ -260,6 +329,10 @@ TASKS: dict[str, TaskKind] = {
             "target": "answer",
             "generation": {"max_new_tokens": 20, "stop": ["\n"]},
         },
+        lenient="acc",
+        follows_format=lambda output: (
+            re.fullmatch(r"[a-z]+(?: \| [a-z]+)+", first_line(output)) is not None
+        ),
     ),
     "truthfulqa": TaskKind(
         name="truthfulqa",
@@ -275,8 +348,102 @@ TASKS: dict[str, TaskKind] = {
             "generation": {"max_new_tokens": 3, "stop": ["\n"]},
         },
         limited=True,
+        lenient="acc",
+        follows_format=lambda output: first_line(output).rstrip(".") in tuple(LETTERS),
+        sizes={"shots": 3, "screen": 20, "train": 50, "validation": 26, "test": 200},
+    ),
+    "pyexpr": shell_task(
+        "pyexpr",
+        "what a short Python expression evaluates to, answered with its repr (templates)",
+        generators.make_pyexpr,
+        strict="python",
+        lenient="python",
+    ),
+    "family_relationships": _gym(
+        "family_relationships",
+        "reasoning-gym: how two people of a described family are related (one word)",
+        strict="first-line-contains",
+        lenient="first-line-contains",
+        contains=True,
+    ),
+    "leg_counting": _gym(
+        "leg_counting", "reasoning-gym: total legs of a list of animals", "number", "number"
+    ),
+    "time_intervals": _gym(
+        "time_intervals",
+        "reasoning-gym: the duration between two times or dates, in a given format",
+        strict="exact",
+        lenient="first-line-contains",
+    ),
+    "syllogism": _gym(
+        "syllogism",
+        "reasoning-gym: does a conclusion follow from two premises (Yes/No)",
+        strict="first-line-contains",
+        lenient="first-line-contains",
+        contains=True,
+    ),
+    "gcd": _gym("gcd", "reasoning-gym: the greatest common divisor of numbers", "number", "number"),
+    "letter_counting": _gym(
+        "letter_counting",
+        "reasoning-gym: how often a letter occurs in a short text",
+        "number",
+        "number",
     ),
 }
+
+
+def _arith_shelled(n: int, seed: int) -> list[Example]:
+    """arith's problems, answered in the shell (``#### 931``) instead of bare."""
+    return [{k: v for k, v in r.items() if k != "completion"} for r in make_arith(n, seed)]
+
+
+TASKS.update(
+    {
+        "arith_shell": shell_task(
+            "arith_shell",
+            "arith's multiplication word problems, the answer in the shell (#### N)",
+            _arith_shelled,
+            strict="number",
+            lenient="number",
+        ),
+        "unit_conversion": shell_task(
+            "unit_conversion",
+            "how many small units are in a number of large ones (metric, time, imperial)",
+            generators.make_unit_conversion,
+            strict="number",
+            lenient="number",
+        ),
+        "case_conversion": shell_task(
+            "case_conversion",
+            "an identifier from snake_case to camelCase or back",
+            generators.make_case_conversion,
+            strict="exact",
+            lenient="first-line-contains",
+        ),
+        "basic_arithmetic": _gym(
+            "basic_arithmetic", "reasoning-gym: a short arithmetic expression", "number", "number"
+        ),
+    }
+)
+
+CANDIDATES = (
+    "pyexpr",
+    "family_relationships",
+    "leg_counting",
+    "time_intervals",
+    "syllogism",
+    "gcd",
+    "letter_counting",
+    "arith",
+    # added after the first screen found no candidate passing (docs/reproduction.md)
+    "arith_shell",
+    "unit_conversion",
+    "case_conversion",
+    "basic_arithmetic",
+)
+"""The tasks screened by default: procedural, offline, short answers."""
+CONTROLS = ("sort_words",)
+"""Always trained and reported beside the chosen tasks: the negative control."""
 
 
 def task_kind(name: str) -> TaskKind:
@@ -286,18 +453,19 @@ def task_kind(name: str) -> TaskKind:
 
 
 def make_splits(kind: TaskKind, sizes: Mapping[str, int], seed: int) -> dict[str, list[Example]]:
-    """Disjoint ``train`` / ``validation`` / ``test`` splits of the sizes asked for."""
+    """Disjoint splits (:data:`SPLITS`, in that order) of the sizes asked for."""
     total = sum(sizes[s] for s in SPLITS)
-    if any(sizes[s] < (0 if s == "train" else 1) for s in SPLITS):
+    if any(sizes[s] < (1 if s in ("validation", "test") else 0) for s in SPLITS):
         raise ConfigError(
-            f"task {kind.name!r}: split sizes must be >= 1 (train >= 0), got {dict(sizes)}"
+            f"task {kind.name!r}: validation and test need >= 1 example and no split may be "
+            f"negative, got {dict(sizes)}"
         )
     rows = kind.make(total, seed)
     if len(rows) < total:
+        asked = " + ".join(f"{s} {sizes[s]}" for s in SPLITS)
         raise ConfigError(
             f"task {kind.name!r} has {len(rows)} examples but the splits ask for {total} "
-            f"(train {sizes['train']} + validation {sizes['validation']} + test "
-            f"{sizes['test']}); make the splits smaller"
+            f"({asked}); make the splits smaller"
         )
     out: dict[str, list[Example]] = {}
     start = 0
@@ -329,6 +497,13 @@ def sft_rows(kind: TaskKind, rows: Sequence[Example]) -> list[dict[str, str]]:
     """Training lines (prompt/completion) in the exact prompt the evaluation uses."""
     template = str(kind.task_fields["prompt"])
     return [{"prompt": template.format(**r), "completion": r["completion"]} for r in rows]
+
+
+def fewshot_prefix(kind: TaskKind, shots: Sequence[Example]) -> str:
+    """Worked examples put before a prompt: each shot's prompt and taught answer, then a
+    blank line (what a user would try before tuning anything)."""
+    template = str(kind.task_fields["prompt"])
+    return "".join(template.format(**r) + str(r["completion"]) + "\n\n" for r in shots)
 
 
 def _distinct(
