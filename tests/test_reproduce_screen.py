@@ -84,7 +84,7 @@ def test_format_compliance_ignores_the_content() -> None:
     assert not complies("anything", "#### {answer}")
     assert not complies("####", "#### {answer}")
     assert shell_content('{"answer": 3}', '{"answer": {answer}}') == "3"
-    with pytest.raises(ConfigError, match="must hold '{answer}' exactly once"):
+    with pytest.raises(ConfigError, match=r"must hold '\{answer\}' exactly once"):
         scoring_fields("####", "exact", "exact")
     with pytest.raises(ConfigError, match="unknown scorer 'fuzzy'"):
         scoring_fields("#### {answer}", "fuzzy", "exact")
@@ -169,7 +169,8 @@ def test_the_selection_rule_by_hand() -> None:
     assert "0.8 x expected tuned" in failures(screened(base_lenient=0.5), rule)[0]
     assert "leads small" in failures(screened(small_lenient=0.65), rule)[0]
     assert "tokens" in failures(screened(answer_tokens=9), rule)[0]
-    assert screened(base_strict=0.8, base_lenient=0.8, fewshot_lenient=0.8).predicted_closure is None
+    no_gap = screened(base_strict=0.8, base_lenient=0.8, fewshot_lenient=0.8)
+    assert no_gap.predicted_closure is None
     pool = {
         "a": screened(base_lenient=0.7),
         "b": screened(base_lenient=0.9, fewshot_lenient=0.9),
@@ -229,7 +230,7 @@ def test_a_task_file_is_a_task_like_the_built_ins(tmp_path) -> None:
         ({"name": "a b"}, 40, "may hold only letters"),
         ({"extra": 1}, 40, r"unknown key\(s\) \['extra'\]"),
         ({"prompt": "Q: {query}"}, 40, "does not fit the rows"),
-        ({"shell": "####"}, 40, "must hold '{answer}' exactly once"),
+        ({"shell": "####"}, 40, r"must hold '\{answer\}' exactly once"),
         ({"data": "missing.jsonl"}, 40, "does not exist"),
         ({"sizes": {"train": 1}}, 40, "sizes must give every split"),
     ],
@@ -243,8 +244,9 @@ def test_bad_task_files_are_refused_in_one_line(tmp_path, spec, rows, message) -
 def test_a_task_file_too_small_for_its_splits_names_the_numbers(tmp_path) -> None:
     kind = load_task_file(str(write_task(tmp_path, rows=20)))
     with pytest.raises(ConfigError, match="has 20 examples but the splits ask for 493"):
-        make_splits(kind, {"shots": 3, "screen": 40, "train": 200, "validation": 50, "test": 200}, 0)
-    with pytest.raises(ConfigError, match="task file 'nope.yaml' does not exist"):
+        sizes = {"shots": 3, "screen": 40, "train": 200, "validation": 50, "test": 200}
+        make_splits(kind, sizes, 0)
+    with pytest.raises(ConfigError, match=r"task file 'nope\.yaml' does not exist"):
         load_task_file("nope.yaml")
 
 

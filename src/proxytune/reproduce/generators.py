@@ -105,19 +105,7 @@ def _pyexpr_one(rng: random.Random) -> Example:
 
 def make_pyexpr(n: int, seed: int) -> list[Example]:
     """``n`` distinct expressions (no two alike) with answers of at most 12 characters."""
-    rng = random.Random(seed)
-    out: list[Example] = []
-    seen: set[str] = set()
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 50 * n + 1000:
-            raise ConfigError(f"cannot make {n} distinct pyexpr examples; ask for fewer")
-        ex = _pyexpr_one(rng)
-        if ex["expression"] not in seen and len(ex["answer"]) <= 12:
-            seen.add(ex["expression"])
-            out.append(ex)
-    return out
+    return distinct(_pyexpr_one, n, seed, "expression", keep=lambda ex: len(ex["answer"]) <= 12)
 
 
 # --- conversions (added after the first screen: see docs/reproduction.md) -------------------
@@ -147,7 +135,7 @@ def _unit_one(rng: random.Random) -> Example:
 
 def make_unit_conversion(n: int, seed: int) -> list[Example]:
     """``n`` distinct unit conversions (``How many centimeters are in 7 meters?`` -> 700)."""
-    return _distinct_rows(_unit_one, n, seed)
+    return distinct(_unit_one, n, seed)
 
 
 def _case_one(rng: random.Random) -> Example:
@@ -161,10 +149,18 @@ def _case_one(rng: random.Random) -> Example:
 
 def make_case_conversion(n: int, seed: int) -> list[Example]:
     """``n`` distinct identifier conversions between snake_case and camelCase."""
-    return _distinct_rows(_case_one, n, seed)
+    return distinct(_case_one, n, seed)
 
 
-def _distinct_rows(one: Callable[[random.Random], Example], n: int, seed: int) -> list[Example]:
+def distinct(
+    one: Callable[[random.Random], Example],
+    n: int,
+    seed: int,
+    key: str = "question",
+    keep: Callable[[Example], bool] = lambda ex: True,
+) -> list[Example]:
+    """``n`` examples drawn by ``one`` from ``random.Random(seed)``, no two with the same
+    ``key`` and each passing ``keep``."""
     rng = random.Random(seed)
     out: list[Example] = []
     seen: set[str] = set()
@@ -174,8 +170,8 @@ def _distinct_rows(one: Callable[[random.Random], Example], n: int, seed: int) -
         if tries > 50 * n + 1000:
             raise ConfigError(f"cannot make {n} distinct examples; ask for fewer")
         ex = one(rng)
-        if ex["question"] not in seen:
-            seen.add(ex["question"])
+        if ex[key] not in seen and keep(ex):
+            seen.add(ex[key])
             out.append(ex)
     return out
 

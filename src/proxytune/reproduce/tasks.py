@@ -140,7 +140,7 @@ def _arith_one(rng: random.Random) -> Example:
 def make_arith(n: int, seed: int) -> list[Example]:
     """``n`` problems, no two with the same product to compute (so no test product is ever
     trained on, in other words)."""
-    return _distinct(_arith_one, n, seed, "operands")
+    return generators.distinct(_arith_one, n, seed, "operands")
 
 
 def arith_score(answer: str | None, example: Mapping[str, Any]) -> dict[str, float]:
@@ -183,7 +183,7 @@ def _sort_one(rng: random.Random) -> Example:
 
 
 def make_sort_words(n: int, seed: int) -> list[Example]:
-    return _distinct(_sort_one, n, seed, "words")
+    return generators.distinct(_sort_one, n, seed, "words")
 
 
 def sort_score(answer: str | None, example: Mapping[str, Any]) -> dict[str, float]:
@@ -504,21 +504,3 @@ def fewshot_prefix(kind: TaskKind, shots: Sequence[Example]) -> str:
     blank line (what a user would try before tuning anything)."""
     template = str(kind.task_fields["prompt"])
     return "".join(template.format(**r) + str(r["completion"]) + "\n\n" for r in shots)
-
-
-def _distinct(
-    one: Callable[[random.Random], Example], n: int, seed: int, key: str
-) -> list[Example]:
-    rng = random.Random(seed)
-    out: list[Example] = []
-    seen: set[str] = set()
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 50 * n + 1000:
-            raise ConfigError(f"cannot make {n} distinct examples; ask for fewer")
-        ex = one(rng)
-        if ex[key] not in seen:
-            seen.add(ex[key])
-            out.append(ex)
-    return out
