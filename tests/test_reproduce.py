@@ -392,3 +392,20 @@ def test_the_run_evaluates_on_llamacpp_with_the_same_results(tmp_path, tiny_pair
         )
     with pytest.raises(ConfigError, match="backend must be one of"):
         _config(tmp_path / "x", tiny_pair, backend="vllm")
+
+
+def test_an_expert_that_misses_the_format_is_trained_again_and_the_tuned_follows(
+    tmp_path, tiny_pair
+) -> None:
+    out = tmp_path / "exp"
+    config = _config(out, tiny_pair, tasks=("sort_words",), min_compliance=1.0, max_epochs=2.0)
+    lines: list[str] = []
+    reproduce(config, until="tuned", log=lines.append)
+    # a tiny random model never writes "a | b | c": one retraining, then the cap
+    assert any("training again with 2" in line for line in lines)
+    expert = json.loads((out / "stages" / "expert.json").read_text())["result"]
+    assert expert["epochs"] == 2.0 and [r["epochs"] for r in expert["runs"]] == [1.0, 2.0]
+    assert all(r["compliance"]["sort_words"] < 1.0 for r in expert["runs"])
+    tuned = json.loads((out / "stages" / "tuned.json").read_text())["result"]
+    assert tuned["epochs"] == 2.0  # one recipe for both
+    assert (out / "eval" / "sort_words" / "validation" / "expert-e2.jsonl").is_file()

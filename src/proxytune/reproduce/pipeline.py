@@ -389,7 +389,13 @@ class Experiment:
         with self.stage("expert") as info:
             if info["skipped"]:
                 return
-            epochs, fresh, runs = self.config.epochs, False, []
+            # a retraining interrupted midway resumes at its own epochs, with the runs before
+            progress = self.out / "stages" / "expert.progress.json"
+            key = settings_key(self.config.stage_settings("expert"))
+            known = json.loads(progress.read_text()) if progress.is_file() else {}
+            if known.get("key") != key:
+                known = {"epochs": self.config.epochs, "runs": []}
+            epochs, runs, fresh = float(known["epochs"]), list(known["runs"]), False
             while True:
                 run = self._fit("expert", self.config.small, epochs, fresh)
                 run["compliance"] = self.compliance("expert", self.config.small, epochs)
@@ -403,6 +409,7 @@ class Experiment:
                     f"training again with {epochs + 1:g}"
                 )
                 epochs, fresh = epochs + 1, True
+                progress.write_text(json.dumps({"key": key, "epochs": epochs, "runs": runs}))
             info.update(runs=runs, epochs=epochs, compliance=runs[-1]["compliance"])
             info.update(
                 {k: runs[-1][k] for k in ("train_loss_first_last", "validation_loss_first_last")}
