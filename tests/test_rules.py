@@ -563,8 +563,8 @@ def test_rule_mismatched_with_the_model_set_fails_before_any_token(tuner):
 
 def test_every_rule_is_described_and_round_trips_through_its_spec():
     assert set(RULES) == {
-        "proxy", "product", "mixture", "pairs", "base", "gated", "context", "rerank",
-        "plausible", "tokens", "args",
+        "proxy", "product", "mixture", "nudging", "pairs", "base", "gated", "context",
+        "rerank", "plausible", "union", "tokens", "args",
     }  # fmt: skip
     for item in describe():
         assert item["summary"] and item["formula"] and item["cost"], item["name"]

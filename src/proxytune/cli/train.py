@@ -1,4 +1,5 @@
-"""``proxytune train``: fine-tune a small model into an expert (SFT or DPO, full or LoRA)."""
+"""``proxytune train``: fine-tune a small model into an expert (SFT or DPO, full or LoRA; or a
+residual LoRA on top of a frozen big base, ``--objective residual --base BIG``)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ def train(
     out: Annotated[str, Opt(help=_th("out"))],
     lora: Annotated[bool, Opt(help=_th("lora"))] = False,
     dpo: Annotated[bool, Opt(help="DPO on prompt/chosen/rejected lines (default: SFT).")] = False,
+    objective: Annotated[str, Opt(help=_th("objective"))] = "sft",
+    base: Annotated[str | None, Opt(help=_th("base"))] = None,
+    base_top_k: Annotated[int, Opt(help=_th("base_top_k") + " 0: every token.")] = 64,
     epochs: Annotated[float | None, Opt(help="Passes over the data (default 1).")] = None,
     max_steps: Annotated[int | None, Opt(help=_th("max_steps"))] = None,
     eval_data: Annotated[str | None, Opt(help=_th("eval_data"))] = None,
@@ -72,6 +76,9 @@ def train(
             data=data,
             out=out,
             method="dpo" if dpo else "sft",
+            objective=objective,
+            base=base,
+            base_top_k=base_top_k or None,
             lora=lora,
             lora_r=lora_r,
             lora_alpha=lora_alpha,

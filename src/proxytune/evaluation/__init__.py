@@ -9,7 +9,8 @@
 Modules: :mod:`.tasks` (task definitions, built-in data), :mod:`.extract` and
 :mod:`.metrics` (pure scoring functions), :mod:`.scoring` (teacher-forced log-likelihood
 under the combined distribution), :mod:`.sandbox` (generated code in a separate process),
-:mod:`.systems`, :mod:`.runner`, :mod:`.report`, :mod:`.search`, :mod:`.lm_eval_adapter`.
+:mod:`.systems`, :mod:`.rerank` (a system that reranks finished answers), :mod:`.runner`,
+:mod:`.report`, :mod:`.search`, :mod:`.lm_eval_adapter`.
 Names load on first use, so the pure parts import without torch.
 """
 
@@ -40,6 +41,7 @@ _EXPORTS = {
     "ExecResult": "sandbox",
     "System": "systems",
     "standard_systems": "systems",
+    "RerankSystem": "rerank",
     "evaluate": "runner",
     "EvalReport": "runner",
     "SystemResult": "runner",

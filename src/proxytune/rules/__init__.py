@@ -23,9 +23,19 @@ from .base import (
     register,
     spec_of,
 )
-from .combine import Base, Mixture, Pairs, Product, Proxy, mixture_scores, product_scores
+from .combine import (
+    Base,
+    Mixture,
+    Nudging,
+    Pairs,
+    Product,
+    Proxy,
+    mixture_scores,
+    nudge_scores,
+    product_scores,
+)
 from .context import Combiner, PairInfo, Request, Rule, Sides, StepContext, TopKContext
-from .filters import Plausible, Rerank, Tokens, plausible_mask, top_k_mask
+from .filters import Plausible, Rerank, Tokens, Union, plausible_mask, top_k_mask, union_mask
 from .reward import Args, RewardScorer, args_scores, load_reward_model
 from .spec import describe, merge_specs, parse_rule_args
 
@@ -39,6 +49,7 @@ __all__ = [
     "FunctionRule",
     "Gated",
     "Mixture",
+    "Nudging",
     "PairInfo",
     "Pairs",
     "Plausible",
@@ -53,6 +64,7 @@ __all__ = [
     "StepContext",
     "Tokens",
     "TopKContext",
+    "Union",
     "args_scores",
     "calibrate",
     "choose_alphas",
@@ -63,10 +75,12 @@ __all__ = [
     "make_rule",
     "merge_specs",
     "mixture_scores",
+    "nudge_scores",
     "parse_rule_args",
     "plausible_mask",
     "product_scores",
     "register",
     "spec_of",
     "top_k_mask",
+    "union_mask",
 ]

@@ -6,6 +6,7 @@ the right tensors out of the :class:`~proxytune.rules.base.StepContext`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -16,7 +17,7 @@ from ..arithmetic import Alpha, combine_proxy, proxy_scores
 from ..errors import ConfigError
 from .base import RuleBase, is_zero, only_pair, register, row_alpha, rule_spec
 from .context import PairInfo, Request, Sides, StepContext
-from .settings import list_of, setting
+from .settings import list_of, number, setting
 
 NEG_INF = float("-inf")
 
@@ -60,6 +61,26 @@ def mixture_scores(
     terms += [torch.log(wi) + c for wi, c in zip(w, components, strict=True)]  # log(w_i p_Ei)
     mixed = torch.logsumexp(torch.stack(terms), dim=0)  # (B, V)
     return torch.where(total == 0, base, mixed)  # exact base where this row mixes nothing
+
+
+def nudge_scores(
+    base: torch.Tensor, expert: torch.Tensor, gamma: float, on: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Nudging: the expert's log-probs on rows where the base's top-1 probability is below
+    ``gamma``, the base's elsewhere, ``(B, V)``. ``on``: ``(B, 1)`` bool, rows that may nudge.
+
+    The base's top-1 probability is at least ``1 / V``, so ``gamma <= 1 / V`` is the base
+    alone; ``gamma = 1`` hands every row whose base is not certain to the expert.
+
+    >>> b = torch.log(torch.tensor([[0.5, 0.3, 0.2], [0.9, 0.05, 0.05]]))
+    >>> e = torch.log(torch.tensor([[0.1, 0.1, 0.8], [0.1, 0.1, 0.8]]))
+    >>> nudge_scores(b, e, 0.6).argmax(-1)  # row 0 hesitates (0.5 < 0.6): the expert writes
+    tensor([2, 0])
+    """
+    unsure = base.max(dim=-1, keepdim=True).values < math.log(gamma)  # (B, 1)
+    if on is not None:
+        unsure &= on
+    return torch.where(unsure, expert, base)
 
 
 def steer_delta(base: torch.Tensor, steered: torch.Tensor) -> torch.Tensor:
@@ -139,6 +160,52 @@ class Mixture(_ExpertsOnly):
 
     def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
         return mixture_scores(ctx.base, *self.experts(ctx))
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Nudging(_ExpertsOnly):
+    """Nudging: the base decodes and the expert writes the tokens where the base hesitates.
+
+    The expert runs at every step, not only at the nudged ones: every decode loop feeds each
+    running model every chosen token to keep its cache in step, and no loop yet catches a
+    model up on demand. The anti-expert is never run.
+    """
+
+    name = "nudging"
+    summary = (
+        "Nudging: the base decodes; at a step where its top-1 probability is below gamma, "
+        "the expert's distribution (greedy: its argmax) writes the token."
+    )
+    formula = "log p_E if max p_M < gamma else log p_M  (one pair; alpha 0 -> log p_M)"
+    cost = (
+        "one forward of the base and of the expert per token (the expert runs at every step "
+        "to keep its cache; anti-experts are not run)"
+    )
+
+    gamma: float = setting(
+        0.5,
+        "hand the token to the expert where the base's top-1 probability is below gamma",
+        number(0.0, 1.0, lo_open=True),
+    )
+
+    def check(self, request: Request) -> None:
+        super().check(request)
+        live = [i for i, p in enumerate(request.pairs) if not p.always_off]
+        if len(live) > 1:
+            raise ConfigError(
+                f"rule 'nudging' hands the token to one expert, but {len(live)} pairs are on; "
+                "keep one pair on (or give the others alpha 0)"
+            )
+
+    def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
+        experts, alphas = self.experts(ctx)
+        if not experts or is_zero(alphas[0]):
+            return ctx.base
+        on = None
+        if isinstance(alphas[0], torch.Tensor):  # per-row alpha: a row at 0 stays the base's
+            on = row_alpha(alphas[0], ctx.rows, ctx.base.device) != 0
+        return nudge_scores(ctx.base, experts[0], self.gamma, on)
 
 
 @register

@@ -8,15 +8,23 @@ candidate set is the base's and the pairs only re-rank inside it.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
 from ..errors import ConfigError
 from ..sampling import top_p_filter
-from .base import RuleBase, make_rule, register, require_tokens, rule_spec
+from .base import (
+    RuleBase,
+    is_zero,
+    make_rule,
+    register,
+    require_tokens,
+    row_alpha,
+    rule_spec,
+)
 from .context import Request, Rule, Sides, StepContext
 from .settings import (
     boolean,
@@ -58,6 +66,29 @@ def plausible_mask(base: torch.Tensor, tau: float = 0.0, top_p: float = 1.0) -> 
         keep &= base >= best + math.log(tau)
     if top_p < 1.0:
         keep &= ~torch.isneginf(top_p_filter(base, top_p))
+    return keep
+
+
+def union_mask(
+    base: torch.Tensor,
+    experts: Sequence[torch.Tensor],
+    tau: float,
+    on: Sequence[torch.Tensor | None] = (),
+) -> torch.Tensor:
+    """``(B, V)`` bool: tokens the base *or* any expert finds plausible (:func:`plausible_mask`
+    of each model at ``tau``). ``on[i]``: ``(B, 1)`` bool, rows where expert ``i`` has a say
+    (``None``: every row).
+
+    >>> b = torch.log(torch.tensor([[0.7, 0.2, 0.1]]))
+    >>> e = torch.log(torch.tensor([[0.1, 0.1, 0.8]]))
+    >>> union_mask(b, [e], 0.5)
+    tensor([[ True, False,  True]])
+    """
+    keep = plausible_mask(base, tau)
+    for i, expert in enumerate(experts):
+        said = plausible_mask(expert, tau)
+        gate = on[i] if i < len(on) else None
+        keep |= said if gate is None else said & gate
     return keep
 
 
@@ -137,6 +168,62 @@ class Plausible(_Wrapper):
         hint = (
             f"the inner rule rules out every token the base finds plausible (tau={self.tau}, "
             f"top_p={self.top_p}); lower tau or raise top_p"
+        )
+        return require_tokens(scores, self, ctx.step, hint)
+
+
+@dataclass(frozen=True)
+class _UnionState:
+    inner: Any
+    inner_needs: tuple[Sides, ...]  # what the inner rule reads (it sees only that)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Union(_Wrapper):
+    name = "union"
+    summary = (
+        "Union plausibility mask: keep a token if the base or an expert finds it plausible "
+        "(p >= tau x that model's best); the inner rule scores the kept tokens."
+    )
+    formula = "inner(t) if p_M(t) >= tau max p_M or p_Ei(t) >= tau max p_Ei for some i else -inf"
+    cost = "the inner rule's, plus each expert (run even if inner does not read it) and a max"
+
+    tau: float = setting(
+        0.1,
+        "keep p(t) >= tau * max p of the base or of an expert; 0 keeps every token",
+        number(0.0, 1.0),
+    )
+
+    def needs(self, request: Request) -> tuple[Sides, ...]:
+        inner = super().needs(request)
+        return tuple(
+            (e or (p.expert and not p.always_off), a)
+            for (e, a), p in zip(inner, request.pairs, strict=True)
+        )
+
+    def prepare(self, request: Request) -> _UnionState:
+        return _UnionState(self.inner.bind(request), tuple(self.inner.needs(request)))
+
+    def step(self, ctx: StepContext, state: _UnionState) -> torch.Tensor:
+        seen = tuple(
+            (e if ne else None, a if na else None)
+            for (e, a), (ne, na) in zip(ctx.pairs, state.inner_needs, strict=True)
+        )
+        scores = state.inner(replace(ctx, pairs=seen))
+        if self.tau == 0.0:
+            return scores
+        experts, on = [], []
+        for (expert, _), alpha in zip(ctx.pairs, ctx.alphas, strict=True):
+            if expert is None or is_zero(alpha):  # a pair at alpha 0 has no say
+                continue
+            experts.append(expert)
+            tensor = isinstance(alpha, torch.Tensor)
+            on.append(row_alpha(alpha, ctx.rows, ctx.base.device) != 0 if tensor else None)
+        scores = scores.masked_fill(~union_mask(ctx.base, experts, self.tau, on), NEG_INF)
+        hint = (
+            f"the inner rule rules out every token the base or an expert finds plausible "
+            f"(tau={self.tau}); lower tau"
         )
         return require_tokens(scores, self, ctx.step, hint)
 

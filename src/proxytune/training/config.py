@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from ..errors import ConfigError
 
 METHODS = ("sft", "dpo")
+OBJECTIVES = ("sft", "residual")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEFAULT_LR = {("sft", False): 2e-5, ("sft", True): 2e-4, ("dpo", False): 1e-6, ("dpo", True): 2e-5}
 """Learning rates used when none is given: (method, lora) -> rate."""
@@ -35,6 +36,15 @@ class TrainConfig:
     data: str = _help("JSONL: prompt/completion, messages, or prompt/chosen/rejected.", "")
     out: str = _help("Output directory: the adapter or the full model, and checkpoints.", "")
     method: str = _help("sft (supervised) or dpo (preference pairs).", "sft")
+    objective: str = _help(
+        "sft (the task alone) or residual (what the frozen --base lacks: cross-entropy of "
+        "softmax(log p_base + log p_expert - log p_small), needs --lora).",
+        "sft",
+    )
+    base: str | None = _help("Residual: the big base model, frozen (same tokenizer).")
+    base_top_k: int | None = _help(
+        "Residual: base log-probs kept per answer token (top k; none: every token).", 64
+    )
     lora: bool = _help("Train a LoRA adapter instead of every weight.", False)
     lora_r: int = _help("LoRA rank.", 16)
     lora_alpha: float = _help("LoRA scaling numerator (scale = alpha / r).", 32.0)
@@ -74,7 +84,29 @@ class TrainConfig:
         for name in ("model", "data", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required")
+        residual = self.objective == "residual"
         checks = [
+            (
+                self.objective in OBJECTIVES,
+                f"objective must be one of {OBJECTIVES}, got {self.objective!r}",
+            ),
+            (not residual or bool(self.base), "objective residual needs the big model: --base"),
+            (
+                not residual or self.lora,
+                "objective residual trains a LoRA (the anti-expert is the adapter off): add --lora",
+            ),
+            (
+                not residual or self.method == "sft",
+                "objective residual trains on prompt/completion data: drop --dpo",
+            ),
+            (
+                self.base is None or residual,
+                "--base is read only by --objective residual; add it or drop --base",
+            ),
+            (
+                self.base_top_k is None or self.base_top_k >= 1,
+                f"base_top_k must be at least 1 (or none for every token), got {self.base_top_k}",
+            ),
             (self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {PRECISIONS}"),
             (self.overlong in ("refuse", "truncate"), "overlong must be refuse or truncate"),

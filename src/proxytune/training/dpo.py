@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
 
 from .encode import IGNORE, EncodedPair
 from .sft import pad_right
+from .trainer import LossOnlyTrainer
 
 
 def dpo_loss(
@@ -115,10 +115,8 @@ def reference_logps(
     return out
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(LossOnlyTrainer):
     """``Trainer`` with the DPO loss; logs the implicit rewards like trl does."""
-
-    loss_is_scaled_for_ga = False  # the loss is a per-batch mean: Trainer divides it for GA
 
     def __init__(self, *args: Any, beta: float = 0.1, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -147,18 +145,6 @@ class DPOTrainer(Trainer):
         stats["rewards/margins"].append(float((chosen - rejected).mean()))
         stats["rewards/accuracies"].append(float((chosen > rejected).float().mean()))
         return (loss.mean(), None) if return_outputs else loss.mean()
-
-    def prediction_step(
-        self,
-        model: Any,
-        inputs: dict[str, Any],
-        prediction_loss_only: bool,
-        ignore_keys: list[str] | None = None,
-    ) -> tuple[torch.Tensor, None, None]:
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"

@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from .config import TrainConfig
 
 FORMAT = 1
-SAME_ON_RESUME = ("model", "method", "lora", "template", "system")
+SAME_ON_RESUME = ("model", "method", "objective", "base", "lora", "template", "system")
 
 
 def read_meta(out: str | Path) -> dict[str, Any] | None:

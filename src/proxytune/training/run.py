@@ -110,7 +110,14 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         model = _with_lora(model, config)
     args = _arguments(config, out, device, len(train_set), bool(eval_set))
     pad_id = loaded.pad_id
-    if config.method == "dpo":
+    if config.objective == "residual":
+        from .residual import ResidualCollator, ResidualDataset, ResidualTrainer
+
+        collator = ResidualCollator(pad_id)
+        datasets = [ResidualDataset(train_set), ResidualDataset(eval_set) if eval_set else None]
+        vocab = _precompute_base(config, loaded, datasets, collator, args.device)
+        trainer_cls, extra = ResidualTrainer, {"vocab": vocab}
+    elif config.method == "dpo":
         from .dpo import DPOCollator, DPODataset, DPOTrainer, reference_logps
 
         collator: Any = DPOCollator(pad_id)
@@ -158,6 +165,47 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         metrics=metrics,
         log_history=list(trainer.state.log_history),
     )
+
+
+def _residual_base(config: TrainConfig, small: Any) -> tuple[Any, int]:
+    """The frozen big base, loaded, and the ids it shares with the small model; a one-line
+    error where their tokenizers differ."""
+    from ..backends.hf import load_hf
+    from ..errors import VocabularyMismatchError
+    from ..vocab import shared_vocab_size
+
+    assert config.base is not None  # validated
+    base = load_hf(ModelSpec(config.base, device="cpu", dtype="float32"))
+    named = [
+        (name, m.tokenizer, m.model.get_output_embeddings().weight.shape[0])
+        for name, m in ((config.model, small), (config.base, base))
+    ]
+    try:
+        return base, shared_vocab_size(named)
+    except VocabularyMismatchError as err:
+        detail = str(err).split(". ")[0]
+        raise ConfigError(
+            f"--base {config.base!r} must share the tokenizer of --model {config.model!r} for "
+            f"residual training ({detail}); pick a base of the same model family"
+        ) from None
+
+
+def _precompute_base(
+    config: TrainConfig, small: Any, datasets: list[Any], collator: Any, device: Any
+) -> int:
+    """The frozen base's top-k log-probs on every example, once (then the base is freed);
+    returns the shared vocabulary size."""
+    from .residual import base_top_k
+
+    base, vocab = _residual_base(config, small)
+    model = base.model.to(device)
+    for ds in datasets:
+        if ds is not None:
+            ds.base = base_top_k(
+                model, ds, collator, config.batch_size, device, vocab, config.base_top_k
+            )
+    del model, base
+    return vocab
 
 
 def _read(config: TrainConfig, path: str) -> list[Any]:
