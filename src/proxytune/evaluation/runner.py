@@ -286,7 +286,7 @@ class _Scorer:
         self.groups: dict[str, list[System]] = {}
         by_key: dict[tuple[int, str], list[System]] = {}
         for s in systems:
-            if isinstance(s.alpha, (int, float)) and s.tuner.pairs and not s.prefix:
+            if isinstance(s.alpha, (int, float)) and s.tuner.pairs and not getattr(s, "prefix", ""):
                 by_key.setdefault((id(s.tuner), repr(s.rule)), []).append(s)
         for group in by_key.values():
             if len(group) > 1:
