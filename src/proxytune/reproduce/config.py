@@ -34,8 +34,33 @@ RULES: dict[str, Any] = {
     "gated": {"name": "gated"},
     "rerank": {"name": "rerank", "k": 10},
     "mixture": "mixture",
+    "nudging": {"name": "nudging"},
+    "union": {"name": "union", "tau": 0.1},
+    "w2s": {"system": "RerankSystem", "k": 3},
 }
-"""Steering rules a run can compare, by the name used in its tables."""
+"""Steering rules a run can compare, by the name used in its tables. ``nudging`` sweeps its
+``gamma`` (:data:`GAMMAS`) where the others sweep alpha; ``w2s`` is not a per-token rule but the
+short-answer weak-to-strong rerank (:class:`~proxytune.evaluation.RerankSystem`), its ``beta``
+swept over the alpha grid."""
+GAMMAS = (0.2, 0.4, 0.6, 0.8)
+"""nudging's validation grid: the base's top-1 probability below which the expert writes."""
+
+
+def sweep_grid(rule: str, alphas: tuple[float, ...]) -> tuple[float, ...]:
+    """The values a rule is validated over (alpha, or nudging's gamma)."""
+    return GAMMAS if rule == "nudging" else alphas
+
+
+def swept_name(rule: str) -> str:
+    """What a rule's swept value is called in the tables."""
+    return {"nudging": "gamma", "w2s": "beta"}.get(rule, "a")
+
+
+def steering(rule: str, value: float) -> tuple[float, Any]:
+    """``(alpha, rule spec)`` of ``rule`` at its swept ``value``."""
+    if rule == "nudging":
+        return PRIMARY_ALPHA, {**RULES[rule], "gamma": value}
+    return value, RULES[rule]
 
 
 @dataclass(frozen=True)
@@ -61,7 +86,7 @@ class ReproduceConfig:
     alphas: tuple[float, ...] = ALPHAS
     """Validation sweep (extended while the best is the largest); each rule is tested at its
     best alpha, and ``proxy`` at alpha 1 too."""
-    rules: tuple[str, ...] = ("proxy", "product")
+    rules: tuple[str, ...] = ("proxy", "product", "nudging", "union")
     epochs: float = 1.0
     """Training epochs to start from; raised by one while the expert follows the taught format
     on under ``min_compliance`` of any task's validation items (at most ``max_epochs``)."""
@@ -215,6 +240,8 @@ class ReproduceConfig:
             "rules": {r: RULES[r] for r in self.rules},
             "dtype": self.dtype,
         }
+        if "nudging" in self.rules:
+            evaluation["gammas"] = list(GAMMAS)
         if stage in ("validation", "test", "analysis", "report"):
             if stage == "analysis":
                 evaluation["analysis_examples"] = self.analysis_examples
@@ -293,6 +320,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         "sizes": {t: _TINY_SIZES for t in ("arith", "pyexpr", "gcd", "sort_words", "truthfulqa")},
         "alphas": (0.5, 1.0),
+        "rules": ("proxy", "product", "nudging", "union", "w2s"),
         "epochs": 1.0,
         "min_compliance": 0.0,
         "max_epochs": 1.0,

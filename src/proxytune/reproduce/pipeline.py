@@ -43,6 +43,8 @@ from .config import (
     changed_settings,
     differences,
     settings_key,
+    steering,
+    sweep_grid,
 )
 from .screen import SCREEN_SYSTEMS, screened_from_scores, screening_table, select
 from .tasks import SPLITS, TaskKind, eval_task, fewshot_prefix, make_splits, sft_rows
@@ -513,34 +515,42 @@ class Experiment:
 
     # evaluation stages -------------------------------------------------------------------
 
-    def validate(self) -> dict[str, Any]:
-        """Each rule over the alpha grid, extended x1.5 while its best is the largest alpha."""
+    def steered(self, name: str, rule: str, value: float, role: str = "other") -> Any:
+        """The system of ``rule`` at its swept ``value`` (alpha, nudging's gamma or the
+        rerank's beta) on the proxy tuner."""
+        from ..evaluation.rerank import RerankSystem
         from ..evaluation.systems import System
 
+        tuner = self.proxy_tuner()
+        if rule == "w2s":
+            k = RULES["w2s"]["k"]
+            return RerankSystem(name, tuner, beta=value, k=k, alpha=PRIMARY_ALPHA, role=role)
+        alpha, spec = steering(rule, value)
+        return System(name, tuner, role, alpha, spec)
+
+    def validate(self) -> dict[str, Any]:
+        """Each rule over its grid; an alpha grid is extended x1.5 while its best is the
+        largest alpha."""
         with self.stage("validation") as info:
             if info["skipped"]:
                 return {}
-            tuner = self.proxy_tuner()
             chosen: dict[str, dict[str, float]] = {}
             sweep: dict[str, dict[str, dict[str, float | None]]] = {}
             for task in self.tasks:
                 primary = self.kind(task).primary
                 chosen[task], sweep[task] = {}, {}
                 for rule in self.config.rules:
-                    alphas = list(self.config.alphas)
+                    alphas = list(sweep_grid(rule, self.config.alphas))
                     points: dict[str, float | None] = {}
                     for _ in range(MAX_EXTENSIONS + 1):
                         todo = [a for a in alphas if f"{a:g}" not in points]
-                        systems = [
-                            System(f"{rule}@{a:g}", tuner, "proxy", float(a), RULES[rule])
-                            for a in todo
-                        ]
+                        systems = [self.steered(f"{rule}@{a:g}", rule, a, "proxy") for a in todo]
                         report = self._evaluate(task, "validation", systems)
                         points.update(
                             {f"{a:g}": report.score(f"{rule}@{a:g}", primary) for a in todo}
                         )
                         best = _best(alphas, points)
-                        if best != max(alphas) or len(alphas) < 2:
+                        if rule == "nudging" or best != max(alphas) or len(alphas) < 2:
                             break
                         alphas.append(round(max(alphas) * 1.5, 4))
                     sweep[task][rule] = points
@@ -573,10 +583,10 @@ class Experiment:
             System("proxy", tuner, "proxy", PRIMARY_ALPHA, RULES["proxy"]),
         ]
         if chosen["proxy"] != PRIMARY_ALPHA:
-            systems.append(System("proxy@val", tuner, "other", chosen["proxy"], RULES["proxy"]))
+            systems.append(self.steered("proxy@val", "proxy", chosen["proxy"]))
         for rule in self.config.rules:
             if rule != "proxy":
-                systems.append(System(rule, tuner, "other", chosen[rule], RULES[rule]))
+                systems.append(self.steered(rule, rule, chosen[rule]))
         return systems
 
     def test(self) -> None:

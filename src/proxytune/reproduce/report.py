@@ -14,7 +14,7 @@ from ..evaluation.stats import Estimate, aligned, diff_interval, gap_interval, m
 from ..evaluation.store import ResultStore
 from ..extras import MissingExtraError, require
 from .analysis import CLASSES, token_classes
-from .config import PRIMARY_ALPHA
+from .config import PRIMARY_ALPHA, swept_name
 from .screen import SelectionRule, screening_table
 
 if TYPE_CHECKING:
@@ -261,7 +261,8 @@ def markdown(
         for metric, m in res["metrics"].items():
             rows = m["systems"]
             cells = [
-                f"{rows[r]['estimate'].percent()} (a={rows[r]['alpha']:g}; gap {_gap(rows[r], m)})"
+                f"{rows[r]['estimate'].percent()} ({swept_name(r)}={rows[r]['alpha']:g}; "
+                + (f"gap {_gap(rows[r], m)})" if m["has_gap"] else "no gap)")
                 if r in rows
                 else "-"
                 for r in others
