@@ -435,7 +435,7 @@ def _prepare(
     except ConfigError as err:
         text = _hide_paths(str(err), tuner)
         head = text.split(" ", 1)[0].rstrip(":")
-        known = ("alpha", "active_pairs", "rule", "temperature", "top_p", "top_k", "min_p", "stop")
+        known = type(req).model_fields  # messages start with the field they are about
         param = head if head.split("[", 1)[0].split(".", 1)[0] in known else None
         if text.startswith(("prompt", "message")):
             param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
