@@ -491,6 +491,9 @@ def serve(
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     if host not in settings.allowed_hosts and host not in ("0.0.0.0", "::"):
         settings = replace(settings, allowed_hosts=(*settings.allowed_hosts, host))
+    # every request would fail otherwise (a chat format on a model without a chat template);
+    # an API base may come up later, so it is not run here
+    tuner.check_ready(step=getattr(tuner.base.model, "client", None) is None)
     app = create_app(tuner, settings)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
     return run_draining(config, app.state.scheduler, settings.shutdown_timeout)
