@@ -21,6 +21,7 @@ from serving import serve_in_thread
 from proxytune import ProxyTuner
 from proxytune.errors import ConfigError
 from proxytune.prompts import PromptFormat
+from proxytune.schedules import Constant
 from proxytune.server import ServerSettings, create_app
 from proxytune.testing import cpu_tuner, save_tiny_lora, save_tiny_model
 
@@ -259,6 +260,18 @@ def test_a_model_set_is_checked_end_to_end_before_it_serves(tiny_dirs, root):
     )
     with pytest.raises(ConfigError, match=r"the expert\[0\] \(.*nochat\) " + NO_CHAT):
         chat.check_ready(step=False)  # the renders alone already refuse it
+
+    strong = dataclasses.replace(tuner.pairs[0], alpha=Constant(1.5))  # the pair's own alpha
+    with pytest.raises(ConfigError, match=r"probe prompt failed: alpha: rule 'mixture' .* 1.5"):
+        ProxyTuner(tuner.base, [strong], rule="mixture").check_ready()
+    # the rule is checked against the models, the alphas where they run: two pairs at their
+    # own alpha 1 take the mixture with a call's alphas that sum to at most 1
+    from proxytune.server.pairs import renumbered
+
+    two = ProxyTuner(tuner.base, [tuner.pairs[0], renumbered(tuner.pairs[0], 1)], rule="mixture")
+    assert two.generate("Hello", alpha=[0.5, 0.4], max_new_tokens=2)[0].token_ids
+    with pytest.raises(ConfigError, match=r"^alpha: rule 'mixture' .*got 1, 1;"):
+        two.generate("Hello", max_new_tokens=2)
 
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")

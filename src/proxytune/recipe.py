@@ -164,14 +164,13 @@ def _rule(spec: Any, pairs: list[tuple[Any, Any, Any]]) -> Any:
     if spec is None:
         return None
     from .rules import PairInfo, Request, RuleBase, make_rule  # torch: only when a rule is named
-    from .schedules import Constant, alpha_range
+    from .schedules import Constant
 
     rule = make_rule(spec, where="rule")
     if isinstance(rule, RuleBase):
-        schedules = [as_schedule(alpha) for _, _, alpha in pairs]
         infos = [
-            PairInfo(e is not None, a is not None, s == Constant(0.0), alpha_range(s))
-            for (e, a, _), s in zip(pairs, schedules, strict=True)
+            PairInfo(e is not None, a is not None, as_schedule(alpha) == Constant(0.0))
+            for e, a, alpha in pairs
         ]
         try:
             rule.check(Request(pairs=tuple(infos)))

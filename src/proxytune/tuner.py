@@ -99,12 +99,13 @@ class ProxyTuner:
         return other
 
     def _checked_rule(self, rule: RuleSpec) -> Rule:
-        """``rule`` as a :class:`~proxytune.rules.Rule`, checked against this model set."""
+        """``rule`` as a :class:`~proxytune.rules.Rule`, checked against this model set (not
+        its alphas: a call may give others; :meth:`prepare` checks the alphas it runs)."""
         built = make_rule(rule)
         if isinstance(built, RuleBase):
             built.check(
                 Request(
-                    pairs=tuple(p.info for p in self.pairs),
+                    pairs=tuple(replace(p.info, alpha_range=None) for p in self.pairs),
                     vocab_size=self.vocab_size,
                     tokenizer=self.tokenizer,
                     eos_token_ids=self.eos_token_ids,
