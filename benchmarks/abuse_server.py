@@ -11,8 +11,10 @@ and prints a table: category | tried | handled | defects, then the 5xx answers (
 own 503s aside), tracebacks in the server log, an innocent request's latency alone and while
 abusive requests run, and the server's peak RSS. A defect is a 5xx for a client error, a wrong
 status, a dropped keep-alive connection, a request left running in ``/health``, an innocent
-request slowed by others' content, a cut stream or a non-zero exit after a clean drain. Exit
-status: 1 if any defect.
+request slowed by others' content, a slow connection left open past its deadline, an admin
+action that leaves the server failing requests, a cut stream or a non-zero exit after a clean
+drain. The admin API is tried on a second server (an API key, a model root). Exit status: 1 if
+any defect.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ import httpx
 C, CH = "/v1/completions", "/v1/chat/completions"
 MAX_BODY = 256 * 1024  # the server's --max-body-bytes here
 MAX_QUEUE, MAX_BATCH = 4, 8
+READ_TIMEOUT = 2.0  # the server's --header-timeout and --body-timeout here (seconds)
+MAX_CONNECTIONS = 32  # its --max-client-connections
+KEY = "abuse-key"  # the admin server's --api-key
 
 
 @dataclass
@@ -51,12 +56,20 @@ class Outcome:
 class Battery:
     """A running server, the answers it gave and the outcomes per category."""
 
-    def __init__(self, url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    def __init__(
+        self,
+        url: str,
+        proc: subprocess.Popen[bytes],
+        log: Path,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         self.url, self.proc, self.log = url, proc, log
-        self.client = httpx.Client(base_url=url, timeout=60)  # one keep-alive connection
+        self.client = httpx.Client(base_url=url, timeout=60, headers=headers)  # one keep-alive
         self.statuses: list[int] = []
         self.outcomes: dict[str, Outcome] = {}
         self.innocent: dict[str, float] = {}
+        self.other_logs: list[str] = []
+        """The logs of the other servers a category started (their tracebacks count)."""
 
     # answers ------------------------------------------------------------------------------
 
@@ -69,20 +82,30 @@ class Battery:
         self.statuses.append(r.status_code)
         return r
 
-    def expect(self, r: httpx.Response | str, want: set[int], words: str = "") -> str | None:
+    def expect(
+        self,
+        r: httpx.Response | str,
+        want: set[int],
+        words: str = "",
+        param: str | None = None,
+    ) -> str | None:
         """``None`` when ``r`` has a status in ``want`` (a 4xx with an OpenAI error body holding
-        ``words``) and the keep-alive connection still answers; else the defect."""
+        ``words``, naming ``param`` where given) and the keep-alive connection still answers;
+        else the defect."""
         if isinstance(r, str):
             return f"no answer ({r})"
         if r.status_code not in want:
             return f"status {r.status_code} (want {sorted(want)}): {r.text[:160]}"
         if 400 <= r.status_code < 500:
             try:
-                message = r.json()["error"]["message"]
+                error = r.json()["error"]
+                message = error["message"]
             except (ValueError, KeyError, TypeError):
                 return f"status {r.status_code} without an OpenAI error body: {r.text[:120]}"
             if words not in message:
                 return f"message {message[:160]!r} does not say {words!r}"
+            if param is not None and error.get("param") != param:
+                return f"param {error.get('param')!r}, not {param!r}: {message[:120]!r}"
         after = self.send("GET", "/health")
         if isinstance(after, str) or after.status_code != 200:
             return f"the keep-alive connection failed after it ({after})"
@@ -239,6 +262,61 @@ def nested_rules(b: Battery, quick: bool) -> Iterator[tuple[str, str | None]]:
         yield "temperature 1e-39", b.expect(b.send("POST", C, json=body), {400}, "temperature")
 
 
+MIXTURE = "in [0, 1]"
+RULE_BOUNDS: list[tuple[str, dict[str, Any], str, str]] = [  # issue 28: (name, body, param, words)
+    ("mixture alpha 1.5", {"rule": "mixture", "alpha": 1.5}, "alpha", MIXTURE),
+    ("mixture alpha -0.1", {"rule": "mixture", "alpha": -0.1}, "alpha", MIXTURE),
+    ("mixture alpha 100", {"rule": "mixture", "alpha": 100}, "alpha", MIXTURE),
+    ("mixture alpha -100", {"rule": "mixture", "alpha": -100}, "alpha", MIXTURE),
+    (
+        "mixture alpha scheduled 0 -> 5",
+        {"rule": "mixture", "alpha": {"schedule": "linear", "start": 0, "end": 5, "steps": 3}},
+        "alpha",
+        MIXTURE,
+    ),
+    (
+        "product expert temperature 1e-300",
+        {"rule": {"name": "product", "temperatures": {"expert": 1e-300}}},
+        "rule.temperatures['expert']",
+        "[0.0001,",
+    ),
+    (
+        "proxy base temperature 1e-320",
+        {"rule": {"name": "proxy", "temperatures": {"base": 1e-320}}},
+        "rule.temperatures['base']",
+        "[0.0001,",
+    ),
+    (
+        "a temperature of 1e300",
+        {"rule": {"name": "proxy", "temperatures": {"anti_expert": 1e300}}},
+        "rule.temperatures['anti_expert']",
+        "10000.0]",
+    ),
+    (
+        "context rules[].alpha 1e300",
+        {"rule": {"name": "context", "rules": [{"keyword": "x", "alpha": 1e300}]}},
+        "rule.rules[0].alpha",
+        "[-100.0, 100.0]",
+    ),
+]
+
+
+def rule_bounds(b: Battery, quick: bool) -> Iterator[tuple[str, str | None]]:
+    """Settings past a rule's own bounds: a 400 naming the field, before the request is
+    queued (so a stream gets the 400 too, not a 200 whose events end in an error)."""
+    for name, extra, param, words in RULE_BOUNDS[:: 3 if quick else 1]:
+        body = {"prompt": "hi", "max_tokens": 3, **extra}
+        yield name, b.expect(b.send("POST", C, json=body), {400}, words, param)
+    body = {"prompt": "hi", "max_tokens": 3, "rule": "mixture", "alpha": 1.5, "stream": True}
+    yield (
+        "a stream with mixture alpha 1.5",
+        b.expect(b.send("POST", C, json=body), {400}, "", "alpha"),
+    )
+    infinity = b'{"prompt": "hi", "max_tokens": 3, "repetition_penalty": Infinity}'
+    r = b.send("POST", C, **raw(infinity))
+    yield "repetition_penalty Infinity", b.expect(r, {400}, "finite", "repetition_penalty")
+
+
 REDOS = [  # the first runs past the 0.1 s budget (400); the engine matches the others in time
     ("(a|aa)+$", "a" * 40 + "!"),
     ("(a+)+$", "a" * 26 + "!"),
@@ -291,6 +369,64 @@ def phantom_cancels(b: Battery, quick: bool) -> Iterator[tuple[str, str | None]]
         with httpx.stream("POST", f"{b.url}{C}", json={**long, "stream": True}) as r:
             next(r.iter_lines())  # the first chunk, then the client leaves
         yield "a stream left after its first chunk", b.idle()
+
+
+HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+SLOW = {  # what a slow client sends, then nothing more
+    "a partial head": HEAD,
+    "a partial body": HEAD + b'Content-Length: 100\r\n\r\n{"prompt": ',
+    "a chunk size of 16 MiB and 3 bytes": HEAD + b"Transfer-Encoding: chunked\r\n\r\nFFFFFF\r\nabc",
+    "chunked with no final chunk": HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+}
+
+
+def slow_answers(b: Battery, payloads: list[bytes]) -> list[tuple[bytes, float]]:
+    """Open one connection per payload at once, send it, then read until the server closes:
+    each answer's first line and when the connection closed (seconds after the last one
+    opened). A connection still open past the deadline and a margin is answered b"open"."""
+    host, port = b.url.removeprefix("http://").split(":")
+    margin = READ_TIMEOUT + 8
+    socks = []
+    for payload in payloads:
+        s = socket.create_connection((host, int(port)), timeout=margin)
+        s.sendall(payload)
+        socks.append(s)
+    opened = time.monotonic()
+    out = []
+    for s in socks:
+        got = b""
+        with s:
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except TimeoutError:
+                got = b"open"
+            except ConnectionResetError:
+                pass  # closed while its payload was still unread: closed all the same
+        head = got.split(b"\r\n", 1)[0]
+        b.statuses.append(int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else 0)
+        out.append((head, time.monotonic() - opened))
+    return out
+
+
+def slow_clients(b: Battery, quick: bool) -> Iterator[tuple[str, str | None]]:
+    """Connections whose head or body never completes get a 408 and are closed within the
+    server's deadline; past the per-client cap, one more gets a 429 at once."""
+    bound = READ_TIMEOUT + 3  # the deadline, and a margin for a busy machine
+    answers = slow_answers(b, list(SLOW.values()))
+    for name, (head, took) in zip(SLOW, answers, strict=True):
+        ok = head.startswith(b"HTTP/1.1 408 ") and took < bound
+        yield name, None if ok else f"answered {head!r} after {took:.1f} s"
+    many = MAX_CONNECTIONS + 8
+    answers = slow_answers(b, [SLOW["a partial body"]] * many)
+    codes = [head.split(b" ")[1] if head.startswith(b"HTTP/1.1 ") else head for head, _ in answers]
+    late = max(took for _, took in answers)
+    fine = set(codes) <= {b"408", b"429"} and codes.count(b"429") >= many - MAX_CONNECTIONS
+    defect = (
+        None if fine and late < bound else f"answers {sorted(set(codes))}, last after {late:.1f} s"
+    )
+    yield f"{many} slow bodies at once, past the cap of {MAX_CONNECTIONS}", defect
+    yield "served again once they closed", b.expect(b.send("GET", "/health"), {200})
 
 
 def load(b: Battery, quick: bool) -> Iterator[tuple[str, str | None]]:
@@ -363,14 +499,69 @@ def shutdown(b: Battery, quick: bool) -> Iterator[tuple[str, str | None]]:
     yield "exit status after a clean drain", None if code == 0 else f"exit status {code}"
 
 
+def admin_api(b: Battery, quick: bool) -> Iterator[tuple[str, str | None]]:
+    """The admin API on a second server (an API key, the models' folder as its root): hostile
+    names, paths and headers get a clean 4xx; a load that would fail every request (a chat
+    format on a model without a chat template) is refused and the server keeps answering."""
+    root = b.log.parent
+    url, proc, log = start_server(root, ["--api-key", KEY, "--model-root", str(root)], "admin")
+    a = Battery(url, proc, log, headers={"Authorization": f"Bearer {KEY}"})
+    try:
+        before = a.send("GET", "/admin/pairs")
+        pairs = before.json() if isinstance(before, httpx.Response) else None
+        expert, anti = str(root / "exp"), str(root / "anti")
+        model = {"expert": expert, "expert_prompt": "raw"}
+        for name in ("%2e%2e", ".hidden", "a%00b"):
+            r = a.send("PUT", f"/admin/pairs/{name}", json=model)
+            yield f"PUT /admin/pairs/{name}", a.expect(r, {400}, "not starting with '.'")
+        nul = {"expert": expert[:4] + "\x00" + expert[4:], "expert_prompt": "raw"}
+        r = a.send("PUT", "/admin/pairs/p", json=nul)
+        yield "a NUL in a model path", a.expect(r, {400}, "NUL character")
+        for order in ("wrong, then right", "right, then wrong"):
+            right, wrong = ("authorization", f"Bearer {KEY}"), ("authorization", "Bearer nope")
+            headers = [wrong, right] if order.startswith("wrong") else [right, wrong]
+            r = httpx.get(f"{url}/admin/pairs", headers=headers)
+            a.statuses.append(r.status_code)
+            yield f"two Authorization headers, {order}", a.expect(r, {401}, "one 'Authorization")
+        chat = {"expert": str(root / "nochat"), "expert_prompt": "chat", "anti_expert": anti}
+        r = a.send("PUT", "/admin/pairs/0", json={**chat, "anti_expert_prompt": "raw"})
+        yield "load a chat format without a chat template", a.expect(r, {400}, "chat template")
+        after = a.send("GET", "/admin/pairs")
+        same = isinstance(after, httpx.Response) and after.json() == pairs
+        yield "the pairs are unchanged", None if same else f"now {after}"
+        body = {"prompt": "hi", "max_tokens": 3}
+        yield "completions after the refused load", a.expect(a.send("POST", C, json=body), {200})
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
+        yield "chat after the refused load", a.expect(a.send("POST", CH, json=body), {200})
+        if not quick:
+            r = a.send("PUT", "/admin/pairs/extra", json={**model, "anti_expert": anti})
+            yield "load a good pair", a.expect(r, {200})
+            body = {"prompt": "hi", "max_tokens": 3, "rule": "mixture", "alpha": [0.5, 0.6]}
+            yield (
+                "mixture weights over 1 in sum",
+                a.expect(a.send("POST", C, json=body), {400}, MIXTURE, "alpha"),
+            )
+            yield "unload it", a.expect(a.send("DELETE", "/admin/pairs/extra"), {200})
+    finally:
+        a.client.close()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        b.statuses += a.statuses
+        b.other_logs.append(log.read_text(errors="replace"))
+    yield "the admin server's exit status", None if code == 0 else f"exit status {code}"
+
+
 CATEGORIES: list[tuple[str, Callable[[Battery, bool], Iterator[tuple[str, str | None]]]]] = [
     ("oversized bodies", oversized),
     ("deep or broken JSON", deep_json),
     ("nested and hostile rules", nested_rules),
+    ("rule bounds", rule_bounds),
     ("ReDoS regexes", redos),
     ("content types and hosts", content_types),
+    ("slow clients", slow_clients),
     ("phantom cancels", phantom_cancels),
     ("load and an innocent request", load),
+    ("admin API", admin_api),
     ("SIGTERM drain", shutdown),
 ]
 
@@ -378,10 +569,21 @@ CATEGORIES: list[tuple[str, Callable[[Battery, bool], Iterator[tuple[str, str | 
 # the server ---------------------------------------------------------------------------------
 
 
-def start_server(root: Path) -> tuple[str, subprocess.Popen[bytes], Path]:
+def start_server(
+    root: Path, extra: list[str] | None = None, name: str = "server"
+) -> tuple[str, subprocess.Popen[bytes], Path]:
+    """``proxytune serve`` on the tiny models in ``root`` (made on the first call: base, exp,
+    anti, and ``nochat``, the expert without its chat template), with ``extra`` options."""
+    import shutil
+
     from proxytune.testing import save_tiny_model
 
-    paths = [save_tiny_model(root / r, seed=i) for i, r in enumerate(("base", "exp", "anti"))]
+    paths = [root / r for r in ("base", "exp", "anti")]
+    if not paths[0].exists():
+        for i, path in enumerate(paths):
+            save_tiny_model(path, seed=i)
+        shutil.copytree(paths[1], root / "nochat")
+        (root / "nochat" / "chat_template.jinja").unlink()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -389,7 +591,9 @@ def start_server(root: Path) -> tuple[str, subprocess.Popen[bytes], Path]:
     cmd += ["--expert", str(paths[1]), "--anti-expert", str(paths[2]), "--device", "cpu"]
     cmd += ["--dtype", "float32", "--port", str(port), "--max-body-bytes", str(MAX_BODY)]
     cmd += ["--max-queue", str(MAX_QUEUE), "--max-batch-size", str(MAX_BATCH)]
-    log = root / "server.log"
+    cmd += ["--header-timeout", str(READ_TIMEOUT), "--body-timeout", str(READ_TIMEOUT)]
+    cmd += ["--max-client-connections", str(MAX_CONNECTIONS), *(extra or ())]
+    log = root / f"{name}.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with log.open("wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -437,7 +641,7 @@ def run(quick: bool) -> dict[str, Any]:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        text = log.read_text(errors="replace")
+        text = "\n".join([log.read_text(errors="replace"), *b.other_logs])
     return {
         "categories": {k: vars(v) for k, v in b.outcomes.items()},
         "status_5xx": sum(s >= 500 for s in b.statuses),

@@ -15,8 +15,9 @@ from typing import Any
 
 
 @contextlib.contextmanager
-def serve_in_thread(app: Any, start_timeout: float = 20.0) -> Iterator[str]:
-    """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a thread.
+def serve_in_thread(app: Any, start_timeout: float = 20.0, **config: Any) -> Iterator[str]:
+    """Serve an ASGI ``app`` with uvicorn on a free 127.0.0.1 port in a thread (``config``:
+    more ``uvicorn.Config`` settings, e.g. ``http``).
 
     Yields the base URL (``http://127.0.0.1:PORT``); start and stop are bounded in time.
     """
@@ -25,7 +26,9 @@ def serve_in_thread(app: Any, start_timeout: float = 20.0) -> Iterator[str]:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(
+        uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5, **config)
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout

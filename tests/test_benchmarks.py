@@ -53,8 +53,9 @@ def test_bench_api_base_prints_its_tables_and_the_id_path_is_exact():
 
 
 def test_abuse_battery_finds_no_defect(tmp_path):
-    """Issue 16: a few cases of every category of benchmarks/abuse_server.py (the full battery
-    is the script without --quick): each answered as documented, nothing 5xx, no traceback."""
+    """Issues 16 and 28: a few cases of every category of benchmarks/abuse_server.py (the full
+    battery is the script without --quick): each answered as documented, nothing 5xx, no
+    traceback."""
     out = tmp_path / "abuse.json"
     cmd = [sys.executable, str(BENCHMARKS / "abuse_server.py"), "--quick", "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -63,4 +64,5 @@ def test_abuse_battery_finds_no_defect(tmp_path):
     report = json.loads(out.read_text())
     assert report["status_5xx"] == 0 and report["tracebacks"] == 0
     categories = report["categories"]
-    assert len(categories) == 8 and all(c["tried"] == c["handled"] > 0 for c in categories.values())
+    assert len(categories) == 11
+    assert all(c["tried"] == c["handled"] > 0 for c in categories.values())

@@ -87,6 +87,20 @@ def test_proxy_rule_is_the_paper_formula_bit_for_bit():
     assert torch.equal(Proxy()(ctx(pairs=((None, None),), alphas=(3.0,))), T(B))
 
 
+def test_rule_temperatures_are_bounded_so_the_scores_stay_finite():
+    for t in (1e-300, 5e-324, 1e-5, 1e300, 0.0, -1.0, math.inf):
+        with pytest.raises(
+            ConfigError,
+            match=r"temperatures\['expert'\] must be a finite number in \[0.0001, 10000.0\]",
+        ):
+            make_rule({"name": "product", "temperatures": {"expert": t}})
+    masked = T([[0.0, -INF, 1.0, 2.0]])  # a masked token: -inf / T must not turn into NaN
+    for t in (1e-4, 1e4):
+        rule = make_rule({"name": "proxy", "temperatures": {"base": t, "expert": t}})
+        got = rule(ctx(base=masked, pairs=((T(E[:1]), T(A[:1])),)))
+        assert not got.isnan().any() and torch.isneginf(got[0, 1])
+
+
 def test_calibration_divides_each_model_by_its_temperature_before_combining():
     rule = Proxy(temperatures={"base": 0.5, "expert": 2.0})
     got = rule(ctx())
@@ -140,8 +154,39 @@ def test_mixture_by_hand_and_its_limits():
     # per-row weights: a row with w = 0 is the base bit for bit
     per_row = Mixture()(ctx(alphas=(torch.tensor([[0.0], [0.5]]),)))
     assert torch.equal(per_row[0], T(B)[0])
-    with pytest.raises(ConfigError, match=r"sum at most 1"):
+    with pytest.raises(ConfigError, match=r"summing to at most 1"):
         Mixture()(ctx(pairs=((T(E), None), (T(A), None)), alphas=(0.6, 0.6)))
+
+
+def pair(lo: float, hi: float | None = None, **kw) -> PairInfo:
+    return PairInfo(alpha_range=(lo, lo if hi is None else hi), **kw)
+
+
+def test_mixture_refuses_weights_outside_its_range_before_any_model_runs():
+    refused = {
+        "1.5": (pair(1.5),),
+        "-0.1": (pair(-0.1),),
+        "0 to 5": (pair(0.0, 5.0),),  # a schedule that leaves [0, 1] only later
+        "0.6, 0.6": (pair(0.6), pair(0.6)),  # each in range, their sum is not
+    }
+    for got, pairs in refused.items():
+        with pytest.raises(ConfigError, match=rf"^alpha: rule 'mixture' .* \[0, 1\].*got {got};"):
+            Mixture().needs(Request(pairs=pairs))
+    fine = (pair(0.3), pair(0.0, 0.7), pair(9.0, always_off=True), PairInfo())
+    assert Mixture().needs(Request(pairs=fine))  # PairInfo(): a function, checked as it runs
+    # nested: the ranges follow the alphas a context rule picks, pair by pair
+    context = {"name": "context", "rules": [{"keyword": "sql", "alpha": 3.0}], "inner": "mixture"}
+    with pytest.raises(ConfigError, match=r"got 3;"):
+        make_rule(context).needs(Request(prompts=("sql",), pairs=(pair(0.5),)))
+    assert make_rule(context).needs(Request(prompts=("poem",), pairs=(pair(0.5),)))
+    replaced = {**context, "default": 0.3}  # every prompt gets 0.3: the pair's own 7 never runs
+    assert make_rule(replaced).bind(Request(prompts=("poem",), pairs=(pair(7.0),)))
+    with pytest.raises(ConfigError, match=r"got 1.5;"):
+        make_rule({**context, "scale": True}).needs(Request(prompts=("sql",), pairs=(pair(0.5),)))
+    with pytest.raises(ConfigError, match=r"got 2;"):
+        make_rule({"name": "pairs", "rules": ["proxy", "mixture"]}).needs(
+            Request(pairs=(pair(5.0), pair(2.0)))
+        )
 
 
 def test_mixture_is_stable_where_probabilities_underflow():
@@ -229,6 +274,13 @@ def test_context_turns_on_a_pair_whose_own_alpha_is_zero_and_checks_its_settings
         Context(rules=[{"keyword": "x", "alpha": [1.0, 2.0]}]).needs(Request(pairs=(off,)))
     with pytest.raises(ConfigError, match="needs at least one"):
         make_rule({"name": "context", "rules": []})
+    for spec in (
+        {"rules": [{"keyword": "x", "alpha": 1e300}]},
+        {"rules": [{"keyword": "x", "alpha": [1, -101]}]},
+        {"rules": [{"keyword": "x", "alpha": 1}], "default": 1e9},
+    ):
+        with pytest.raises(ConfigError, match=r"must be a finite number in \[-100.0, 100.0\]"):
+            make_rule({"name": "context", **spec})  # as a request's own alpha
     chat = [{"role": "system", "content": "You write SQL."}, {"role": "user", "content": "hi"}]
     assert choose_alphas(chat, [{"keyword": "sql", "alpha": 2.0}]) == 2.0
 

@@ -265,6 +265,10 @@ HUGE_BIAS = {"name": "tokens", "bias": {"5": 1.7e308}}
 
 
 REDOS = {"name": "context", "rules": [{"regex": "(a|aa)+$", "alpha": 1}]}  # backtracks
+LINEAR_0_5 = {"schedule": "linear", "start": 0, "end": 5, "steps": 4}
+PRODUCT_COLD = {"name": "product", "temperatures": {"expert": 1e-300}}
+PROXY_COLD = {"name": "proxy", "temperatures": {"base": 1e-320}}
+CONTEXT_HUGE = {"name": "context", "rules": [{"keyword": "x", "alpha": 1e300}]}
 
 
 def deep_rule(depth: int) -> dict:
@@ -310,6 +314,13 @@ BAD = [  # (route, body, status, param, words in the message)
     (CH, {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", ""),
     (CH, {"messages": USER, "tools": [{"type": "function"}]}, 400, "tools", "not supported"),
     (CH, {"messages": USER, "seed": 1.5}, 400, "seed", "valid integer"),
+    # a rule's own bounds, asked before the request is queued (issue 28)
+    (C, {"prompt": "x", "rule": "mixture", "alpha": 1.5}, 400, "alpha", "in [0, 1]"),
+    (C, {"prompt": "x", "rule": "mixture", "alpha": -0.1}, 400, "alpha", "got -0.1"),
+    (C, {"prompt": "x", "rule": "mixture", "alpha": LINEAR_0_5}, 400, "alpha", "got 0 to 5"),
+    (C, {"prompt": "x", "rule": PRODUCT_COLD}, 400, "rule.temperatures['expert']", "[0.0001,"),
+    (C, {"prompt": "x", "rule": PROXY_COLD}, 400, "rule.temperatures['base']", "[0.0001,"),
+    (C, {"prompt": "x", "rule": CONTEXT_HUGE}, 400, "rule.rules[0].alpha", "[-100.0, 100.0]"),
 ]
 
 
@@ -326,6 +337,9 @@ def test_bad_input_gets_an_openai_error_naming_the_field(url, route, body, statu
 def test_malformed_requests_and_the_server_keeps_serving(url, client):
     nan = httpx.post(f"{url}{C}", content=b'{"prompt": "x", "alpha": NaN}')
     assert nan.status_code == 400 and nan.json()["error"]["param"] == "alpha"
+    inf = httpx.post(f"{url}{C}", content=b'{"prompt": "x", "repetition_penalty": Infinity}')
+    assert inf.status_code == 400 and inf.json()["error"]["param"] == "repetition_penalty"
+    assert "finite" in inf.json()["error"]["message"]
     for content in (b"{nope", b"[1, 2]", b"\xff"):
         r = httpx.post(f"{url}{C}", content=content)
         assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
@@ -585,6 +599,18 @@ def test_a_failing_rule_fails_its_request_with_500_and_the_server_keeps_serving(
         assert good.status_code == 200
         assert metric(u, "proxytune_generation_failures_total") == 2
         assert httpx.get(f"{u}/health").json()["status"] == "ok"
+
+
+def test_a_rule_setting_out_of_range_is_a_400_even_for_a_stream(url):
+    """Refused while the request is prepared, before it is queued: a stream gets a 400, not a
+    200 whose events end in an error."""
+    failed = 'proxytune_requests_total{endpoint="/v1/completions",status="500"}'
+    before = metric(url, failed), metric(url, "proxytune_generation_failures_total")
+    body = {"prompt": "hi", "max_tokens": 3, "rule": "mixture", "alpha": 1.5, "stream": True}
+    with httpx.stream("POST", f"{url}{C}", json=body, timeout=30) as r:
+        r.read()
+    assert r.status_code == 400 and r.json()["error"]["param"] == "alpha"
+    assert (metric(url, failed), metric(url, "proxytune_generation_failures_total")) == before
 
 
 def test_a_backtracking_regex_never_freezes_the_server(url):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import threading
@@ -18,6 +19,9 @@ import httpx
 from serving import serve_in_thread
 
 from proxytune import ProxyTuner
+from proxytune.errors import ConfigError
+from proxytune.prompts import PromptFormat
+from proxytune.schedules import Constant
 from proxytune.server import ServerSettings, create_app
 from proxytune.testing import cpu_tuner, save_tiny_lora, save_tiny_model
 
@@ -36,6 +40,9 @@ def root(tiny_dirs, tmp_path_factory) -> Path:
     (root / "broken").mkdir()
     (root / "broken" / "config.json").write_text("{not json")
     import shutil
+
+    shutil.copytree(root / "expert2", root / "nochat")  # a model without a chat template
+    (root / "nochat" / "chat_template.jinja").unlink()
 
     import torch
     from safetensors.torch import load_file
@@ -146,6 +153,28 @@ def test_unloading_a_pair_frees_its_model(served, tiny_dirs, root):
     assert missing.status_code == 404 and "'0'" in missing.json()["error"]["message"]
 
 
+def test_an_added_pair_joins_every_request_that_names_no_active_pairs(served, tiny_dirs, root):
+    """The documented behaviour (docs/operations.md): a loaded pair is one more pair of the
+    served set, run by default at its alpha like the recipe's; one loaded at alpha 0 is
+    staged: it runs only for a request that gives it an alpha."""
+    from proxytune.server.pairs import renumbered
+
+    url, _ = served
+    one = cpu_tuner(tiny_dirs["base"], tiny_dirs["expert"], tiny_dirs["anti"])
+    other = cpu_tuner(tiny_dirs["base"], root / "expert2", tiny_dirs["anti"])
+    both = ProxyTuner(one.base, [one.pairs[0], renumbered(other.pairs[0], 1)])
+    sides = {"expert": str(root / "expert2"), "anti_expert": str(tiny_dirs["anti"])}
+    alone = complete(url, PROMPTS[0])
+    assert alone == texts(one)[0]
+    assert put(url, "extra", **sides).status_code == 200
+    assert complete(url, PROMPTS[0]) == texts(both)[0] != alone  # it joined
+    assert complete(url, PROMPTS[0], active_pairs=[0]) == alone
+    assert put(url, "extra", **sides, alpha=0).status_code == 200  # staged
+    assert complete(url, PROMPTS[0]) == alone
+    assert complete(url, PROMPTS[0], alpha=[1.0, 1.0]) == texts(both)[0]
+    assert httpx.delete(f"{url}/admin/pairs/extra", headers=AUTH).status_code == 200
+
+
 def test_a_pair_that_fails_to_load_leaves_the_running_set_untouched(served, tiny_dirs, root):
     url, _ = served
     before = httpx.get(f"{url}/admin/pairs", headers=AUTH).json()
@@ -157,6 +186,99 @@ def test_a_pair_that_fails_to_load_leaves_the_running_set_untouched(served, tiny
         assert "\n" not in message and "broken" in message
     assert httpx.get(f"{url}/admin/pairs", headers=AUTH).json() == before
     assert complete(url, PROMPTS[1]) == want
+
+
+NO_CHAT = "cannot read a prompt: prompt format 'chat' was chosen for a model whose tokenizer"
+
+
+def test_a_load_that_would_break_serving_is_refused_and_changes_nothing(
+    served, tiny_dirs, root, capsys
+):
+    """The new set is probed end to end before the swap (a text and a chat prompt rendered by
+    every model, one scored step): a chat format on a model without a chat template would
+    otherwise load and then fail every request."""
+    from proxytune.cli import main
+
+    url, _ = served
+    before = httpx.get(f"{url}/admin/pairs", headers=AUTH).json()
+    want = complete(url, PROMPTS[1])
+    sides = {"expert": str(root / "nochat"), "anti_expert": str(tiny_dirs["anti"])}
+    for name in ("0", "new"):
+        r = put(url, name, **sides, expert_prompt="chat")
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["code"] == "pair_not_loaded" and NO_CHAT in error["message"]
+        assert error["message"].startswith("refused, nothing changed: the expert[")
+    common = ["--server", url, "--api-key", KEY, "--expert-prompt", "chat"]
+    load = [
+        "pairs",
+        "load",
+        "0",
+        "--expert",
+        sides["expert"],
+        "--anti-expert",
+        sides["anti_expert"],
+    ]
+    assert main([*load, *common]) == 2
+    assert NO_CHAT in capsys.readouterr().err
+    assert httpx.get(f"{url}/admin/pairs", headers=AUTH).json() == before
+    assert complete(url, PROMPTS[1]) == want
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    assert httpx.post(f"{url}/v1/chat/completions", json=chat, headers=AUTH).status_code == 200
+    assert put(url, "new", **sides, expert_prompt="raw").status_code == 200  # raw reads it
+
+
+def test_serve_refuses_at_start_up_a_model_set_that_would_fail_every_request(
+    tiny_dirs, root, monkeypatch, capsys
+):
+    import proxytune.server.shutdown
+    from proxytune.cli import main
+
+    served = []
+    monkeypatch.setattr(
+        proxytune.server.shutdown, "run_draining", lambda *a, **k: served.append(a) or 0
+    )
+    models = ["serve", "--base", str(tiny_dirs["base"]), "--anti-expert", str(tiny_dirs["anti"])]
+    models += ["--device", "cpu", "--dtype", "float32", "--anti-expert-prompt", "raw"]
+    assert main([*models, "--expert", str(root / "nochat"), "--expert-prompt", "chat"]) == 2
+    assert NO_CHAT in capsys.readouterr().err and not served
+    assert main([*models, "--expert", str(root / "nochat"), "--expert-prompt", "raw"]) == 0
+    assert len(served) == 1
+
+
+def test_a_model_set_is_checked_end_to_end_before_it_serves(tiny_dirs, root):
+    tuner = cpu_tuner(tiny_dirs["base"], root / "nochat", tiny_dirs["anti"])  # raw: fine
+    tuner.check_ready()
+    chat = ProxyTuner(
+        tuner.base,
+        [
+            dataclasses.replace(
+                tuner.pairs[0],
+                expert=dataclasses.replace(tuner.pairs[0].expert, prompt=PromptFormat("chat")),
+            )
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"the expert\[0\] \(.*nochat\) " + NO_CHAT):
+        chat.check_ready(step=False)  # the renders alone already refuse it
+
+    strong = dataclasses.replace(tuner.pairs[0], alpha=Constant(1.5))  # the pair's own alpha
+    with pytest.raises(ConfigError, match=r"probe prompt failed: alpha: rule 'mixture' .* 1.5"):
+        ProxyTuner(tuner.base, [strong], rule="mixture").check_ready()
+    # the rule is checked against the models, the alphas where they run: two pairs at their
+    # own alpha 1 take the mixture with a call's alphas that sum to at most 1
+    from proxytune.server.pairs import renumbered
+
+    two = ProxyTuner(tuner.base, [tuner.pairs[0], renumbered(tuner.pairs[0], 1)], rule="mixture")
+    assert two.generate("Hello", alpha=[0.5, 0.4], max_new_tokens=2)[0].token_ids
+    with pytest.raises(ConfigError, match=r"^alpha: rule 'mixture' .*got 1, 1;"):
+        two.generate("Hello", max_new_tokens=2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    tuner.pairs[0].anti_expert.model.start = broken
+    with pytest.raises(ConfigError, match="one decoding step on a probe prompt failed: Runtime"):
+        tuner.check_ready()
 
 
 def test_the_admin_api_checks_the_key_and_the_model_roots(served, tiny_dirs, root, tmp_path):
@@ -181,6 +303,26 @@ def test_the_admin_api_checks_the_key_and_the_model_roots(served, tiny_dirs, roo
     assert put(url, "bad name!", expert=str(root / "expert2")).status_code == 400
     pickled = put(url, "p", expert=str(root / "pickled"))  # no --allow-pickle: refused
     assert pickled.status_code in (400, 422) and "safetensors" in pickled.text
+    assert "--allow-pickle" in pickled.text and "allow_pickle=True (Python)" in pickled.text
+    assert names(url) == ["0"]
+
+
+def test_hostile_admin_requests_get_a_clean_4xx_and_change_nothing(served, tiny_dirs, root):
+    url, _ = served
+    model = str(root / "expert2")
+    for name in ("%2e%2e", "%2e", ".hidden", "a%00b", "caf%C3%A9"):
+        r = put(url, name, expert=model)
+        assert r.status_code == 400, (name, r.text)
+        assert "not starting with '.'" in r.json()["error"]["message"]
+    r = put(url, "p", expert=model[:5] + "\x00" + model[5:])
+    assert r.status_code == 400 and "NUL character" in r.json()["error"]["message"]
+    assert "ValueError" not in r.text
+    r = httpx.delete(f"{url}/admin/pairs/a%00b", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "no_pair"
+    wrong = ("Authorization", "Bearer wrong")
+    for headers in ([wrong, *AUTH.items()], [*AUTH.items(), wrong], [*AUTH.items()] * 2):
+        r = httpx.get(f"{url}/admin/pairs", headers=headers)
+        assert r.status_code == 401 and "send one 'Authorization" in r.text, headers
     assert names(url) == ["0"]
 
 

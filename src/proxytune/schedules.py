@@ -12,6 +12,10 @@ from .errors import ConfigError
 Schedule = Callable[[int], float]
 """Maps a 0-based decoding step to an alpha."""
 
+MAX_ABS_ALPHA = 100.0
+"""The largest alpha a request or a context rule may give (either sign): larger ones overflow
+nothing useful and can turn the scores into inf - inf = NaN."""
+
 
 def check_alpha(value: Any, where: str = "alpha") -> float:
     """Return ``value`` as a finite float, or raise :class:`ConfigError` naming ``where``."""
@@ -79,6 +83,20 @@ class Checked:
 
     def __repr__(self) -> str:
         return f"Checked({self.fn!r})"
+
+
+def alpha_range(schedule: Schedule) -> tuple[float, float] | None:
+    """The lowest and highest alpha ``schedule`` takes over all steps; ``None`` for a user
+    function (unknown until it runs).
+
+    >>> alpha_range(Linear(1.0, 0.0, 8))
+    (0.0, 1.0)
+    """
+    if isinstance(schedule, Constant):
+        return (schedule.alpha, schedule.alpha)
+    if isinstance(schedule, Linear):
+        return (min(schedule.start, schedule.end), max(schedule.start, schedule.end))
+    return None
 
 
 def as_schedule(spec: float | int | Schedule | Mapping[str, Any], where: str = "alpha") -> Schedule:

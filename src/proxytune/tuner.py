@@ -15,7 +15,7 @@ from .engine.capabilities import is_top_k_only
 from .engine.members import Member, Pair
 from .engine.plain import decode
 from .engine.prepare import Prepared, prepare
-from .errors import ConfigError
+from .errors import ConfigError, ProxyTuneError
 from .overlap import can_overlap
 from .prompts import Prompt, PromptFormat, TokenIds, resolve_prompt
 from .results import GenerationResult, StepUpdate, TokenLogprob
@@ -29,6 +29,8 @@ RuleSpec = str | Mapping[str, Any] | Rule | None
 function ``StepContext -> (B, V)``; ``None`` is the paper's ``proxy`` rule."""
 OptionsSpec = EngineOptions | Mapping[str, Any] | None
 """Engine options (:class:`~proxytune.config.EngineOptions`) or a mapping of them."""
+PROBE_PROMPTS: tuple[Prompt, ...] = ("Hello", [{"role": "user", "content": "Hello"}])
+"""What :meth:`ProxyTuner.check_ready` renders and scores: a text and a chat."""
 
 
 class ProxyTuner:
@@ -97,12 +99,13 @@ class ProxyTuner:
         return other
 
     def _checked_rule(self, rule: RuleSpec) -> Rule:
-        """``rule`` as a :class:`~proxytune.rules.Rule`, checked against this model set."""
+        """``rule`` as a :class:`~proxytune.rules.Rule`, checked against this model set (not
+        its alphas: a call may give others; :meth:`prepare` checks the alphas it runs)."""
         built = make_rule(rule)
         if isinstance(built, RuleBase):
             built.check(
                 Request(
-                    pairs=tuple(p.info for p in self.pairs),
+                    pairs=tuple(replace(p.info, alpha_range=None) for p in self.pairs),
                     vocab_size=self.vocab_size,
                     tokenizer=self.tokenizer,
                     eos_token_ids=self.eos_token_ids,
@@ -359,6 +362,28 @@ class ProxyTuner:
         calls :meth:`adopt`."""
         with _SWAP:
             return copy.copy(self)
+
+    def check_ready(self, step: bool = True) -> None:
+        """Refuse a model set that would fail every request, before it serves one: each
+        model renders a text and a chat probe prompt in its prompt format, then (``step``)
+        one greedy step is scored on both (every model's forward, the rule, the alphas).
+        Raises :class:`~proxytune.errors.ConfigError` naming the model and the reason."""
+        for m in self.members:
+            for prompt in PROBE_PROMPTS:
+                try:
+                    m.prompt.render(prompt, m.model.tokenizer)
+                except ConfigError as err:
+                    raise ConfigError(
+                        f"the {m.role} ({m.model.name}) cannot read a prompt: {err}"
+                    ) from None
+        if not step:
+            return
+        try:
+            for _ in self.steps(PROBE_PROMPTS, max_new_tokens=1, temperature=0, speculative=0):
+                pass  # one step: every row ends at its first token
+        except Exception as err:  # the rule, the alphas, or a model's forward
+            what = "" if isinstance(err, ProxyTuneError) else f"{type(err).__name__}: "
+            raise ConfigError(f"one decoding step on a probe prompt failed: {what}{err}") from None
 
     # generation -----------------------------------------------------------------------------
 

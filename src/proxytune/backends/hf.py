@@ -198,8 +198,10 @@ def _load_hint(path: str, what: str, err: Exception) -> str:
     if "safetensors" in text.lower() or "use_safetensors" in text:
         return (
             f"could not load the {what} of {path!r}: no safetensors weights found ({text}). "
-            "Pickle (.bin) weights can run code when loaded: convert them to safetensors, or "
-            "set allow_pickle=True if you trust the source."
+            "Pickle (.bin) weights can run code when loaded: convert them to safetensors, or, "
+            "if you trust the source, allow pickle: --allow-pickle (proxytune serve's admin "
+            "API, proxytune train), allow_pickle: true (a recipe's model) or allow_pickle=True "
+            "(Python)."
         )
     return (
         f"could not load the {what} of {path!r}: {text}. Pass an existing local directory, a "

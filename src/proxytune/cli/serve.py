@@ -101,6 +101,15 @@ def serve(
     allow_pickle: Annotated[
         bool, Opt(help="Let the admin API load pickled (.bin) weights (pickle can run code).")
     ] = False,
+    header_timeout: Annotated[
+        float, Opt(help="Seconds a client has to send a request's headers; then 408.")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, Opt(help="Seconds a request's body has to arrive after its headers; then 408.")
+    ] = 30.0,
+    max_client_connections: Annotated[
+        int, Opt(help="Connections one client address may hold (0: no cap; raise behind a proxy).")
+    ] = 128,
 ) -> None:
     """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""
     from ..extras import require
@@ -146,6 +155,9 @@ def serve(
         drift_thresholds=parse_thresholds(drift_threshold or ()),
         drift_window=drift_window,
         drift_min_tokens=drift_min_tokens,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
+        max_client_connections=max_client_connections,
     )
     tuner = build_tuner(
         ModelOptions(

@@ -15,7 +15,7 @@ from ..errors import ConfigError
 from ..prompts import Prompt
 from ..rules import Rule
 from ..rules.base import check_rule_size
-from ..schedules import Constant, Schedule, as_schedule
+from ..schedules import MAX_ABS_ALPHA, Constant, Schedule, as_schedule
 from .members import Member, Pair
 from .prepare import Prepared, prepare
 
@@ -52,10 +52,6 @@ def request_alphas(
         active = [i in set(active_pairs) for i in range(len(pairs))]
     schedules = [s if on else Constant(0.0) for s, on in zip(schedules, active, strict=True)]
     return schedules, active
-
-
-MAX_ABS_ALPHA = 100.0
-"""Larger alphas overflow nothing useful and can turn the scores into inf - inf = NaN."""
 
 
 def _user_alpha(value: Any, where: str) -> Schedule:

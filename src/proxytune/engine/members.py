@@ -8,7 +8,7 @@ from ..backends.base import LogitsModel
 from ..errors import ConfigError
 from ..prompts import PromptFormat
 from ..rules import PairInfo
-from ..schedules import Constant, Schedule
+from ..schedules import Constant, Schedule, alpha_range
 
 
 @dataclass(frozen=True)
@@ -46,4 +46,9 @@ class Pair:
     @property
     def info(self) -> PairInfo:
         """What a rule may know about this pair before any model runs."""
-        return PairInfo(self.expert is not None, self.anti_expert is not None, self.always_off)
+        return PairInfo(
+            self.expert is not None,
+            self.anti_expert is not None,
+            self.always_off,
+            alpha_range(self.alpha),
+        )

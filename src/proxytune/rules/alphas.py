@@ -15,8 +15,8 @@ import torch
 
 from ..errors import ConfigError
 from ..prompts import raw_text
-from .base import is_zero, register, row_alpha
-from .context import Request, Sides, StepContext
+from .base import Bound, RuleBase, is_zero, register, row_alpha
+from .context import Combiner, Request, Sides, StepContext
 from .filters import _Wrapper
 from .settings import alphas, boolean, number, optional, prompt_rules, setting
 
@@ -157,7 +157,14 @@ class Context(_Wrapper):
     )
 
     def check(self, request: Request) -> None:
-        super().check(request)
+        self._check_own(request)
+        if isinstance(self.inner, RuleBase):
+            self.inner.check(self._inner_request(request, self._per_prompt(request)))
+
+    def _check_own(self, request: Request) -> None:
+        """This rule's settings against the model set (the inner rule is checked on the
+        alphas this rule picks, by :meth:`check`, :meth:`needs` and :meth:`bind`)."""
+        RuleBase.check(self, request)
         n = len(request.pairs)
         named = [(f"rules[{i}].alpha", r["alpha"]) for i, r in enumerate(self.rules)]
         for where, value in [*named, ("default", self.default)]:
@@ -178,17 +185,32 @@ class Context(_Wrapper):
             )
         return tuple(out)
 
-    def needs(self, request: Request) -> tuple[Sides, ...]:
-        self.check(request)
-        chosen = self._per_prompt(request)
+    def _inner_request(
+        self, request: Request, chosen: tuple[tuple[float, ...] | None, ...]
+    ) -> Request:
+        """``request`` as the inner rule sees it: a pair switched on by a rule runs, and each
+        pair's alpha range covers the alphas the rules pick."""
         pairs = tuple(
-            replace(p, always_off=p.always_off and (self.scale or not _turned_on(chosen, i)))
+            replace(
+                p,
+                always_off=p.always_off and (self.scale or not _turned_on(chosen, i)),
+                alpha_range=_picked_range(
+                    p.alpha_range, [None if c is None else c[i] for c in chosen], self.scale
+                ),
+            )
             for i, p in enumerate(request.pairs)
         )
-        return self.inner.needs(replace(request, pairs=pairs))
+        return replace(request, pairs=pairs)
 
-    def prepare(self, request: Request) -> _ContextState:
-        return _ContextState(super().prepare(request), self._per_prompt(request))
+    def needs(self, request: Request) -> tuple[Sides, ...]:
+        self._check_own(request)
+        return self.inner.needs(self._inner_request(request, self._per_prompt(request)))
+
+    def bind(self, request: Request) -> Combiner:
+        self._check_own(request)
+        chosen = self._per_prompt(request)
+        inner = self.inner.bind(self._inner_request(request, chosen))
+        return Bound(self, _ContextState(inner, chosen))
 
     def step(self, ctx: StepContext, state: _ContextState) -> torch.Tensor:
         picked = [state.chosen[p] for p in ctx.prompt_index]  # per row
@@ -204,6 +226,22 @@ class Context(_Wrapper):
             value = value * own if self.scale else value
             new.append(torch.where(has, value, own))
         return state.inner(replace(ctx, alphas=tuple(new)))
+
+
+def _picked_range(
+    own: tuple[float, float] | None, picked: list[float | None], scale: bool
+) -> tuple[float, float] | None:
+    """A pair's alpha range once the context rules picked ``picked`` (per prompt; ``None``:
+    the pair's own alphas): the picks, times the pair's own range with ``scale``."""
+    values: list[float] = []
+    for v in picked:
+        if v is not None and not scale:
+            values.append(v)
+        elif own is None:
+            return None
+        else:
+            values += own if v is None else [v * own[0], v * own[1]]
+    return (min(values), max(values)) if values else own
 
 
 def _turned_on(chosen: tuple[tuple[float, ...] | None, ...], pair: int) -> bool:

@@ -16,9 +16,15 @@ from typing import Any, ClassVar
 import torch
 
 from ..arithmetic import Alpha
+from ..config import MIN_TEMPERATURE
 from ..errors import ConfigError, NumericalError
 from .context import Combiner, Request, Rule, Sides, StepContext
 from .settings import mapping_of, number, role_key, setting
+
+MAX_RULE_TEMPERATURE = 1e4
+"""The largest per-model temperature: past it a model is uniform anyway, and a float32
+``-inf / T`` for ``T`` that overflows to inf is NaN (the smallest is the decoding temperature's,
+:data:`~proxytune.config.MIN_TEMPERATURE`: below it ``log p / T`` overflows)."""
 
 # -- helpers shared by the rules ------------------------------------------------------------
 
@@ -205,8 +211,9 @@ class RuleBase:
     temperatures: Mapping[str, float] = setting(
         dict,
         "per-model temperature before combining, e.g. {expert: 0.7}; keys base, expert, "
-        "anti_expert, expert[i], anti_expert[i]",
-        mapping_of(role_key, number(0.0, lo_open=True)),
+        f"anti_expert, expert[i], anti_expert[i]; each in [{MIN_TEMPERATURE:g}, "
+        f"{MAX_RULE_TEMPERATURE:g}]",
+        mapping_of(role_key, number(MIN_TEMPERATURE, MAX_RULE_TEMPERATURE)),
         factory=True,
     )
 

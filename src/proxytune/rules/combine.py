@@ -51,11 +51,8 @@ def mixture_scores(
         return base
     w = [row_alpha(x, rows, base.device) for x in weights]  # each (B, 1)
     total = torch.cat(w, dim=-1).sum(dim=-1, keepdim=True)  # (B, 1)
-    if any(bool((x < 0).any()) for x in w) or bool((total > 1.0 + 1e-6).any()):
-        raise ConfigError(
-            "rule 'mixture' uses each pair's alpha as its mixing weight: every weight must be "
-            f"in [0, 1] and their sum at most 1; got {[x.flatten().tolist() for x in w]}"
-        )
+    lowest = min(float(x.min()) for x in w)
+    check_mixture_weights(lowest, float(total.max()), str([x.flatten().tolist() for x in w]))
     rest = (1.0 - total).clamp(min=0.0)
     terms = [torch.log(rest) + base]  # (B, V): log((1 - sum w) p_M)
     terms += [torch.log(wi) + c for wi, c in zip(w, components, strict=True)]  # log(w_i p_Ei)
@@ -81,6 +78,22 @@ def nudge_scores(
     if on is not None:
         unsure &= on
     return torch.where(unsure, expert, base)
+
+
+MIXTURE_TOLERANCE = 1e-6
+"""How far past 1 the weights' sum may go (float rounding of weights such as 0.7 + 0.3)."""
+
+
+def check_mixture_weights(lowest: float, total: float, got: str) -> None:
+    """Refuse mixing weights (each pair's alpha) below 0, or summing past 1: the base would
+    keep a negative share of the mass. ``lowest``: the smallest weight; ``total``: the largest
+    sum of the weights; ``got``: the weights, for the message."""
+    if lowest < 0 or total > 1.0 + MIXTURE_TOLERANCE:
+        raise ConfigError(
+            "alpha: rule 'mixture' takes each pair's alpha as its mixing weight, which must be "
+            f"in [0, 1] with the pairs' weights summing to at most 1; got {got}; send alpha "
+            "between 0 and 1 (or use rule 'proxy' or 'product' for larger steering)"
+        )
 
 
 def steer_delta(base: torch.Tensor, steered: torch.Tensor) -> torch.Tensor:
@@ -157,6 +170,19 @@ class Mixture(_ExpertsOnly):
     )
     formula = "log((1 - sum_i w_i) p_M + sum_i w_i p_Ei),  w_i = alpha_i"
     cost = "one forward of the base and of each expert per token; a logsumexp over (B, V)"
+
+    def check(self, request: Request) -> None:
+        """Each read pair's alpha range (over the steps) within the mixture's bounds, before
+        anything runs (a schedule given as a function is checked as it runs instead)."""
+        super().check(request)
+        ranges = [
+            p.alpha_range
+            for p in request.pairs
+            if p.expert and not p.always_off and p.alpha_range is not None
+        ]
+        if ranges:
+            got = ", ".join(f"{lo:g}" if lo == hi else f"{lo:g} to {hi:g}" for lo, hi in ranges)
+            check_mixture_weights(min(lo for lo, _ in ranges), sum(hi for _, hi in ranges), got)
 
     def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
         return mixture_scores(ctx.base, *self.experts(ctx))

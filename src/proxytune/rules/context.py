@@ -32,6 +32,8 @@ class PairInfo:
     anti_expert: bool = True
     always_off: bool = False
     """Its alpha is a constant 0: under most rules it cannot change anything."""
+    alpha_range: tuple[float, float] | None = None
+    """The lowest and highest alpha it takes over the steps (``None``: unknown, a function)."""
 
 
 @dataclass(frozen=True)

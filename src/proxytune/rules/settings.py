@@ -17,6 +17,7 @@ from typing import Any
 import regex
 
 from ..errors import ConfigError
+from ..schedules import MAX_ABS_ALPHA
 
 Convert = Callable[[Any, str], Any]
 
@@ -147,10 +148,12 @@ def role_key(value: Any, where: str) -> str:
 
 
 def alphas(value: Any, where: str) -> float | tuple[float, ...]:
-    """One alpha for every pair, or a list with one alpha per pair."""
+    """One alpha for every pair, or a list with one alpha per pair, each within
+    +-:data:`~proxytune.schedules.MAX_ABS_ALPHA` (as a request's ``alpha``)."""
+    one = number(-MAX_ABS_ALPHA, MAX_ABS_ALPHA)
     if isinstance(value, Sequence) and not isinstance(value, str):
-        return list_of(number())(value, where)
-    return number()(value, where)
+        return list_of(one)(value, where)
+    return one(value, where)
 
 
 def pattern(value: Any, where: str) -> str:

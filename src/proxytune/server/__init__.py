@@ -8,7 +8,8 @@ own loop, for black-box tuners), :mod:`.scheduler` (queue and worker thread, dri
 :class:`~proxytune.engine.continuous.ContinuousBatch`), :mod:`.render` (engine output -> OpenAI JSON
 and server-sent events), :mod:`.tokens` (token text and bytes), :mod:`.metrics` (Prometheus),
 :mod:`.gate` (API key, request counts), :mod:`.app` (FastAPI routes, ``serve``),
-:mod:`.shutdown` (draining on SIGTERM/SIGINT).
+:mod:`.shutdown` (draining on SIGTERM/SIGINT), :mod:`.connections` (read deadlines and a
+per-client connection cap, under ``serve``).
 """
 
 from __future__ import annotations

@@ -57,11 +57,13 @@ def add_admin_routes(
                 code="admin_disabled",
             )
 
-    async def swap(new: ProxyTuner) -> None:
+    async def swap(new: ProxyTuner, code: str) -> None:
         try:
             await asyncio.wrap_future(scheduler.call(lambda: live.apply(new)))
         except (QueueFull, ShuttingDown) as err:
             raise APIError(f"{err}; retry the change later", 503, code="busy") from None
+        except ProxyTuneError as err:  # the new set fails its probe: nothing changed
+            raise APIError(f"refused, nothing changed: {one_line(err)}", 400, code=code) from None
 
     @app.get("/admin/pairs")
     async def list_pairs() -> dict[str, Any]:
@@ -84,7 +86,7 @@ def add_admin_routes(
                 raise APIError(
                     f"{type(err).__name__}: {one_line(err)}", 422, code="pair_not_loaded"
                 ) from None
-            await swap(new)
+            await swap(new, "pair_not_loaded")
         if on_change is not None:
             on_change(name)
         return {"loaded": name, "replaced": replaced, "pairs": live.listing()}
@@ -101,7 +103,7 @@ def add_admin_routes(
                 ) from None
             except ProxyTuneError as err:  # the rule needs that pair
                 raise APIError(one_line(err), 400, code="pair_not_unloaded") from None
-            await swap(new)
+            await swap(new, "pair_not_unloaded")
         if on_change is not None:
             on_change(name)
         return {"unloaded": name, "pairs": live.listing()}

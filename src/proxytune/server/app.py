@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
@@ -102,11 +103,20 @@ class ServerSettings:
     """Steered tokens per pair the drift window holds."""
     drift_min_tokens: int = 64
     """Tokens a pair's window needs before it can alert."""
+    header_timeout: float = 10.0
+    """Seconds a client has to send a request's head, from connecting or from the previous
+    response; then 408 and the connection closes (:mod:`.connections`, under :func:`serve`)."""
+    body_timeout: float = 30.0
+    """Seconds a request's body has to arrive once its head has; then 408 and closed."""
+    max_client_connections: int = 128
+    """Connections one client address may hold at once; one more gets 429 (0: no cap; behind
+    a reverse proxy every client is the proxy)."""
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "max_top_logprobs", "max_body_bytes"):
+        integers = ("max_batch_size", "max_queue", "max_top_logprobs", "max_body_bytes")
+        for name in (*integers, "max_client_connections"):
             value = getattr(self, name)
-            least = 0 if name == "max_top_logprobs" else 1
+            least = 0 if name in ("max_top_logprobs", "max_client_connections") else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(
                     f"{name.replace('_', '-')} must be an integer >= {least}, got {value!r}"
@@ -120,6 +130,14 @@ class ServerSettings:
         check_policy(self.fallback, "fallback")
         if not self.shutdown_timeout >= 0:
             raise ConfigError(f"shutdown-timeout must be >= 0 seconds, got {self.shutdown_timeout}")
+        for name in ("header_timeout", "body_timeout"):
+            value = getattr(self, name)
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not number or not 0 < value < math.inf:
+                raise ConfigError(
+                    f"{name.replace('_', '-')} must be a finite number of seconds > 0, "
+                    f"got {value!r}"
+                )
 
 
 def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> FastAPI:
@@ -435,7 +453,7 @@ def _prepare(
     except ConfigError as err:
         text = _hide_paths(str(err), tuner)
         head = text.split(" ", 1)[0].rstrip(":")
-        known = ("alpha", "active_pairs", "rule", "temperature", "top_p", "top_k", "min_p", "stop")
+        known = type(req).model_fields  # messages start with the field they are about
         param = head if head.split("[", 1)[0].split(".", 1)[0] in known else None
         if text.startswith(("prompt", "message")):
             param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
@@ -491,9 +509,24 @@ def serve(
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     if host not in settings.allowed_hosts and host not in ("0.0.0.0", "::"):
         settings = replace(settings, allowed_hosts=(*settings.allowed_hosts, host))
+    # every request would fail otherwise (a chat format on a model without a chat template);
+    # an API base may come up later, so it is not run here
+    tuner.check_ready(step=getattr(tuner.base.model, "client", None) is None)
     app = create_app(tuner, settings)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level)
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, http=connection_guard(settings)
+    )
     return run_draining(config, app.state.scheduler, settings.shutdown_timeout)
+
+
+def connection_guard(settings: ServerSettings) -> type[asyncio.Protocol]:
+    """The HTTP protocol ``serve`` runs: uvicorn's h11 with ``settings``' read deadlines and
+    per-client connection cap (:mod:`.connections`)."""
+    from .connections import guarded_protocol
+
+    return guarded_protocol(
+        settings.header_timeout, settings.body_timeout, settings.max_client_connections
+    )
 
 
 def _probe(model: Any) -> None:

@@ -70,7 +70,7 @@ class Gate:
                 return
             if self.key is not None and path != "/health" and not self._authorized(scope):
                 err = APIError(
-                    "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                    "invalid or missing API key: send one 'Authorization: Bearer <key>' header",
                     401,
                     code="invalid_api_key",
                 )
@@ -119,10 +119,11 @@ class Gate:
         return None
 
     def _authorized(self, scope: dict[str, Any]) -> bool:
+        """Exactly one ``Authorization`` header, holding the key: with several, proxies and
+        the app could each read a different one."""
         assert self.key is not None
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                scheme, _, token = value.partition(b" ")
-                if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
-                    return True
-        return False
+        values = [v for name, v in scope.get("headers", []) if name == b"authorization"]
+        if len(values) != 1:
+            return False
+        scheme, _, token = values[0].partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)

@@ -130,12 +130,18 @@ class LivePairs:
         return self._checked([renumbered(p, i) for i, p in enumerate(kept)])
 
     def apply(self, new: ProxyTuner) -> None:
-        """Swap ``new``'s pairs in (on the scheduler's worker, between two steps), then forget
-        models no pair uses any more."""
-        self.tuner.adopt(new)
-        used = {id(m.model) for m in self.tuner.members}
-        self._cache = {k: m for k, m in self._cache.items() if id(m) in used}
-        gc.collect()
+        """Check ``new`` end to end (:meth:`~proxytune.tuner.ProxyTuner.check_ready`: every
+        model renders a probe prompt, one step is scored), then swap its pairs in (on the
+        scheduler's worker, between two steps) and forget models no pair uses any more. A
+        set that fails the check raises its :class:`~proxytune.errors.ConfigError` and
+        changes nothing."""
+        try:
+            new.check_ready()
+            self.tuner.adopt(new)
+        finally:
+            used = {id(m.model) for m in self.tuner.members}
+            self._cache = {k: m for k, m in self._cache.items() if id(m) in used}
+            gc.collect()
 
     # checks -----------------------------------------------------------------------------------
 
@@ -177,6 +183,8 @@ class LivePairs:
                 "this server loads no models at run time: start it with --model-root DIR "
                 "(repeatable) to allow the admin API to load from DIR"
             )
+        if "\x00" in path:
+            raise ConfigError(f"{what}: the path {path!r} holds a NUL character; give a plain path")
         local = Path(path).expanduser()
         if not local.is_absolute():
             raise PathRefused(f"{what}: give an absolute path under a --model-root, got {path!r}")
@@ -214,6 +222,14 @@ def renumbered(pair: Pair, index: int) -> Pair:
 
 
 def check_name(name: str) -> None:
-    """Pair names are short labels (they appear in URLs and metric labels)."""
-    if not (0 < len(name) <= 64) or not all(c.isalnum() or c in "-_." for c in name):
-        raise ConfigError(f"pair name {name!r}: use 1 to 64 letters, digits, '-', '_' or '.'")
+    """Pair names are short labels (they appear in URLs and metric labels); a name that
+    starts with '.' (``.``, ``..``) reads as a path segment and is refused."""
+    if (
+        not (0 < len(name) <= 64)
+        or not all(c.isascii() and (c.isalnum() or c in "-_.") for c in name)
+        or name.startswith(".")
+    ):
+        raise ConfigError(
+            f"pair name {name!r}: use 1 to 64 ASCII letters, digits, '-', '_' or '.', not "
+            "starting with '.'"
+        )
