@@ -94,7 +94,9 @@ def test_sigterm_drains_answering_503_and_exits_0_when_all_work_finished(tiny_di
 
 
 def test_work_past_the_shutdown_timeout_ends_with_an_error_event_and_exit_status_3(tiny_dirs):
-    with serving(tiny_dirs, "--shutdown-timeout", "0.5") as (proc, url):
+    # a drain far shorter than the rest of the stream, even when the machine is slow to admit
+    # the second request (the stream runs on meanwhile)
+    with serving(tiny_dirs, "--shutdown-timeout", "0.05") as (proc, url):
         long = {"prompt": "x", "max_tokens": 230, "ignore_eos": True}
         with (
             concurrent.futures.ThreadPoolExecutor(1) as pool,
