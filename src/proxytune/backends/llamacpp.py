@@ -324,6 +324,9 @@ class LlamaCppModel:
         self.name = name
         self.device = torch.device("cpu")
         self.threads = threads or max(1, os.cpu_count() or 1)
+        # the cores are ggml's: torch's vocabulary-wide work between decodes (a few passes over
+        # ~150k floats) is faster on one thread than on several that wait for ggml's threads
+        torch.set_num_threads(1)
         float_weights = int(lc.llama_model_ftype(self._model)) in FLOAT_FILE_TYPES
         self.kv_cells = kv_cells or KV_CELLS
         self.context = _Context(
