@@ -72,8 +72,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent))
         model = LlamaCppModel(path, tokenizer, path.parent.name, threads=args.threads)
         ids = tokenizer(PROMPT)["input_ids"]
-        cells = [f"{step_ms(model, ids, n, args.steps):.1f}" for n in args.rows]
-        cells += [f"{verify_ms(model, ids, k, args.steps):.1f}" for k in args.positions]
+        cells = [f"{step_ms(model, ids, n, args.steps):.3g}" for n in args.rows]
+        cells += [f"{verify_ms(model, ids, k, args.steps):.3g}" for k in args.positions]
         print(f"| {path.parent.name} | " + " | ".join(cells) + " |", flush=True)
         del model
 

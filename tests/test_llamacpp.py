@@ -279,6 +279,10 @@ model_defaults: {{device: cpu}}
     assert all(r["tokens"] == 2 * 6 for r in results.values())
     for exact in ("overlap-cpp", "speculative-cpp"):
         assert results[exact]["ids"] == results["naive-cpp"]["ids"]
+    # the engine's own time per step: one figure per step after the first, none negative
+    overheads = results["naive-cpp"]["overhead_ms"]
+    assert len(overheads) == 6 - 1 and min(overheads) >= 0
+    assert "overhead ms/step" in done.stdout
 
 
 def test_the_step_cost_benchmark_times_each_file_and_row_count(both, tiny):
