@@ -28,6 +28,7 @@ alone; the table's last lines give the llama.cpp systems' ratios to llama.cpp's 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -139,7 +140,7 @@ def covered(spans: list[tuple[float, float]], start: float, end: float) -> float
 def step_overheads(stamps: list[float], spans: list[tuple[float, float]]) -> list[float]:
     """Per decode step: its wall time minus the time a ``llama_decode`` ran in it (the engine's
     own work). ``stamps``: when each step's tokens came out."""
-    return [b - a - covered(spans, a, b) for a, b in zip(stamps, stamps[1:])]
+    return [b - a - covered(spans, a, b) for a, b in itertools.pairwise(stamps)]
 
 
 def time_decodes() -> list[tuple[float, float]]:
