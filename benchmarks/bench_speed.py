@@ -7,7 +7,9 @@
 Every (system, batch size) runs in its own process on the same prompts (greedy, EOS ignored so
 that every system does the same work), so its peak RSS is its own: weights, caches and
 activations. Prints, per batch size, tokens/s, time to first token and peak memory with their
-ratios to the base alone, the speculative acceptance rate, and how many rows match naive
+ratios to the base alone, the speculative acceptance rate, for llama.cpp systems the engine's
+own time per step (``overhead ms/step``: a step's wall time minus the time a ``llama_decode``
+ran in it, median and range over the steps), and how many rows match naive
 proxy-tuning token for token (overlap, stacked and speculative must match all; quantized
 models show their effect). On a shared machine, wall-clock speed follows the load; tokens per
 CPU-second (with ``--threads 1``) is the steadier figure, except for overlapped systems, which
@@ -26,10 +28,12 @@ alone; the table's last lines give the llama.cpp systems' ratios to llama.cpp's 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
 import resource
+import statistics
 import time
 from dataclasses import asdict, replace
 from typing import Any
@@ -118,6 +122,44 @@ def current_rss_gib() -> float:
     return kib / 2**20
 
 
+def covered(spans: list[tuple[float, float]], start: float, end: float) -> float:
+    """Seconds of ``[start, end]`` inside at least one of ``spans`` (``(t0, t1)`` pairs; decodes
+    that overlap in time count once).
+
+    >>> covered([(0.0, 2.0), (1.0, 3.0), (5.0, 9.0)], 0.5, 6.0)
+    3.5
+    """
+    total, reach = 0.0, start
+    for t0, t1 in sorted(spans):
+        t0, t1 = max(t0, reach), min(t1, end)
+        if t1 > t0:
+            total, reach = total + t1 - t0, t1
+    return total
+
+
+def step_overheads(stamps: list[float], spans: list[tuple[float, float]]) -> list[float]:
+    """Per decode step: its wall time minus the time a ``llama_decode`` ran in it (the engine's
+    own work). ``stamps``: when each step's tokens came out."""
+    return [b - a - covered(spans, a, b) for a, b in itertools.pairwise(stamps)]
+
+
+def time_decodes() -> list[tuple[float, float]]:
+    """Record every ``llama_decode`` call of this process as a ``(start, end)`` span."""
+    import llama_cpp
+
+    spans: list[tuple[float, float]] = []
+    decode = llama_cpp.llama_decode
+
+    def timed(ctx: Any, batch: Any) -> int:
+        t0 = time.perf_counter()
+        status = decode(ctx, batch)
+        spans.append((t0, time.perf_counter()))
+        return status
+
+    llama_cpp.llama_decode = timed
+    return spans
+
+
 def measure(system: str, batch: int, args: dict[str, Any], out: Any) -> None:
     """Load ``system`` and time one greedy batch of ``batch`` prompts (child process)."""
     import torch
@@ -140,17 +182,21 @@ def measure(system: str, batch: int, args: dict[str, Any], out: Any) -> None:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     stats = SpeculativeStats()
+    spans = time_decodes() if system.partition(":")[0].endswith("-cpp") else None
+    stamps: list[float] = []
     ids: dict[int, list[int]] = {}
     settings = {"max_new_tokens": args["max_new_tokens"], "ignore_eos": True}
     first = None
     t0, c0 = time.perf_counter(), time.process_time()
     for updates in tuner.steps(prompts, speculative=spec, stats=stats, **settings):
+        stamps.append(time.perf_counter())
         if first is None:
-            first = time.perf_counter() - t0
+            first = stamps[-1] - t0
         for u in updates:
             ids.setdefault(u.row, []).append(u.token_id)
     seconds, cpu_s = time.perf_counter() - t0, time.process_time() - c0
     tokens = sum(len(v) for v in ids.values())
+    overheads = step_overheads(stamps, spans) if spans is not None else []
     out.put(
         {
             "system": system,
@@ -173,6 +219,7 @@ def measure(system: str, batch: int, args: dict[str, Any], out: Any) -> None:
             "drafts_per_round": stats.proposed / stats.row_rounds if stats.row_rounds else None,
             "costs": None if stats.costs is None else asdict(stats.costs),
             "ids": [ids[r] for r in sorted(ids)],
+            "overhead_ms": [x * 1e3 for x in overheads],
             "load_avg": (load_before, os.getloadavg()[0]),
         }
     )
@@ -225,6 +272,7 @@ def table(results: list[dict[str, Any]], markdown: bool) -> str:
         "accept",
         "drafts/round",
         "tok/round",
+        "overhead ms/step",
         "= ref",
     ]
     lines = []
@@ -251,6 +299,7 @@ def table(results: list[dict[str, Any]], markdown: bool) -> str:
                 "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
                 "-" if r.get("drafts_per_round") is None else f"{r['drafts_per_round']:.2f}",
                 "-" if r["tokens_per_round"] is None else f"{r['tokens_per_round']:.2f}",
+                spread(r.get("overhead_ms") or []),
                 same,
             ]
         )
@@ -272,6 +321,17 @@ def table(results: list[dict[str, Any]], markdown: bool) -> str:
                 f"({r['tok_s']:.2f} / {cpp_base['tok_s']:.2f} tok/s)"
             )
     return "\n".join([text, *notes])
+
+
+def spread(values: list[float]) -> str:
+    """``median (min-max)``, or ``-`` for none.
+
+    >>> spread([3.0, 1.0, 2.0])
+    '2.00 (1.00-3.00)'
+    """
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
 
 
 def cost_line(result: dict[str, Any]) -> str:

@@ -94,3 +94,19 @@ def test_top_logprobs_reads_normalised_values():
     assert top.chosen.tolist() == pytest.approx([math.log(0.25)])
     assert top.top_ids.tolist() == [[1, 0]]
     assert top.top_logprobs[0].tolist() == pytest.approx([math.log(0.75), math.log(0.25)])
+
+
+def test_check_finite_passes_finite_logits_whose_sum_overflows():
+    # the one-reduction fast path overflows to inf here; the full scan then finds nothing wrong
+    check_finite(torch.full((2, 4), 3e38), "big")
+    with pytest.raises(NumericalError, match=r"first at index \(1, 2\)"):
+        check_finite(torch.tensor([[3e38, 3e38, 0.0], [0.0, 0.0, float("-inf")]]), "big")
+
+
+def test_add_scaled_leaves_its_inputs_alone_and_broadcasts():
+    scores, offset = torch.tensor([[0.0, -1.0]]), torch.tensor([[2.0, float("inf")]])
+    before = (scores.clone(), offset.clone())
+    assert add_scaled(scores, offset, 0.5).tolist() == [[1.0, -1.0]]
+    assert torch.equal(scores, before[0]) and torch.equal(offset, before[1])
+    wide = add_scaled(scores.repeat(3, 1), offset, 1.0)
+    assert wide.tolist() == [[2.0, -1.0]] * 3

@@ -66,3 +66,15 @@ def test_abuse_battery_finds_no_defect(tmp_path):
     categories = report["categories"]
     assert len(categories) == 11
     assert all(c["tried"] == c["handled"] > 0 for c in categories.values())
+
+
+def test_step_overhead_counts_overlapping_decodes_once():
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bench_speed import covered, step_overheads
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    # two decodes overlapping in time (overlap's threads) count once; a gap counts as overhead
+    spans = [(0.0, 4.0), (1.0, 5.0), (6.0, 9.0)]
+    assert covered(spans, 0.0, 10.0) == 8.0
+    assert step_overheads([0.0, 5.5, 10.0], spans) == [0.5, 1.5]

@@ -173,3 +173,24 @@ def test_low_level_prepare_and_loops_agree(models):
     request = prepare(t.base, t.pairs, PROMPTS, config, t.vocab_size, t.eos_token_ids)
     got = [u.token_id for ups in decode(request) for u in ups]
     assert got == [u.token_id for ups in t.steps(PROMPTS, config=config) for u in ups]
+
+
+def test_checked_scores_names_nan_and_empty_rows_and_passes_good_ones():
+    from proxytune.engine.step import checked_scores
+    from proxytune.errors import NumericalError
+    from proxytune.rules import StepContext
+
+    def ctx(scores: torch.Tensor) -> StepContext:
+        n = scores.shape[0]
+        return StepContext(
+            base=scores, pairs=(), alphas=(), step=4, prompt_index=(0,) * n, generated=[[]] * n
+        )
+
+    good = torch.tensor([[0.0, float("-inf")], [float("inf"), 1.0]])
+    assert checked_scores(lambda c: c.base, ctx(good)) is good
+    nan = torch.tensor([[0.0, 1.0], [float("nan"), 1.0]])
+    with pytest.raises(NumericalError, match="hold NaN at step 4"):
+        checked_scores(lambda c: c.base, ctx(nan))
+    empty = torch.tensor([[0.0, 1.0], [float("-inf"), float("-inf")]])
+    with pytest.raises(NumericalError, match="no possible token for row 1 at step 4"):
+        checked_scores(lambda c: c.base, ctx(empty))

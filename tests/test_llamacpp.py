@@ -279,6 +279,10 @@ model_defaults: {{device: cpu}}
     assert all(r["tokens"] == 2 * 6 for r in results.values())
     for exact in ("overlap-cpp", "speculative-cpp"):
         assert results[exact]["ids"] == results["naive-cpp"]["ids"]
+    # the engine's own time per step: one figure per step after the first, none negative
+    overheads = results["naive-cpp"]["overhead_ms"]
+    assert len(overheads) == 6 - 1 and min(overheads) >= 0
+    assert "overhead ms/step" in done.stdout
 
 
 def test_the_step_cost_benchmark_times_each_file_and_row_count(both, tiny):
@@ -325,6 +329,14 @@ def test_cli_backend_and_threads(both, tiny, capsys):
     bad = ["generate", "--base", str(tiny["base"]), "--backend", "transformers"]
     assert main([*bad, "--threads", "1", "x"]) == 2  # threads on transformers: names the fix
     assert "applies to the llama.cpp backend" in capsys.readouterr().err
+    assert main([*args, "--gpu-layers", "0", PROMPTS[0]]) == 0  # 0: the CPU, as by default
+    assert json.loads(capsys.readouterr().out)["token_ids"] == row["token_ids"]
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():  # a CPU-only build refuses GPU layers
+        assert main([*args, "--gpu-layers", "2", PROMPTS[0]]) == 2
+        err = capsys.readouterr().err
+        assert "gpu_layers=2 needs llama.cpp built for a GPU" in err
 
 
 def test_kv_cells_bound_rows_and_a_full_cache_names_the_option(both, tiny):
@@ -362,3 +374,26 @@ def test_a_group_partner_fed_other_tokens_gets_its_own_logits(both, tiny):
     got = b.advance(torch.tensor([[15]]))
     alone.keep(torch.tensor([1]))
     assert torch.allclose(got, alone.advance(torch.tensor([[15]])), atol=1e-5)
+
+
+def test_gpu_layers_default_to_every_layer_only_where_llamacpp_can_offload():
+    from proxytune.backends.llamacpp import ALL_LAYERS, gpu_layers_for
+
+    assert gpu_layers_for(None, offload=False) == 0
+    assert gpu_layers_for(None, offload=True) == ALL_LAYERS
+    assert gpu_layers_for(0, offload=False) == 0 and gpu_layers_for(7, offload=True) == 7
+    with pytest.raises(ConfigError, match=r"gpu_layers=3 needs llama.cpp built for a GPU.*"
+                       r"GGML_CUDA=on.*or set gpu_layers: 0"):
+        gpu_layers_for(3, offload=False)
+
+
+def test_gpu_layers_option_is_checked_and_refused_off_llamacpp():
+    from proxytune.backends.load import load_model
+    from proxytune.specs import ModelSpec
+
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ConfigError, match="gpu_layers must be an integer >= 0"):
+            ModelSpec(path="m", gpu_layers=bad)
+    assert ModelSpec(path="m", gpu_layers=2).load_key != ModelSpec(path="m").load_key
+    with pytest.raises(ConfigError, match="gpu_layers applies to the llama\\.cpp backend"):
+        load_model(ModelSpec(path="m", backend="transformers", gpu_layers=2))

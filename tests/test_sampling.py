@@ -69,3 +69,15 @@ def test_sampling_respects_filters():
     gens = [torch.Generator().manual_seed(s) for s in range(200)]
     picks = next_tokens(P.repeat(200, 1), temperature=1.0, top_k=2, generators=gens)
     assert set(picks.tolist()) == {0, 1}
+
+
+def test_greedy_picks_what_torch_argmax_picks_ties_included():
+    from proxytune.sampling import greedy
+
+    g = torch.Generator().manual_seed(3)
+    scores = torch.randint(0, 4, (16, 50), generator=g).float()  # many tied maxima
+    scores[3] = float("-inf")
+    scores[5, 7] = float("nan")
+    assert torch.equal(greedy(scores), scores.argmax(dim=-1))
+    assert greedy(scores).dtype == torch.int64
+    assert torch.equal(greedy(scores.double()), scores.double().argmax(dim=-1))

@@ -54,7 +54,7 @@ def proxy_offset(expert_lp: torch.Tensor | None, anti_lp: torch.Tensor | None) -
         return -anti_lp
     offset = expert_lp - anti_lp
     both_masked = torch.isneginf(expert_lp) & torch.isneginf(anti_lp)
-    return offset.masked_fill(both_masked, 0.0)
+    return torch.where(both_masked, 0.0, offset)  # one pass (masked_fill takes two here)
 
 
 def add_scaled(scores: torch.Tensor, offset: torch.Tensor, alpha: Alpha) -> torch.Tensor:
@@ -76,7 +76,11 @@ def add_scaled(scores: torch.Tensor, offset: torch.Tensor, alpha: Alpha) -> torc
         return scores
     else:
         scaled = alpha * offset.to(scores.device)
-    return scores + scaled.masked_fill(torch.isposinf(scaled), 0.0)
+    # +inf -> 0 in one pass; NaN and -inf pass through. In place: ``scaled`` is ours alone
+    scaled.nan_to_num_(nan=float("nan"), posinf=0.0, neginf=-torch.inf)
+    if scaled.shape == scores.shape and scaled.dtype == scores.dtype:
+        return scaled.add_(scores)
+    return scores + scaled
 
 
 def proxy_scores(
@@ -102,7 +106,11 @@ def check_finite(logits: torch.Tensor, model_name: str) -> None:
 
     Called on each model's raw logits before they are combined, so that a broken model
     (overflow in float16, corrupt weights) is named instead of producing garbage text.
+    One reduction decides (a NaN or an infinity anywhere makes the float32 sum non-finite);
+    the element-wise scan runs only then, to name the first bad index.
     """
+    if bool(torch.isfinite(logits.sum(dtype=torch.float32))):
+        return
     bad = ~torch.isfinite(logits)
     if bool(bad.any()):
         where = tuple(bad.nonzero()[0].tolist())  # (row, token id) for (B, V) logits

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 NEG_INF = float("-inf")
@@ -142,5 +143,19 @@ def next_tokens(
         history=history,
     )
     if temperature == 0.0:
-        return lp.argmax(dim=-1)
+        return greedy(lp)
     return draw(lp, generators)
+
+
+def greedy(lp: torch.Tensor) -> torch.Tensor:
+    """Each row's first maximal id, ``(B, V)`` -> ``(B,)`` int64, as ``argmax`` picks it.
+
+    A float32 CPU tensor goes through numpy's argmax, about ten times faster than torch's on a
+    150k vocabulary (same ids: both take the first maximum, and NaN counts as the maximum).
+
+    >>> greedy(torch.tensor([[0.0, 2.0, 2.0], [1.0, 0.0, -1.0]]))
+    tensor([1, 0])
+    """
+    if lp.device.type == "cpu" and lp.dtype == torch.float32 and lp.dim() == 2:
+        return torch.from_numpy(np.argmax(lp.detach().numpy(), axis=-1).astype(np.int64))
+    return lp.argmax(dim=-1)

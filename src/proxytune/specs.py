@@ -39,6 +39,9 @@ class ModelSpec:
     llama.cpp for a ``.gguf`` file where ``llama-cpp-python`` is installed, else transformers."""
     threads: int | None = None
     """llama.cpp: CPU threads (default: every core)."""
+    gpu_layers: int | None = None
+    """llama.cpp: layers offloaded to the GPU (default: all of them where llama.cpp was built
+    with CUDA, else 0; a positive value on a CPU-only build is refused)."""
     kv_cells: int | None = None
     """llama.cpp: KV cache cells shared by every row of every role on this model (default
     4096); each row holds its prompt and its tokens so far."""
@@ -74,6 +77,11 @@ class ModelSpec:
             isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
         ):
             raise ConfigError(f"threads must be an integer >= 1, got {self.threads!r}")
+        if self.gpu_layers is not None and (
+            isinstance(self.gpu_layers, bool) or not isinstance(self.gpu_layers, int)
+            or self.gpu_layers < 0
+        ):  # fmt: skip
+            raise ConfigError(f"gpu_layers must be an integer >= 0, got {self.gpu_layers!r}")
         object.__setattr__(self, "prompt", PromptFormat.parse(self.prompt))
 
     @property
@@ -90,6 +98,7 @@ class ModelSpec:
             self.quantize,
             self.backend,
             self.threads,
+            self.gpu_layers,
             self.kv_cells,
             None if self.max_memory is None else tuple(sorted(self.max_memory.items())),
         )

@@ -56,6 +56,29 @@ FLOAT_FILE_TYPES = (0, 1)
 models keep llama.cpp's float16 cache)."""
 
 
+ALL_LAYERS = 1_000_000
+"""``n_gpu_layers`` that offloads every layer of any model."""
+
+
+def gpu_layers_for(asked: int | None, offload: bool) -> int:
+    """The ``n_gpu_layers`` to load with: ``asked``, or every layer where this llama.cpp can
+    offload to a GPU (``offload``) and none where it cannot; a positive ``asked`` on a CPU-only
+    build is refused.
+
+    >>> gpu_layers_for(None, False), gpu_layers_for(None, True), gpu_layers_for(4, True)
+    (0, 1000000, 4)
+    """
+    if asked is None:
+        return ALL_LAYERS if offload else 0
+    if asked > 0 and not offload:
+        raise ConfigError(
+            f"gpu_layers={asked} needs llama.cpp built for a GPU, but this llama-cpp-python is "
+            "CPU-only; reinstall it with CMAKE_ARGS=-DGGML_CUDA=on pip install --force-reinstall "
+            "--no-cache-dir llama-cpp-python, or set gpu_layers: 0"
+        )
+    return asked
+
+
 class LlamaCppError(ProxyTuneError, RuntimeError):
     """llama.cpp refused an operation (a full KV cache, too many rows)."""
 
@@ -103,10 +126,10 @@ class _Weights:
     _loaded: ClassVar[weakref.WeakValueDictionary[str, _Weights]] = weakref.WeakValueDictionary()
     _lock = threading.Lock()
 
-    def __init__(self, lc: Any, path: str) -> None:
+    def __init__(self, lc: Any, path: str, gpu_layers: int = 0) -> None:
         self.lc, self.path = lc, path
         params = lc.llama_model_default_params()
-        params.n_gpu_layers = 0
+        params.n_gpu_layers = gpu_layers
         # read the weights in, not mapped: on CPUs llama.cpp repacks most quantized weights
         # into its own buffers, and a mapping keeps the file's pages resident beside those
         # copies (the embedded default: 2.9 GiB resident mapped, 2.4 read; docs/speed.md)
@@ -121,12 +144,12 @@ class _Weights:
         """LoRA GGUF path -> llama.cpp adapter (freed with the weights)."""
 
     @classmethod
-    def load(cls, lc: Any, path: str) -> _Weights:
-        key = os.path.realpath(path)
+    def load(cls, lc: Any, path: str, gpu_layers: int = 0) -> _Weights:
+        key = f"{os.path.realpath(path)}|{gpu_layers}"
         with cls._lock:
             weights = cls._loaded.get(key)
             if weights is None:
-                weights = cls._loaded[key] = cls(lc, path)
+                weights = cls._loaded[key] = cls(lc, path, gpu_layers)
             return weights
 
     def metadata(self, key: str) -> str | None:
@@ -305,6 +328,7 @@ class LlamaCppModel:
         threads: int | None = None,
         kv_cells: int | None = None,
         adapter: str | Path | None = None,
+        gpu_layers: int | None = None,
         eos_ids: Sequence[int] | None = None,
     ) -> None:
         """``eos_ids``: the end-of-sequence ids a ``generation_config.json`` names (as the
@@ -313,7 +337,9 @@ class LlamaCppModel:
         _backend_init(lc)
         self.lc = lc
         self.path = str(path)
-        weights = _Weights.load(lc, self.path)
+        self.gpu_layers = gpu_layers_for(gpu_layers, bool(lc.llama_supports_gpu_offload()))
+        """Layers llama.cpp runs on the GPU (their logits still come back to the host)."""
+        weights = _Weights.load(lc, self.path, self.gpu_layers)
         self._model = weights.model
         lora = None if adapter is None else _lora_file(weights, adapter)
         vocab = lc.llama_model_get_vocab(self._model)
@@ -330,6 +356,9 @@ class LlamaCppModel:
         self.name = name
         self.device = torch.device("cpu")
         self.threads = threads or max(1, os.cpu_count() or 1)
+        # the cores are ggml's: torch's vocabulary-wide work between decodes (a few passes over
+        # ~150k floats) is faster on one thread than on several that wait for ggml's threads
+        torch.set_num_threads(1)
         float_weights = int(lc.llama_model_ftype(self._model)) in FLOAT_FILE_TYPES
         self.kv_cells = kv_cells or KV_CELLS
         self.context = _Context(
@@ -597,7 +626,14 @@ def load_llamacpp(spec: ModelSpec) -> LlamaCppModel:
     if spec.adapter is not None:
         name = f"{name}+{Path(spec.adapter).name}"
     return LlamaCppModel(
-        gguf, tokenizer, name, spec.threads, spec.kv_cells, spec.adapter, _generation_eos(folder)
+        gguf,
+        tokenizer,
+        name,
+        spec.threads,
+        spec.kv_cells,
+        spec.adapter,
+        spec.gpu_layers,
+        eos_ids=_generation_eos(folder),
     )
 
 

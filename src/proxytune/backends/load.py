@@ -40,8 +40,9 @@ def load_model(spec: ModelSpec) -> Any:
         from .llamacpp import load_llamacpp
 
         return load_llamacpp(spec)
-    if spec.threads is not None or spec.kv_cells is not None:
-        which = "threads" if spec.threads is not None else "kv_cells"
+    set_ = [k for k in ("threads", "gpu_layers", "kv_cells") if getattr(spec, k) is not None]
+    if set_:
+        which = set_[0]
         raise ConfigError(f"{which} applies to the llama.cpp backend; set backend: llamacpp")
     from .hf import load_hf
 

@@ -15,6 +15,7 @@ from .options import (
     DeviceOption,
     DtypeOption,
     ExpertOption,
+    GpuLayersOption,
     MaxNewTokensOption,
     ModelOptions,
     Opt,
@@ -54,6 +55,7 @@ def analyze(
     dtype: DtypeOption = None,
     backend: BackendOption = None,
     threads: ThreadsOption = None,
+    gpu_layers: GpuLayersOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = None,
@@ -82,6 +84,7 @@ def analyze(
             dtype=dtype,
             backend=backend,
             threads=threads,
+            gpu_layers=gpu_layers,
             trust_remote_code=trust_remote_code,
         )
     )

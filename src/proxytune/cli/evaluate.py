@@ -16,6 +16,7 @@ from .options import (
     DeviceOption,
     DtypeOption,
     ExpertOption,
+    GpuLayersOption,
     MaxNewTokensOption,
     ModelOptions,
     OnePassOption,
@@ -64,6 +65,7 @@ def eval_command(
     dtype: DtypeOption = None,
     backend: BackendOption = None,
     threads: ThreadsOption = None,
+    gpu_layers: GpuLayersOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     overlap: OverlapOption = None,
     speculative: SpeculativeOption = None,
@@ -140,6 +142,7 @@ def eval_command(
         dtype=dtype,
         backend=backend,
         threads=threads,
+        gpu_layers=gpu_layers,
         trust_remote_code=trust_remote_code,
         engine=engine,
     )

@@ -28,6 +28,7 @@ from .options import (
     DeviceOption,
     DtypeOption,
     ExpertOption,
+    GpuLayersOption,
     MaxNewTokensOption,
     MinCoverageOption,
     MinPOption,
@@ -83,6 +84,7 @@ def generate(
     dtype: DtypeOption = None,
     backend: BackendOption = None,
     threads: ThreadsOption = None,
+    gpu_layers: GpuLayersOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = None,
@@ -184,6 +186,7 @@ def generate(
         dtype=dtype,
         backend=backend,
         threads=threads,
+        gpu_layers=gpu_layers,
         trust_remote_code=trust_remote_code,
         base_api=api_base(
             base_url,

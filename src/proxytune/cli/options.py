@@ -85,6 +85,14 @@ BackendOption = Annotated[
 ThreadsOption = Annotated[
     int | None, Opt(help="CPU threads of llama.cpp models (default: all).", rich_help_panel=MODELS)
 ]
+GpuLayersOption = Annotated[
+    int | None,
+    Opt(
+        help="Layers of llama.cpp models on the GPU (default: all where llama.cpp has CUDA, "
+        "else 0).",
+        rich_help_panel=MODELS,
+    ),
+]
 TrustRemoteCodeOption = Annotated[
     bool, Opt(help="Run model code from the hub.", rich_help_panel=MODELS)
 ]
@@ -301,6 +309,7 @@ class ModelOptions:
     dtype: str | None = None
     backend: str | None = None
     threads: int | None = None
+    gpu_layers: int | None = None
     trust_remote_code: bool = False
     base_api: Any = None
     """An :class:`~proxytune.backends.api.APISpec` standing for ``--base``."""
@@ -337,6 +346,7 @@ def build_tuner(models: ModelOptions) -> ProxyTuner:
             dtype=models.dtype,
             backend=models.backend,
             threads=models.threads,
+            gpu_layers=models.gpu_layers,
         )
         if alphas:
             if len(alphas) not in (1, len(r.pairs)):
@@ -360,6 +370,7 @@ def build_tuner(models: ModelOptions) -> ProxyTuner:
         "dtype": models.dtype or "auto",
         "backend": models.backend or "auto",
         "threads": models.threads,
+        "gpu_layers": models.gpu_layers,
         "trust_remote_code": models.trust_remote_code,
     }
     pairs = []

@@ -16,6 +16,7 @@ from .options import (
     DeviceOption,
     DtypeOption,
     ExpertOption,
+    GpuLayersOption,
     ModelOptions,
     OnePassOption,
     Opt,
@@ -47,6 +48,7 @@ def serve(
     dtype: DtypeOption = None,
     backend: BackendOption = None,
     threads: ThreadsOption = None,
+    gpu_layers: GpuLayersOption = None,
     trust_remote_code: TrustRemoteCodeOption = False,
     host: Annotated[str, Opt(help="Interface to bind (loopback unless told otherwise).")] = (
         "127.0.0.1"
@@ -173,6 +175,7 @@ def serve(
             dtype=dtype,
             backend=backend,
             threads=threads,
+            gpu_layers=gpu_layers,
             trust_remote_code=trust_remote_code,
             engine=engine,
         )

@@ -85,6 +85,11 @@ def step_context(
 def checked_scores(combine: Combiner, ctx: StepContext) -> torch.Tensor:
     """Run the rule on ``ctx``; refuse NaN and rows where no token is left."""
     scores = combine(ctx)
+    # one small (B,) reduction and one host sync decide; the full scans run only on a failure:
+    # a row's max is NaN where the row holds a NaN, and -inf where every token is ruled out
+    best = scores.amax(dim=-1)
+    if not bool((torch.isnan(best) | torch.isneginf(best)).any()):
+        return scores
     if torch.isnan(scores).any():
         label = _label(combine)
         raise NumericalError(
@@ -199,9 +204,9 @@ def emit_all(
 ) -> tuple[list[StepUpdate], list[int]]:
     """:func:`emit` for every row: the updates and the indices of rows still running."""
     updates, keep = [], []
-    for i, row in enumerate(rows):
+    for i, (row, token) in enumerate(zip(rows, chosen.tolist(), strict=True)):  # one sync
         record = records[i] if records else None
-        update = emit(row, int(chosen[i]), record, prepared.eos, prepared.penalised)
+        update = emit(row, token, record, prepared.eos, prepared.penalised)
         if update.finish_reason is None:
             keep.append(i)
         updates.append(update)
