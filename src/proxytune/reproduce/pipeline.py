@@ -339,7 +339,7 @@ class Experiment:
             overwrite=meta is not None and not has_checkpoint,
             progress=self.config.progress,
         )
-        result = train(config)
+        result = _with_every_core(train, config)
         losses, evals = result.train_losses, result.eval_losses
         return {
             "epochs": epochs,
@@ -659,6 +659,21 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     tmp.replace(path)
+
+
+def _with_every_core(fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` with torch on every core: a llama.cpp model loaded earlier in the process
+    (the screen, the compliance check) leaves torch on one thread for decoding."""
+    import os
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    try:
+        return fn(*args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _best(alphas: list[float], points: dict[str, float | None]) -> float:
