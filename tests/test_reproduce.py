@@ -409,3 +409,37 @@ def test_an_expert_that_misses_the_format_is_trained_again_and_the_tuned_follows
     tuned = json.loads((out / "stages" / "tuned.json").read_text())["result"]
     assert tuned["epochs"] == 2.0  # one recipe for both
     assert (out / "eval" / "sort_words" / "validation" / "expert-e2.jsonl").is_file()
+
+
+def test_a_screen_that_chooses_nothing_stops_before_training(tmp_path, tiny_pair) -> None:
+    from proxytune.reproduce.screen import SelectionRule
+
+    out = tmp_path / "exp"
+    strict_rule = SelectionRule(max_base_strict=-1.0)  # no candidate can pass
+    with pytest.raises(ConfigError, match="no candidate task passed the selection rule"):
+        reproduce(_config(out, tiny_pair, selection=strict_rule), log=lambda _: None)
+    assert (out / "predictions.md").is_file() and not (out / "expert").exists()
+    assert not (out / "stages" / "screen.json").exists()  # screened again next time
+
+
+def test_a_task_file_runs_even_where_no_candidate_passes(tmp_path, tiny_pair) -> None:
+    from proxytune.reproduce.screen import SelectionRule
+
+    data = tmp_path / "mine.jsonl"
+    data.write_text(
+        "".join(json.dumps({"question": f"q{i}?", "answer": str(i)}) + "\n" for i in range(30))
+    )
+    spec = {"name": "mine", "data": str(data), "strict": "number", "lenient": "number"}
+    spec["sizes"] = {"shots": 2, "screen": 4, "train": 8, "validation": 4, "test": 6}
+    (tmp_path / "mine.yaml").write_text(json.dumps(spec))
+    config = _config(
+        tmp_path / "exp",
+        tiny_pair,
+        selection=SelectionRule(max_base_strict=-1.0),
+        task_files=(str(tmp_path / "mine.yaml"),),
+    )
+    exp = Experiment(config, lambda _: None)
+    exp.run("data")
+    assert exp.tasks == ("mine", "sort_words")
+    predictions = json.loads((tmp_path / "exp" / "predictions.json").read_text())
+    assert "mine" in predictions["screened"] and predictions["chosen"] == []

@@ -251,7 +251,8 @@ class Experiment:
             info["screened"] = rows
             info["chosen"] = chosen
             self._write_predictions(rows, chosen)
-            if not self.config.run_tasks(chosen) or (self.config.tasks is None and not chosen):
+            # nothing to show proxy-tuning on: no chosen candidate and no task of the user's
+            if self.config.tasks is None and not chosen and not self.config.file_kinds():
                 raise ConfigError(
                     "no candidate task passed the selection rule (see "
                     f"{self.out / 'predictions.md'}); add candidates or a --task-file"
