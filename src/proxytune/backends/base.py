@@ -26,6 +26,19 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 
+def end_ids(generation_eos: Any, tokenizer_eos: int | None) -> tuple[int, ...]:
+    """The ids that end a sequence: a generation config's ``eos_token_id`` (one id, a list or
+    ``None``), then the tokenizer's EOS, without repeats.
+
+    >>> end_ids([151645, 151643], 151643), end_ids(2, None), end_ids(None, 0)
+    ((151645, 151643), (2,), (0,))
+    """
+    ids = [generation_eos] if isinstance(generation_eos, int) else list(generation_eos or [])
+    if tokenizer_eos is not None:
+        ids.append(tokenizer_eos)
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
 @runtime_checkable
 class DecodeState(Protocol):
     """A batch of sequences in flight on one model."""

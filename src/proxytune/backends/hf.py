@@ -12,6 +12,7 @@ import torch
 from ..errors import ConfigError, ModelLoadError
 from ..paths import need_dir
 from ..specs import ModelSpec
+from .base import end_ids
 from .lora_specs import peft_quietly
 from .quantize import (
     BNB_METHODS,
@@ -256,14 +257,8 @@ class HFModel:
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:
-        ids: list[int] = []
         gen = getattr(self.model, "generation_config", None)
-        eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-        for value in [eos] if isinstance(eos, int) else list(eos or []):
-            ids.append(int(value))
-        if self.tokenizer.eos_token_id is not None:
-            ids.append(int(self.tokenizer.eos_token_id))
-        return tuple(dict.fromkeys(ids))
+        return end_ids(getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id)
 
     def forward(self, *, keep: int, cache: Any = None, **kwargs: Any) -> torch.Tensor:
         """Run the model and return float32 logits of the last ``keep`` positions; ``cache``

@@ -25,7 +25,6 @@ other backends; llama.cpp's own tokenizer is never used, so both backends read t
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import threading
 import weakref
@@ -38,6 +37,7 @@ import torch
 
 from ..errors import ConfigError, ModelLoadError, ProxyTuneError
 from ..specs import ModelSpec
+from .base import end_ids
 
 INSTALL = "pip install 'proxytune[llamacpp]' (builds llama.cpp from source: about 6 minutes)"
 KV_CELLS = 4096
@@ -329,10 +329,10 @@ class LlamaCppModel:
         kv_cells: int | None = None,
         adapter: str | Path | None = None,
         gpu_layers: int | None = None,
-        eos_ids: Sequence[int] | None = None,
+        generation_eos: Any = None,
     ) -> None:
-        """``eos_ids``: the end-of-sequence ids a ``generation_config.json`` names (as the
-        transformers backend reads them); ``None``: the GGUF vocabulary's EOS and EOT."""
+        """``generation_eos``: the ``eos_token_id`` of a ``generation_config.json`` (where the
+        transformers backend stops too); ``None``: the GGUF vocabulary's EOS and EOT."""
         lc = llama_cpp_module()
         _backend_init(lc)
         self.lc = lc
@@ -345,12 +345,9 @@ class LlamaCppModel:
         vocab = lc.llama_model_get_vocab(self._model)
         self._vocab_width = int(lc.llama_vocab_n_tokens(vocab))
         self._n_ctx_train = int(lc.llama_model_n_ctx_train(self._model))
-        if eos_ids is None:
-            ends = {int(lc.llama_vocab_eos(vocab)), int(lc.llama_vocab_eot(vocab))}
-        else:
-            ends = {int(i) for i in eos_ids}
-        if tokenizer.eos_token_id is not None:
-            ends.add(int(tokenizer.eos_token_id))
+        if generation_eos is None:
+            generation_eos = [int(lc.llama_vocab_eos(vocab)), int(lc.llama_vocab_eot(vocab))]
+        ends = end_ids(generation_eos, tokenizer.eos_token_id)
         self._eos = tuple(sorted(i for i in ends if 0 <= i < self._vocab_width))
         self.tokenizer = tokenizer
         self.name = name
@@ -633,20 +630,15 @@ def load_llamacpp(spec: ModelSpec) -> LlamaCppModel:
         spec.kv_cells,
         spec.adapter,
         spec.gpu_layers,
-        eos_ids=_generation_eos(folder),
+        generation_eos=_generation_eos(folder),
     )
 
 
-def _generation_eos(folder: Path) -> list[int] | None:
-    """The ``eos_token_id`` of a ``generation_config.json`` beside the GGUF (where the
-    transformers backend stops too), or ``None`` when there is none to read."""
-    path = folder / "generation_config.json"
+def _generation_eos(folder: Path) -> Any:
+    """The ``eos_token_id`` of a ``generation_config.json`` beside the GGUF, or ``None``."""
+    from transformers import GenerationConfig
+
     try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (OSError, ValueError, AttributeError):
+        return GenerationConfig.from_pretrained(str(folder)).eos_token_id
+    except OSError:  # no generation config there
         return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        return [value]
-    if isinstance(value, list) and all(isinstance(v, int) for v in value):
-        return list(value)
-    return None
