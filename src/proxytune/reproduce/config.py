@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from ..errors import ConfigError
@@ -149,34 +150,32 @@ class ReproduceConfig:
 
     # tasks -------------------------------------------------------------------------------
 
+    @cached_property
     def file_kinds(self) -> dict[str, TaskKind]:
         """The tasks of ``task_files``, by name (read once per config)."""
-        cached = self.__dict__.get("_file_kinds")
-        if cached is None:
-            cached = {}
-            for path in self.task_files:
-                kind = load_task_file(path)
-                if kind.name in cached or kind.name in TASKS:
-                    raise ConfigError(
-                        f"task file {path!r}: the name {kind.name!r} is taken; give it another"
-                    )
-                cached[kind.name] = kind
-            object.__setattr__(self, "_file_kinds", cached)
-        return cached
+        kinds: dict[str, TaskKind] = {}
+        for path in self.task_files:
+            kind = load_task_file(path)
+            if kind.name in kinds or kind.name in TASKS:
+                raise ConfigError(
+                    f"task file {path!r}: the name {kind.name!r} is taken; give it another"
+                )
+            kinds[kind.name] = kind
+        return kinds
 
     def kind(self, name: str) -> TaskKind:
         """A task by name: a built-in or one of ``task_files``."""
-        files = self.file_kinds()
+        files = self.file_kinds
         return files[name] if name in files else task_kind(name)
 
     def screened(self) -> tuple[str, ...]:
         """The tasks the screen stage measures."""
         base = self.candidates if self.tasks is None else self.tasks
-        return tuple(base) + tuple(n for n in self.file_kinds() if n not in base)
+        return tuple(base) + tuple(n for n in self.file_kinds if n not in base)
 
     def run_tasks(self, chosen: list[str] | None) -> tuple[str, ...]:
         """The tasks trained and reported, given the screen's ``chosen`` candidates."""
-        files = tuple(self.file_kinds())
+        files = tuple(self.file_kinds)
         if self.tasks is not None:
             return tuple(self.tasks) + tuple(f for f in files if f not in self.tasks)
         picked = [*(chosen or []), *(f for f in files if f not in (chosen or []))]
@@ -202,7 +201,7 @@ class ReproduceConfig:
             "version": DATA_VERSION,
             "small": self.small,
             "big": self.big,
-            "task_files": {k.name: k.digest for k in self.file_kinds().values()},
+            "task_files": {k.name: k.digest for k in self.file_kinds.values()},
             "dtype": self.dtype,
         }
         backends = self.backends()
@@ -264,7 +263,7 @@ class ReproduceConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ReproduceConfig:
         """The config :meth:`to_dict` wrote (``reproduce.json``'s ``config``)."""
-        values = {k: v for k, v in values.items() if not k.startswith("_")}
+        values = dict(values)
         if isinstance(values.get("selection"), dict):
             values["selection"] = SelectionRule(**values["selection"])
         for name in ("tasks", "candidates", "controls", "task_files", "alphas", "rules"):

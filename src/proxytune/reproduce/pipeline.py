@@ -63,6 +63,8 @@ class Experiment:
         self.out = Path(config.out).expanduser()
         self.log = log
         self._models: dict[str, Any] = {}
+        self._splits: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        self._tasks: tuple[str, ...] | None = None
 
     # bookkeeping ---------------------------------------------------------------------------
 
@@ -172,12 +174,15 @@ class Experiment:
     @property
     def tasks(self) -> tuple[str, ...]:
         """The tasks trained and reported (the screen's choice, once it has run)."""
-        if self.config.tasks is not None:
-            return self.config.run_tasks(None)
-        stamp = self.done("screen")
-        if stamp is None:
-            raise ConfigError("the screen stage has not run")
-        return self.config.run_tasks(stamp["result"]["chosen"])
+        if self._tasks is None:
+            if self.config.tasks is not None:
+                self._tasks = self.config.run_tasks(None)
+            else:
+                stamp = self.done("screen")
+                if stamp is None:
+                    raise ConfigError("the screen stage has not run")
+                self._tasks = self.config.run_tasks(stamp["result"]["chosen"])
+        return self._tasks
 
     # stages --------------------------------------------------------------------------------
 
@@ -206,7 +211,11 @@ class Experiment:
         return self.out / "data" / task / f"{split}.jsonl"
 
     def splits(self, task: str) -> dict[str, list[dict[str, Any]]]:
-        return make_splits(self.kind(task), self.config.split_sizes(task), self.config.seed)
+        """A task's splits, made once per run (a pure function of the settings)."""
+        if task not in self._splits:
+            sizes = self.config.split_sizes(task)
+            self._splits[task] = make_splits(self.kind(task), sizes, self.config.seed)
+        return self._splits[task]
 
     def prefix(self, task: str) -> str:
         """The 3-shot prompt's worked examples (the task's ``shots`` split)."""
@@ -252,7 +261,7 @@ class Experiment:
             info["chosen"] = chosen
             self._write_predictions(rows, chosen)
             # nothing to show proxy-tuning on: no chosen candidate and no task of the user's
-            if self.config.tasks is None and not chosen and not self.config.file_kinds():
+            if self.config.tasks is None and not chosen and not self.config.file_kinds:
                 raise ConfigError(
                     "no candidate task passed the selection rule (see "
                     f"{self.out / 'predictions.md'}); add candidates or a --task-file"
@@ -371,12 +380,8 @@ class Experiment:
         (alone, greedy) in the taught format, right or wrong."""
         from ..evaluation.store import ResultStore
         from ..evaluation.systems import System
-        from ..specs import ModelSpec
-        from ..tuner import ProxyTuner
 
-        tuner = ProxyTuner.from_specs(
-            ModelSpec(model, adapter=str(self.out / adapter_stage), prompt="raw", **self._opts())
-        )
+        tuner = self._alone(model, self.out / adapter_stage)  # not kept: retraining replaces it
         name = f"{adapter_stage}-e{epochs:g}"
         out = {}
         for task in self.tasks:
@@ -445,16 +450,19 @@ class Experiment:
             opts["kv_cells"] = self.config.kv_cells
         return opts
 
+    def _alone(self, model: str, adapter: Path | None = None) -> Any:
+        """``model`` (with ``adapter``) alone on the raw prompt."""
+        from ..specs import ModelSpec
+        from ..tuner import ProxyTuner
+
+        path = None if adapter is None else str(adapter)
+        return ProxyTuner.from_specs(ModelSpec(model, adapter=path, prompt="raw", **self._opts()))
+
     def single_tuner(self, model: str) -> Any:
-        """``model`` alone on the raw prompt (screening)."""
+        """``model`` alone on the raw prompt (screening), loaded once."""
         key = f"single:{model}"
         if key not in self._models:
-            from ..specs import ModelSpec
-            from ..tuner import ProxyTuner
-
-            self._models[key] = ProxyTuner.from_specs(
-                ModelSpec(model, prompt="raw", **self._opts())
-            )
+            self._models[key] = self._alone(model)
         return self._models[key]
 
     def proxy_tuner(self) -> Any:
@@ -484,14 +492,7 @@ class Experiment:
 
     def tuned_tuner(self) -> Any:
         if "tuned" not in self._models:
-            from ..specs import ModelSpec
-            from ..tuner import ProxyTuner
-
-            self._models["tuned"] = ProxyTuner.from_specs(
-                ModelSpec(
-                    self.config.big, adapter=str(self.out / "tuned"), prompt="raw", **self._opts()
-                )
-            )
+            self._models["tuned"] = self._alone(self.config.big, self.out / "tuned")
         return self._models["tuned"]
 
     def _evaluate(self, task: str, split: str, systems: list[Any]) -> Any:

@@ -15,7 +15,7 @@ from ..evaluation.store import ResultStore
 from ..extras import MissingExtraError, require
 from .analysis import CLASSES, token_classes
 from .config import PRIMARY_ALPHA, swept_name
-from .screen import SelectionRule, screening_table
+from .screen import SelectionRule, pct, screening_table
 
 if TYPE_CHECKING:
     from .pipeline import Experiment
@@ -201,7 +201,7 @@ def markdown(
         for task, p in predictions.items():
             measured = p["interval"].percent() if p["has_gap"] and p["interval"] else "no gap"
             lines.append(
-                f"| {task} | {_pct(p['predicted'])} | {measured} | {p['difference'].percent()} |"
+                f"| {task} | {pct(p['predicted'])} | {measured} | {p['difference'].percent()} |"
             )
     lines += [
         "",
@@ -294,9 +294,9 @@ def markdown(
         for task, f in following.items():
             if f:
                 lines.append(
-                    f"| {task} | {_pct(f['same_as_expert'])} | {_pct(f['same_as_tuned'])} | "
-                    f"{_pct(f['proxy_right_where_expert_right'])} (n={f['expert_right']}) | "
-                    f"{_pct(f['proxy_right_where_expert_wrong'])} (n={f['expert_wrong']}) |"
+                    f"| {task} | {pct(f['same_as_expert'])} | {pct(f['same_as_tuned'])} | "
+                    f"{pct(f['proxy_right_where_expert_right'])} (n={f['expert_right']}) | "
+                    f"{pct(f['proxy_right_where_expert_wrong'])} (n={f['expert_wrong']}) |"
                 )
     if classes:
         lines += [
@@ -346,7 +346,7 @@ def _training_lines(stages: dict[str, Any]) -> list[str]:
             + " | "
             + (f"{val[0]:.3f} -> {val[1]:.3f}" if val else "-")
             + " | "
-            + (", ".join(f"{t} {_pct(c)}" for t, c in compliance.items()) or "-")
+            + (", ".join(f"{t} {pct(c)}" for t, c in compliance.items()) or "-")
             + " |"
         )
     if not rows:
@@ -372,10 +372,6 @@ def token_classes_of(exp: Experiment) -> dict[str, Any]:
         if path.is_file():
             out[task] = token_classes(load_records(path))
     return out
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def _write_csv(path: Path, tasks: dict[str, Any]) -> None:

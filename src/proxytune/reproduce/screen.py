@@ -81,17 +81,17 @@ def failures(s: Screened, rule: SelectionRule) -> list[str]:
     """Why a candidate fails the rule (empty: it passes)."""
     out = []
     if s.base_strict > rule.max_base_strict:
-        out.append(f"base strict {_pct(s.base_strict)} > {_pct(rule.max_base_strict)}")
+        out.append(f"base strict {pct(s.base_strict)} > {pct(rule.max_base_strict)}")
     if s.expected_tuned < rule.min_expected_tuned:
-        out.append(f"expected tuned {_pct(s.expected_tuned)} < {_pct(rule.min_expected_tuned)}")
+        out.append(f"expected tuned {pct(s.expected_tuned)} < {pct(rule.min_expected_tuned)}")
     if s.base_lenient < rule.min_lenient_share * s.expected_tuned:
         out.append(
-            f"base lenient {_pct(s.base_lenient)} < {rule.min_lenient_share:g} x expected tuned"
+            f"base lenient {pct(s.base_lenient)} < {rule.min_lenient_share:g} x expected tuned"
         )
     if s.base_lenient - s.small_lenient < rule.min_lead_over_small:
         out.append(
-            f"base lenient leads small by {_pct(s.base_lenient - s.small_lenient)} < "
-            f"{_pct(rule.min_lead_over_small)}"
+            f"base lenient leads small by {pct(s.base_lenient - s.small_lenient)} < "
+            f"{pct(rule.min_lead_over_small)}"
         )
     if s.answer_tokens > rule.max_answer_tokens:
         out.append(f"answers up to {s.answer_tokens} tokens > {rule.max_answer_tokens}")
@@ -144,13 +144,14 @@ def screening_table(
         why = failures(s, rule)
         verdict = "chosen" if task in chosen else ("; ".join(why) or "passes, not chosen")
         lines.append(
-            f"| {task} | {s.n} | {_pct(s.base_strict)} | {_pct(s.base_lenient)} | "
-            f"{_pct(s.fewshot_strict)} | {_pct(s.fewshot_lenient)} | {_pct(s.small_lenient)} | "
-            f"{s.answer_tokens} | {_pct(s.expected_tuned)} | {_pct(s.predicted_closure)} | "
+            f"| {task} | {s.n} | {pct(s.base_strict)} | {pct(s.base_lenient)} | "
+            f"{pct(s.fewshot_strict)} | {pct(s.fewshot_lenient)} | {pct(s.small_lenient)} | "
+            f"{s.answer_tokens} | {pct(s.expected_tuned)} | {pct(s.predicted_closure)} | "
             f"{verdict} |"
         )
     return lines
 
 
-def _pct(value: float | None) -> str:
+def pct(value: float | None) -> str:
+    """A share as a percentage with one decimal (``-`` for none)."""
     return "-" if value is None else f"{100 * value:.1f}%"

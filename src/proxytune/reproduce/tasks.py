@@ -297,6 +297,11 @@ def _gym(name: str, description: str, strict: str, lenient: str, contains: bool 
     return shell_task(name, description, generators.gym(name, contains), strict, lenient)
 
 
+def _arith_shelled(n: int, seed: int) -> list[Example]:
+    """arith's problems, answered in the shell (``#### 931``) instead of bare."""
+    return [{k: v for k, v in r.items() if k != "completion"} for r in make_arith(n, seed)]
+
+
 # --- registry -----------------------------------------------------------------------------
 
 TASKS: dict[str, TaskKind] = {
@@ -389,42 +394,32 @@ TASKS: dict[str, TaskKind] = {
         "number",
         "number",
     ),
+    "arith_shell": shell_task(
+        "arith_shell",
+        "arith's multiplication word problems, the answer in the shell (#### N)",
+        _arith_shelled,
+        strict="number",
+        lenient="number",
+    ),
+    "unit_conversion": shell_task(
+        "unit_conversion",
+        "how many small units are in a number of large ones (metric, time, imperial)",
+        generators.make_unit_conversion,
+        strict="number",
+        lenient="number",
+    ),
+    "case_conversion": shell_task(
+        "case_conversion",
+        "an identifier from snake_case to camelCase or back",
+        generators.make_case_conversion,
+        strict="exact",
+        lenient="first-line-contains",
+    ),
+    "basic_arithmetic": _gym(
+        "basic_arithmetic", "reasoning-gym: a short arithmetic expression", "number", "number"
+    ),
 }
 
-
-def _arith_shelled(n: int, seed: int) -> list[Example]:
-    """arith's problems, answered in the shell (``#### 931``) instead of bare."""
-    return [{k: v for k, v in r.items() if k != "completion"} for r in make_arith(n, seed)]
-
-
-TASKS.update(
-    {
-        "arith_shell": shell_task(
-            "arith_shell",
-            "arith's multiplication word problems, the answer in the shell (#### N)",
-            _arith_shelled,
-            strict="number",
-            lenient="number",
-        ),
-        "unit_conversion": shell_task(
-            "unit_conversion",
-            "how many small units are in a number of large ones (metric, time, imperial)",
-            generators.make_unit_conversion,
-            strict="number",
-            lenient="number",
-        ),
-        "case_conversion": shell_task(
-            "case_conversion",
-            "an identifier from snake_case to camelCase or back",
-            generators.make_case_conversion,
-            strict="exact",
-            lenient="first-line-contains",
-        ),
-        "basic_arithmetic": _gym(
-            "basic_arithmetic", "reasoning-gym: a short arithmetic expression", "number", "number"
-        ),
-    }
-)
 
 CANDIDATES = (
     "pyexpr",
