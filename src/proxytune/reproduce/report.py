@@ -74,13 +74,12 @@ def task_results(exp: Experiment, task: str) -> dict[str, Any]:
     return out
 
 
-def predicted_vs_measured(exp: Experiment, tasks: dict[str, Any]) -> dict[str, Any]:
-    """Per chosen task: the closure the screen predicted and the one measured (``proxy`` at
-    alpha 1, the primary metric)."""
-    stamp = exp.done("screen")
-    if stamp is None:
+def predicted_vs_measured(screen: dict[str, Any] | None, tasks: dict[str, Any]) -> dict[str, Any]:
+    """Per screened task: the closure the screen (its stage result) predicted and the one
+    measured (``proxy`` at alpha 1, the primary metric)."""
+    if not screen:
         return {}
-    predicted = {t: r["predicted_closure"] for t, r in stamp["result"]["screened"].items()}
+    predicted = {t: r["predicted_closure"] for t, r in screen["screened"].items()}
     out = {}
     for task, res in tasks.items():
         if task not in predicted:
@@ -141,7 +140,7 @@ def write_results(exp: Experiment) -> dict[str, Any]:
         if stamp is not None:
             stages[stage] = {"seconds": stamp["seconds"], **stamp.get("result", {})}
     following = {t: follow(exp, t) for t in exp.tasks}
-    predictions = predicted_vs_measured(exp, tasks)
+    predictions = predicted_vs_measured(stages.get("screen"), tasks)
     data = {
         "config": exp.config.to_dict(),
         "stages": stages,
