@@ -174,6 +174,7 @@ def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair)
         "alpha_sweep.png",
         "expert/adapter_model.safetensors",
         "tuned/adapter_model.safetensors",
+        "residual/adapter_model.safetensors",
         "analysis/arith/report.html",
     ):
         assert (out / name).is_file(), name
@@ -215,6 +216,12 @@ def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair)
     assert stamp["validation_loss_first_last"] is not None
     test_systems = {p.stem for p in (out / "eval" / "arith" / "test").glob("*.jsonl")}
     assert {"base", "base-3shot", "expert", "tuned", "proxy", "product"} <= test_systems
+    # the residual rule: its own expert (trained against the frozen big base), at alpha 1
+    assert "residual" in test_systems and "residual (loss of the alpha-1 proxy)" in table
+    residual = json.loads((out / "stages" / "residual.json").read_text())
+    assert residual["settings"]["base"] == tiny_pair[1]
+    described = (out / "eval" / "arith" / "test" / "residual.meta.json").read_text()
+    assert str(out / "residual") in described and str(out / "expert") not in described
     shot = json.loads((out / "eval" / "arith" / "test" / "base-3shot.jsonl").open().readline())
     assert shot["outputs"] is not None
     csv_rows = (out / "results.csv").read_text().splitlines()

@@ -21,6 +21,18 @@ DEFAULT_SIZES = {"shots": 3, "screen": 40, "train": 200, "validation": 50, "test
 """Split sizes of a task that names none of its own (:attr:`.tasks.TaskKind.sizes`)."""
 
 BACKENDS = ("auto", "transformers", "llamacpp")
+STAGES = (
+    "screen",
+    "data",
+    "expert",
+    "tuned",
+    "residual",
+    "validation",
+    "test",
+    "analysis",
+    "report",
+)
+"""A run's stages in order (:mod:`.pipeline`)."""
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)
 """The validation grid; extended by x1.5 while a rule's best alpha is the largest tried."""
@@ -38,17 +50,22 @@ RULES: dict[str, Any] = {
     "nudging": {"name": "nudging"},
     "union": {"name": "union", "tau": 0.1},
     "w2s": {"system": "RerankSystem", "k": 3},
+    "residual": {"name": "proxy", "expert": "residual"},
 }
 """Steering rules a run can compare, by the name used in its tables. ``nudging`` sweeps its
 ``gamma`` (:data:`GAMMAS`) where the others sweep alpha; ``w2s`` is not a per-token rule but the
 short-answer weak-to-strong rerank (:class:`~proxytune.evaluation.RerankSystem`), its ``beta``
-swept over the alpha grid."""
+swept over the alpha grid. ``residual`` is the proxy formula at alpha 1 with an expert trained
+by the residual objective (``proxytune train --objective residual``: what the base lacks, at
+alpha 1), so it is not swept."""
 GAMMAS = (0.2, 0.4, 0.6, 0.8)
 """nudging's validation grid: the base's top-1 probability below which the expert writes."""
 
 
 def sweep_grid(rule: str, alphas: tuple[float, ...]) -> tuple[float, ...]:
-    """The values a rule is validated over (alpha, or nudging's gamma)."""
+    """The values a rule is validated over (alpha, nudging's gamma, residual's alpha 1)."""
+    if rule == "residual":
+        return (PRIMARY_ALPHA,)
     return GAMMAS if rule == "nudging" else alphas
 
 
@@ -61,6 +78,8 @@ def steering(rule: str, value: float) -> tuple[float, Any]:
     """``(alpha, rule spec)`` of ``rule`` at its swept ``value``."""
     if rule == "nudging":
         return PRIMARY_ALPHA, {**RULES[rule], "gamma": value}
+    if rule == "residual":
+        return value, RULES["proxy"]
     return value, RULES[rule]
 
 
@@ -228,8 +247,11 @@ class ReproduceConfig:
         }
         if stage == "expert":
             return {"data": data, "model": self.small, **training}
+        expert = {"model": self.small, **training}
         if stage == "tuned":  # the expert's final epochs: one recipe for both
-            return {"data": data, "model": self.big, "expert": {"model": self.small, **training}}
+            return {"data": data, "model": self.big, "expert": expert}
+        if stage == "residual":  # the expert's recipe, with the residual loss on the base
+            return {"data": data, "model": self.small, "base": self.big, "expert": expert}
         evaluation = {
             "data": data,
             "small": self.small,
@@ -319,7 +341,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         "sizes": {t: _TINY_SIZES for t in ("arith", "pyexpr", "gcd", "sort_words", "truthfulqa")},
         "alphas": (0.5, 1.0),
-        "rules": ("proxy", "product", "nudging", "union", "w2s"),
+        "rules": ("proxy", "product", "nudging", "union", "w2s", "residual"),
         "epochs": 1.0,
         "min_compliance": 0.0,
         "max_epochs": 1.0,

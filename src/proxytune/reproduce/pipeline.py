@@ -12,12 +12,14 @@ whose stamp matches is skipped, one whose stamp differs is refused by name):
    more while it follows the taught format on under ``min_compliance`` of a task's
    validation items. The anti-expert is the small model untuned (the one-pass LoRA pair).
 4. ``tuned``: the big model tuned directly on the same data with the expert's final recipe.
-5. ``validation``: every rule over the alpha grid (extended x1.5 while a rule's best is its
+5. ``residual`` (only with the ``residual`` rule): the small model's LoRA trained on the
+   residual objective (:mod:`..training.residual`) against the frozen big base, same recipe.
+6. ``validation``: every rule over the alpha grid (extended x1.5 while a rule's best is its
    largest alpha) on each task's validation split; the best alpha per task and rule.
-6. ``test``: base, the 3-shot base, expert, tuned, ``proxy`` at alpha 1 and at its
+7. ``test``: base, the 3-shot base, expert, tuned, ``proxy`` at alpha 1 and at its
    validated alpha, and each other rule at its validated alpha, on the test split.
-7. ``analysis``: token-level records of what the proxy changed on test prompts.
-8. ``report``: ``results.md`` / ``.csv`` / ``.json`` with 95% bootstrap intervals, paired
+8. ``analysis``: token-level records of what the proxy changed on test prompts.
+9. ``report``: ``results.md`` / ``.csv`` / ``.json`` with 95% bootstrap intervals, paired
    differences, gap closed where there is a gap, predicted against measured, and
    ``alpha_sweep.png``; rewritten on every run from the stored results.
 
@@ -39,6 +41,7 @@ from .config import (
     MAX_EXTENSIONS,
     PRIMARY_ALPHA,
     RULES,
+    STAGES,
     ReproduceConfig,
     changed_settings,
     differences,
@@ -49,7 +52,6 @@ from .config import (
 from .screen import SCREEN_SYSTEMS, screened_from_scores, screening_table, select
 from .tasks import SPLITS, TaskKind, eval_task, fewshot_prefix, make_splits, sft_rows
 
-STAGES = ("screen", "data", "expert", "tuned", "validation", "test", "analysis", "report")
 MARKER = "reproduce.json"
 
 Log = Callable[[str], None]
@@ -197,6 +199,7 @@ class Experiment:
             self.make_data,
             self.train_expert,
             self.train_tuned,
+            self.train_residual,
             self.validate,
             self.test,
             self.analyze,
@@ -319,8 +322,11 @@ class Experiment:
                 + f" (train/validation/test); {len(train)} training lines"
             )
 
-    def _fit(self, stage: str, model: str, epochs: float, fresh: bool) -> dict[str, Any]:
-        """One LoRA training run of ``model`` into ``OUT/STAGE``; its losses."""
+    def _fit(
+        self, stage: str, model: str, epochs: float, fresh: bool, base: str | None = None
+    ) -> dict[str, Any]:
+        """One LoRA training run of ``model`` into ``OUT/STAGE`` (with ``base``: the residual
+        objective on that frozen base); its losses."""
         from ..training import TrainConfig, train
         from ..training.output import read_meta
 
@@ -333,6 +339,8 @@ class Experiment:
             data=str(self.out / "data" / "train.jsonl"),
             eval_data=str(self.out / "data" / "validation.jsonl"),
             out=str(out),
+            objective="sft" if base is None else "residual",
+            base=base,
             lora=True,
             lora_r=self.config.lora_r,
             lora_alpha=2.0 * self.config.lora_r,
@@ -438,6 +446,23 @@ class Experiment:
             info.update(run)
             info["summary"] = f"LoRA of {self.config.big}, {epochs:g} epoch(s)" + _losses(run)
 
+    def train_residual(self) -> None:
+        """For the ``residual`` rule: train the small model's LoRA on the residual loss (the
+        proxy distribution at alpha 1, the big base and the anti-expert frozen) with the
+        expert's final recipe."""
+        if "residual" not in self.config.rules:
+            return
+        with self.stage("residual") as info:
+            if info["skipped"]:
+                return
+            epochs = float(self.done("expert")["result"]["epochs"])  # type: ignore[index]
+            run = self._fit("residual", self.config.small, epochs, False, base=self.config.big)
+            info.update(run)
+            info["summary"] = (
+                f"residual LoRA of {self.config.small} on {self.config.big}, {epochs:g} "
+                "epoch(s)" + _losses(run)
+            )
+
     # models ------------------------------------------------------------------------------
 
     def _opts(self) -> dict[str, Any]:
@@ -465,21 +490,23 @@ class Experiment:
             self._models[key] = self._alone(model)
         return self._models[key]
 
-    def proxy_tuner(self) -> Any:
-        """Base = big model, expert = the trained LoRA, anti-expert = the small model; every
-        model reads the same raw prompt (the expert was tuned on it)."""
-        if "proxy" not in self._models:
+    def proxy_tuner(self, expert: str = "expert") -> Any:
+        """Base = big model, expert = the LoRA trained in ``OUT/EXPERT`` (the expert, or the
+        residual expert), anti-expert = the small model; every model reads the same raw prompt
+        (the expert was tuned on it)."""
+        key = f"proxy:{expert}"
+        if key not in self._models:
             from ..specs import ModelSpec
             from ..tuner import ProxyTuner
 
             opts = self._opts()
-            self._models["proxy"] = ProxyTuner.from_specs(
+            self._models[key] = ProxyTuner.from_specs(
                 ModelSpec(self.config.big, prompt="raw", **opts),
                 [
                     (
                         ModelSpec(
                             self.config.small,
-                            adapter=str(self.out / "expert"),
+                            adapter=str(self.out / expert),
                             prompt="raw",
                             **opts,
                         ),
@@ -488,7 +515,7 @@ class Experiment:
                     )
                 ],
             )
-        return self._models["proxy"]
+        return self._models[key]
 
     def tuned_tuner(self) -> Any:
         if "tuned" not in self._models:
@@ -519,11 +546,11 @@ class Experiment:
 
     def steered(self, name: str, rule: str, value: float, role: str = "other") -> Any:
         """The system of ``rule`` at its swept ``value`` (alpha, nudging's gamma or the
-        rerank's beta) on the proxy tuner."""
+        rerank's beta) on the proxy tuner (the residual expert's, for ``residual``)."""
         from ..evaluation.rerank import RerankSystem
         from ..evaluation.systems import System
 
-        tuner = self.proxy_tuner()
+        tuner = self.proxy_tuner("residual" if rule == "residual" else "expert")
         if rule == "w2s":
             k = RULES["w2s"]["k"]
             return RerankSystem(name, tuner, beta=value, k=k, alpha=PRIMARY_ALPHA, role=role)

@@ -14,7 +14,7 @@ from ..evaluation.stats import Estimate, aligned, diff_interval, gap_interval, m
 from ..evaluation.store import ResultStore
 from ..extras import MissingExtraError, require
 from .analysis import CLASSES, token_classes
-from .config import PRIMARY_ALPHA, swept_name
+from .config import PRIMARY_ALPHA, STAGES, swept_name
 from .screen import SelectionRule, pct, screening_table
 
 if TYPE_CHECKING:
@@ -135,7 +135,7 @@ def write_results(exp: Experiment) -> dict[str, Any]:
     """Write ``results.md``, ``results.csv``, ``results.json`` and ``alpha_sweep.png``."""
     tasks = {t: task_results(exp, t) for t in exp.tasks}
     stages = {}
-    for stage in ("screen", "data", "expert", "tuned", "validation", "test", "analysis"):
+    for stage in STAGES[:-1]:  # every stage but the report itself
         stamp = exp.done(stage)
         if stamp is not None:
             stages[stage] = {"seconds": stamp["seconds"], **stamp.get("result", {})}
@@ -333,14 +333,15 @@ def _gap(row: dict[str, Any], metric: dict[str, Any]) -> str:
 def _training_lines(stages: dict[str, Any]) -> list[str]:
     """Both models' epochs, losses and (the expert's) format compliance on validation."""
     rows = []
-    for stage in ("expert", "tuned"):
+    labels = {"residual": "residual (loss of the alpha-1 proxy)"}
+    for stage in ("expert", "tuned", "residual"):
         info = stages.get(stage)
         if not info:
             continue
         loss, val = info.get("train_loss_first_last"), info.get("validation_loss_first_last")
         compliance = info.get("compliance") or {}
         rows.append(
-            f"| {stage} | {info.get('epochs', '-')} | "
+            f"| {labels.get(stage, stage)} | {info.get('epochs', '-')} | "
             + (f"{loss[0]:.3f} -> {loss[1]:.3f}" if loss else "-")
             + " | "
             + (f"{val[0]:.3f} -> {val[1]:.3f}" if val else "-")
