@@ -290,13 +290,28 @@ def test_the_step_cost_benchmark_times_each_file_and_row_count(both, tiny):
     bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gguf_step.py"
     files = [str(tiny[name] / "model.gguf") for name in ("base", "expert")]
     cmd = [sys.executable, str(bench), *files, "--rows", "1", "2", "--positions", "3"]
-    cmd += ["--steps", "2", "--threads", "1"]
+    cmd += ["--steps", "2", "--threads", "1", "2", "--together", "1", "2", "--rounds", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert [r[0].strip() for r in rows[1:]] == ["base", "expert"]
-    assert len(rows[0]) == 4 and "verify 3" in rows[0][3]
+    per_file, together = done.stdout.split("\n\n")
+    rows = [line.split("|")[1:-1] for line in per_file.splitlines() if line.startswith("| ")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows[1:]] == [
+        ("base", "1"),
+        ("base", "2"),
+        ("expert", "1"),
+        ("expert", "2"),
+    ]
+    assert len(rows[0]) == 5 and "verify 3" in rows[0][4]
     assert all(float(cell) > 0 for r in rows[1:] for cell in r[1:])
+    rows = [line.split("|")[1:-1] for line in together.splitlines() if line.startswith("| ")]
+    assert rows[0][0].strip() == "base (1) + expert (2)"
+    assert [(r[0].strip(), r[1].strip()) for r in rows[1:]] == [
+        ("one after the other", "1"),
+        ("at once", "1"),
+        ("one after the other", "2"),
+        ("at once", "2"),
+    ]
+    assert all(float(r[2]) > 0 for r in rows[1:])
 
 
 def test_evaluation_scores_the_same_on_llamacpp(both):
