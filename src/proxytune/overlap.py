@@ -23,13 +23,14 @@ compete for them (docs/speed.md measures it).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import torch
+
+from .specs import available_cores
 
 T = TypeVar("T")
 
@@ -53,14 +54,6 @@ def engine(model: Any) -> Any:
             return model
         seen.add(id(inner))
         model = inner
-
-
-def available_cores() -> int:
-    """The cores this process may run on (its affinity mask), else every core the OS reports."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def split_threads(cores: int, weights: Sequence[float]) -> list[int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -12,6 +13,14 @@ from .prompts import PromptFormat
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = (None, "int8", "bnb8", "bnb4")
 BACKENDS = ("auto", "transformers", "llamacpp")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask), else every core the OS reports."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def parse_threads(value: object) -> int | None:

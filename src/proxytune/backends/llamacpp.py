@@ -36,8 +36,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelLoadError, ProxyTuneError
-from ..overlap import available_cores
-from ..specs import ModelSpec
+from ..specs import ModelSpec, available_cores
 from .base import end_ids
 
 INSTALL = "pip install 'proxytune[llamacpp]' (builds llama.cpp from source: about 6 minutes)"
