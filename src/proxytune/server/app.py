@@ -466,22 +466,7 @@ def _prepare(
 ) -> Job:
     """Request -> validated, rendered job (in a worker thread: tokenizing can take a while)."""
     try:
-        config = tuner.config(
-            max_new_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            stop=req.stops or None,
-            seed=req.seed,
-            n=req.n,
-            logprobs=top is not None,
-            top_logprobs=top or 0,
-            ignore_eos=req.ignore_eos or None,
-        )
+        config = tuner.config(**req.generation(max_tokens, top))
         return scheduler.batch.prepare(prompts, config, req.alpha, req.active_pairs, req.rule)
     except PromptTooLongError as err:
         field = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
