@@ -90,6 +90,32 @@ def test_alternative_first_tokens_run_in_batches_no_larger_than_the_callers(tune
         assert all(c.result.prompt_index == p for c in cands)
 
 
+def test_a_beta_sweep_makes_the_candidates_once_and_picks_as_alone(tuner, monkeypatch):
+    from proxytune.tuner import ProxyTuner
+
+    settings = {"max_new_tokens": 4}
+    alone = {
+        b: RerankSystem("r", tuner, beta=b, k=2).candidates(PROMPTS, **settings) for b in (0.0, 3.0)
+    }
+    calls: list[int] = []
+    generate = ProxyTuner.generate
+    monkeypatch.setattr(
+        ProxyTuner, "generate", lambda self, p, **kw: calls.append(1) or generate(self, p, **kw)
+    )
+    made: dict = {}
+    first = RerankSystem("r@0", tuner, beta=0.0, k=2, made=made).candidates(PROMPTS, **settings)
+    before = len(calls)
+    again = RerankSystem("r@3", tuner, beta=3.0, k=2, made=made).candidates(PROMPTS, **settings)
+    assert len(calls) == before > 0  # nothing generated for the second beta
+    for got, want in ((first, alone[0.0]), (again, alone[3.0])):
+        assert [[(c.source, c.result.token_ids, c.score) for c in cands] for cands in got] == [
+            [(c.source, c.result.token_ids, c.score) for c in cands] for cands in want
+        ]
+    # other prompts or settings are made anew
+    RerankSystem("r@3", tuner, beta=3.0, k=2, made=made).candidates(PROMPTS[:1], **settings)
+    assert len(calls) > before
+
+
 def test_rerank_system_refuses_what_it_cannot_do(tuner):
     with pytest.raises(ConfigError, match="needs a tuner with one pair of expert and anti-expert"):
         RerankSystem("r", tuner.alone("base"))

@@ -14,7 +14,7 @@ format. Ties go to the earlier candidate (base, expert, proxy, then the first-to
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -105,6 +105,9 @@ class RerankSystem:
     rule: Any = None
     """The proxy candidate's rule (``None``: the tuner's)."""
     role: str = "other"
+    made: dict[Any, tuple[Any, list[list[Candidate]]]] | None = field(default=None, repr=False)
+    """Candidates already made (with the tuner that made them), shared by systems that differ
+    only in ``beta`` (a sweep): made and scored once per batch; only the pick is redone."""
 
     def __post_init__(self) -> None:
         pairs = self.tuner.pairs
@@ -126,6 +129,21 @@ class RerankSystem:
                 "the rerank system decodes greedily with one answer per prompt; drop n and "
                 "temperature from its settings"
             )
+        key = (self.k, repr(self._alpha()), tuple(prompts), repr(sorted(settings.items())))
+        made = None if self.made is None else self.made.get(key)
+        if made is not None and made[0] is self.tuner:
+            return [[self._rescored(c) for c in cands] for cands in made[1]]
+        per_prompt = self._made(prompts, settings)
+        if self.made is not None:
+            self.made[key] = (self.tuner, per_prompt)
+        return per_prompt
+
+    def _rescored(self, c: Candidate) -> Candidate:
+        """``c`` scored at this system's beta (its sequence log-probs do not depend on it)."""
+        sums = (torch.tensor([x], dtype=torch.float64) for x in (c.base, c.expert, c.anti))
+        return replace(c, score=float(rerank_objective(*sums, float(self.beta))))
+
+    def _made(self, prompts: list[str], settings: dict[str, Any]) -> list[list[Candidate]]:
         t = self.tuner
         expert_role = t.pairs[0].expert.role  # type: ignore[union-attr]
         runs = [

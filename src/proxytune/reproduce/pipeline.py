@@ -69,6 +69,7 @@ class Experiment:
         self._models: dict[str, Any] = {}
         self._splits: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self._tasks: tuple[str, ...] | None = None
+        self._w2s_made: dict[Any, Any] = {}  # the w2s candidates, shared by its betas
 
     # bookkeeping ---------------------------------------------------------------------------
 
@@ -555,7 +556,9 @@ class Experiment:
         tuner = self.proxy_tuner("residual" if rule == "residual" else "expert")
         if rule == "w2s":
             k = RULES["w2s"]["k"]
-            return RerankSystem(name, tuner, beta=value, k=k, alpha=PRIMARY_ALPHA, role=role)
+            return RerankSystem(
+                name, tuner, beta=value, k=k, alpha=PRIMARY_ALPHA, role=role, made=self._w2s_made
+            )
         alpha, spec = steering(rule, value)
         return System(name, tuner, role, alpha, spec)
 
