@@ -47,9 +47,7 @@ def tuner(dirs, backend: str, **kw) -> ProxyTuner:
         threads = 2 if gguf else None
         return ModelSpec(str(path), prompt=prompt, device="cpu", backend=backend, threads=threads)
 
-    return ProxyTuner.from_specs(
-        spec("base"), [(spec("expert", "chat"), spec("anti"), 1.0)], **kw
-    )
+    return ProxyTuner.from_specs(spec("base"), [(spec("expert", "chat"), spec("anti"), 1.0)], **kw)
 
 
 @pytest.fixture(scope="module")
@@ -269,6 +267,7 @@ model_defaults: {{device: cpu}}
     )
     out = tmp_path / "speed.json"
     systems = ["base-cpp", "naive-cpp", "overlap-cpp", "speculative-cpp"]
+    systems += ["rerank-cpp", "rerank+candidates-cpp"]
     cmd = [sys.executable, str(bench), "--recipe", str(recipe), "--batch-sizes", "2"]
     cmd += ["--max-new-tokens", "6", "--threads", "1", "--systems", *systems, "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -279,6 +278,7 @@ model_defaults: {{device: cpu}}
     assert all(r["tokens"] == 2 * 6 for r in results.values())
     for exact in ("overlap-cpp", "speculative-cpp"):
         assert results[exact]["ids"] == results["naive-cpp"]["ids"]
+    assert results["rerank+candidates-cpp"]["ids"] == results["rerank-cpp"]["ids"]
     # the engine's own time per step: one figure per step after the first, none negative
     overheads = results["naive-cpp"]["overhead_ms"]
     assert len(overheads) == 6 - 1 and min(overheads) >= 0
@@ -382,8 +382,11 @@ def test_gpu_layers_default_to_every_layer_only_where_llamacpp_can_offload():
     assert gpu_layers_for(None, offload=False) == 0
     assert gpu_layers_for(None, offload=True) == ALL_LAYERS
     assert gpu_layers_for(0, offload=False) == 0 and gpu_layers_for(7, offload=True) == 7
-    with pytest.raises(ConfigError, match=r"gpu_layers=3 needs llama.cpp built for a GPU.*"
-                       r"GGML_CUDA=on.*or set gpu_layers: 0"):
+    with pytest.raises(
+        ConfigError,
+        match=r"gpu_layers=3 needs llama.cpp built for a GPU.*"
+        r"GGML_CUDA=on.*or set gpu_layers: 0",
+    ):
         gpu_layers_for(3, offload=False)
 
 
@@ -397,3 +400,98 @@ def test_gpu_layers_option_is_checked_and_refused_off_llamacpp():
     assert ModelSpec(path="m", gpu_layers=2).load_key != ModelSpec(path="m").load_key
     with pytest.raises(ConfigError, match="gpu_layers applies to the llama\\.cpp backend"):
         load_model(ModelSpec(path="m", backend="transformers", gpu_layers=2))
+
+
+def test_rerank_scores_the_pair_at_its_candidates_only_and_chooses_the_same(tiny, monkeypatch):
+    """Candidate scoring: the pair's decodes stop at the final norm and only the candidates'
+    rows of the output matrix are applied; rerank and plausible choose the tokens (and report
+    the log-probs) of full logits, greedy and sampled; the plain formula never uses it."""
+    if not llamacpp.available():
+        pytest.skip(f"llama-cpp-python is not installed ({llamacpp.INSTALL})")
+    cpp = tuner(tiny, "llamacpp")
+    model = cpp.pairs[0].expert.model
+    assert model.scores_candidates and model.output_head.type == "F32"
+    assert not cpp.base.model.context.tap  # the base never gets the eval callback
+    scored: list[int] = []
+    real = llamacpp.LlamaCppModel.candidate_logits
+
+    def counted(self, hidden, ids):
+        scored.append(len(ids))
+        return real(self, hidden, ids)
+
+    monkeypatch.setattr(llamacpp.LlamaCppModel, "candidate_logits", counted)
+    full = cpp.with_options(candidates=False)
+    settings = {"max_new_tokens": 12, "logprobs": True, "top_logprobs": 3}
+    sampled = {"max_new_tokens": 10, "temperature": 0.9, "seed": 3}
+    for rule in ({"name": "rerank", "k": 3}, "rerank", {"name": "plausible", "tau": 0.05}):
+        scored.clear()
+        got = cpp.generate(PROMPTS, rule=rule, **settings)
+        assert scored and max(scored) < model.vocab_width  # per step: the rows' candidates
+        calls = len(scored)
+        want = full.generate(PROMPTS, rule=rule, **settings)
+        assert len(scored) == calls  # candidates=False: full logits
+        assert ids(got) == ids(want)
+        for g, w in zip(got, want, strict=True):
+            assert [x.logprob for x in g.logprobs] == pytest.approx(
+                [x.logprob for x in w.logprobs], abs=1e-4
+            )
+        assert ids(cpp.generate(PROMPTS, rule=rule, **sampled)) == ids(
+            full.generate(PROMPTS, rule=rule, **sampled)
+        )
+    scored.clear()
+    cpp.generate(PROMPTS, max_new_tokens=6)
+    cpp.generate(PROMPTS, max_new_tokens=6, rule={"name": "rerank", "inner": "union"})
+    assert not scored  # proxy, and a rerank whose inner rule reads every token: full logits
+
+
+def _quantized(source, out, ftype):
+    import ctypes
+
+    lc = llamacpp.llama_cpp_module()
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = ftype
+    assert (
+        lc.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    )
+    return out
+
+
+@needs_llama
+@pytest.mark.parametrize("kind", ["F32", "F16", "Q8_0"])
+def test_candidate_logits_are_the_full_logits_at_those_ids(tiny, tmp_path, kind):
+    import torch
+
+    path = tiny["expert"] / "model.gguf"
+    if kind == "F16":
+        path = write_gguf(
+            build_model(build_tokenizer(), seed=1),
+            build_tokenizer(),
+            tmp_path / "h.gguf",
+            "float16",
+        )
+    elif kind == "Q8_0":
+        lc = llamacpp.llama_cpp_module()
+        path = _quantized(path, tmp_path / "q8.gguf", lc.LLAMA_FTYPE_MOSTLY_Q8_0)
+    model = llamacpp.load_llamacpp(ModelSpec(str(path)))
+    assert model.output_head.type == kind
+    prompts = [[5, 6, 7], [8, 9], [10]]
+    hidden, first_hidden = model.start_hidden(prompts)  # the context is empty: gets its tap
+    plain, first = model.start(prompts)
+    assert hidden.hidden and not plain.hidden and hidden.group is None
+    assert first_hidden.shape == (3, model.output_head.width)
+    ids = torch.tensor([0, 3, 17, 40, model.vocab_width - 1])
+    torch.testing.assert_close(
+        model.candidate_logits(first_hidden, ids), first[:, ids], atol=1e-4, rtol=0
+    )
+    step = torch.tensor([[11], [12], [13]])
+    got = model.candidate_logits(hidden.advance(step)[:, -1], ids)
+    torch.testing.assert_close(got, plain.advance(step)[:, -1, ids], atol=1e-4, rtol=0)
+
+
+@needs_llama
+def test_a_context_holding_plain_rows_keeps_full_logits(tiny):
+    model = llamacpp.load_llamacpp(ModelSpec(str(tiny["anti"] / "model.gguf")))
+    busy, _ = model.start([[5, 6]])
+    state, out = model.start_hidden([[7, 8]])  # no eval callback on a context in use
+    assert not state.hidden and out.shape == (1, model.vocab_width)
+    del busy, state

@@ -168,7 +168,7 @@ class EngineOptions:
 
     >>> EngineOptions.parse({"overlap": True, "speculative": "4"})  # doctest: +NORMALIZE_WHITESPACE
     EngineOptions(overlap=True, speculative=4, stacked=False, prefix_cache=False,
-                  prefix_min_tokens=16, one_pass=True)
+                  prefix_min_tokens=16, one_pass=True, candidates=True)
     """
 
     overlap: bool = False
@@ -184,9 +184,12 @@ class EngineOptions:
     one_pass: bool = True
     """A LoRA expert of its anti-expert's model runs in the same forward
     (:mod:`~.backends.lora_pair`); applies when models load."""
+    candidates: bool = True
+    """Where the rule only re-ranks the base's candidates (``rerank``, ``plausible``), score
+    the pair at the candidates only on models that can (llama.cpp); the plain loop."""
 
     def __post_init__(self) -> None:
-        for name in ("overlap", "stacked", "prefix_cache", "one_pass"):
+        for name in ("overlap", "stacked", "prefix_cache", "one_pass", "candidates"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"engine option {name!r} must be true or false, got {getattr(self, name)!r}"
