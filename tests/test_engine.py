@@ -47,7 +47,10 @@ def imported_packages(path: Path) -> set[str]:
 @pytest.mark.parametrize(
     ("layer", "forbidden"),
     [
-        ("backends", {"engine", "generation", "rules", "sampling", "tuner", "server", "cli"}),
+        (
+            "backends",
+            {"engine", "generation", "overlap", "rules", "sampling", "tuner", "server", "cli"},
+        ),
         ("engine", {"tuner", "server", "cli"}),
         ("rules", {"engine", "tuner", "server", "cli"}),
     ],
@@ -98,6 +101,7 @@ def test_prepare_checks_once_for_every_loop(models):
 
 def test_prepared_runs_the_same_in_every_loop(models):
     t = tuner_of(models)
+
     def by_row(steps) -> dict[int, list[int]]:
         rows: dict[int, list[int]] = {}
         for updates in steps:
@@ -115,6 +119,7 @@ def test_prepared_runs_the_same_in_every_loop(models):
 def test_a_nan_model_is_named_in_the_black_box_loop_too(models):
     """The black-box loop checks every model's logits as the plain loop does, so a broken
     model is reported as a model problem, not as the rule's."""
+
     def nan_copy(model: HFModel) -> HFModel:
         broken = copy.deepcopy(model.model)
         with torch.no_grad():

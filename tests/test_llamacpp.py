@@ -292,13 +292,28 @@ def test_the_step_cost_benchmark_times_each_file_and_row_count(both, tiny):
     bench = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gguf_step.py"
     files = [str(tiny[name] / "model.gguf") for name in ("base", "expert")]
     cmd = [sys.executable, str(bench), *files, "--rows", "1", "2", "--positions", "3"]
-    cmd += ["--steps", "2", "--threads", "1"]
+    cmd += ["--steps", "2", "--threads", "1", "2", "--together", "1", "2", "--rounds", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ")]
-    assert [r[0].strip() for r in rows[1:]] == ["base", "expert"]
-    assert len(rows[0]) == 4 and "verify 3" in rows[0][3]
+    per_file, together = done.stdout.split("\n\n")
+    rows = [line.split("|")[1:-1] for line in per_file.splitlines() if line.startswith("| ")]
+    assert [(r[0].strip(), r[1].strip()) for r in rows[1:]] == [
+        ("base", "1"),
+        ("base", "2"),
+        ("expert", "1"),
+        ("expert", "2"),
+    ]
+    assert len(rows[0]) == 5 and "verify 3" in rows[0][4]
     assert all(float(cell) > 0 for r in rows[1:] for cell in r[1:])
+    rows = [line.split("|")[1:-1] for line in together.splitlines() if line.startswith("| ")]
+    assert rows[0][0].strip() == "base (1) + expert (2)"
+    assert [(r[0].strip(), r[1].strip()) for r in rows[1:]] == [
+        ("one after the other", "1"),
+        ("at once", "1"),
+        ("one after the other", "2"),
+        ("at once", "2"),
+    ]
+    assert all(float(r[2]) > 0 for r in rows[1:])
 
 
 def test_evaluation_scores_the_same_on_llamacpp(both):
@@ -329,6 +344,11 @@ def test_cli_backend_and_threads(both, tiny, capsys):
     bad = ["generate", "--base", str(tiny["base"]), "--backend", "transformers"]
     assert main([*bad, "--threads", "1", "x"]) == 2  # threads on transformers: names the fix
     assert "applies to the llama.cpp backend" in capsys.readouterr().err
+    auto = [a if a != "1" else "auto" for a in args]  # --threads auto: the cores
+    assert main([*auto, "--overlap", PROMPTS[0]]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == row["token_ids"]
+    assert main([*(a if a != "1" else "x" for a in args), PROMPTS[0]]) == 2
+    assert "threads must be an integer >= 1 or 'auto', got 'x'" in capsys.readouterr().err
     assert main([*args, "--gpu-layers", "0", PROMPTS[0]]) == 0  # 0: the CPU, as by default
     assert json.loads(capsys.readouterr().out)["token_ids"] == row["token_ids"]
     import llama_cpp
@@ -400,6 +420,58 @@ def test_gpu_layers_option_is_checked_and_refused_off_llamacpp():
     assert ModelSpec(path="m", gpu_layers=2).load_key != ModelSpec(path="m").load_key
     with pytest.raises(ConfigError, match="gpu_layers applies to the llama\\.cpp backend"):
         load_model(ModelSpec(path="m", backend="transformers", gpu_layers=2))
+
+
+def test_threads_auto_and_explicit_values_are_checked():
+    assert ModelSpec("m", threads="auto").threads is None
+    assert ModelSpec("m", threads="auto").load_key == ModelSpec("m").load_key
+    assert ModelSpec("m", threads="3").threads == 3  # digits from the command line
+    for bad in (0, -1, 1.5, True, "x", "0"):
+        with pytest.raises(ConfigError, match="threads must be an integer >= 1 or 'auto'"):
+            ModelSpec("m", threads=bad)
+
+
+@needs_llama
+def test_overlapped_contexts_split_the_cores_and_explicit_threads_win(tiny, monkeypatch):
+    """The embedded default's shape (a base, one GGUF in both pair roles): while the pair
+    decodes beside the base their threads add up to the cores; alone, each has them all."""
+    import proxytune.overlap
+
+    monkeypatch.setattr(llamacpp, "available_cores", lambda: 5)
+    monkeypatch.setattr(proxytune.overlap, "available_cores", lambda: 5)
+    seen: list[tuple[int, int]] = []
+    decode = llamacpp._Context.decode
+
+    def recording(self, entries, hidden=False):
+        seen.append((id(self), int(self.lc.llama_n_threads(self.ctx))))
+        return decode(self, entries, hidden)
+
+    monkeypatch.setattr(llamacpp._Context, "decode", recording)
+
+    def load(base_threads=None):
+        pair = str(tiny["anti"] / "model.gguf")
+        return ProxyTuner.from_specs(
+            ModelSpec(str(tiny["base"] / "model.gguf"), threads=base_threads),
+            [(ModelSpec(pair, prompt="chat"), ModelSpec(pair), 1.0)],
+        )
+
+    t = load()
+    base, pair = t.base.model, t.pairs[0].expert.model
+    assert base.threads == pair.threads == 5 and base.shares_cores and pair.shares_cores
+    want = ids(t.generate(PROMPTS, max_new_tokens=10))
+    assert {n for _, n in seen} == {5}
+    seen.clear()
+    assert ids(t.generate(PROMPTS, max_new_tokens=10, overlap=True)) == want
+    # equal weights, the pair two calls a step: 5 cores as 2 + 3 (split_threads)
+    assert set(seen) == {(id(base.context), 2), (id(pair.context), 3)}
+    assert base.decode_threads == pair.decode_threads == 5  # given back
+    fixed = load(base_threads=1)
+    base, pair = fixed.base.model, fixed.pairs[0].expert.model
+    assert not base.shares_cores and base.threads == 1
+    seen.clear()
+    assert ids(fixed.generate(PROMPTS, max_new_tokens=10, overlap=True)) == want
+    assert set(seen) == {(id(base.context), 1), (id(pair.context), 4)}  # 5 less the base's 1
+    assert base.decode_threads == 1 and pair.decode_threads == 5
 
 
 def test_rerank_scores_the_pair_at_its_candidates_only_and_chooses_the_same(tiny, monkeypatch):

@@ -13,7 +13,7 @@ from proxytune import ModelSpec, ProxyTuner
 from proxytune.config import GenerationConfig
 from proxytune.engine import Member, Pair, decode, prepare
 from proxytune.engine.speculative import SpeculativeStats
-from proxytune.overlap import engine, run_grouped
+from proxytune.overlap import concurrent_threads, engine, run_grouped, split_threads
 
 PROMPTS = ["The quick brown fox", "Rain", "def add(a, b):\n    return", "Once upon a"]
 
@@ -60,6 +60,57 @@ def test_a_failing_engine_raises_after_the_others_finish():
     with pytest.raises(ValueError, match="broken model"):
         run_grouped([("a", bad), ("b", slow)], overlap=True)
     assert finished.is_set()
+
+
+def test_threads_split_the_cores_by_cost_and_at_least_one_each():
+    assert split_threads(2, [2.0, 1.0]) == [1, 1]  # the embedded default on 2 cores
+    assert split_threads(4, [1.0, 1.0]) == [2, 2]
+    assert split_threads(4, [3.0, 1.0]) == [3, 1]
+    assert split_threads(6, [1.0, 2.0]) == [2, 4]
+    assert split_threads(16, [1.54, 0.98]) == [10, 6]
+    assert split_threads(3, [1.0, 1.0, 1.0, 1.0]) == [1, 1, 1, 1]  # fewer cores than contexts
+    assert split_threads(5, [1.0, 1.0, 1.0]) == [2, 2, 1]  # ties: the first
+
+
+class Context:
+    """An engine whose threads may be split: records what it is told."""
+
+    def __init__(self, cost, threads=4, shares=True):
+        self.thread_cost, self.threads, self.shares_cores = cost, threads, shares
+        self.told: list[int | None] = []
+
+    def use_threads(self, n):
+        self.told.append(n)
+
+
+def test_concurrent_threads_split_what_fixed_counts_leave():
+    base, pair, fixed = Context(3.0), Context(1.0), Context(9.0, threads=2, shares=False)
+    assert concurrent_threads([base, pair], [1, 2], cores=5) == {base: 3, pair: 2}  # 3 : 2x1
+    assert concurrent_threads([base, pair, fixed], [1, 2, 1], cores=6) == {base: 2, pair: 2}
+    assert concurrent_threads([fixed, "torch"], [1, 1], cores=8) == {}
+    assert concurrent_threads([base, fixed], [1, 1], cores=2) == {base: 1}
+
+
+def test_run_grouped_splits_the_cores_while_engines_run_at_once_and_gives_them_back(
+    monkeypatch,
+):
+    import proxytune.overlap
+
+    monkeypatch.setattr(proxytune.overlap, "available_cores", lambda: 6)
+    base, pair = Context(1.0), Context(1.0)
+    calls = [(base, lambda: 0), (pair, lambda: 1), (pair, lambda: 2)]
+    assert run_grouped(calls, overlap=True) == [0, 1, 2]
+    assert base.told == [2, None] and pair.told == [4, None]  # None: its own count again
+    run_grouped(calls, overlap=False)
+    run_grouped([(base, lambda: 0)], overlap=True)  # one engine: nothing at once
+    assert base.told == [2, None] and pair.told == [4, None]
+
+    def bad():
+        raise ValueError("broken")
+
+    with pytest.raises(ValueError, match="broken"):
+        run_grouped([(base, bad), (pair, lambda: 1)], overlap=True)
+    assert base.told[-1] is None and pair.told[-1] is None
 
 
 def test_engines_follow_views_down_to_the_shared_weights(tiny_dirs):

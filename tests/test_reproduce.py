@@ -180,6 +180,13 @@ def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair)
         assert (out / name).is_file(), name
     table = (out / "results.md").read_text()
     assert "| arith | acc | 6 |" in table and "gap closed" in table
+    # the format part of each system's score, from its outputs
+    assert "## Format or content (test split)" in table
+    expert_out = [
+        json.loads(x)["outputs"][0] for x in (out / "eval/arith/test/expert.jsonl").open()
+    ]
+    share = sum(map(task_kind("arith").follows_format, expert_out)) / len(expert_out)
+    assert data["format"]["arith"]["expert"] == share
     assert "## Screening (untuned, before training)" in table and "base 3-shot" in table
     # the tiny preset's rule passes every candidate; the two with the largest expected gap
     # (all tie at 0: by name) are chosen, then the control

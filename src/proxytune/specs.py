@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -12,6 +13,30 @@ from .prompts import PromptFormat
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZE = (None, "int8", "bnb8", "bnb4")
 BACKENDS = ("auto", "transformers", "llamacpp")
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask), else every core the OS reports."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def parse_threads(value: object) -> int | None:
+    """A model's ``threads`` from a spec, a recipe or the command line: ``None`` for ``auto``
+    (or ``None``), else an integer >= 1 (digits from the command line).
+
+    >>> parse_threads("auto"), parse_threads(None), parse_threads(3), parse_threads("2")
+    (None, None, 3, 2)
+    """
+    if value is None or value == "auto":
+        return None
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"threads must be an integer >= 1 or 'auto', got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -38,7 +63,9 @@ class ModelSpec:
     """``transformers``, ``llamacpp`` (a ``.gguf`` file through llama.cpp), or ``auto``:
     llama.cpp for a ``.gguf`` file where ``llama-cpp-python`` is installed, else transformers."""
     threads: int | None = None
-    """llama.cpp: CPU threads (default: every core)."""
+    """llama.cpp: CPU threads; ``None`` or ``"auto"`` (the default): the cores this process may
+    run on, split between the contexts that decode at once under ``overlap``
+    (:func:`~proxytune.overlap.split_threads`). A count given always wins."""
     gpu_layers: int | None = None
     """llama.cpp: layers offloaded to the GPU (default: all of them where llama.cpp was built
     with CUDA, else 0; a positive value on a CPU-only build is refused)."""
@@ -73,10 +100,7 @@ class ModelSpec:
             or self.kv_cells < 16
         ):  # fmt: skip
             raise ConfigError(f"kv_cells must be an integer >= 16, got {self.kv_cells!r}")
-        if self.threads is not None and (
-            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1
-        ):
-            raise ConfigError(f"threads must be an integer >= 1, got {self.threads!r}")
+        object.__setattr__(self, "threads", parse_threads(self.threads))
         if self.gpu_layers is not None and (
             isinstance(self.gpu_layers, bool) or not isinstance(self.gpu_layers, int)
             or self.gpu_layers < 0

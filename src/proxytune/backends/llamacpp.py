@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, ModelLoadError, ProxyTuneError
-from ..specs import ModelSpec
+from ..specs import ModelSpec, available_cores
 from .base import end_ids
 from .llamacpp_head import PLAIN_HEADS, NormTap, OutputHead, ggml_library
 
@@ -208,6 +208,7 @@ class _Context:
         params.n_outputs_max = MAX_OUTPUTS
         params.n_threads = threads
         params.n_threads_batch = threads
+        self.threads = threads
         if exact:  # float weights: float32 attention, so logits match the transformers backend
             params.type_k = params.type_v = lc.GGML_TYPE_F32
             params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # its CPU kernel is f16
@@ -267,6 +268,13 @@ class _Context:
             self.lc.llama_free(self.ctx)
         except Exception:  # interpreter shutdown
             pass
+
+    def set_threads(self, threads: int) -> None:
+        """Decode (and prefill) with ``threads`` threads from the next decode on."""
+        with self.lock:
+            if threads != self.threads:
+                self.lc.llama_set_n_threads(self.ctx, threads, threads)
+                self.threads = threads
 
     def take(self, n: int) -> list[int]:
         if n > len(self.free):
@@ -404,7 +412,11 @@ class LlamaCppModel:
         self.tokenizer = tokenizer
         self.name = name
         self.device = torch.device("cpu")
-        self.threads = threads or max(1, os.cpu_count() or 1)
+        self.threads = threads or available_cores()
+        """Decode threads when running alone: the count given, else every core available."""
+        self.shares_cores = threads is None
+        """Whether :mod:`~proxytune.overlap` may split the cores with the contexts decoding
+        beside this one (its threads were left ``auto``)."""
         # the cores are ggml's: torch's vocabulary-wide work between decodes (a few passes over
         # ~150k floats) is faster on one thread than on several that wait for ggml's threads
         torch.set_num_threads(1)
@@ -416,6 +428,20 @@ class LlamaCppModel:
         self._head: OutputHead | None = None
         self._head_known = False
         """Whether :attr:`output_head` was looked up (``None`` then: this model cannot be)."""
+
+    @property
+    def thread_cost(self) -> float:
+        """The cost of one decode, for splitting cores: the bytes of the weights it reads."""
+        return float(self.lc.llama_model_size(self._model))
+
+    def use_threads(self, threads: int | None) -> None:
+        """Decode with ``threads`` threads from now on (``None``: :attr:`threads` again)."""
+        self.context.set_threads(threads or self.threads)
+
+    @property
+    def decode_threads(self) -> int:
+        """The threads the context decodes with now (read back from llama.cpp)."""
+        return int(self.lc.llama_n_threads(self.context.ctx))
 
     @property
     def vocab_width(self) -> int:

@@ -83,7 +83,12 @@ BackendOption = Annotated[
     ),
 ]
 ThreadsOption = Annotated[
-    int | None, Opt(help="CPU threads of llama.cpp models (default: all).", rich_help_panel=MODELS)
+    str | None,
+    Opt(
+        help="CPU threads of llama.cpp models: N | auto (default: the cores, split between "
+        "models that decode at once with --overlap).",
+        rich_help_panel=MODELS,
+    ),
 ]
 GpuLayersOption = Annotated[
     int | None,
@@ -308,7 +313,8 @@ class ModelOptions:
     device: str | None = None
     dtype: str | None = None
     backend: str | None = None
-    threads: int | None = None
+    threads: int | str | None = None
+    """llama.cpp threads: N or ``auto`` (:func:`~proxytune.specs.parse_threads`)."""
     gpu_layers: int | None = None
     trust_remote_code: bool = False
     base_api: Any = None

@@ -131,6 +131,18 @@ def follow(exp: Experiment, task: str) -> dict[str, Any]:
     }
 
 
+def format_shares(exp: Experiment, task: str) -> dict[str, float | None]:
+    """Per test system: the share of its outputs in the taught format, right or wrong. Beside
+    the lenient score (the content in any format) it says which part of a gap stayed open:
+    the format, or the content."""
+    follows = exp.kind(task).follows_format
+    shares: dict[str, float | None] = {}
+    for system in systems_of(exp, task):
+        outs = outputs(exp.out, task, system)
+        shares[system] = sum(map(follows, outs.values())) / len(outs) if outs else None
+    return shares
+
+
 def write_results(exp: Experiment) -> dict[str, Any]:
     """Write ``results.md``, ``results.csv``, ``results.json`` and ``alpha_sweep.png``."""
     tasks = {t: task_results(exp, t) for t in exp.tasks}
@@ -140,6 +152,7 @@ def write_results(exp: Experiment) -> dict[str, Any]:
         if stamp is not None:
             stages[stage] = {"seconds": stamp["seconds"], **stamp.get("result", {})}
     following = {t: follow(exp, t) for t in exp.tasks}
+    formats = {t: format_shares(exp, t) for t in exp.tasks}
     predictions = predicted_vs_measured(stages.get("screen"), tasks)
     data = {
         "config": exp.config.to_dict(),
@@ -147,12 +160,15 @@ def write_results(exp: Experiment) -> dict[str, Any]:
         "tasks": _plain(tasks),
         "predictions": _plain(predictions),
         "follow": following,
+        "format": formats,
         "token_classes": token_classes_of(exp),
     }
     (exp.out / "results.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
     _write_csv(exp.out / "results.csv", tasks)
     plot = _plot_sweep(exp, stages.get("validation", {}).get("sweep", {}))
-    text = markdown(exp, tasks, stages, plot, following, data["token_classes"], predictions)
+    text = markdown(
+        exp, tasks, stages, plot, following, data["token_classes"], predictions, formats
+    )
     (exp.out / "results.md").write_text(text, encoding="utf-8")
     return data
 
@@ -165,6 +181,7 @@ def markdown(
     following: dict[str, Any],
     classes: dict[str, Any],
     predictions: dict[str, Any],
+    formats: dict[str, dict[str, float | None]],
 ) -> str:
     cfg = exp.config
     controls = [t for t in tasks if t in cfg.controls and cfg.tasks is None]
@@ -240,6 +257,27 @@ def markdown(
             )
             cells = [d[f"{a} - {b}"].percent() for a, b in DIFFERENCES]
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + f" | {verdict} |")
+    lines += [
+        "",
+        "## Format or content (test split)",
+        "",
+        "Per system: the share of outputs in the taught format (right or wrong), then the "
+        "lenient score (the right content in any format) and the primary score. A proxy whose "
+        "format share is high but whose lenient score is below the base's lost content; one "
+        "whose lenient score matches the base's but whose format share is low did not carry "
+        "the format.",
+        "",
+        "| task | system | format followed | lenient | primary |",
+        "|---|---|---|---|---|",
+    ]
+    for task, res in tasks.items():
+        lenient, primary = exp.kind(task).lenient, res["primary"]
+        for system, share in formats[task].items():
+            rows = {m: res["metrics"][m]["systems"][system] for m in res["metrics"]}
+            cells = [pct(share)] + [
+                rows[m]["estimate"].percent() if m in rows else "-" for m in (lenient, primary)
+            ]
+            lines.append(f"| {task} | {system} | " + " | ".join(cells) + " |")
     others = list(
         dict.fromkeys(
             s
