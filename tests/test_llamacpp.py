@@ -474,6 +474,39 @@ def test_overlapped_contexts_split_the_cores_and_explicit_threads_win(tiny, monk
     assert base.decode_threads == 1 and pair.decode_threads == 5
 
 
+@needs_llama
+def test_candidate_scoring_under_overlap_keeps_the_thread_split(tiny, monkeypatch):
+    """The pair's context is made anew with its eval callback inside the overlapped prefill:
+    it decodes with its share of the cores from that first decode on, and gets its own count
+    back after; the tokens are those of full logits."""
+    import proxytune.overlap
+
+    monkeypatch.setattr(llamacpp, "available_cores", lambda: 5)
+    monkeypatch.setattr(proxytune.overlap, "available_cores", lambda: 5)
+    seen: list[tuple[int, int, bool]] = []
+    decode = llamacpp._Context.decode
+
+    def recording(self, entries, hidden=False):
+        seen.append((id(self), int(self.lc.llama_n_threads(self.ctx)), hidden))
+        return decode(self, entries, hidden)
+
+    monkeypatch.setattr(llamacpp._Context, "decode", recording)
+    pair = str(tiny["anti"] / "model.gguf")
+    t = ProxyTuner.from_specs(
+        ModelSpec(str(tiny["base"] / "model.gguf")),
+        [(ModelSpec(pair, prompt="chat"), ModelSpec(pair), 1.0)],
+    )
+    base, model = t.base.model, t.pairs[0].expert.model
+    rule = {"name": "rerank", "k": 3}
+    got = ids(t.generate(PROMPTS, max_new_tokens=8, rule=rule, overlap=True))
+    assert model.context.tap is not None
+    assert {(c, n) for c, n, _ in seen} == {(id(base.context), 2), (id(model.context), 3)}
+    assert all(h for c, _, h in seen if c == id(model.context))  # hidden from the prefill on
+    assert base.decode_threads == model.decode_threads == 5
+    full = t.with_options(candidates=False)
+    assert ids(full.generate(PROMPTS, max_new_tokens=8, rule=rule, overlap=True)) == got
+
+
 def test_rerank_scores_the_pair_at_its_candidates_only_and_chooses_the_same(tiny, monkeypatch):
     """Candidate scoring: the pair's decodes stop at the final norm and only the candidates'
     rows of the output matrix are applied; rerank and plausible choose the tokens (and report

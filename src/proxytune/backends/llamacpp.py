@@ -206,9 +206,8 @@ class _Context:
         params.n_seq_max = MAX_SEQUENCES
         params.n_outputs_max_per_seq = OUTPUTS_PER_ROW
         params.n_outputs_max = MAX_OUTPUTS
-        params.n_threads = threads
-        params.n_threads_batch = threads
         self.threads = threads
+        """The threads it decodes with now (:meth:`set_threads`; a new context starts so)."""
         if exact:  # float weights: float32 attention, so logits match the transformers backend
             params.type_k = params.type_v = lc.GGML_TYPE_F32
             params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # its CPU kernel is f16
@@ -230,8 +229,10 @@ class _Context:
         """The state started last: the next one may join its group."""
 
     def _open(self) -> None:
-        """Create the llama.cpp context from :attr:`params` (and apply the adapter)."""
+        """Create the llama.cpp context from :attr:`params` with :attr:`threads` (and apply the
+        adapter)."""
         lc = self.lc
+        self.params.n_threads = self.params.n_threads_batch = self.threads
         self.ctx = lc.llama_init_from_model(self.weights.model, self.params)
         if not self.ctx:
             raise ModelLoadError("llama.cpp could not create a context for the model")
