@@ -600,3 +600,39 @@ def test_a_context_holding_plain_rows_keeps_full_logits(tiny):
     state, out = model.start_hidden([[7, 8]])  # no eval callback on a context in use
     assert not state.hidden and out.shape == (1, model.vocab_width)
     del busy, state
+
+
+def _head_file(path, *, bias: bool = False, split: bool = False, tied: bool = False):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    if split:
+        writer.add_uint16("split.count", 2)
+    writer.add_tensor("token_embd.weight", np.ones((6, 32), dtype=np.float32))
+    if not tied:
+        writer.add_tensor("output.weight", np.full((6, 32), 2.0, dtype=np.float32))
+    if bias:
+        writer.add_tensor("output.bias", np.zeros(6, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@needs_llama
+def test_output_head_reads_the_tied_matrix_and_refuses_a_bias_or_a_shard(tmp_path):
+    import numpy as np
+
+    from proxytune.backends.llamacpp_head import OutputHead, ggml_library
+
+    lib = ggml_library(llamacpp.llama_cpp_module())
+    ids = np.array([1, 4])
+    head = OutputHead(lib, _head_file(tmp_path / "h.gguf"), 6, 32)
+    assert head.supported and (head.rows(ids) == 2.0).all()  # output.weight
+    tied = OutputHead(lib, _head_file(tmp_path / "t.gguf", tied=True), 6, 32)
+    assert tied.supported and (tied.rows(ids) == 1.0).all()  # token_embd.weight
+    for kind in ("bias", "split"):
+        path = _head_file(tmp_path / f"{kind}.gguf", **{kind: True})
+        assert not OutputHead(lib, path, 6, 32).supported

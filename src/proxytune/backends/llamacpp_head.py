@@ -107,6 +107,7 @@ def ggml_library(lc: Any) -> Any | None:
             [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t],
         ),
         "gguf_init_from_file": (ctypes.c_void_p, [ctypes.c_char_p, _GgufInitParams]),
+        "gguf_find_key": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_char_p]),
         "gguf_find_tensor": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_char_p]),
         "gguf_get_tensor_offset": (ctypes.c_size_t, [ctypes.c_void_p, ctypes.c_int64]),
         "gguf_get_tensor_size": (ctypes.c_size_t, [ctypes.c_void_p, ctypes.c_int64]),
@@ -157,7 +158,8 @@ class NormTap:
 
 class OutputHead:
     """The output matrix of a GGUF file (``output.weight``, or ``token_embd.weight`` where the
-    head is tied, as llama.cpp falls back), read by row from a memory map of the file."""
+    head is tied, as llama.cpp falls back), read by row from a memory map of the file. Not
+    :attr:`supported` for a file with an output bias, or one shard of a split GGUF."""
 
     def __init__(self, lib: Any, path: str | Path, rows: int, width: int) -> None:
         from gguf import GGMLQuantizationType
@@ -170,6 +172,10 @@ class OutputHead:
         if not ctx:
             return
         try:
+            if lib.gguf_find_key(ctx, b"split.count") >= 0:
+                return  # one shard of several: the output matrix may be in another file
+            if lib.gguf_find_tensor(ctx, b"output.bias") >= 0:
+                return  # a bias added after the product (qwen2 reads one where present)
             index = -1
             for name in (b"output.weight", b"token_embd.weight"):
                 index = int(lib.gguf_find_tensor(ctx, name))
