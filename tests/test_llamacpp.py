@@ -549,36 +549,42 @@ def test_rerank_scores_the_pair_at_its_candidates_only_and_chooses_the_same(tiny
     assert not scored  # proxy, and a rerank whose inner rule reads every token: full logits
 
 
-def _quantized(source, out, ftype):
+def _head_gguf(tmp_path, kind: str):
+    """A tiny GGUF whose output matrix is of type ``kind`` (``tied``: none, the embedding's,
+    Q8_0); the K-quants on a model 256 wide (their blocks), the rest of it Q8_0."""
     import ctypes
 
+    tok = build_tokenizer()
+    model = build_model(tok, seed=1, hidden=256 if kind.endswith("_K") else 32)
+    if kind == "tied":
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    dtype = "float16" if kind == "F16" else "float32"
+    path = write_gguf(model, tok, tmp_path / "source.gguf", dtype)
+    if kind in ("F32", "F16"):
+        return path
     lc = llamacpp.llama_cpp_module()
     params = lc.llama_model_quantize_default_params()
-    params.ftype = ftype
-    assert (
-        lc.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
-    )
+    params.ftype = lc.LLAMA_FTYPE_MOSTLY_Q8_0
+    if kind != "tied":
+        params.output_tensor_type = getattr(lc, f"GGML_TYPE_{kind}")
+    out = tmp_path / "head.gguf"
+    assert lc.llama_model_quantize(str(path).encode(), str(out).encode(), ctypes.byref(params)) == 0
     return out
 
 
+HEAD_TYPES = ["F32", "F16", "Q8_0", "tied", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
 @needs_llama
-@pytest.mark.parametrize("kind", ["F32", "F16", "Q8_0"])
-def test_candidate_logits_are_the_full_logits_at_those_ids(tiny, tmp_path, kind):
+@pytest.mark.parametrize("kind", HEAD_TYPES)
+def test_candidate_logits_are_the_full_logits_at_those_ids(tmp_path, kind):
+    """Every output-matrix type scored here, a tied head (the embedding's rows) among them:
+    the logits at the ids asked for are llama.cpp's own (measured: within 4e-6 of ~26)."""
     import torch
 
-    path = tiny["expert"] / "model.gguf"
-    if kind == "F16":
-        path = write_gguf(
-            build_model(build_tokenizer(), seed=1),
-            build_tokenizer(),
-            tmp_path / "h.gguf",
-            "float16",
-        )
-    elif kind == "Q8_0":
-        lc = llamacpp.llama_cpp_module()
-        path = _quantized(path, tmp_path / "q8.gguf", lc.LLAMA_FTYPE_MOSTLY_Q8_0)
-    model = llamacpp.load_llamacpp(ModelSpec(str(path)))
-    assert model.output_head.type == kind
+    model = llamacpp.load_llamacpp(ModelSpec(str(_head_gguf(tmp_path, kind))))
+    assert model.output_head.type == ("Q8_0" if kind == "tied" else kind)
     prompts = [[5, 6, 7], [8, 9], [10]]
     hidden, first_hidden = model.start_hidden(prompts)  # the context is empty: gets its tap
     plain, first = model.start(prompts)
@@ -591,6 +597,15 @@ def test_candidate_logits_are_the_full_logits_at_those_ids(tiny, tmp_path, kind)
     step = torch.tensor([[11], [12], [13]])
     got = model.candidate_logits(hidden.advance(step)[:, -1], ids)
     torch.testing.assert_close(got, plain.advance(step)[:, -1, ids], atol=1e-4, rtol=0)
+
+
+@needs_llama
+@pytest.mark.parametrize("kind", ["Q4_1", "IQ4_NL"])
+def test_an_output_matrix_type_not_reproduced_keeps_full_logits(tmp_path, kind):
+    model = llamacpp.load_llamacpp(ModelSpec(str(_head_gguf(tmp_path, kind))))
+    assert not model.scores_candidates
+    state, out = model.start_hidden([[5, 6]])
+    assert not state.hidden and out.shape == (1, model.vocab_width)
 
 
 @needs_llama
