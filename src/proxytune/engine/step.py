@@ -42,9 +42,10 @@ def member_logprobs(
 
 
 def candidate_ids(combine: Combiner, base_lp: torch.Tensor) -> torch.Tensor:
-    """The ``(n,)`` ids that are a candidate of some row at this step (one host sync)."""
+    """The ``(n,)`` ids that are a candidate of some row at this step (one host sync), on the
+    CPU, where a model scoring candidates reads them (the base may be on a GPU)."""
     assert isinstance(combine, CandidateCombiner)
-    return combine.candidates(base_lp).any(dim=0).nonzero().flatten()
+    return combine.candidates(base_lp).any(dim=0).nonzero().flatten().cpu()
 
 
 def candidate_logprobs(
