@@ -33,6 +33,7 @@ import os
 import threading
 import weakref
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -317,7 +318,7 @@ class _Context:
                     batch.logits[i] = logits
                 batch.n_tokens = len(chunk)
                 if tap is not None:
-                    tap.capture = tap.stop = hidden
+                    tap.active = hidden
                     tap.take()
                 status = self.lc.llama_decode(self.ctx, batch)
                 if status != 0:
@@ -345,7 +346,7 @@ class _Context:
                     )
                     out.append(array.copy())
             if tap is not None:
-                tap.capture = tap.stop = False
+                tap.active = False
         if not out:
             width = tap.width if hidden and tap is not None else self.n_vocab
             return np.zeros((0, width), dtype=np.float32)
@@ -426,9 +427,6 @@ class LlamaCppModel:
         self.context = _Context(
             lc, weights, self._vocab_width, self.threads, float_weights, self.kv_cells, lora
         )
-        self._head: OutputHead | None = None
-        self._head_known = False
-        """Whether :attr:`output_head` was looked up (``None`` then: this model cannot be)."""
 
     @property
     def thread_cost(self) -> float:
@@ -471,18 +469,19 @@ class LlamaCppModel:
         matrix type whose product :mod:`.llamacpp_head` reproduces."""
         return self.output_head is not None
 
-    @property
+    @cached_property
     def output_head(self) -> OutputHead | None:
-        """The output matrix as :meth:`candidate_logits` reads it (looked up once)."""
-        if not self._head_known:
-            self._head_known = True
-            lib = ggml_library(self.lc)
-            plain = self.context.weights.metadata("general.architecture") in PLAIN_HEADS
-            if lib is not None and plain and self.gpu_layers == 0 and self.context.adapter is None:
-                width = int(self.lc.llama_model_n_embd(self._model))
-                head = OutputHead(lib, self.path, self._vocab_width, width)
-                self._head = head if head.supported else None
-        return self._head
+        """The output matrix as :meth:`candidate_logits` reads it (looked up once; ``None``:
+        this model cannot be scored at chosen ids)."""
+        plain = self.context.weights.metadata("general.architecture") in PLAIN_HEADS
+        if not plain or self.gpu_layers != 0 or self.context.adapter is not None:
+            return None
+        lib = ggml_library(self.lc)
+        if lib is None:
+            return None
+        width = int(self.lc.llama_model_n_embd(self._model))
+        head = OutputHead(lib, self.path, self._vocab_width, width)
+        return head if head.supported else None
 
     def start_hidden(
         self, prompts: Sequence[Sequence[int]], use_cache: bool = True
@@ -492,10 +491,9 @@ class LlamaCppModel:
         rows of plain states (it gets its eval callback only when empty: :meth:`_Context.
         install_tap`)."""
         head = self.output_head
-        lib = ggml_library(self.lc)
-        if head is None or lib is None:
+        if head is None:
             return self.start(prompts, use_cache)
-        if not self.context.install_tap(lambda: NormTap(self.lc, lib, head.width)):
+        if not self.context.install_tap(lambda: NormTap(self.lc, head.lib, head.width)):
             return self.start(prompts, use_cache)
         return self._start(prompts, use_cache, hidden=True)
 

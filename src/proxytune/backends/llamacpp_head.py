@@ -124,21 +124,20 @@ def ggml_library(lc: Any) -> Any | None:
 
 
 class NormTap:
-    """The eval callback of one llama.cpp context. While ``capture`` is set, each decode's
-    final-norm output is copied into :attr:`rows`; with ``stop`` also set the graph ends there
-    (llama.cpp's logits buffer is then left as it was: read :attr:`rows` instead). Otherwise
-    every node is refused at once and the graph runs whole, as without a callback."""
+    """The eval callback of one llama.cpp context. While :attr:`active`, each decode's
+    final-norm output is copied into :attr:`rows` and the graph ends there (llama.cpp's logits
+    buffer is then left as it was: read :attr:`rows` instead). Otherwise every node is refused
+    at once and the graph runs whole, as without a callback (one Python call per node)."""
 
     def __init__(self, lc: Any, lib: Any, width: int) -> None:
         self.lib, self.width = lib, width
-        self.capture = False
-        self.stop = False
+        self.active = False
         self.rows: list[np.ndarray] = []
         self.callback = lc.ggml_backend_sched_eval_callback(self._eval)
         """Kept alive as long as the context that calls it."""
 
     def _eval(self, tensor: int, ask: bool, _data: Any) -> bool:
-        if not self.capture:
+        if not self.active:
             return False  # asked: not wanted, so the graph is computed in one piece
         if ask:
             return self.lib.ggml_get_name(tensor) == RESULT_NORM
@@ -146,7 +145,7 @@ class NormTap:
         out = np.empty((n // self.width, self.width), dtype=np.float32)
         self.lib.ggml_backend_tensor_get(tensor, out.ctypes.data, 0, out.nbytes)
         self.rows.append(out)
-        return not self.stop  # false ends the graph: the output matrix is never applied
+        return False  # ends the graph: the output matrix is never applied
 
     def take(self) -> np.ndarray:
         """The rows copied since the last call, ``(outputs, H)``."""
@@ -164,7 +163,7 @@ class OutputHead:
     def __init__(self, lib: Any, path: str | Path, rows: int, width: int) -> None:
         from gguf import GGMLQuantizationType
 
-        self.width = width
+        self.lib, self.width = lib, width
         self.type = ""
         self._kind: Any = None
         self._data: np.ndarray | None = None
