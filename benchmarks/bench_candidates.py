@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from bench_generate import PROMPTS
 
+from proxytune.rules import top_k_mask
+
 HUMANEVAL = Path(__file__).resolve().parent.parent / "src/proxytune/evaluation/data"
 
 
@@ -38,8 +40,7 @@ def outside_top_k(
 ) -> tuple[list[bool], list[float]]:
     """Per row: whether ``argmax scores`` is outside the base's top ``k``, and the mass
     ``softmax(scores)`` puts outside them."""
-    top = torch.topk(base, k, dim=-1).indices
-    inside = torch.zeros_like(base, dtype=torch.bool).scatter_(-1, top, True)
+    inside = top_k_mask(base, k)  # the rerank rule's own candidates
     picked = scores.argmax(dim=-1, keepdim=True)
     out = ~inside.gather(-1, picked).squeeze(-1)
     mass = torch.softmax(scores.float(), dim=-1).masked_fill(inside, 0.0).sum(dim=-1)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from proxytune.arithmetic import candidate_log_probs
+from proxytune.engine.step import candidate_ids
 from proxytune.rules import CandidateCombiner, PairInfo, Request, StepContext, make_rule
 
 V, B = 60, 3
@@ -72,7 +73,7 @@ def test_log_probs_over_the_candidates_choose_what_full_log_probs_choose(spec):
     alphas = (1.0, torch.tensor([[0.5], [2.0], [-1.0]]))
     bound = make_rule(spec).bind(request(2))
     assert bound.candidate_only
-    ids = bound.candidates(base).any(dim=0).nonzero().flatten()
+    ids = candidate_ids(bound, base)
     assert 0 < len(ids) < V
 
     def over_candidates(lp: torch.Tensor) -> torch.Tensor:

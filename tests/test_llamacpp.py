@@ -507,12 +507,11 @@ def test_candidate_scoring_under_overlap_keeps_the_thread_split(tiny, monkeypatc
     assert ids(full.generate(PROMPTS, max_new_tokens=8, rule=rule, overlap=True)) == got
 
 
+@needs_llama
 def test_rerank_scores_the_pair_at_its_candidates_only_and_chooses_the_same(tiny, monkeypatch):
     """Candidate scoring: the pair's decodes stop at the final norm and only the candidates'
     rows of the output matrix are applied; rerank and plausible choose the tokens (and report
     the log-probs) of full logits, greedy and sampled; the plain formula never uses it."""
-    if not llamacpp.available():
-        pytest.skip(f"llama-cpp-python is not installed ({llamacpp.INSTALL})")
     cpp = tuner(tiny, "llamacpp")
     model = cpp.pairs[0].expert.model
     assert model.scores_candidates and model.output_head.type == "F32"

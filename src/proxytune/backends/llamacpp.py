@@ -32,7 +32,7 @@ import ctypes
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
@@ -245,7 +245,7 @@ class _Context:
         self.n_batch = min(N_BATCH, int(lc.llama_n_batch(self.ctx)))
         """Tokens per decode: llama.cpp lowers the batch to a small cache's size."""
 
-    def install_tap(self, make: Any) -> bool:
+    def install_tap(self, make: Callable[[], NormTap]) -> bool:
         """Give the context the eval callback ``make()`` builds (a :class:`NormTap`), once.
         llama.cpp takes it only when a context is created, so the context is made anew: only
         while it holds no rows (False otherwise). Until then its decodes run without one."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,11 @@ def f16_values(x: np.ndarray) -> np.ndarray:
 
 
 def f32_values(x: np.ndarray) -> np.ndarray:
+    """``(N, d)`` rows as they are (float32 weights take float32 activations), float64."""
     return x.astype(np.float64)
 
 
-DOT_TYPES: dict[str, Any] = {
+DOT_TYPES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "F32": f32_values,
     "F16": f16_values,
     "Q4_0": q8_0_values,
