@@ -67,6 +67,29 @@ def test_rerank_system_end_to_end_on_the_tiny_models(tuner):
     assert len(system.score(PROMPTS, [" a", " b"])) == 2
 
 
+def test_alternative_first_tokens_run_in_batches_no_larger_than_the_callers(tuner, monkeypatch):
+    # k rows per prompt would exceed what a llama.cpp context holds at once (64 rows): the
+    # system never asks a backend for more rows than the caller's batch
+    from proxytune.tuner import ProxyTuner
+
+    sizes: list[int] = []
+    generate = ProxyTuner.generate
+
+    def recording(self, prompts, **kwargs):
+        sizes.append(len(prompts))
+        return generate(self, prompts, **kwargs)
+
+    monkeypatch.setattr(ProxyTuner, "generate", recording)
+    per_prompt = RerankSystem("rerank", tuner, k=3).candidates(PROMPTS, max_new_tokens=3)
+    assert max(sizes) == len(PROMPTS)
+    firsts = tuner.alone("base").generate(PROMPTS, max_new_tokens=1, logprobs=True, top_logprobs=4)
+    for p, cands in enumerate(per_prompt):
+        assert [c.source for c in cands[3:]] == ["first[1]", "first[2]", "first[3]"]
+        ranked = [alt[0] for alt in firsts[p].logprobs[0].top]
+        assert [c.result.token_ids[0] for c in cands[3:]] == ranked[1:4]
+        assert all(c.result.prompt_index == p for c in cands)
+
+
 def test_rerank_system_refuses_what_it_cannot_do(tuner):
     with pytest.raises(ConfigError, match="needs a tuner with one pair of expert and anti-expert"):
         RerankSystem("r", tuner.alone("base"))

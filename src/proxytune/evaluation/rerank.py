@@ -191,11 +191,18 @@ class RerankSystem:
         tops = [[alt[0] for alt in r.logprobs[0].top] for r in firsts]  # type: ignore[index]
         # the best first token completed greedily is the base's own answer: skip it
         rows = [(p, j, tid) for p, ids in enumerate(tops) for j, tid in enumerate(ids) if j]
-        rule = FirstToken(first=tuple(tid for _, _, tid in rows))
-        out = base.generate([prompts[p] for p, _, _ in rows], rule=rule, **settings)
-        return [
-            (rows[r.prompt_index][1], replace(r, prompt_index=rows[r.prompt_index][0])) for r in out
-        ]
+        out: list[tuple[int, GenerationResult]] = []
+        # k rows per prompt: run them in batches no larger than the caller's, which fits the
+        # backend (a llama.cpp context holds a bounded number of rows at once)
+        for start in range(0, len(rows), len(prompts)):
+            chunk = rows[start : start + len(prompts)]
+            rule = FirstToken(first=tuple(tid for _, _, tid in chunk))
+            done = base.generate([prompts[p] for p, _, _ in chunk], rule=rule, **settings)
+            out += [
+                (chunk[r.prompt_index][1], replace(r, prompt_index=chunk[r.prompt_index][0]))
+                for r in done
+            ]
+        return out
 
     def _score(self, prompts: list[str], per_prompt: list[list[Candidate]]) -> None:
         """Each candidate's base, expert and anti-expert sequence log-probs and its score."""
