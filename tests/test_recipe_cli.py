@@ -296,6 +296,8 @@ def test_options_have_one_spelling_and_no_double_negatives():
     for name in ("generate", "serve", "eval", "analyze"):
         assert flags[name]["--expert-prompt"].default == "auto"
         assert "--backend" in flags[name] and "--threads" in flags[name]
+    for name in ("generate", "eval"):  # the plain loop's option
+        assert "--no-candidates" in flags[name] and "--candidates" in flags[name], name
     assert "--no-cache" in flags["generate"] and "--cache" in flags["generate"]
     assert "--no-kl-metric" in flags["serve"] and "--kl-metric" in flags["serve"]
     assert "--alphas" in flags["reproduce"]  # the old spelling still works
@@ -348,6 +350,15 @@ def test_engine_options_reach_the_tuner_at_load(tiny_dirs, tmp_path, monkeypatch
     assert not options.prefix_cache and not options.overlap
     assert main(["serve", *models, "--stacked", "--prefix-cache"]) == 2  # before loading
     assert "do not compose" in capsys.readouterr().err
+    import proxytune.evaluation.commands
+
+    tuners = []
+    monkeypatch.setattr(
+        proxytune.evaluation.commands, "run_eval", lambda t, task, **kw: tuners.append(t) or 0
+    )
+    assert main(["eval", "arith", *models]) == 0
+    assert main(["eval", "arith", *models, "--no-candidates"]) == 0
+    assert [t.options.candidates for t in tuners] == [True, False]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f'base: "{tiny_dirs["base"]}"\n'

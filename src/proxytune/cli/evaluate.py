@@ -13,6 +13,7 @@ from .options import (
     AntiExpertOption,
     BackendOption,
     BaseOption,
+    CandidatesOption,
     DeviceOption,
     DtypeOption,
     ExpertOption,
@@ -72,6 +73,7 @@ def eval_command(
     stacked: StackedOption = None,
     prefix_cache: PrefixCacheOption = None,
     one_pass: OnePassOption = None,
+    candidates: CandidatesOption = None,
     out: Annotated[str | None, Opt(help="Results folder (default runs/eval/TASK).")] = None,
     limit: Annotated[int | None, Opt(help="Only the first N examples.")] = None,
     batch_size: Annotated[int, Opt(help="Examples per batch.")] = 8,
@@ -129,6 +131,7 @@ def eval_command(
         stacked=stacked,
         prefix_cache=prefix_cache,
         one_pass=one_pass,
+        candidates=candidates,
     )
     models = ModelOptions(
         recipe=recipe,

@@ -24,6 +24,7 @@ from .options import (
     BaseTopLogprobsOption,
     BaseUrlOption,
     CacheOption,
+    CandidatesOption,
     CrossTokenizerOption,
     DeviceOption,
     DtypeOption,
@@ -109,6 +110,7 @@ def generate(
     stacked: StackedOption = None,
     prefix_cache: PrefixCacheOption = None,
     one_pass: OnePassOption = None,
+    candidates: CandidatesOption = None,
     base_url: BaseUrlOption = None,
     base_model: BaseModelOption = None,
     base_top_logprobs: BaseTopLogprobsOption = None,
@@ -172,6 +174,7 @@ def generate(
         stacked=stacked,
         prefix_cache=prefix_cache,
         one_pass=one_pass,
+        candidates=candidates,
     )
     models = ModelOptions(
         recipe=recipe,

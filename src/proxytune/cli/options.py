@@ -10,7 +10,8 @@ model options into :class:`ModelOptions` and calls :func:`build_tuner`.
   ``--cross-tokenizer``, ``--min-coverage``;
 - decoding settings: ``--max-new-tokens``, ``--temperature``, ``--top-k``, ... ``--cache``;
 - engine options (:class:`~proxytune.config.EngineOptions`): ``--overlap``, ``--speculative``,
-  ``--stacked``, ``--prefix-cache``, ``--one-pass/--two-pass``.
+  ``--stacked``, ``--prefix-cache``, ``--one-pass/--two-pass``, ``--candidates/--no-candidates``
+  (``generate`` and ``eval``).
 """
 
 from __future__ import annotations
@@ -231,6 +232,15 @@ OnePassOption = Annotated[
         rich_help_panel=ENGINE,
     ),
 ]
+CandidatesOption = Annotated[
+    bool | None,
+    Opt(
+        "--candidates/--no-candidates",
+        help="Where the rule only re-ranks the base's candidates (rerank, plausible), llama.cpp "
+        "pair models score those ids only (default: on; the plain loop of generate and eval).",
+        rich_help_panel=ENGINE,
+    ),
+]
 
 
 def engine_overrides(
@@ -240,6 +250,7 @@ def engine_overrides(
     stacked: bool | None = None,
     prefix_cache: bool | None = None,
     one_pass: bool | None = None,
+    candidates: bool | None = None,
 ) -> dict[str, Any]:
     """The engine options given on the command line (``None``: the recipe's, else the
     default), checked now, before any model loads. ``--speculative 0`` turns a recipe's off."""
@@ -251,6 +262,7 @@ def engine_overrides(
         "stacked": stacked,
         "prefix_cache": prefix_cache,
         "one_pass": one_pass,
+        "candidates": candidates,
     }
     overrides = {k: v for k, v in given.items() if v is not None}
     EngineOptions().updated(**overrides)  # raises ConfigError naming a bad value
