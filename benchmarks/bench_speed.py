@@ -21,8 +21,11 @@ the other), overlap (the pair's forwards beside the base's, in another thread), 
 base and anti-expert verify), speculative+overlap; each also as KIND-Q (the pair's models
 quantized with Q: int8, ours, CPU only; bnb8 or bnb4, bitsandbytes) and KIND-Qall (every
 model). KIND-cpp runs every model on llama.cpp (the recipe's GGUFs: the embedded default's
-kept Q4_K_M files); the other systems run on transformers. Ratios are to the transformers base
-alone; the table's last lines give the llama.cpp systems' ratios to llama.cpp's base alone.
+kept Q4_K_M files); the other systems run on transformers. rerank-cpp is naive-cpp under the
+``rerank`` rule (the base's top 10 re-ranked by the pair) with full logits, rerank+candidates-cpp
+the same with candidate scoring (the pair's logits at the 10 candidates only; it must match
+rerank-cpp). Ratios are to the transformers base alone; the table's last lines give the
+llama.cpp systems' ratios to llama.cpp's base alone.
 """
 
 from __future__ import annotations
@@ -42,7 +45,15 @@ from bench_generate import PROMPTS, run_child  # the same prompts as the base-vs
 
 KINDS = ("base", "naive", "overlap", "stacked", "speculative", "speculative+overlap")
 QUANTIZE = ("int8", "bnb8", "bnb4")
-CPP_KINDS = ("base", "naive", "overlap", "speculative", "speculative+overlap")
+CPP_KINDS = (
+    "base",
+    "naive",
+    "overlap",
+    "speculative",
+    "speculative+overlap",
+    "rerank",
+    "rerank+candidates",
+)
 SYSTEMS = (
     *KINDS,
     *(f"{k}-{q}{a}" for q in QUANTIZE for a in ("", "all") for k in KINDS),
@@ -84,8 +95,15 @@ def build(system: str, args: dict[str, Any]) -> Any:
         pairs = [(q(e), q(a), alpha) for e, a, alpha in recipe.pairs]
         base = q(recipe.base) if quant.endswith("all") else recipe.base
         recipe = replace(recipe, base=base, pairs=pairs)
+    if kind.startswith("rerank"):
+        from proxytune.rules import make_rule
+
+        recipe = replace(recipe, rule=make_rule("rerank"))
     tuner = ProxyTuner.from_recipe(
-        recipe, overlap=kind.endswith("overlap"), stacked=kind == "stacked"
+        recipe,
+        overlap=kind.endswith("overlap"),
+        stacked=kind == "stacked",
+        candidates=kind.endswith("+candidates"),
     )
     return tuner.alone("base") if kind == "base" else tuner
 
@@ -233,8 +251,10 @@ def reference(system: str, by_name: dict[str, dict[str, Any]]) -> dict[str, Any]
     """What ``system``'s output must equal: naive proxy-tuning on the same (float or int8)
     models; naive-int8(all) is compared with float naive (the effect of int8)."""
     kind, _, quant = system.partition(":")[0].partition("-")
-    if kind == "base" or system == "naive":
+    if kind == "base" or system == "naive" or kind == "rerank":
         return None
+    if kind.startswith("rerank"):  # candidate scoring: the same tokens as full logits
+        return by_name.get(f"rerank-{quant}")
     same = f"naive-{quant}" if quant else "naive"
     if system != same and same in by_name:
         return by_name[same]

@@ -267,6 +267,7 @@ model_defaults: {{device: cpu}}
     )
     out = tmp_path / "speed.json"
     systems = ["base-cpp", "naive-cpp", "overlap-cpp", "speculative-cpp"]
+    systems += ["rerank-cpp", "rerank+candidates-cpp"]
     cmd = [sys.executable, str(bench), "--recipe", str(recipe), "--batch-sizes", "2"]
     cmd += ["--max-new-tokens", "6", "--threads", "1", "--systems", *systems, "--json", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -277,6 +278,7 @@ model_defaults: {{device: cpu}}
     assert all(r["tokens"] == 2 * 6 for r in results.values())
     for exact in ("overlap-cpp", "speculative-cpp"):
         assert results[exact]["ids"] == results["naive-cpp"]["ids"]
+    assert results["rerank+candidates-cpp"]["ids"] == results["rerank-cpp"]["ids"]
     # the engine's own time per step: one figure per step after the first, none negative
     overheads = results["naive-cpp"]["overhead_ms"]
     assert len(overheads) == 6 - 1 and min(overheads) >= 0
@@ -440,9 +442,9 @@ def test_overlapped_contexts_split_the_cores_and_explicit_threads_win(tiny, monk
     seen: list[tuple[int, int]] = []
     decode = llamacpp._Context.decode
 
-    def recording(self, entries):
+    def recording(self, entries, hidden=False):
         seen.append((id(self), int(self.lc.llama_n_threads(self.ctx))))
-        return decode(self, entries)
+        return decode(self, entries, hidden)
 
     monkeypatch.setattr(llamacpp._Context, "decode", recording)
 
@@ -470,3 +472,181 @@ def test_overlapped_contexts_split_the_cores_and_explicit_threads_win(tiny, monk
     assert ids(fixed.generate(PROMPTS, max_new_tokens=10, overlap=True)) == want
     assert set(seen) == {(id(base.context), 1), (id(pair.context), 4)}  # 5 less the base's 1
     assert base.decode_threads == 1 and pair.decode_threads == 5
+
+
+@needs_llama
+def test_candidate_scoring_under_overlap_keeps_the_thread_split(tiny, monkeypatch):
+    """The pair's context is made anew with its eval callback inside the overlapped prefill:
+    it decodes with its share of the cores from that first decode on, and gets its own count
+    back after; the tokens are those of full logits."""
+    import proxytune.overlap
+
+    monkeypatch.setattr(llamacpp, "available_cores", lambda: 5)
+    monkeypatch.setattr(proxytune.overlap, "available_cores", lambda: 5)
+    seen: list[tuple[int, int, bool]] = []
+    decode = llamacpp._Context.decode
+
+    def recording(self, entries, hidden=False):
+        seen.append((id(self), int(self.lc.llama_n_threads(self.ctx)), hidden))
+        return decode(self, entries, hidden)
+
+    monkeypatch.setattr(llamacpp._Context, "decode", recording)
+    pair = str(tiny["anti"] / "model.gguf")
+    t = ProxyTuner.from_specs(
+        ModelSpec(str(tiny["base"] / "model.gguf")),
+        [(ModelSpec(pair, prompt="chat"), ModelSpec(pair), 1.0)],
+    )
+    base, model = t.base.model, t.pairs[0].expert.model
+    rule = {"name": "rerank", "k": 3}
+    got = ids(t.generate(PROMPTS, max_new_tokens=8, rule=rule, overlap=True))
+    assert model.context.tap is not None
+    assert {(c, n) for c, n, _ in seen} == {(id(base.context), 2), (id(model.context), 3)}
+    assert all(h for c, _, h in seen if c == id(model.context))  # hidden from the prefill on
+    assert base.decode_threads == model.decode_threads == 5
+    full = t.with_options(candidates=False)
+    assert ids(full.generate(PROMPTS, max_new_tokens=8, rule=rule, overlap=True)) == got
+
+
+@needs_llama
+def test_rerank_scores_the_pair_at_its_candidates_only_and_chooses_the_same(tiny, monkeypatch):
+    """Candidate scoring: the pair's decodes stop at the final norm and only the candidates'
+    rows of the output matrix are applied; rerank and plausible choose the tokens (and report
+    the log-probs) of full logits, greedy and sampled; the plain formula never uses it."""
+    cpp = tuner(tiny, "llamacpp")
+    model = cpp.pairs[0].expert.model
+    assert model.scores_candidates and model.output_head.type == "F32"
+    assert not cpp.base.model.context.tap  # the base never gets the eval callback
+    scored: list[int] = []
+    real = llamacpp.LlamaCppModel.candidate_logits
+
+    def counted(self, hidden, ids):
+        scored.append(len(ids))
+        return real(self, hidden, ids)
+
+    monkeypatch.setattr(llamacpp.LlamaCppModel, "candidate_logits", counted)
+    full = cpp.with_options(candidates=False)
+    settings = {"max_new_tokens": 12, "logprobs": True, "top_logprobs": 3}
+    sampled = {"max_new_tokens": 10, "temperature": 0.9, "seed": 3}
+    for rule in ({"name": "rerank", "k": 3}, "rerank", {"name": "plausible", "tau": 0.05}):
+        scored.clear()
+        got = cpp.generate(PROMPTS, rule=rule, **settings)
+        assert scored and max(scored) < model.vocab_width  # per step: the rows' candidates
+        calls = len(scored)
+        want = full.generate(PROMPTS, rule=rule, **settings)
+        assert len(scored) == calls  # candidates=False: full logits
+        assert ids(got) == ids(want)
+        for g, w in zip(got, want, strict=True):
+            assert [x.logprob for x in g.logprobs] == pytest.approx(
+                [x.logprob for x in w.logprobs], abs=1e-4
+            )
+        assert ids(cpp.generate(PROMPTS, rule=rule, **sampled)) == ids(
+            full.generate(PROMPTS, rule=rule, **sampled)
+        )
+    scored.clear()
+    cpp.generate(PROMPTS, max_new_tokens=6)
+    cpp.generate(PROMPTS, max_new_tokens=6, rule={"name": "rerank", "inner": "union"})
+    assert not scored  # proxy, and a rerank whose inner rule reads every token: full logits
+
+
+def _head_gguf(tmp_path, kind: str):
+    """A tiny GGUF whose output matrix is of type ``kind`` (``tied``: none, the embedding's,
+    Q8_0); the K-quants on a model 256 wide (their blocks), the rest of it Q8_0."""
+    import ctypes
+
+    tok = build_tokenizer()
+    model = build_model(tok, seed=1, hidden=256 if kind.endswith("_K") else 32)
+    if kind == "tied":
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+    dtype = "float16" if kind == "F16" else "float32"
+    path = write_gguf(model, tok, tmp_path / "source.gguf", dtype)
+    if kind in ("F32", "F16"):
+        return path
+    lc = llamacpp.llama_cpp_module()
+    params = lc.llama_model_quantize_default_params()
+    params.ftype = lc.LLAMA_FTYPE_MOSTLY_Q8_0
+    if kind != "tied":
+        params.output_tensor_type = getattr(lc, f"GGML_TYPE_{kind}")
+    out = tmp_path / "head.gguf"
+    assert lc.llama_model_quantize(str(path).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out
+
+
+HEAD_TYPES = ["F32", "F16", "Q8_0", "tied", "Q4_0", "Q5_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]
+
+
+@needs_llama
+@pytest.mark.parametrize("kind", HEAD_TYPES)
+def test_candidate_logits_are_the_full_logits_at_those_ids(tmp_path, kind):
+    """Every output-matrix type scored here, a tied head (the embedding's rows) among them:
+    the logits at the ids asked for are llama.cpp's own (measured: within 4e-6 of ~26)."""
+    import torch
+
+    model = llamacpp.load_llamacpp(ModelSpec(str(_head_gguf(tmp_path, kind))))
+    assert model.output_head.type == ("Q8_0" if kind == "tied" else kind)
+    prompts = [[5, 6, 7], [8, 9], [10]]
+    hidden, first_hidden = model.start_hidden(prompts)  # the context is empty: gets its tap
+    plain, first = model.start(prompts)
+    assert hidden.hidden and not plain.hidden and hidden.group is None
+    assert first_hidden.shape == (3, model.output_head.width)
+    ids = torch.tensor([0, 3, 17, 40, model.vocab_width - 1])
+    torch.testing.assert_close(
+        model.candidate_logits(first_hidden, ids), first[:, ids], atol=1e-4, rtol=0
+    )
+    step = torch.tensor([[11], [12], [13]])
+    got = model.candidate_logits(hidden.advance(step)[:, -1], ids)
+    torch.testing.assert_close(got, plain.advance(step)[:, -1, ids], atol=1e-4, rtol=0)
+
+
+@needs_llama
+@pytest.mark.parametrize("kind", ["Q4_1", "IQ4_NL"])
+def test_an_output_matrix_type_not_reproduced_keeps_full_logits(tmp_path, kind):
+    model = llamacpp.load_llamacpp(ModelSpec(str(_head_gguf(tmp_path, kind))))
+    assert not model.scores_candidates
+    state, out = model.start_hidden([[5, 6]])
+    assert not state.hidden and out.shape == (1, model.vocab_width)
+
+
+@needs_llama
+def test_a_context_holding_plain_rows_keeps_full_logits(tiny):
+    model = llamacpp.load_llamacpp(ModelSpec(str(tiny["anti"] / "model.gguf")))
+    busy, _ = model.start([[5, 6]])
+    state, out = model.start_hidden([[7, 8]])  # no eval callback on a context in use
+    assert not state.hidden and out.shape == (1, model.vocab_width)
+    del busy, state
+
+
+def _head_file(path, *, bias: bool = False, split: bool = False, tied: bool = False):
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    if split:
+        writer.add_uint16("split.count", 2)
+    writer.add_tensor("token_embd.weight", np.ones((6, 32), dtype=np.float32))
+    if not tied:
+        writer.add_tensor("output.weight", np.full((6, 32), 2.0, dtype=np.float32))
+    if bias:
+        writer.add_tensor("output.bias", np.zeros(6, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@needs_llama
+def test_output_head_reads_the_tied_matrix_and_refuses_a_bias_or_a_shard(tmp_path):
+    import numpy as np
+
+    from proxytune.backends.llamacpp_head import OutputHead, ggml_library
+
+    lib = ggml_library(llamacpp.llama_cpp_module())
+    ids = np.array([1, 4])
+    head = OutputHead(lib, _head_file(tmp_path / "h.gguf"), 6, 32)
+    assert head.supported and (head.rows(ids) == 2.0).all()  # output.weight
+    tied = OutputHead(lib, _head_file(tmp_path / "t.gguf", tied=True), 6, 32)
+    assert tied.supported and (tied.rows(ids) == 1.0).all()  # token_embd.weight
+    for kind in ("bias", "split"):
+        path = _head_file(tmp_path / f"{kind}.gguf", **{kind: True})
+        assert not OutputHead(lib, path, 6, 32).supported

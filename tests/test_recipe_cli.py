@@ -296,6 +296,8 @@ def test_options_have_one_spelling_and_no_double_negatives():
     for name in ("generate", "serve", "eval", "analyze"):
         assert flags[name]["--expert-prompt"].default == "auto"
         assert "--backend" in flags[name] and "--threads" in flags[name]
+    for name in ("generate", "eval"):  # the plain loop's option
+        assert "--no-candidates" in flags[name] and "--candidates" in flags[name], name
     assert "--no-cache" in flags["generate"] and "--cache" in flags["generate"]
     assert "--no-kl-metric" in flags["serve"] and "--kl-metric" in flags["serve"]
     assert "--alphas" in flags["reproduce"]  # the old spelling still works
@@ -309,14 +311,15 @@ GROUP_FLAGS = {
     "seed n top_logprobs cache",
     "SteeringOptions": "rule rule_arg",
     "EngineFlags": "overlap speculative stacked prefix_cache one_pass",
+    "PlainEngineFlags": "overlap speculative stacked prefix_cache one_pass candidates",
     "BlackBoxOptions": "base_url base_model base_top_logprobs base_tokenizer api_key_env "
     "base_chunk base_samples base_endpoint cross_tokenizer min_coverage",
 }
 GROUPS_OF = {
     "generate": ("ModelOptions", "LoadOptions", "SamplingOptions", "SteeringOptions",
-                 "EngineFlags", "BlackBoxOptions"),
+                 "PlainEngineFlags", "BlackBoxOptions"),
     "serve": ("ModelOptions", "LoadOptions", "EngineFlags"),
-    "eval": ("ModelOptions", "LoadOptions", "SteeringOptions", "EngineFlags"),
+    "eval": ("ModelOptions", "LoadOptions", "SteeringOptions", "PlainEngineFlags"),
     "analyze": ("ModelOptions", "LoadOptions", "SteeringOptions"),
 }  # fmt: skip
 
@@ -394,6 +397,15 @@ def test_engine_options_reach_the_tuner_at_load(tiny_dirs, tmp_path, monkeypatch
     assert not options.prefix_cache and not options.overlap
     assert main(["serve", *models, "--stacked", "--prefix-cache"]) == 2  # before loading
     assert "do not compose" in capsys.readouterr().err
+    import proxytune.evaluation.commands
+
+    tuners = []
+    monkeypatch.setattr(
+        proxytune.evaluation.commands, "run_eval", lambda t, task, **kw: tuners.append(t) or 0
+    )
+    assert main(["eval", "arith", *models]) == 0
+    assert main(["eval", "arith", *models, "--no-candidates"]) == 0
+    assert [t.options.candidates for t in tuners] == [True, False]
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f'base: "{tiny_dirs["base"]}"\n'

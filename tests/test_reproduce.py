@@ -13,7 +13,7 @@ import pytest
 from proxytune.cli import main
 from proxytune.errors import ConfigError
 from proxytune.evaluation.metrics import multiple_choice_scores
-from proxytune.evaluation.stats import gap_interval, mean_interval
+from proxytune.evaluation.stats import gap_interval, mean_gap_interval, mean_interval
 from proxytune.reproduce import STAGES, Experiment, preset, reproduce
 from proxytune.reproduce.analysis import token_class
 from proxytune.reproduce.command import parse_sizes
@@ -136,6 +136,27 @@ def test_gap_interval_matches_the_hand_computation() -> None:
     assert same.value is None and undefined == 2000
 
 
+def test_mean_gap_interval_averages_tasks_resampled_on_their_own() -> None:
+    rng = np.random.default_rng(1)
+    base = (rng.random(200) < 0.2).astype(float)
+    tuned = np.maximum(base, (rng.random(200) < 0.6).astype(float))
+    half = np.where(rng.random(200) < 0.5, tuned, base)
+    one = mean_gap_interval([(half, base, tuned)])
+    alone, _ = gap_interval(half, base, tuned)
+    assert one.value == pytest.approx(alone.value)  # one task: its own gap and interval
+    assert (one.low, one.high) == pytest.approx((alone.low, alone.high))
+    both = mean_gap_interval([(half, base, tuned), (tuned, base, tuned)])
+    assert both.value == pytest.approx((alone.value + 1.0) / 2)
+    assert both.low < both.value < both.high
+    # two copies of one task are resampled independently: the mean's interval is narrower
+    twice = mean_gap_interval([(half, base, tuned)] * 2)
+    assert twice.value == pytest.approx(alone.value)
+    assert twice.high - twice.low < 0.85 * (alone.high - alone.low)
+    # a task without a gap has no closure: no mean
+    assert mean_gap_interval([(half, base, tuned), (base, base, base)]).value is None
+    assert mean_gap_interval([]).value is None
+
+
 def test_tied_options_share_the_credit() -> None:
     inf = float("-inf")
     s = multiple_choice_scores([inf, inf, inf, inf], [1, 1, 1, 1], [0])
@@ -188,6 +209,16 @@ def test_tiny_run_every_stage_then_resume_and_refuse_to_mix(tmp_path, tiny_pair)
     share = sum(map(task_kind("arith").follows_format, expert_out)) / len(expert_out)
     assert data["format"]["arith"]["expert"] == share
     assert "## Screening (untuned, before training)" in table and "base 3-shot" in table
+    # the mean closure averages the chosen tasks with a gap, never the control
+    averaged = data["mean_closure"]
+    primary = {t: r["metrics"][r["primary"]] for t, r in data["tasks"].items()}
+    gapped = [t for t in ("arith", "gcd") if primary[t]["has_gap"]]
+    assert averaged["tasks"] == gapped
+    assert ("## Gap closed averaged over the chosen tasks" in table) == bool(gapped)
+    if gapped:
+        gaps = [primary[t]["systems"]["proxy"]["gap"] for t in gapped]
+        mean = sum(g["value"] for g in gaps) / len(gaps)
+        assert averaged["systems"]["proxy"]["value"] == pytest.approx(mean)
     # the tiny preset's rule passes every candidate; the two with the largest expected gap
     # (all tie at 0: by name) are chosen, then the control
     assert list(data["tasks"]) == ["arith", "gcd", "sort_words"]

@@ -13,6 +13,7 @@ from proxytune.errors import ConfigError
 from proxytune.evaluation.stats import diff_interval, mean_interval
 from proxytune.evaluation.systems import System
 from proxytune.reproduce import preset
+from proxytune.reproduce.config import next_value
 from proxytune.reproduce.pipeline import _best
 from proxytune.reproduce.scoring import (
     complies,
@@ -215,9 +216,7 @@ def test_a_task_file_is_a_task_like_the_built_ins(tmp_path) -> None:
     assert shell_metrics(f"It is {ex['answer']}.", ex) == {"strict": 0.0, "lenient": 1.0}
     other = next(a for a in ex["alternatives"] if a != ex["answer"])
     assert shell_metrics(f"{other} or {ex['answer']}", ex)["lenient"] == 0.0
-    config = preset(
-        "tiny", str(tmp_path / "out"), task_files=(str(tmp_path / "capitals.yaml"),)
-    )
+    config = preset("tiny", str(tmp_path / "out"), task_files=(str(tmp_path / "capitals.yaml"),))
     assert "capitals" in config.screened()
     assert config.run_tasks(["arith"]) == ("arith", "capitals", "sort_words")
     assert config.split_sizes("capitals")["screen"] == 10
@@ -261,6 +260,17 @@ def test_paired_differences_share_the_resamples() -> None:
     assert d.low > 0.15 and d.high < 0.45
     assert diff_interval(a, a).low == 0.0 == diff_interval(a, a).high  # paired: no spread
     assert mean_interval([x - y for x, y in zip(a, b, strict=True)]) == d
+
+
+def test_a_sweep_at_its_edge_goes_on_beyond_it() -> None:
+    assert next_value("proxy", [0.5, 1.0, 3.0]) == 4.5
+    assert next_value("product", [0.5, 4.5]) == 6.75
+    # nudging's gamma is a probability: halfway to 1, never past it
+    gammas = [0.2, 0.4, 0.6, 0.8]
+    for expected in (0.9, 0.95, 0.975, 0.9875):
+        gammas.append(next_value("nudging", gammas))
+        assert gammas[-1] == expected
+    assert max(gammas) < 1
 
 
 def test_best_alpha_prefers_the_gentler_steer_on_ties() -> None:

@@ -67,6 +67,55 @@ def test_rerank_system_end_to_end_on_the_tiny_models(tuner):
     assert len(system.score(PROMPTS, [" a", " b"])) == 2
 
 
+def test_alternative_first_tokens_run_in_batches_no_larger_than_the_callers(tuner, monkeypatch):
+    # k rows per prompt would exceed what a llama.cpp context holds at once (64 rows): the
+    # system never asks a backend for more rows than the caller's batch
+    from proxytune.tuner import ProxyTuner
+
+    sizes: list[int] = []
+    generate = ProxyTuner.generate
+
+    def recording(self, prompts, **kwargs):
+        sizes.append(len(prompts))
+        return generate(self, prompts, **kwargs)
+
+    monkeypatch.setattr(ProxyTuner, "generate", recording)
+    per_prompt = RerankSystem("rerank", tuner, k=3).candidates(PROMPTS, max_new_tokens=3)
+    assert max(sizes) == len(PROMPTS)
+    firsts = tuner.alone("base").generate(PROMPTS, max_new_tokens=1, logprobs=True, top_logprobs=4)
+    for p, cands in enumerate(per_prompt):
+        assert [c.source for c in cands[3:]] == ["first[1]", "first[2]", "first[3]"]
+        ranked = [alt[0] for alt in firsts[p].logprobs[0].top]
+        assert [c.result.token_ids[0] for c in cands[3:]] == ranked[1:4]
+        assert all(c.result.prompt_index == p for c in cands)
+
+
+def test_a_beta_sweep_makes_the_candidates_once_and_picks_as_alone(tuner, monkeypatch):
+    from proxytune.tuner import ProxyTuner
+
+    settings = {"max_new_tokens": 4}
+    alone = {
+        b: RerankSystem("r", tuner, beta=b, k=2).candidates(PROMPTS, **settings) for b in (0.0, 3.0)
+    }
+    calls: list[int] = []
+    generate = ProxyTuner.generate
+    monkeypatch.setattr(
+        ProxyTuner, "generate", lambda self, p, **kw: calls.append(1) or generate(self, p, **kw)
+    )
+    made: dict = {}
+    first = RerankSystem("r@0", tuner, beta=0.0, k=2, made=made).candidates(PROMPTS, **settings)
+    before = len(calls)
+    again = RerankSystem("r@3", tuner, beta=3.0, k=2, made=made).candidates(PROMPTS, **settings)
+    assert len(calls) == before > 0  # nothing generated for the second beta
+    for got, want in ((first, alone[0.0]), (again, alone[3.0])):
+        assert [[(c.source, c.result.token_ids, c.score) for c in cands] for cands in got] == [
+            [(c.source, c.result.token_ids, c.score) for c in cands] for cands in want
+        ]
+    # other prompts or settings are made anew
+    RerankSystem("r@3", tuner, beta=3.0, k=2, made=made).candidates(PROMPTS[:1], **settings)
+    assert len(calls) > before
+
+
 def test_rerank_system_refuses_what_it_cannot_do(tuner):
     with pytest.raises(ConfigError, match="needs a tuner with one pair of expert and anti-expert"):
         RerankSystem("r", tuner.alone("base"))

@@ -38,6 +38,21 @@ def log_probs(logits: torch.Tensor, vocab_size: int | None = None) -> torch.Tens
     return torch.log_softmax(logits[..., :v].float(), dim=-1)
 
 
+def candidate_log_probs(logits: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Log-probs renormalised over candidate ids: ``(B, n)`` logits at ``ids`` ``(n,)`` ->
+    ``(B, V)``, ``-inf`` at every other id.
+
+    Each row differs from the model's full log-probs at ``ids`` by one constant (the log of
+    the mass outside them), which a rule that only re-ranks candidates never sees.
+
+    >>> candidate_log_probs(torch.tensor([[0.0, 0.0]]), torch.tensor([2, 0]), 3).exp()
+    tensor([[0.5000, 0.0000, 0.5000]])
+    """
+    out = torch.full((logits.shape[0], vocab_size), float("-inf"), device=logits.device)
+    out[:, ids] = torch.log_softmax(logits.float(), dim=-1)
+    return out
+
+
 def proxy_offset(expert_lp: torch.Tensor | None, anti_lp: torch.Tensor | None) -> torch.Tensor:
     """The steering direction of one pair: ``log p_E - log p_A``, ``(B, V)``.
 

@@ -164,11 +164,13 @@ class EngineOptions:
     The one place to turn them on, from Python (``ProxyTuner(..., options=...)``,
     :meth:`~proxytune.tuner.ProxyTuner.with_options`), a recipe's ``engine:`` mapping, the
     command line (``--overlap``, ``--speculative``, ``--stacked``, ``--prefix-cache``,
-    ``--one-pass/--two-pass``) and the server (the same flags).
+    ``--one-pass/--two-pass``; ``--candidates/--no-candidates`` on ``generate`` and ``eval``) and
+    the server (the same flags). ``candidates`` keeps the tokens but not every bit of a
+    log-prob (the pair's logits at the candidates agree with llama.cpp's to about 1e-6).
 
     >>> EngineOptions.parse({"overlap": True, "speculative": "4"})  # doctest: +NORMALIZE_WHITESPACE
     EngineOptions(overlap=True, speculative=4, stacked=False, prefix_cache=False,
-                  prefix_min_tokens=16, one_pass=True)
+                  prefix_min_tokens=16, one_pass=True, candidates=True)
     """
 
     overlap: bool = False
@@ -184,9 +186,13 @@ class EngineOptions:
     one_pass: bool = True
     """A LoRA expert of its anti-expert's model runs in the same forward
     (:mod:`~.backends.lora_pair`); applies when models load."""
+    candidates: bool = True
+    """Where the rule only re-ranks the base's candidates (``rerank``, ``plausible``), score
+    the pair at the candidates only on models that can (llama.cpp); the plain loop only (not
+    speculative decoding, the server's running batch or the black-box loop)."""
 
     def __post_init__(self) -> None:
-        for name in ("overlap", "stacked", "prefix_cache", "one_pass"):
+        for name in ("overlap", "stacked", "prefix_cache", "one_pass", "candidates"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(
                     f"engine option {name!r} must be true or false, got {getattr(self, name)!r}"

@@ -444,7 +444,7 @@ class ProxyTuner:
             from .engine.speculative import speculative_decode
 
             return speculative_decode(prepared, k=draft, stats=stats, overlap=concurrent)
-        return decode(prepared, overlap=concurrent)
+        return decode(prepared, overlap=concurrent, candidates=self.options.candidates)
 
     def steps(
         self,

@@ -15,6 +15,8 @@ rollback             :class:`RollbackState`                     speculative deco
 extend / compact     :class:`ExtendableState`                   the server's running batch
 start alone          :class:`StartsAlone`                       the speculative drafter
 top-k only           :class:`TopKOnly`                          an API base (black-box loop)
+candidate scoring    :class:`CandidateScoring`, `HiddenState`   rules that re-rank the base's
+                                                                candidates (``rerank``)
 ===================  =========================================  ==========================
 """
 
@@ -130,3 +132,36 @@ class TopKOnly(Protocol):
     engine runs it in the black-box loop (:mod:`proxytune.engine.blackbox`)."""
 
     top_k_only: bool
+
+
+@runtime_checkable
+class HiddenState(DecodeState, Protocol):
+    """A :class:`DecodeState` that may return final hidden states instead of logits."""
+
+    hidden: bool
+    """True: :meth:`~DecodeState.advance` returns ``(B, k, H)`` final-norm outputs (the output
+    matrix was not applied), to be scored by :meth:`CandidateScoring.candidate_logits`."""
+
+
+@runtime_checkable
+class CandidateScoring(Protocol):
+    """A model that can stop each forward before its output matrix and score only the ids
+    asked for: where a step needs the logits of a few candidate tokens (``rerank``: the base's
+    top k), this skips the ``H x W`` head product for the other ``W - k``."""
+
+    @property
+    def scores_candidates(self) -> bool:
+        """Whether :meth:`candidate_logits` reproduces this model's own logits."""
+        ...
+
+    def start_hidden(
+        self, prompts: Sequence[Sequence[int]], use_cache: bool = True
+    ) -> tuple[DecodeState, torch.Tensor]:
+        """As :meth:`LogitsModel.start`, with a state that returns hidden states (and the last
+        position's ``(B, H)``); where it cannot now, a plain state and logits (the state's
+        :attr:`HiddenState.hidden` says which)."""
+        ...
+
+    def candidate_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``(N, H)`` hidden states and ``(n,)`` ids -> the ``(N, n)`` float32 logits at ids."""
+        ...

@@ -17,6 +17,10 @@ every role on that model: each row is a *sequence* of the context, so
   same ids). A partner that asks for other tokens has that speculative work rolled back first,
   so the output never depends on the grouping.
 
+A state started by :meth:`LlamaCppModel.start_hidden` returns the final norm's outputs instead
+of logits: its decodes stop before the output matrix, and the engine scores the few ids a rule
+re-ranks (:mod:`.llamacpp_head`).
+
 Prompts are prefilled in chunks of at most ``n_batch`` tokens over all rows. The ids come from
 the Hugging Face tokenizer (the one the GGUF carries, or the model directory's), as for the
 other backends; llama.cpp's own tokenizer is never used, so both backends read the same ids.
@@ -28,7 +32,8 @@ import ctypes
 import os
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -38,6 +43,7 @@ import torch
 from ..errors import ConfigError, ModelLoadError, ProxyTuneError
 from ..specs import ModelSpec, available_cores
 from .base import end_ids
+from .llamacpp_head import PLAIN_HEADS, NormTap, OutputHead, ggml_library
 
 INSTALL = "pip install 'proxytune[llamacpp]' (builds llama.cpp from source: about 6 minutes)"
 KV_CELLS = 4096
@@ -193,7 +199,6 @@ class _Context:
         adapter: Path | None = None,
     ) -> None:
         self.lc = lc
-        model = weights.model
         params = lc.llama_context_default_params()
         params.n_ctx = cells
         self.cells = cells
@@ -202,9 +207,8 @@ class _Context:
         params.n_seq_max = MAX_SEQUENCES
         params.n_outputs_max_per_seq = OUTPUTS_PER_ROW
         params.n_outputs_max = MAX_OUTPUTS
-        params.n_threads = threads
-        params.n_threads_batch = threads
         self.threads = threads
+        """The threads it decodes with now (:meth:`set_threads`; a new context starts so)."""
         if exact:  # float weights: float32 attention, so logits match the transformers backend
             params.type_k = params.type_v = lc.GGML_TYPE_F32
             params.flash_attn_type = lc.LLAMA_FLASH_ATTN_TYPE_DISABLED  # its CPU kernel is f16
@@ -212,16 +216,11 @@ class _Context:
             params.kv_unified = True  # one cache for every sequence, not n_ctx / n_seq each
         self.weights = weights
         """Kept alive as long as the context: the weights it runs on."""
-        self.ctx = lc.llama_init_from_model(model, params)
-        if not self.ctx:
-            raise ModelLoadError("llama.cpp could not create a context for the model")
-        if adapter is not None:
-            handles = (lc.llama_adapter_lora_p_ctypes * 1)(weights.adapter(adapter))
-            if lc.llama_set_adapters_lora(self.ctx, handles, 1, (ctypes.c_float * 1)(1.0)) != 0:
-                raise ModelLoadError(f"llama.cpp could not apply the LoRA adapter {adapter}")
-        self.memory = lc.llama_get_memory(self.ctx)
-        self.n_batch = min(N_BATCH, int(lc.llama_n_batch(self.ctx)))
-        """Tokens per decode: llama.cpp lowers the batch to a small cache's size."""
+        self.params = params
+        self.adapter = adapter
+        self.tap: NormTap | None = None
+        """The eval callback that stops decodes at the final norm, once installed."""
+        self._open()
         self.n_vocab = n_vocab
         self.free = list(range(MAX_SEQUENCES))
         self.batch = lc.llama_batch_init(N_BATCH, 0, 1)
@@ -229,6 +228,39 @@ class _Context:
         """One decode at a time (roles on the same model may run in different threads)."""
         self.last_started: weakref.ref[LlamaCppState] | None = None
         """The state started last: the next one may join its group."""
+
+    def _open(self) -> None:
+        """Create the llama.cpp context from :attr:`params` with :attr:`threads` (and apply the
+        adapter)."""
+        lc = self.lc
+        self.params.n_threads = self.params.n_threads_batch = self.threads
+        self.ctx = lc.llama_init_from_model(self.weights.model, self.params)
+        if not self.ctx:
+            raise ModelLoadError("llama.cpp could not create a context for the model")
+        if self.adapter is not None:
+            handles = (lc.llama_adapter_lora_p_ctypes * 1)(self.weights.adapter(self.adapter))
+            if lc.llama_set_adapters_lora(self.ctx, handles, 1, (ctypes.c_float * 1)(1.0)) != 0:
+                raise ModelLoadError(f"llama.cpp could not apply the LoRA adapter {self.adapter}")
+        self.memory = lc.llama_get_memory(self.ctx)
+        self.n_batch = min(N_BATCH, int(lc.llama_n_batch(self.ctx)))
+        """Tokens per decode: llama.cpp lowers the batch to a small cache's size."""
+
+    def install_tap(self, make: Callable[[], NormTap]) -> bool:
+        """Give the context the eval callback ``make()`` builds (a :class:`NormTap`), once.
+        llama.cpp takes it only when a context is created, so the context is made anew: only
+        while it holds no rows (False otherwise). Until then its decodes run without one."""
+        with self.lock:
+            if self.tap is not None:
+                return True
+            if len(self.free) < MAX_SEQUENCES:
+                return False
+            tap = make()
+            self.lc.llama_free(self.ctx)
+            self.params.cb_eval = tap.callback
+            self.tap = tap
+            self._open()
+            self.last_started = None
+            return True
 
     def __del__(self) -> None:
         """Free the batch and the context; the weights go when nothing holds them (a state
@@ -264,12 +296,18 @@ class _Context:
         if not self.lc.llama_memory_seq_rm(self.memory, seq, length, -1):
             raise LlamaCppError(f"llama.cpp could not roll sequence {seq} back to {length}")
 
-    def decode(self, entries: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
+    def decode(
+        self, entries: Sequence[tuple[int, int, int, bool]], hidden: bool = False
+    ) -> np.ndarray:
         """Decode ``(token, position, sequence, wants logits)`` entries (in chunks of
         ``N_BATCH`` with at most ``MAX_OUTPUTS`` logit rows); returns the logits of the entries
-        that want them, in order, ``(n, n_vocab)`` float32."""
+        that want them, in order, ``(n, n_vocab)`` float32, or with ``hidden`` their final
+        norm's outputs, ``(n, H)``, the output matrix not applied."""
         out = []
         with self.lock:
+            tap = self.tap
+            if hidden and tap is None:
+                raise LlamaCppError("hidden states asked of a context without its eval callback")
             for chunk in _chunks(entries, self.n_batch):
                 batch = self.batch
                 for i, (token, pos, seq, logits) in enumerate(chunk):
@@ -279,6 +317,9 @@ class _Context:
                     batch.seq_id[i][0] = seq
                     batch.logits[i] = logits
                 batch.n_tokens = len(chunk)
+                if tap is not None:
+                    tap.active = hidden
+                    tap.take()
                 status = self.lc.llama_decode(self.ctx, batch)
                 if status != 0:
                     raise LlamaCppError(
@@ -287,15 +328,28 @@ class _Context:
                         "kv_cells option"
                     )
                 wanted = sum(1 for e in chunk if e[3])
-                if wanted:
+                if wanted and hidden:
+                    assert tap is not None
+                    rows = tap.take()
+                    if rows.shape[0] != wanted:
+                        raise LlamaCppError(
+                            f"llama.cpp's final norm gave {rows.shape[0]} rows for {wanted} "
+                            "outputs; run this model without candidate scoring (engine option "
+                            "candidates: false)"
+                        )
+                    out.append(rows)
+                elif wanted:
                     pointer = self.lc.llama_get_logits(self.ctx)
                     array = np.ctypeslib.as_array(
                         ctypes.cast(pointer, ctypes.POINTER(ctypes.c_float)),
                         shape=(wanted, self.n_vocab),
                     )
                     out.append(array.copy())
+            if tap is not None:
+                tap.active = False
         if not out:
-            return np.zeros((0, self.n_vocab), dtype=np.float32)
+            width = tap.width if hidden and tap is not None else self.n_vocab
+            return np.zeros((0, width), dtype=np.float32)
         return np.concatenate(out) if len(out) > 1 else out[0]
 
 
@@ -406,13 +460,61 @@ class LlamaCppModel:
     ) -> tuple[LlamaCppState, torch.Tensor]:
         """Prefill ``prompts``; a state started right after another of this model with as
         many rows (before either advanced) joins its group."""
-        state = LlamaCppState(self, [list(p) for p in prompts], use_cache)
+        return self._start(prompts, use_cache, hidden=False)
+
+    @property
+    def scores_candidates(self) -> bool:
+        """Whether this model can be scored at chosen ids only: on the CPU, without an
+        adapter, an architecture whose logits are the plain output product, and an output
+        matrix type whose product :mod:`.llamacpp_head` reproduces."""
+        return self.output_head is not None
+
+    @cached_property
+    def output_head(self) -> OutputHead | None:
+        """The output matrix as :meth:`candidate_logits` reads it (looked up once; ``None``:
+        this model cannot be scored at chosen ids)."""
+        plain = self.context.weights.metadata("general.architecture") in PLAIN_HEADS
+        if not plain or self.gpu_layers != 0 or self.context.adapter is not None:
+            return None
+        lib = ggml_library(self.lc)
+        if lib is None:
+            return None
+        width = int(self.lc.llama_model_n_embd(self._model))
+        head = OutputHead(lib, self.path, self._vocab_width, width)
+        return head if head.supported else None
+
+    def start_hidden(
+        self, prompts: Sequence[Sequence[int]], use_cache: bool = True
+    ) -> tuple[LlamaCppState, torch.Tensor]:
+        """As :meth:`start`, on a state whose decodes stop at the final norm and return its
+        outputs, ``(B, H)`` here; a plain state where this model cannot, or its context holds
+        rows of plain states (it gets its eval callback only when empty: :meth:`_Context.
+        install_tap`)."""
+        head = self.output_head
+        if head is None:
+            return self.start(prompts, use_cache)
+        if not self.context.install_tap(lambda: NormTap(self.lc, head.lib, head.width)):
+            return self.start(prompts, use_cache)
+        return self._start(prompts, use_cache, hidden=True)
+
+    def candidate_logits(self, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``(N, H)`` final-norm outputs, ``(n,)`` ids -> ``(N, n)`` logits at ids (llama.cpp's
+        own to about 1e-6: :class:`~.llamacpp_head.OutputHead`)."""
+        head = self.output_head
+        assert head is not None
+        return torch.from_numpy(head.logits(hidden.numpy(), ids.numpy()))
+
+    def _start(
+        self, prompts: Sequence[Sequence[int]], use_cache: bool, hidden: bool
+    ) -> tuple[LlamaCppState, torch.Tensor]:
+        state = LlamaCppState(self, [list(p) for p in prompts], use_cache, hidden)
         with self.context.lock:
             last = self.context.last_started() if self.context.last_started else None
             if (
                 last is not None
                 and use_cache
                 and last.use_cache
+                and last.hidden == hidden
                 and not last.advanced
                 and len(last.ids) == len(prompts)
             ):
@@ -445,11 +547,15 @@ class _Rows:
 class LlamaCppState:
     """Rows in flight on one :class:`LlamaCppModel`: one context sequence per row.
 
-    Implements ``advance``/``keep`` and the optional ``rollback`` and ``extend``/``compact``.
+    Implements ``advance``/``keep`` and the optional ``rollback`` and ``extend``/``compact``;
+    with ``hidden``, every output is the final norm's ``H`` values instead of ``W`` logits.
     """
 
-    def __init__(self, model: LlamaCppModel, prompts: list[list[int]], use_cache: bool) -> None:
+    def __init__(
+        self, model: LlamaCppModel, prompts: list[list[int]], use_cache: bool, hidden: bool = False
+    ) -> None:
         self.model = model
+        self.hidden = hidden
         self.context = model.context
         self.use_cache = use_cache
         self.ids = prompts
@@ -467,7 +573,7 @@ class LlamaCppState:
 
     def prefill(self) -> torch.Tensor:
         """Decode every row's ids not yet in the cache; the last position's logits ``(B, W)``."""
-        logits = torch.from_numpy(self.context.decode(self._entries(1)))
+        logits = torch.from_numpy(self.context.decode(self._entries(1), self.hidden))
         return logits.view(len(self.ids), -1)
 
     def advance(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -484,7 +590,8 @@ class LlamaCppState:
             plan = [(self, self._entries(k))]
             for partner in partners:
                 plan.append((partner, partner._entries_for(new)))
-            logits = torch.from_numpy(self.context.decode([e for _, es in plan for e in es]))
+            entries = [e for _, es in plan for e in es]
+            logits = torch.from_numpy(self.context.decode(entries, self.hidden))
             outs = logits.split([len(self.ids) * k] * len(plan))
             for partner, out in zip(partners, outs[1:], strict=True):
                 self.group.pending[partner] = (new, out.view(len(partner.ids), k, -1))  # type: ignore[union-attr]
@@ -498,7 +605,8 @@ class LlamaCppState:
             s
             for s in self.group.states
             if s is not self and s not in self.group.pending and len(s.ids) == len(self.ids)
-            and s.seqs and all(c == len(r) for c, r in zip(s.cached, s.ids, strict=True))
+            and s.hidden == self.hidden and s.seqs
+            and all(c == len(r) for c, r in zip(s.cached, s.ids, strict=True))
         ]  # fmt: skip
 
     def _entries_for(self, new: list[list[int]]) -> list[tuple[int, int, int, bool]]:
@@ -568,8 +676,11 @@ class LlamaCppState:
 
     def extend(self, other: LlamaCppState) -> None:
         """Append the rows of ``other`` (a state of the same model); ``other`` is emptied."""
-        if other.context is not self.context:
-            raise ConfigError("only states of the same llama.cpp model can be merged")
+        if other.context is not self.context or other.hidden != self.hidden:
+            raise ConfigError(
+                "only states of the same llama.cpp model, both on logits or both on hidden "
+                "states, can be merged"
+            )
         self._discard_pending()
         other._discard_pending()
         self.rows.seqs = self.seqs + other.seqs

@@ -11,11 +11,11 @@ import typer
 
 from ._app import app
 from .options import (
-    EngineFlags,
     LoadOptions,
     MaxNewTokensOption,
     ModelOptions,
     Opt,
+    PlainEngineFlags,
     PromptOption,
     SteeringOptions,
     SweepModelOptions,
@@ -94,7 +94,7 @@ def eval_command(
     systems: Annotated[str, Opt(help="Which of base,expert,proxy to run.")] = "base,expert,proxy",
     steering: SteeringOptions,
     load: LoadOptions,
-    engine: EngineFlags,
+    engine: PlainEngineFlags,
     evaluation: EvalOptions,
     ray_actors: Annotated[
         int, Opt(help="Score batches on N Ray actors, each holding the models (ray extra).")

@@ -13,10 +13,10 @@ from ._app import app
 from .batch import BatchJobOptions, run_batch_job
 from .options import (
     BlackBoxOptions,
-    EngineFlags,
     LoadOptions,
     ModelOptions,
     Opt,
+    PlainEngineFlags,
     SamplingOptions,
     SteeringOptions,
     build_tuner,
@@ -39,7 +39,7 @@ def generate(
     load: LoadOptions,
     sampling: SamplingOptions,
     steering: SteeringOptions,
-    engine: EngineFlags,
+    engine: PlainEngineFlags,
     blackbox: BlackBoxOptions,
     as_json: Annotated[
         bool, Opt("--json", help="One JSON object per result (with each model's prompt format).")

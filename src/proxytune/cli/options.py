@@ -13,6 +13,8 @@ field carries its help and panel); a command takes a group as one parameter and
 - :class:`SteeringOptions`: ``--rule``, ``--rule-arg``;
 - :class:`EngineFlags`: engine options (:class:`~proxytune.config.EngineOptions`):
   ``--overlap``, ``--speculative``, ``--stacked``, ``--prefix-cache``, ``--one-pass/--two-pass``;
+  :class:`PlainEngineFlags` adds ``--candidates/--no-candidates`` (``generate`` and ``eval``,
+  the plain loop's commands);
 - :class:`BlackBoxOptions`: a base behind an API (``--base-url`` and its settings) and pairs
   of other tokenizers (``--cross-tokenizer``, ``--min-coverage``).
 """
@@ -314,6 +316,21 @@ class EngineFlags:
         overrides = {k: v for k, v in given.items() if v is not None}
         EngineOptions().updated(**overrides)  # raises ConfigError naming a bad value
         return overrides
+
+
+@dataclass(frozen=True)
+class PlainEngineFlags(EngineFlags):
+    """:class:`EngineFlags` and the plain loop's own option (``generate`` and ``eval``)."""
+
+    candidates: Annotated[
+        bool | None,
+        EngineOpt(
+            "--candidates/--no-candidates",
+            help="Where the rule only re-ranks the base's candidates (rerank, plausible), "
+            "llama.cpp pair models score those ids only (default: on; the plain loop of generate "
+            "and eval).",
+        ),
+    ] = None
 
 
 # a base behind an OpenAI-compatible API, pairs of other tokenizers ----------------------------

@@ -9,13 +9,16 @@ from typing import Any
 import torch
 
 from ..backends.base import (
+    CandidateScoring,
     DecodeState,
     ExtendableState,
+    HiddenState,
     RollbackState,
     StartsAlone,
     TopKOnly,
 )
 from ..errors import ConfigError
+from ..rules import CandidateCombiner, Combiner
 from .members import Member
 
 
@@ -60,3 +63,37 @@ def rollback(state: DecodeState, drop: torch.Tensor) -> None:
     """Forget the last ``drop[r]`` ids of each row (checked by :func:`require_rollback`)."""
     assert isinstance(state, RollbackState)
     state.rollback(drop)
+
+
+def candidate_roles(combine: Combiner, pair_members: Sequence[Member]) -> frozenset[str]:
+    """The pair roles to run on candidates only: none unless the bound rule re-ranks the
+    base's candidates (:class:`~proxytune.rules.CandidateCombiner`), then every member whose
+    model can score chosen ids (:class:`~proxytune.backends.base.CandidateScoring`)."""
+    if not (isinstance(combine, CandidateCombiner) and combine.candidate_only):
+        return frozenset()
+    return frozenset(
+        m.role
+        for m in pair_members
+        if isinstance(m.model, CandidateScoring) and m.model.scores_candidates
+    )
+
+
+def start_member(
+    member: Member, prompts: Sequence[Sequence[int]], use_cache: bool, hidden: bool
+) -> tuple[DecodeState, torch.Tensor]:
+    """Start ``member``, on hidden states where ``hidden`` (and the model can now)."""
+    if hidden:
+        assert isinstance(member.model, CandidateScoring)
+        return member.model.start_hidden(prompts, use_cache=use_cache)
+    return member.model.start(prompts, use_cache=use_cache)
+
+
+def returns_hidden(state: DecodeState) -> bool:
+    """Whether ``state`` returns hidden states instead of logits."""
+    return isinstance(state, HiddenState) and bool(state.hidden)
+
+
+def candidate_logits(member: Member, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """``member``'s ``(B, n)`` logits at ``ids`` from its ``(B, H)`` hidden states."""
+    assert isinstance(member.model, CandidateScoring)
+    return member.model.candidate_logits(hidden, ids)

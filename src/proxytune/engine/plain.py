@@ -15,26 +15,34 @@ import torch
 from ..backends.base import DecodeState
 from ..overlap import engine, run_grouped
 from ..results import StepUpdate
-from .capabilities import start_alone
+from .capabilities import candidate_roles, returns_hidden, start_alone, start_member
 from .members import Member
 from .prepare import Prepared, Row
 from .step import choose, emit_all, records_for, score
 
 
-def decode(prepared: Prepared, overlap: bool = False) -> Iterator[list[StepUpdate]]:
+def decode(
+    prepared: Prepared, overlap: bool = False, candidates: bool = True
+) -> Iterator[list[StepUpdate]]:
     """Generate every row of ``prepared``, yielding each step's new tokens.
 
     The models run as the iterator is consumed; closing it cancels the work. ``overlap``:
     models on different engines run their forwards at once (:mod:`proxytune.overlap`; same
-    output).
+    output). ``candidates``: where the rule only re-ranks the base's candidates (``rerank``,
+    ``plausible``), pair models that can stop before their output matrix are scored at the
+    candidates only (the same tokens: docs/speed.md).
     """
     p = prepared
     rows = p.rows()
-    states, logits = start_all(p.members, p.rendered, rows, p.config.use_cache, overlap)
+    wanted = candidate_roles(p.combine, p.members[1:]) if candidates else frozenset()
+    states, logits = start_all(
+        p.members, p.rendered, rows, p.config.use_cache, overlap, hidden=wanted
+    )
+    hidden = frozenset(role for role, state in states.items() if returns_hidden(state))
     live: list[Row] = rows
     step = 0
     while True:
-        scores, _ = score(p, logits, live, step)
+        scores, _ = score(p, logits, live, step, hidden=hidden)
         chosen = choose(scores, live, p.config)
         records = records_for(scores, chosen, p.config, p.base.model.tokenizer)
         updates, keep = emit_all(p, live, chosen, records)
@@ -61,16 +69,18 @@ def start_all(
     use_cache: bool,
     overlap: bool = False,
     alone: Member | None = None,
+    hidden: frozenset[str] = frozenset(),
 ) -> tuple[dict[str, DecodeState], dict[str, torch.Tensor]]:
     """Prefill every member on its rows' prompts (at once with ``overlap``): each member's
     decode state and next-token logits. ``alone`` (speculative decoding's drafter, which runs
-    ahead of the others) is started on a state of its own."""
+    ahead of the others) is started on a state of its own; the roles in ``hidden`` on states
+    that return hidden states where their model can (then so does the first output)."""
 
     def start(m: Member) -> Callable[[], tuple[DecodeState, torch.Tensor]]:
         prompt_ids = [rendered[m.role][r.prompt_index] for r in rows]
         if m is alone:
             return lambda: start_alone(m, prompt_ids, use_cache)
-        return lambda: m.model.start(prompt_ids, use_cache=use_cache)
+        return lambda: start_member(m, prompt_ids, use_cache, m.role in hidden)
 
     done = run_grouped([(engine(m.model), start(m)) for m in members], overlap)
     states = {m.role: state for m, (state, _) in zip(members, done, strict=True)}

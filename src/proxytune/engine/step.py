@@ -3,6 +3,8 @@
 ::
 
     logits (per running model)  --member_logprobs-->  (B, V) log-probs, checked finite
+      (a pair model run on hidden states: its logits at the rule's candidates only,
+       --candidate_logprobs--> (B, V) log-probs over them, -inf elsewhere)
     StepContext (base, pairs, alphas at this step, rows)  --checked_scores-->  (B, V) scores
     scores  --choose-->  one id per row  --emit-->  StepUpdate (text delta, finish)
 """
@@ -14,12 +16,19 @@ from typing import Any
 
 import torch
 
-from ..arithmetic import PairLogprobs, check_finite, log_probs, top_logprobs
+from ..arithmetic import (
+    PairLogprobs,
+    candidate_log_probs,
+    check_finite,
+    log_probs,
+    top_logprobs,
+)
 from ..config import GenerationConfig
 from ..errors import NumericalError
 from ..results import StepUpdate, TokenLogprob
-from ..rules import Combiner, Sides, StepContext
+from ..rules import CandidateCombiner, Combiner, Sides, StepContext
 from ..sampling import next_tokens
+from .capabilities import candidate_logits
 from .members import Member, Pair
 from .prepare import Prepared, Row
 
@@ -32,6 +41,23 @@ def member_logprobs(
     return log_probs(raw, vocab_size).to(device)
 
 
+def candidate_ids(combine: Combiner, base_lp: torch.Tensor) -> torch.Tensor:
+    """The ``(n,)`` ids that are a candidate of some row at this step (one host sync), on the
+    CPU, where a model scoring candidates reads them (the base may be on a GPU)."""
+    assert isinstance(combine, CandidateCombiner)
+    return combine.candidates(base_lp).any(dim=0).nonzero().flatten().cpu()
+
+
+def candidate_logprobs(
+    member: Member, hidden: torch.Tensor, ids: torch.Tensor, vocab_size: int, device: torch.device
+) -> torch.Tensor:
+    """A model's ``(B, V)`` log-probs over the candidate ``ids`` (``-inf`` elsewhere) from its
+    ``(B, H)`` hidden states, checked finite."""
+    raw = candidate_logits(member, hidden, ids)
+    check_finite(raw, f"{member.role} ({member.model.name})")
+    return candidate_log_probs(raw, ids, vocab_size).to(device)
+
+
 def model_logprobs(
     base: Member,
     pairs: Sequence[Pair],
@@ -39,19 +65,27 @@ def model_logprobs(
     logits: dict[str, torch.Tensor],
     vocab_size: int,
     device: torch.device,
+    hidden: frozenset[str] = frozenset(),
+    combine: Combiner | None = None,
 ) -> tuple[torch.Tensor, tuple[PairLogprobs, ...]]:
     """Each running model's ``(B, V)`` log-probs over the shared vocabulary, checked finite.
 
     Returns the base's and, per pair, ``(expert, anti-expert)`` with ``None`` for a side the
-    rule does not read (so pair ``i`` stays at index ``i``).
+    rule does not read (so pair ``i`` stays at index ``i``). ``hidden``: roles whose entry in
+    ``logits`` holds hidden states; they are scored at the candidates of ``combine`` (a
+    :class:`~proxytune.rules.CandidateCombiner`) only.
     """
+    base_lp = member_logprobs(base, logits[base.role], vocab_size, device)
+    ids = candidate_ids(combine, base_lp) if hidden and combine is not None else None
 
     def lp(member: Member | None, used: bool) -> torch.Tensor | None:
         if member is None or not used:
             return None
+        if member.role in hidden:
+            assert ids is not None
+            return candidate_logprobs(member, logits[member.role], ids, vocab_size, device)
         return member_logprobs(member, logits[member.role], vocab_size, device)
 
-    base_lp = member_logprobs(base, logits[base.role], vocab_size, device)
     pair_lps = tuple(
         (lp(p.expert, e), lp(p.anti_expert, a)) for p, (e, a) in zip(pairs, needs, strict=True)
     )
@@ -117,11 +151,15 @@ def score(
     rows: Sequence[Row],
     step: int,
     generated: list[list[int]] | None = None,
+    hidden: frozenset[str] = frozenset(),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The step scorer of a request with full logits: ``(B, V)`` combined scores for ``rows``
-    at ``step``, and the base's log-probs. ``logits``: each running role's ``(B, W)``."""
+    at ``step``, and the base's log-probs. ``logits``: each running role's ``(B, W)``, or
+    ``(B, H)`` hidden states for the roles in ``hidden`` (scored at the rule's candidates)."""
     p = prepared
-    base_lp, pair_lps = model_logprobs(p.base, p.pairs, p.needs, logits, p.vocab_size, p.device)
+    base_lp, pair_lps = model_logprobs(
+        p.base, p.pairs, p.needs, logits, p.vocab_size, p.device, hidden, p.combine
+    )
     ids = [r.ids for r in rows] if generated is None else generated
     ctx = step_context(base_lp, pair_lps, p.pairs, step, [r.prompt_index for r in rows], ids)
     return checked_scores(p.combine, ctx), base_lp

@@ -14,7 +14,7 @@ format. Ties go to the earlier candidate (base, expert, proxy, then the first-to
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -105,6 +105,9 @@ class RerankSystem:
     rule: Any = None
     """The proxy candidate's rule (``None``: the tuner's)."""
     role: str = "other"
+    made: dict[Any, tuple[Any, list[list[Candidate]]]] | None = field(default=None, repr=False)
+    """Candidates already made (with the tuner that made them), shared by systems that differ
+    only in ``beta`` (a sweep): made and scored once per batch; only the pick is redone."""
 
     def __post_init__(self) -> None:
         pairs = self.tuner.pairs
@@ -126,6 +129,21 @@ class RerankSystem:
                 "the rerank system decodes greedily with one answer per prompt; drop n and "
                 "temperature from its settings"
             )
+        key = (self.k, repr(self._alpha()), tuple(prompts), repr(sorted(settings.items())))
+        made = None if self.made is None else self.made.get(key)
+        if made is not None and made[0] is self.tuner:
+            return [[self._rescored(c) for c in cands] for cands in made[1]]
+        per_prompt = self._made(prompts, settings)
+        if self.made is not None:
+            self.made[key] = (self.tuner, per_prompt)
+        return per_prompt
+
+    def _rescored(self, c: Candidate) -> Candidate:
+        """``c`` scored at this system's beta (its sequence log-probs do not depend on it)."""
+        sums = (torch.tensor([x], dtype=torch.float64) for x in (c.base, c.expert, c.anti))
+        return replace(c, score=float(rerank_objective(*sums, float(self.beta))))
+
+    def _made(self, prompts: list[str], settings: dict[str, Any]) -> list[list[Candidate]]:
         t = self.tuner
         expert_role = t.pairs[0].expert.role  # type: ignore[union-attr]
         runs = [
@@ -191,11 +209,18 @@ class RerankSystem:
         tops = [[alt[0] for alt in r.logprobs[0].top] for r in firsts]  # type: ignore[index]
         # the best first token completed greedily is the base's own answer: skip it
         rows = [(p, j, tid) for p, ids in enumerate(tops) for j, tid in enumerate(ids) if j]
-        rule = FirstToken(first=tuple(tid for _, _, tid in rows))
-        out = base.generate([prompts[p] for p, _, _ in rows], rule=rule, **settings)
-        return [
-            (rows[r.prompt_index][1], replace(r, prompt_index=rows[r.prompt_index][0])) for r in out
-        ]
+        out: list[tuple[int, GenerationResult]] = []
+        # k rows per prompt: run them in batches no larger than the caller's, which fits the
+        # backend (a llama.cpp context holds a bounded number of rows at once)
+        for start in range(0, len(rows), len(prompts)):
+            chunk = rows[start : start + len(prompts)]
+            rule = FirstToken(first=tuple(tid for _, _, tid in chunk))
+            done = base.generate([prompts[p] for p, _, _ in chunk], rule=rule, **settings)
+            out += [
+                (chunk[r.prompt_index][1], replace(r, prompt_index=chunk[r.prompt_index][0]))
+                for r in done
+            ]
+        return out
 
     def _score(self, prompts: list[str], per_prompt: list[list[Candidate]]) -> None:
         """Each candidate's base, expert and anti-expert sequence log-probs and its score."""

@@ -35,7 +35,7 @@ STAGES = (
 """A run's stages in order (:mod:`.pipeline`)."""
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)
-"""The validation grid; extended by x1.5 while a rule's best alpha is the largest tried."""
+"""The validation grid; extended (:func:`next_value`) while a rule's best is the largest tried."""
 MAX_EXTENSIONS = 4
 PRIMARY_ALPHA = 1.0
 """The paper's alpha in every main result: the primary row, beside the validated alpha."""
@@ -67,6 +67,13 @@ def sweep_grid(rule: str, alphas: tuple[float, ...]) -> tuple[float, ...]:
     if rule == "residual":
         return (PRIMARY_ALPHA,)
     return GAMMAS if rule == "nudging" else alphas
+
+
+def next_value(rule: str, tried: list[float]) -> float:
+    """The value a sweep tries next when its best is the largest tried: alpha x1.5; nudging's
+    gamma halfway to 1 (a probability threshold: at 1 the expert writes every token)."""
+    top = max(tried)
+    return round((top + 1) / 2, 4) if rule == "nudging" else round(top * 1.5, 4)
 
 
 def swept_name(rule: str) -> str:

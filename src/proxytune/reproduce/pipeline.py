@@ -14,8 +14,9 @@ whose stamp matches is skipped, one whose stamp differs is refused by name):
 4. ``tuned``: the big model tuned directly on the same data with the expert's final recipe.
 5. ``residual`` (only with the ``residual`` rule): the small model's LoRA trained on the
    residual objective (:mod:`..training.residual`) against the frozen big base, same recipe.
-6. ``validation``: every rule over the alpha grid (extended x1.5 while a rule's best is its
-   largest alpha) on each task's validation split; the best alpha per task and rule.
+6. ``validation``: every rule over its grid (alpha x1.5, nudging's gamma halfway to 1, while
+   a rule's best is its largest value) on each task's validation split; the best per task
+   and rule.
 7. ``test``: base, the 3-shot base, expert, tuned, ``proxy`` at alpha 1 and at its
    validated alpha, and each other rule at its validated alpha, on the test split.
 8. ``analysis``: token-level records of what the proxy changed on test prompts.
@@ -45,6 +46,7 @@ from .config import (
     ReproduceConfig,
     changed_settings,
     differences,
+    next_value,
     settings_key,
     steering,
     sweep_grid,
@@ -67,6 +69,7 @@ class Experiment:
         self._models: dict[str, Any] = {}
         self._splits: dict[str, dict[str, list[dict[str, Any]]]] = {}
         self._tasks: tuple[str, ...] | None = None
+        self._w2s_made: dict[Any, Any] = {}  # the w2s candidates, shared by its betas
 
     # bookkeeping ---------------------------------------------------------------------------
 
@@ -553,13 +556,15 @@ class Experiment:
         tuner = self.proxy_tuner("residual" if rule == "residual" else "expert")
         if rule == "w2s":
             k = RULES["w2s"]["k"]
-            return RerankSystem(name, tuner, beta=value, k=k, alpha=PRIMARY_ALPHA, role=role)
+            return RerankSystem(
+                name, tuner, beta=value, k=k, alpha=PRIMARY_ALPHA, role=role, made=self._w2s_made
+            )
         alpha, spec = steering(rule, value)
         return System(name, tuner, role, alpha, spec)
 
     def validate(self) -> dict[str, Any]:
-        """Each rule over its grid; an alpha grid is extended x1.5 while its best is the
-        largest alpha."""
+        """Each rule over its grid, extended (:func:`.config.next_value`) while its best is
+        the largest value tried."""
         with self.stage("validation") as info:
             if info["skipped"]:
                 return {}
@@ -579,9 +584,9 @@ class Experiment:
                             {f"{a:g}": report.score(f"{rule}@{a:g}", primary) for a in todo}
                         )
                         best = _best(alphas, points)
-                        if rule == "nudging" or best != max(alphas) or len(alphas) < 2:
+                        if best != max(alphas) or len(alphas) < 2:
                             break
-                        alphas.append(round(max(alphas) * 1.5, 4))
+                        alphas.append(next_value(rule, alphas))
                     sweep[task][rule] = points
                     chosen[task][rule] = float(_best(alphas, points))
             info["chosen"] = chosen

@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..evaluation.runner import _safe
-from ..evaluation.stats import Estimate, aligned, diff_interval, gap_interval, mean_interval
+from ..evaluation.stats import (
+    Estimate,
+    aligned,
+    diff_interval,
+    gap_interval,
+    mean_gap_interval,
+    mean_interval,
+)
 from ..evaluation.store import ResultStore
 from ..extras import MissingExtraError, require
 from .analysis import CLASSES, token_classes
@@ -72,6 +79,36 @@ def task_results(exp: Experiment, task: str) -> dict[str, Any]:
             rows[s] = row
         out["metrics"][metric] = {"systems": rows, "differences": diffs, "has_gap": has_gap}
     return out
+
+
+def controls_of(exp: Experiment) -> list[str]:
+    """The run's negative controls (none where the user named the tasks)."""
+    return [t for t in exp.tasks if t in exp.config.controls and exp.config.tasks is None]
+
+
+def mean_closure(exp: Experiment, tasks: dict[str, Any]) -> dict[str, Any]:
+    """Per steered system: gap closed averaged over the chosen tasks with a gap (controls
+    left out), primary metric, with a stratified-bootstrap interval; and the tasks averaged."""
+    chosen = [
+        t
+        for t in exp.tasks
+        if t not in controls_of(exp) and tasks[t]["metrics"][tasks[t]["primary"]]["has_gap"]
+    ]
+    if not chosen:
+        return {"tasks": [], "systems": {}}
+    per_task = [systems_of(exp, t) for t in chosen]
+    systems = [s for s in per_task[0] if s not in REFERENCES and all(s in p for p in per_task)]
+    out: dict[str, Estimate] = {}
+    for system in systems:
+        triples = []
+        for task in chosen:
+            ids = sorted(ResultStore(exp.out / "eval" / task / "test" / "base.jsonl").load())
+            names = (system, "base", "tuned")
+            metric = tasks[task]["primary"]
+            scores = aligned({s: per_example(exp.out, task, "test", s, metric) for s in names}, ids)
+            triples.append(tuple(scores[s] for s in names))
+        out[system] = mean_gap_interval(triples)
+    return {"tasks": chosen, "systems": out}
 
 
 def predicted_vs_measured(screen: dict[str, Any] | None, tasks: dict[str, Any]) -> dict[str, Any]:
@@ -154,11 +191,13 @@ def write_results(exp: Experiment) -> dict[str, Any]:
     following = {t: follow(exp, t) for t in exp.tasks}
     formats = {t: format_shares(exp, t) for t in exp.tasks}
     predictions = predicted_vs_measured(stages.get("screen"), tasks)
+    averaged = mean_closure(exp, tasks)
     data = {
         "config": exp.config.to_dict(),
         "stages": stages,
         "tasks": _plain(tasks),
         "predictions": _plain(predictions),
+        "mean_closure": _plain(averaged),
         "follow": following,
         "format": formats,
         "token_classes": token_classes_of(exp),
@@ -167,7 +206,7 @@ def write_results(exp: Experiment) -> dict[str, Any]:
     _write_csv(exp.out / "results.csv", tasks)
     plot = _plot_sweep(exp, stages.get("validation", {}).get("sweep", {}))
     text = markdown(
-        exp, tasks, stages, plot, following, data["token_classes"], predictions, formats
+        exp, tasks, stages, plot, following, data["token_classes"], predictions, formats, averaged
     )
     (exp.out / "results.md").write_text(text, encoding="utf-8")
     return data
@@ -182,9 +221,10 @@ def markdown(
     classes: dict[str, Any],
     predictions: dict[str, Any],
     formats: dict[str, dict[str, float | None]],
+    averaged: dict[str, Any],
 ) -> str:
     cfg = exp.config
-    controls = [t for t in tasks if t in cfg.controls and cfg.tasks is None]
+    controls = controls_of(exp)
     lines = [
         "# Proxy-tuning reproduction",
         "",
@@ -219,6 +259,18 @@ def markdown(
             lines.append(
                 f"| {task} | {pct(p['predicted'])} | {measured} | {p['difference'].percent()} |"
             )
+    if averaged["systems"]:
+        lines += [
+            "",
+            "## Gap closed averaged over the chosen tasks (test split, primary metric)",
+            "",
+            f"Tasks: {', '.join(averaged['tasks'])} (controls and tasks without a gap left out;"
+            " each task resampled on its own). `proxy` is alpha 1.",
+            "",
+            "| system | mean gap closed |",
+            "|---|---|",
+            *(f"| {s} | {e.percent()} |" for s, e in averaged["systems"].items()),
+        ]
     lines += [
         "",
         "## Main result (test split)",

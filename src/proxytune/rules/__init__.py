@@ -34,7 +34,16 @@ from .combine import (
     nudge_scores,
     product_scores,
 )
-from .context import Combiner, PairInfo, Request, Rule, Sides, StepContext, TopKContext
+from .context import (
+    CandidateCombiner,
+    Combiner,
+    PairInfo,
+    Request,
+    Rule,
+    Sides,
+    StepContext,
+    TopKContext,
+)
 from .filters import Plausible, Rerank, Tokens, Union, plausible_mask, top_k_mask, union_mask
 from .reward import Args, RewardScorer, args_scores, load_reward_model
 from .spec import describe, merge_specs, parse_rule_args
@@ -44,6 +53,7 @@ __all__ = [
     "Args",
     "Base",
     "Bound",
+    "CandidateCombiner",
     "Combiner",
     "Context",
     "FunctionRule",

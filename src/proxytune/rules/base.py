@@ -316,7 +316,7 @@ class RuleBase:
 
     def bind(self, request: Request) -> Combiner:
         self.check(request)
-        return Bound(self, self.prepare(request))
+        return Bound(self, self.prepare(request), self.candidate_only(request))
 
     def prepare(self, request: Request) -> Any:
         """Per-request state handed to every :meth:`step` (default: none)."""
@@ -324,6 +324,27 @@ class RuleBase:
 
     def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
         """``(B, V)`` scores from the (already calibrated) ``ctx``."""
+        raise NotImplementedError
+
+    # candidate scoring: rules that only re-rank the base's candidates --------------------------
+
+    def pointwise(self) -> bool:
+        """Whether the score of each token reads the pair models at that token only, and only
+        up to a per-row constant: adding ``c`` to every log-prob of a row of a pair model moves
+        every score of that row by one amount (the proxy formula, a product of experts, token
+        biases). Default: no."""
+        return False
+
+    def candidate_only(self, request: Request) -> bool:
+        """Whether this rule scores every token outside :meth:`candidates` ``-inf`` whatever the
+        pairs say, and is :meth:`pointwise` inside: then the pair models are needed only at the
+        candidates, and only up to a per-row constant (their logits there, unnormalised), which
+        cancels in the sampling distribution. Default: no."""
+        return False
+
+    def candidates(self, base: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` bool: the only tokens this rule can choose, from the (calibrated) base's
+        ``(B, V)`` log-probs alone; called only where :meth:`candidate_only` holds."""
         raise NotImplementedError
 
     def __call__(self, ctx: StepContext, request: Request | None = None) -> torch.Tensor:
@@ -337,9 +358,16 @@ class Bound:
 
     rule: RuleBase
     state: Any = None
+    candidate_only: bool = False
+    """:meth:`RuleBase.candidate_only` for this request."""
 
     def __call__(self, ctx: StepContext) -> torch.Tensor:
         return self.rule.step(calibrate(ctx, self.rule.temperatures), self.state)
+
+    def candidates(self, base: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` bool: the tokens the rule can choose at this step, from the base's
+        ``(B, V)`` log-probs (calibrated as the rule's step calibrates them)."""
+        return self.rule.candidates(calibrate(StepContext(base), self.rule.temperatures).base)
 
     @property
     def label(self) -> str:

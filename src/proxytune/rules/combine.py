@@ -118,6 +118,11 @@ class Proxy(RuleBase):
     formula = "log p_M + sum_i alpha_i (log p_Ei - log p_Ai)"
     cost = "one forward of each model per token (the pairs run in the same step)"
 
+    def pointwise(self) -> bool:
+        """Yes: ``alpha (log p_E(t) - log p_A(t))`` reads each pair at ``t`` only, and a
+        per-row constant added to ``log p_E`` or ``log p_A`` moves the row by ``alpha`` times it."""
+        return True
+
     def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
         return combine_proxy(ctx.base, *ctx.ran())
 
@@ -155,6 +160,10 @@ class Product(_ExpertsOnly):
     )
     formula = "log p_M + sum_i alpha_i log p_Ei"
     cost = "one forward of the base and of each expert per token (anti-experts are not run)"
+
+    def pointwise(self) -> bool:
+        """Yes: ``alpha log p_E(t)`` (see :meth:`Proxy.pointwise`)."""
+        return True
 
     def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
         return product_scores(ctx.base, *self.experts(ctx))

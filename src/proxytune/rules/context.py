@@ -114,6 +114,21 @@ class Rule(Protocol):
         ...
 
 
+@runtime_checkable
+class CandidateCombiner(Protocol):
+    """A bound rule that can name, at each step, the only tokens it may choose (from the
+    base alone: ``rerank``, ``plausible``). Where ``candidate_only`` holds, the loop may give
+    it each pair model's log-probs over the candidates of the step only (renormalised over
+    them, ``-inf`` elsewhere): its choice is the same (:meth:`RuleBase.candidate_only
+    <proxytune.rules.base.RuleBase.candidate_only>`)."""
+
+    candidate_only: bool
+
+    def candidates(self, base: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` bool from the base's ``(B, V)`` log-probs."""
+        ...
+
+
 @dataclass(frozen=True)
 class TopKContext(StepContext):
     """A :class:`StepContext` whose base is known only in part.

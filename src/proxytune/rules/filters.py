@@ -121,6 +121,11 @@ class _Wrapper(RuleBase):
     def prepare(self, request: Request) -> Any:
         return self.inner.bind(request)
 
+    def inner_pointwise(self) -> bool:
+        """Whether the inner rule is :meth:`~.base.RuleBase.pointwise` (a rule given as a
+        plain function never is)."""
+        return isinstance(self.inner, RuleBase) and self.inner.pointwise()
+
 
 @register
 @dataclass(frozen=True, kw_only=True)
@@ -134,6 +139,20 @@ class Rerank(_Wrapper):
     cost = "the inner rule's, plus a top-k over (B, V)"
 
     k: int = setting(10, "how many of the base's best tokens stay candidates", integer(1))
+
+    def pointwise(self) -> bool:
+        return self.inner_pointwise()  # the mask comes from the base alone
+
+    def candidate_only(self, request: Request) -> bool:
+        """Yes where ``k`` is below the vocabulary and the inner rule is pointwise (the
+        default, ``proxy``): every token outside the base's top ``k`` is ``-inf``, and inside,
+        a per-row constant on a pair model's log-probs shifts the row's scores by one amount,
+        which neither the argmax nor the softmax sees. So the pair's logits at the ``k``
+        candidates alone (unnormalised) choose the same token."""
+        return self.k < request.vocab_size and self.inner_pointwise()
+
+    def candidates(self, base: torch.Tensor) -> torch.Tensor:
+        return top_k_mask(base, self.k)
 
     def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
         scores = state(ctx)
@@ -159,6 +178,19 @@ class Plausible(_Wrapper):
     top_p: float = setting(
         1.0, "keep the base's top-p nucleus; 1 turns it off", number(0.0, 1.0, lo_open=True)
     )
+
+    def pointwise(self) -> bool:
+        return self.inner_pointwise()
+
+    def candidate_only(self, request: Request) -> bool:
+        """Yes where a filter is on and the inner rule is pointwise (as for ``rerank``: the
+        candidates are the base's plausible tokens: at most ``1 / (tau max p_M)`` of them, few
+        where the base is sure, many where it is flat)."""
+        filtered = self.tau > 0.0 or self.top_p < 1.0
+        return filtered and self.inner_pointwise()
+
+    def candidates(self, base: torch.Tensor) -> torch.Tensor:
+        return plausible_mask(base, self.tau, self.top_p)
 
     def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
         scores = state(ctx)
@@ -267,6 +299,9 @@ class Tokens(_Wrapper):
         None, "if set, only the tokens of these strings can be chosen", optional(list_of(text))
     )
     allow_eos: bool = setting(True, "with an allow-list, end-of-sequence stays allowed", boolean)
+
+    def pointwise(self) -> bool:
+        return self.inner_pointwise()  # biases and lists never read the pairs
 
     def prepare(self, request: Request) -> _TokenState:
         v = request.vocab_size
