@@ -38,14 +38,14 @@ def generate(
     models: ModelOptions,
     load: LoadOptions,
     sampling: SamplingOptions,
-    steering: SteeringOptions,
-    engine: PlainEngineFlags,
-    blackbox: BlackBoxOptions,
     as_json: Annotated[
         bool, Opt("--json", help="One JSON object per result (with each model's prompt format).")
     ] = False,
     compare: Annotated[bool, Opt(help="Base alone, expert alone and proxy-tuned.")] = False,
     stream: Annotated[bool, Opt(help="Print text as it is generated.")] = False,
+    steering: SteeringOptions,
+    engine: PlainEngineFlags,
+    blackbox: BlackBoxOptions,
     job: BatchJobOptions,
 ) -> None:
     """Generate text with proxy-tuning (the embedded default when no model is given)."""

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class ServeOptions:
-    """Where the server listens, who may call it, its limits, and what it watches."""
+    """Where the server listens, who may call it, and its limits."""
 
     host: Annotated[str, Opt(help="Interface to bind (loopback unless told otherwise).")] = (
         "127.0.0.1"
@@ -45,6 +45,45 @@ class ServeOptions:
     kl_metric: Annotated[
         bool, Opt("--kl-metric/--no-kl-metric", help="Measure the steering KL for /metrics.")
     ] = True
+
+    def settings(
+        self, operations: OperationsOptions, models: ModelOptions, trust_remote_code: bool
+    ) -> ServerSettings:
+        """The server's settings (checked), its model named after ``models`` unless
+        ``--served-model-name`` names it."""
+        from ..errors import ConfigError
+        from ..server import ServerSettings
+        from ..server.drift import parse_thresholds
+        from ..server.gate import LOOPBACK_NAMES
+
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
+        name, recipe = self.served_model_name, models.recipe
+        if name is None:
+            if recipe is None and models.base is not None:
+                name = Path(models.base.rstrip("/")).name.removesuffix(".gguf")
+            else:
+                name = "default" if recipe in (None, "default") else Path(recipe).stem
+        given = {f.name: getattr(g, f.name) for g in (self, operations) for f in fields(g)}
+        same = {f.name: given[f.name] for f in fields(ServerSettings) if f.name in given}
+        return ServerSettings(  # speculative: the tuner's engine options (--speculative)
+            **same
+            | {
+                "model_name": name,
+                "api_key": self.api_key or None,
+                "allowed_hosts": (*LOOPBACK_NAMES, *(self.allow_host or ())),
+                "model_roots": tuple(operations.model_root or ()),
+                "trust_remote_code": trust_remote_code,
+                "drift_thresholds": parse_thresholds(operations.drift_threshold or ()),
+            }
+        )
+
+
+@dataclass(frozen=True)
+class OperationsOptions:
+    """How the running server behaves (docs/operations.md): its log, the pairs its admin API
+    may load, a failing pair's fallback, steering drift, and its clients' connections."""
+
     log_level: Annotated[str, Opt(help="critical | error | warning | info | debug")] = "info"
     model_root: Annotated[
         list[str] | None,
@@ -75,41 +114,16 @@ class ServeOptions:
         int, Opt(help="Connections one client address may hold (0: no cap; raise behind a proxy).")
     ] = 128
 
-    def settings(self, models: ModelOptions, trust_remote_code: bool) -> ServerSettings:
-        """The server's settings (checked), its model named after ``models`` unless
-        ``--served-model-name`` names it."""
-        from ..errors import ConfigError
-        from ..server import ServerSettings
-        from ..server.drift import parse_thresholds
-        from ..server.gate import LOOPBACK_NAMES
-
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port must be between 0 and 65535, got {self.port}")
-        name, recipe = self.served_model_name, models.recipe
-        if name is None:
-            if recipe is None and models.base is not None:
-                name = Path(models.base.rstrip("/")).name.removesuffix(".gguf")
-            else:
-                name = "default" if recipe in (None, "default") else Path(recipe).stem
-        mine = {f.name for f in fields(self)}
-        same = {f.name: getattr(self, f.name) for f in fields(ServerSettings) if f.name in mine}
-        return ServerSettings(  # speculative: the tuner's engine options (--speculative)
-            **same
-            | {
-                "model_name": name,
-                "api_key": self.api_key or None,
-                "allowed_hosts": (*LOOPBACK_NAMES, *(self.allow_host or ())),
-                "model_roots": tuple(self.model_root or ()),
-                "trust_remote_code": trust_remote_code,
-                "drift_thresholds": parse_thresholds(self.drift_threshold or ()),
-            }
-        )
-
 
 @app.command()
 @grouped
 def serve(
-    *, models: ModelOptions, load: LoadOptions, server: ServeOptions, engine: EngineFlags
+    *,
+    models: ModelOptions,
+    load: LoadOptions,
+    server: ServeOptions,
+    engine: EngineFlags,
+    operations: OperationsOptions,
 ) -> None:
     """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""
     from ..extras import require
@@ -117,12 +131,12 @@ def serve(
     for module in ("fastapi", "uvicorn"):  # before any model loads
         require(module, "server", "proxytune serve")
     overrides = engine.overrides()
-    settings = server.settings(models, load.trust_remote_code)
+    settings = server.settings(operations, models, load.trust_remote_code)
     from ..server import serve as run_server
 
     tuner = build_tuner(models, load, engine=overrides)
     status = run_server(
-        tuner, settings, host=server.host, port=server.port, log_level=server.log_level
+        tuner, settings, host=server.host, port=server.port, log_level=operations.log_level
     )
     if status:  # the drain cut requests (server/shutdown.py: EXIT_CUT)
         raise typer.Exit(status)
