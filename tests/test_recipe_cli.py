@@ -303,6 +303,53 @@ def test_options_have_one_spelling_and_no_double_negatives():
     assert "--alphas" in flags["reproduce"]  # the old spelling still works
 
 
+GROUP_FLAGS = {
+    "ModelOptions": "recipe base expert anti_expert alpha base_prompt expert_prompt "
+    "anti_expert_prompt",
+    "LoadOptions": "device dtype backend threads gpu_layers trust_remote_code",
+    "SamplingOptions": "max_new_tokens temperature top_k top_p min_p repetition_penalty stop "
+    "seed n top_logprobs cache",
+    "SteeringOptions": "rule rule_arg",
+    "EngineFlags": "overlap speculative stacked prefix_cache one_pass",
+    "PlainEngineFlags": "overlap speculative stacked prefix_cache one_pass candidates",
+    "BlackBoxOptions": "base_url base_model base_top_logprobs base_tokenizer api_key_env "
+    "base_chunk base_samples base_endpoint cross_tokenizer min_coverage",
+}
+GROUPS_OF = {
+    "generate": ("ModelOptions", "LoadOptions", "SamplingOptions", "SteeringOptions",
+                 "PlainEngineFlags", "BlackBoxOptions"),
+    "serve": ("ModelOptions", "LoadOptions", "EngineFlags"),
+    "eval": ("ModelOptions", "LoadOptions", "SteeringOptions", "PlainEngineFlags"),
+    "analyze": ("ModelOptions", "LoadOptions", "SteeringOptions"),
+}  # fmt: skip
+
+
+def test_option_groups_are_declared_once_and_commands_write_out_few_parameters():
+    """The shared option groups carry exactly the flags the commands had, with one help text
+    per flag, and no command writes out more than 15 parameters (issue 26)."""
+    import inspect
+    from dataclasses import fields
+
+    import proxytune.cli.options as options
+    from proxytune.cli import app
+
+    for name, flags in GROUP_FLAGS.items():
+        assert [f.name for f in fields(getattr(options, name))] == flags.split(), name
+    commands = click_commands()
+    helps = {name: {p.name: p.help for p in c.params} for name, c in commands.items()}
+    for command, groups in GROUPS_OF.items():
+        for flag in (f for group in groups for f in GROUP_FLAGS[group].split()):
+            same = helps[command][flag] == helps["generate"][flag]
+            assert same or (command, flag) == ("eval", "alpha"), (command, flag)  # a sweep
+    own = "prompts as_json compare stream input_file output_file batch_size stop_on_error "
+    own += "ray_actors ray_address"
+    shared = {f for g in GROUPS_OF["generate"] for f in GROUP_FLAGS[g].split()}
+    assert {p.name for p in commands["generate"].params} == shared | set(own.split())
+    for info in app.registered_commands:
+        written = inspect.signature(getattr(info.callback, "__wrapped__", info.callback))
+        assert len(written.parameters) <= 15, (info.callback.__name__, len(written.parameters))
+
+
 def test_alpha_values_repeated_or_comma_separated():
     from proxytune.cli.options import parse_alphas
 

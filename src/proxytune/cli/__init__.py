@@ -4,8 +4,9 @@ One module per command, each registering on the shared :data:`app` (:mod:`._app`
 :mod:`.generate`, :mod:`.rules`, :mod:`.setup`, :mod:`.serve`, :mod:`.train`, :mod:`.export`,
 :mod:`.evaluate` (``eval``), :mod:`.analyze`, :mod:`.reproduce`, :mod:`.pairs` and
 :mod:`.monitor` (a running server's pairs and drift baseline). Options used by several
-commands (models, decoding settings, engine options) are declared once in :mod:`.options`,
-which also builds the tuner from them.
+commands (models, loading, decoding settings, rules, engine options) are declared once as
+option groups in :mod:`.options`, which also builds the tuner from them; :mod:`.batch` runs
+``generate``'s batch jobs.
 """
 
 from __future__ import annotations

@@ -8,55 +8,31 @@ import typer
 
 from ._app import app
 from .options import (
-    AlphaOption,
-    AntiExpertOption,
-    BackendOption,
-    BaseOption,
-    DeviceOption,
-    DtypeOption,
-    ExpertOption,
-    GpuLayersOption,
+    LoadOptions,
     MaxNewTokensOption,
     ModelOptions,
     Opt,
-    PromptOption,
-    RecipeOption,
-    RuleArgOption,
-    RuleOption,
     SeedOption,
+    SteeringOptions,
     StopOption,
     TemperatureOption,
-    ThreadsOption,
-    TrustRemoteCodeOption,
     build_tuner,
-    parse_alphas,
-    rule_spec,
+    grouped,
     sampling_settings,
 )
 
 
 @app.command()
+@grouped
 def analyze(
+    *,
     prompts: Annotated[list[str] | None, typer.Argument(help="Prompts to generate from.")] = None,
     prompts_file: Annotated[
         str | None, Opt(help="More prompts: one per line, or a .jsonl of {prompt: ...}.")
     ] = None,
-    recipe: RecipeOption = None,
-    base: BaseOption = None,
-    expert: ExpertOption = None,
-    anti_expert: AntiExpertOption = None,
-    alpha: AlphaOption = None,
-    base_prompt: PromptOption = "auto",
-    expert_prompt: PromptOption = "auto",
-    anti_expert_prompt: PromptOption = "auto",
-    rule: RuleOption = None,
-    rule_arg: RuleArgOption = None,
-    device: DeviceOption = None,
-    dtype: DtypeOption = None,
-    backend: BackendOption = None,
-    threads: ThreadsOption = None,
-    gpu_layers: GpuLayersOption = None,
-    trust_remote_code: TrustRemoteCodeOption = False,
+    models: ModelOptions,
+    steering: SteeringOptions,
+    load: LoadOptions,
     max_new_tokens: MaxNewTokensOption = None,
     temperature: TemperatureOption = None,
     seed: SeedOption = None,
@@ -70,29 +46,12 @@ def analyze(
     from ..evaluation.commands import read_prompts, run_analyze
 
     all_prompts = list(prompts or []) + (read_prompts(prompts_file) if prompts_file else [])
-    tuner = build_tuner(
-        ModelOptions(
-            recipe=recipe,
-            base=base,
-            experts=tuple(expert or ()),
-            anti_experts=tuple(anti_expert or ()),
-            alphas=tuple(parse_alphas(alpha)),
-            base_prompt=base_prompt,
-            expert_prompt=expert_prompt,
-            anti_expert_prompt=anti_expert_prompt,
-            device=device,
-            dtype=dtype,
-            backend=backend,
-            threads=threads,
-            gpu_layers=gpu_layers,
-            trust_remote_code=trust_remote_code,
-        )
-    )
+    tuner = build_tuner(models, load)
     raise typer.Exit(
         run_analyze(
             tuner,
             all_prompts,
-            rule=rule_spec(tuner, rule, rule_arg or ()),
+            rule=steering.spec(tuner),
             out=out,
             top_tokens=top_tokens,
             min_count=min_count,

@@ -2,36 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any
 
 from ._app import app
-from .options import DeviceOption, DtypeOption, Opt, parse_alphas
+from .options import DeviceOption, DtypeOption, Opt, grouped, parse_alphas
 
 
-@app.command()
-def reproduce(
-    out: Annotated[str, Opt(help="Experiment folder (created; reused to resume).")] = (
-        "runs/reproduce"
-    ),
-    preset: Annotated[
-        str, Opt(help="cpu (embedded models, 2 cores) | gpu (Llama-2 7B/13B) | tiny.")
-    ] = "cpu",
+@dataclass(frozen=True)
+class StudyOptions:
+    """What the experiment studies: tasks, models, splits, alphas, rules and training."""
+
     tasks: Annotated[
         str | None, Opt(help="Tasks to run as given, e.g. 'pyexpr,gcd' (default: screened).")
-    ] = None,
+    ] = None
     candidates: Annotated[
         str | None, Opt(help="Tasks screened for the selection rule (default: all built-in).")
-    ] = None,
+    ] = None
     task_file: Annotated[
         list[str] | None, Opt(help="Your own task (YAML, docs/reproduction.md); repeatable.")
-    ] = None,
-    small: Annotated[
-        str | None, Opt(help="Small model (expert = its LoRA; anti-expert = it).")
-    ] = None,
-    big: Annotated[str | None, Opt(help="Big model (the base; tuned = its LoRA).")] = None,
+    ] = None
+    small: Annotated[str | None, Opt(help="Small model (expert = its LoRA; anti-expert = it).")] = (
+        None
+    )
+    big: Annotated[str | None, Opt(help="Big model (the base; tuned = its LoRA).")] = None
     split: Annotated[
         list[str] | None, Opt(help="Split sizes TASK=TRAIN,VALIDATION,TEST (repeatable).")
-    ] = None,
+    ] = None
     alpha: Annotated[
         list[str] | None,
         Opt(
@@ -39,17 +36,37 @@ def reproduce(
             "--alphas",
             help="Validation sweep: repeat --alpha, or '0.5,1,2' (--alphas: the old spelling).",
         ),
-    ] = None,
-    rules: Annotated[
-        str | None, Opt(help="Rules compared, e.g. 'proxy,product,plausible'.")
-    ] = None,
-    seed: Annotated[int | None, Opt(help="Seed of the data, splits and training.")] = None,
-    epochs: Annotated[float | None, Opt(help="Training epochs (expert and tuned).")] = None,
-    learning_rate: Annotated[float | None, Opt(help="LoRA learning rate.")] = None,
-    eval_batch_size: Annotated[int | None, Opt(help="Examples per evaluation batch.")] = None,
+    ] = None
+    rules: Annotated[str | None, Opt(help="Rules compared, e.g. 'proxy,product,plausible'.")] = None
+    seed: Annotated[int | None, Opt(help="Seed of the data, splits and training.")] = None
+    epochs: Annotated[float | None, Opt(help="Training epochs (expert and tuned).")] = None
+    learning_rate: Annotated[float | None, Opt(help="LoRA learning rate.")] = None
+    eval_batch_size: Annotated[int | None, Opt(help="Examples per evaluation batch.")] = None
     analysis_examples: Annotated[
         int | None, Opt(help="Test prompts replayed token by token per task (0: none).")
-    ] = None,
+    ] = None
+
+    def config_options(self) -> dict[str, Any]:
+        """:func:`~proxytune.reproduce.command.build_config`'s keywords (``None``: the
+        preset's), ``split`` aside."""
+        given = asdict(self)
+        del given["split"], given["task_file"], given["alpha"]
+        given["task_files"] = tuple(self.task_file or ()) or None
+        given["alphas"] = tuple(parse_alphas(self.alpha)) or None
+        return given
+
+
+@app.command()
+@grouped
+def reproduce(
+    *,
+    out: Annotated[str, Opt(help="Experiment folder (created; reused to resume).")] = (
+        "runs/reproduce"
+    ),
+    preset: Annotated[
+        str, Opt(help="cpu (embedded models, 2 cores) | gpu (Llama-2 7B/13B) | tiny.")
+    ] = "cpu",
+    study: StudyOptions,
     until: Annotated[str, Opt(help="Stop after this stage (data ... report).")] = "report",
     device: DeviceOption = None,
     dtype: DtypeOption = None,
@@ -68,19 +85,8 @@ def reproduce(
     config = build_config(
         preset,
         out,
-        list(split or ()),
-        tasks=tasks,
-        candidates=candidates,
-        task_files=tuple(task_file or ()) or None,
-        small=small,
-        big=big,
-        alphas=tuple(parse_alphas(alpha)) or None,
-        rules=rules,
-        seed=seed,
-        epochs=epochs,
-        learning_rate=learning_rate,
-        eval_batch_size=eval_batch_size,
-        analysis_examples=analysis_examples,
+        list(study.split or ()),
+        **study.config_options(),
         device=device,
         dtype=dtype,
         backend=backend,

@@ -141,7 +141,9 @@ class ServerSettings:
 
 
 def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> FastAPI:
-    """An app serving ``tuner``; its scheduler thread starts and stops with the app's lifespan."""
+    """An app serving ``tuner``; its scheduler thread starts and stops with the app's lifespan.
+    What the routes read is on ``app.state``: ``tuner``, ``settings``, ``scheduler``,
+    ``metrics``, ``renderer``, ``drift``, ``pairs``, ``api_base`` (an API base's client)."""
     settings = settings or ServerSettings()
     metrics = Metrics()
     scheduler = Scheduler(
@@ -164,27 +166,23 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
     metrics.gauge(
         "proxytune_running_rows", "Rows (prompts x n) in the running batch.", lambda: scheduler.rows
     )
-    renderer = Renderer(tuner.tokenizer, settings.model_name)
-
-    api_base = getattr(tuner.base.model, "client", None)  # an API base's EndpointClient
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if api_base is not None:
-            await run_in_threadpool(_probe, tuner.base.model)
-        scheduler.start()
-        yield
-        await run_in_threadpool(scheduler.close, settings.shutdown_timeout)
-
-    app = FastAPI(title="proxytune", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.scheduler, app.state.metrics, app.state.settings = scheduler, metrics, settings
+    app = FastAPI(title="proxytune", lifespan=_lifespan, docs_url=None, redoc_url=None)
+    state = app.state
+    state.tuner, state.scheduler, state.metrics, state.settings = (
+        tuner,
+        scheduler,
+        metrics,
+        settings,
+    )
+    state.renderer = Renderer(tuner.tokenizer, settings.model_name)
+    state.api_base = getattr(tuner.base.model, "client", None)  # an API base's EndpointClient
     app.add_middleware(
         Gate,  # type: ignore[arg-type]
         api_key=settings.api_key,
         metrics=metrics,
         allowed_hosts=settings.allowed_hosts,
     )
-    app.state.drift = drift = DriftMonitor(
+    state.drift = drift = DriftMonitor(
         load_baseline(settings.drift_baseline) if settings.drift_baseline else None,
         settings.drift_thresholds,
         settings.drift_window,
@@ -192,185 +190,224 @@ def create_app(tuner: ProxyTuner, settings: ServerSettings | None = None) -> Fas
     )
     drift.register(metrics)
     scheduler.observers.append(lambda stats: drift.observe(stats.pairs))
-    app.state.pairs = add_admin_routes(app, tuner, scheduler, settings, on_change=drift.reset)
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        message = "no such route" if err.status_code == 404 else str(err.detail)
-        body = APIError(f"{message}: {request.method} {request.url.path}", err.status_code)
-        return JSONResponse(body.body(), status_code=err.status_code)
-
-    @app.exception_handler(Exception)
-    async def _bug(request: Request, err: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        body = APIError(f"internal error: {type(err).__name__}: {err}", 500)
-        return JSONResponse(body.body(), status_code=500)
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        ok = scheduler.alive and not scheduler.draining
-        state = "ok" if ok else ("draining" if scheduler.draining else "worker stopped")
-        body = {"status": state, "running": scheduler.running, "queued": scheduler.queue_depth}
-        if settings.drift_baseline:
-            body["drift"] = drift.health()
-        if api_base is not None:
-            body["base_api"] = api_base.describe()
-        if ok:
-            return JSONResponse(body)
-        return JSONResponse(body, 503, headers={"Retry-After": str(settings.retry_after * 5)})
-
-    @app.get("/metrics")
-    async def prometheus() -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
-
-    created = int(time.time())
-
-    def card() -> ModelCard:
-        """The served model as it is now (pairs change with the admin API)."""
-        now = tuner.snapshot()
-        contexts = [m.model.context_length for m in now.members if m.model.context_length]
-        return ModelCard(
-            id=settings.model_name,
-            created=created,
-            max_model_len=min(contexts) if contexts else None,
-            pairs=len(now.pairs),
-            default_alpha=[
-                p.alpha.alpha if isinstance(p.alpha, Constant) else repr(p.alpha)
-                for p in now.pairs
-            ],
-            rule=str(now.rule) if now.pairs else None,
-        )
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return ModelList(data=[card()]).model_dump()
-
-    @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str) -> dict[str, Any]:
-        if model_id != settings.model_name:
-            raise _unknown_model(model_id, settings.model_name)
-        return card().model_dump()
-
-    @app.post("/v1/completions")
-    async def completions(request: Request) -> Response:
-        req = parse_request(await read_body(request, settings.max_body_bytes), CompletionRequest)
-        prompts = completion_prompts(req.prompt, tuner)
-        top = req.logprobs
-        _check_top(top, "logprobs", settings.max_top_logprobs)
-        return await generate(request, req, prompts, req.max_tokens, top, "prompt", chat=False)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        body = await read_body(request, settings.max_body_bytes)
-        req = parse_request(body, ChatCompletionRequest)
-        top = (req.top_logprobs or 0) if req.logprobs else None
-        _check_top(top, "top_logprobs", settings.max_top_logprobs)
-        return await generate(request, req, [req.chat()], req.token_limit, top, "messages", True)
-
-    async def generate(
-        request: Request,
-        req: CompletionRequest | ChatCompletionRequest,
-        prompts: list[Any],
-        max_tokens: int | None,
-        top: int | None,
-        prompt_field: str,
-        chat: bool,
-    ) -> Response:
-        started = time.monotonic()
-        if req.model is not None and req.model != settings.model_name:
-            raise _unknown_model(req.model, settings.model_name)
-        if len(prompts) * req.n > settings.max_batch_size:
-            raise APIError(
-                f"{len(prompts)} prompt(s) x n={req.n} is more than the {settings.max_batch_size} "
-                "sequences this server decodes at once; lower n or send fewer prompts",
-                param="n",
-            )
-        if max_tokens is not None and settings.max_tokens and max_tokens > settings.max_tokens:
-            field = "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens"
-            raise APIError(
-                f"{field} is {max_tokens}, more than this server's limit of {settings.max_tokens}",
-                param=field,
-            )
-        budget = max_tokens or None  # 0 (echo alone) prepares one token that never runs
-        if budget is None and settings.max_tokens:  # the default, within the server's cap
-            budget = min(tuner.defaults.max_new_tokens, settings.max_tokens)
-        job = await run_in_threadpool(_prepare, scheduler, tuner, req, prompts, budget, top)
-        job.fallback = req.fallback or settings.fallback
-        _check_room(job, max_tokens, prompt_field, chat and req.max_completion_tokens is not None)
-        acc = Accumulator(job, renderer, chat, req, request_id=_request_id(chat))
-        if not chat and req.echo:
-            acc.echo = await echo_of(req, job)
-            if max_tokens == 0:
-                for c in acc.choices:
-                    c.finish_reason = "length"
-                return JSONResponse(acc.body())
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Any] = asyncio.Queue()
-
-        def sink(event: Any) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
-
-        try:
-            scheduler.submit(job, sink)
-        except (QueueFull, ShuttingDown) as err:
-            raise busy(err) from None
-        endpoint = request.url.path
-        if req.stream:
-            stream = stream_events(acc, events, job, scheduler, metrics, started, endpoint)
-            headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-            cleanup = BackgroundTask(abandon, acc, job, scheduler, metrics)
-            return StreamingResponse(
-                stream, media_type="text/event-stream", headers=headers, background=cleanup
-            )
-        return await collect_events(
-            request, acc, events, job, scheduler, metrics, started, endpoint
-        )
-
-    async def echo_of(req: CompletionRequest, job: Job) -> list[Echo]:
-        """What ``echo`` puts before each choice: the prompt, and with ``logprobs`` its
-        tokens' log-probs (scored on the scheduler's thread, which drives the models)."""
-        check_echo(tuner, job.prepared)
-        ids = job.rendered[job.prepared.base.role]
-        records = None
-        if req.logprobs is not None:
-            fn = partial(
-                prompt_logprobs,
-                tuner,
-                job.prompts,
-                ids,
-                req.logprobs,
-                req.alpha,
-                req.active_pairs,
-                req.rule,
-            )
-            try:
-                records = await asyncio.wrap_future(scheduler.call(fn))
-            except (QueueFull, ShuttingDown) as err:
-                raise busy(err) from None
-            except Exception as err:  # the models or the rule failed
-                raise failure(err) from err
-        return echoes(renderer, job.prompts, ids, records, bool(req.return_tokens_as_token_ids))
-
-    def busy(err: QueueFull | ShuttingDown) -> APIError:
-        if isinstance(err, QueueFull):
-            return APIError(
-                f"{err}; retry after {settings.retry_after}s",
-                429,
-                code="queue_full",
-                headers={"Retry-After": str(settings.retry_after)},
-            )
-        return APIError(
-            f"{err}; retry on another replica or later",
-            503,
-            code="shutting_down",
-            headers={"Retry-After": str(settings.retry_after * 5)},
-        )
-
+    state.pairs = add_admin_routes(app, tuner, scheduler, settings, on_change=drift.reset)
+    app.exception_handler(APIError)(_api_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(Exception)(_bug)
+    state.created = int(time.time())
+    app.get("/health")(health)
+    app.get("/metrics")(prometheus)
+    app.get("/v1/models")(models)
+    app.get("/v1/models/{model_id:path}")(model)
+    app.post("/v1/completions")(completions)
+    app.post("/v1/chat/completions")(chat_completions)
     return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    state = app.state
+    if state.api_base is not None:
+        await run_in_threadpool(_probe, state.tuner.base.model)
+    state.scheduler.start()
+    yield
+    await run_in_threadpool(state.scheduler.close, state.settings.shutdown_timeout)
+
+
+# errors -------------------------------------------------------------------------------------
+
+
+async def _api_error(request: Request, err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    message = "no such route" if err.status_code == 404 else str(err.detail)
+    body = APIError(f"{message}: {request.method} {request.url.path}", err.status_code)
+    return JSONResponse(body.body(), status_code=err.status_code)
+
+
+async def _bug(request: Request, err: Exception) -> JSONResponse:
+    log.exception("unexpected error on %s", request.url.path)
+    body = APIError(f"internal error: {type(err).__name__}: {err}", 500)
+    return JSONResponse(body.body(), status_code=500)
+
+
+def _busy(err: QueueFull | ShuttingDown, retry_after: int) -> APIError:
+    if isinstance(err, QueueFull):
+        return APIError(
+            f"{err}; retry after {retry_after}s",
+            429,
+            code="queue_full",
+            headers={"Retry-After": str(retry_after)},
+        )
+    return APIError(
+        f"{err}; retry on another replica or later",
+        503,
+        code="shutting_down",
+        headers={"Retry-After": str(retry_after * 5)},
+    )
+
+
+# routes -------------------------------------------------------------------------------------
+
+
+async def health(request: Request) -> JSONResponse:
+    state = request.app.state
+    scheduler, settings = state.scheduler, state.settings
+    ok = scheduler.alive and not scheduler.draining
+    status = "ok" if ok else ("draining" if scheduler.draining else "worker stopped")
+    body = {"status": status, "running": scheduler.running, "queued": scheduler.queue_depth}
+    if settings.drift_baseline:
+        body["drift"] = state.drift.health()
+    if state.api_base is not None:
+        body["base_api"] = state.api_base.describe()
+    if ok:
+        return JSONResponse(body)
+    return JSONResponse(body, 503, headers={"Retry-After": str(settings.retry_after * 5)})
+
+
+async def prometheus(request: Request) -> PlainTextResponse:
+    metrics = request.app.state.metrics
+    return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _card(state: Any) -> ModelCard:
+    """The served model as it is now (pairs change with the admin API)."""
+    now = state.tuner.snapshot()
+    contexts = [m.model.context_length for m in now.members if m.model.context_length]
+    return ModelCard(
+        id=state.settings.model_name,
+        created=state.created,
+        max_model_len=min(contexts) if contexts else None,
+        pairs=len(now.pairs),
+        default_alpha=[
+            p.alpha.alpha if isinstance(p.alpha, Constant) else repr(p.alpha) for p in now.pairs
+        ],
+        rule=str(now.rule) if now.pairs else None,
+    )
+
+
+async def models(request: Request) -> dict[str, Any]:
+    return ModelList(data=[_card(request.app.state)]).model_dump()
+
+
+async def model(model_id: str, request: Request) -> dict[str, Any]:
+    state = request.app.state
+    if model_id != state.settings.model_name:
+        raise _unknown_model(model_id, state.settings.model_name)
+    return _card(state).model_dump()
+
+
+async def completions(request: Request) -> Response:
+    settings = request.app.state.settings
+    req = parse_request(await read_body(request, settings.max_body_bytes), CompletionRequest)
+    prompts = completion_prompts(req.prompt, request.app.state.tuner)
+    top = req.logprobs
+    _check_top(top, "logprobs", settings.max_top_logprobs)
+    return await _generate(request, req, prompts, req.max_tokens, top, "prompt", chat=False)
+
+
+async def chat_completions(request: Request) -> Response:
+    settings = request.app.state.settings
+    body = await read_body(request, settings.max_body_bytes)
+    req = parse_request(body, ChatCompletionRequest)
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    _check_top(top, "top_logprobs", settings.max_top_logprobs)
+    return await _generate(request, req, [req.chat()], req.token_limit, top, "messages", True)
+
+
+async def _generate(
+    request: Request,
+    req: CompletionRequest | ChatCompletionRequest,
+    prompts: list[Any],
+    max_tokens: int | None,
+    top: int | None,
+    prompt_field: str,
+    chat: bool,
+) -> Response:
+    """Check, prepare and submit one request; its answer, streamed or whole."""
+    started = time.monotonic()
+    state = request.app.state
+    tuner, scheduler, settings, metrics = (
+        state.tuner,
+        state.scheduler,
+        state.settings,
+        state.metrics,
+    )
+    if req.model is not None and req.model != settings.model_name:
+        raise _unknown_model(req.model, settings.model_name)
+    if len(prompts) * req.n > settings.max_batch_size:
+        raise APIError(
+            f"{len(prompts)} prompt(s) x n={req.n} is more than the {settings.max_batch_size} "
+            "sequences this server decodes at once; lower n or send fewer prompts",
+            param="n",
+        )
+    if max_tokens is not None and settings.max_tokens and max_tokens > settings.max_tokens:
+        field = "max_completion_tokens" if chat and req.max_completion_tokens else "max_tokens"
+        raise APIError(
+            f"{field} is {max_tokens}, more than this server's limit of {settings.max_tokens}",
+            param=field,
+        )
+    budget = max_tokens or None  # 0 (echo alone) prepares one token that never runs
+    if budget is None and settings.max_tokens:  # the default, within the server's cap
+        budget = min(tuner.defaults.max_new_tokens, settings.max_tokens)
+    job = await run_in_threadpool(_prepare, scheduler, tuner, req, prompts, budget, top)
+    job.fallback = req.fallback or settings.fallback
+    _check_room(job, max_tokens, prompt_field, chat and req.max_completion_tokens is not None)
+    acc = Accumulator(job, state.renderer, chat, req, request_id=_request_id(chat))
+    if not chat and req.echo:
+        acc.echo = await _echo_of(state, req, job)
+        if max_tokens == 0:
+            for c in acc.choices:
+                c.finish_reason = "length"
+            return JSONResponse(acc.body())
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[Any] = asyncio.Queue()
+
+    def sink(event: Any) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    try:
+        scheduler.submit(job, sink)
+    except (QueueFull, ShuttingDown) as err:
+        raise _busy(err, settings.retry_after) from None
+    endpoint = request.url.path
+    if req.stream:
+        stream = stream_events(acc, events, job, scheduler, metrics, started, endpoint)
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        cleanup = BackgroundTask(abandon, acc, job, scheduler, metrics)
+        return StreamingResponse(
+            stream, media_type="text/event-stream", headers=headers, background=cleanup
+        )
+    return await collect_events(request, acc, events, job, scheduler, metrics, started, endpoint)
+
+
+async def _echo_of(state: Any, req: CompletionRequest, job: Job) -> list[Echo]:
+    """What ``echo`` puts before each choice: the prompt, and with ``logprobs`` its
+    tokens' log-probs (scored on the scheduler's thread, which drives the models)."""
+    tuner, scheduler = state.tuner, state.scheduler
+    check_echo(tuner, job.prepared)
+    ids = job.rendered[job.prepared.base.role]
+    records = None
+    if req.logprobs is not None:
+        fn = partial(
+            prompt_logprobs,
+            tuner,
+            job.prompts,
+            ids,
+            req.logprobs,
+            req.alpha,
+            req.active_pairs,
+            req.rule,
+        )
+        try:
+            records = await asyncio.wrap_future(scheduler.call(fn))
+        except (QueueFull, ShuttingDown) as err:
+            raise _busy(err, state.settings.retry_after) from None
+        except Exception as err:  # the models or the rule failed
+            raise failure(err) from err
+    return echoes(state.renderer, job.prompts, ids, records, bool(req.return_tokens_as_token_ids))
 
 
 # request handling -----------------------------------------------------------------------------
@@ -429,22 +466,7 @@ def _prepare(
 ) -> Job:
     """Request -> validated, rendered job (in a worker thread: tokenizing can take a while)."""
     try:
-        config = tuner.config(
-            max_new_tokens=max_tokens,
-            temperature=req.temperature,
-            top_p=req.top_p,
-            top_k=req.top_k,
-            min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty,
-            presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            stop=req.stops or None,
-            seed=req.seed,
-            n=req.n,
-            logprobs=top is not None,
-            top_logprobs=top or 0,
-            ignore_eos=req.ignore_eos or None,
-        )
+        config = tuner.config(**req.generation(max_tokens, top))
         return scheduler.batch.prepare(prompts, config, req.alpha, req.active_pairs, req.rule)
     except PromptTooLongError as err:
         field = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"

@@ -15,10 +15,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ..config import GenerationConfig
 from ..errors import ConfigError
 from ..jsontext import lone_surrogate
 
@@ -132,6 +134,27 @@ class _Common(_Strict):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def generation(self, max_new_tokens: int | None, top: int | None) -> dict[str, Any]:
+        """The :class:`~proxytune.config.GenerationConfig` settings this request asks for
+        (``None``: the server's default); ``top``: the log-prob alternatives, ``None`` for
+        none (the endpoints spell it differently)."""
+        same = {name: getattr(self, name) for name in _SAME_AS_CONFIG}
+        return same | {
+            "max_new_tokens": max_new_tokens,
+            "stop": self.stops or None,
+            "logprobs": top is not None,
+            "top_logprobs": top or 0,
+            "ignore_eos": self.ignore_eos or None,
+        }
+
+
+_SAME_AS_CONFIG = tuple(
+    f.name
+    for f in dataclass_fields(GenerationConfig)
+    if f.name in _Common.model_fields and f.name not in ("stop", "ignore_eos")
+)
+"""Sampling settings a request spells as the engine does (temperature, top_p, seed, n...)."""
 
 
 class CompletionRequest(_Common):
