@@ -52,6 +52,19 @@ def diff_interval(
     return mean_interval(x - y, draws, seed)
 
 
+def _resampled_gaps(
+    p: np.ndarray, b: np.ndarray, t: np.ndarray, idx: np.ndarray
+) -> tuple[float | None, np.ndarray, np.ndarray]:
+    """Gap closed of the full scores, of each resample ``idx`` row (0 where undefined), and
+    which resamples have a gap in the point estimate's direction."""
+    point = gap_closed(float(p.mean()), float(b.mean()), float(t.mean()))
+    pm, bm, tm = p[idx].mean(axis=1), b[idx].mean(axis=1), t[idx].mean(axis=1)
+    direction = np.sign(t.mean() - b.mean())
+    defined = (np.abs(tm - bm) > 1e-12) & (np.sign(tm - bm) == direction)
+    gaps = np.where(defined, (pm - bm) / np.where(defined, tm - bm, 1.0), 0.0)
+    return point, gaps, defined
+
+
 def gap_interval(
     proxy: Sequence[float],
     base: Sequence[float],
@@ -66,16 +79,11 @@ def gap_interval(
     p, b, t = (np.asarray(v, dtype=float) for v in (proxy, base, tuned))
     if not (p.size == b.size == t.size) or p.size == 0:
         return Estimate(None, None, None), 0
-    point = gap_closed(float(p.mean()), float(b.mean()), float(t.mean()))
-    idx = _resamples(p.size, draws, seed)
-    pm, bm, tm = p[idx].mean(axis=1), b[idx].mean(axis=1), t[idx].mean(axis=1)
-    direction = np.sign(t.mean() - b.mean())
-    defined = (np.abs(tm - bm) > 1e-12) & (np.sign(tm - bm) == direction)
+    point, gaps, defined = _resampled_gaps(p, b, t, _resamples(p.size, draws, seed))
     undefined = int((~defined).sum())
     if point is None or undefined > 0.025 * draws:
         return Estimate(point, None, None), undefined
-    gaps = (pm[defined] - bm[defined]) / (tm[defined] - bm[defined])
-    low, high = np.percentile(gaps, [2.5, 97.5])
+    low, high = np.percentile(gaps[defined], [2.5, 97.5])
     return Estimate(point, float(low), float(high)), undefined
 
 
@@ -91,23 +99,23 @@ def mean_gap_interval(
     if not tasks:
         return Estimate(None, None, None)
     rng = np.random.default_rng(seed)
-    points, gaps = [], np.zeros(draws)
+    points, total = [], np.zeros(draws)
     defined = np.ones(draws, dtype=bool)
     for proxy, base, tuned in tasks:
         p, b, t = (np.asarray(v, dtype=float) for v in (proxy, base, tuned))
-        point = gap_closed(float(p.mean()), float(b.mean()), float(t.mean())) if p.size else None
-        if point is None or not (p.size == b.size == t.size):
+        if not (p.size == b.size == t.size) or p.size == 0:
+            return Estimate(None, None, None)
+        idx = rng.integers(0, p.size, size=(draws, p.size))
+        point, gaps, ok = _resampled_gaps(p, b, t, idx)
+        if point is None:
             return Estimate(None, None, None)
         points.append(point)
-        idx = rng.integers(0, p.size, size=(draws, p.size))
-        pm, bm, tm = p[idx].mean(axis=1), b[idx].mean(axis=1), t[idx].mean(axis=1)
-        ok = (np.abs(tm - bm) > 1e-12) & (np.sign(tm - bm) == np.sign(t.mean() - b.mean()))
+        total += gaps
         defined &= ok
-        gaps += np.where(ok, (pm - bm) / np.where(ok, tm - bm, 1.0), 0.0)
     value = float(np.mean(points))
     if (~defined).sum() > 0.025 * draws:
         return Estimate(value, None, None)
-    low, high = np.percentile(gaps[defined] / len(tasks), [2.5, 97.5])
+    low, high = np.percentile(total[defined] / len(tasks), [2.5, 97.5])
     return Estimate(value, float(low), float(high))
 
 

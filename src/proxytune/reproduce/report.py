@@ -46,6 +46,11 @@ def per_example(out: Path, task: str, split: str, system: str, metric: str) -> d
     return {i: r.get("scores", {}).get(metric) for i, r in rows.items()}
 
 
+def test_ids(exp: Experiment, task: str) -> list[str]:
+    """The ids of a task's test examples, in order (those the base was scored on)."""
+    return sorted(ResultStore(exp.out / "eval" / task / "test" / "base.jsonl").load())
+
+
 def systems_of(exp: Experiment, task: str) -> list[str]:
     """The systems of a task's test table (``proxy@val`` where its alpha is not 1)."""
     rules = [r for r in exp.config.rules if r != "proxy"]
@@ -61,7 +66,7 @@ def task_results(exp: Experiment, task: str) -> dict[str, Any]:
     systems = systems_of(exp, task)
     alphas = {"proxy": PRIMARY_ALPHA, "proxy@val": chosen["proxy"]}
     alphas.update({r: chosen[r] for r in exp.config.rules if r != "proxy"})
-    ids = sorted(ResultStore(exp.out / "eval" / task / "test" / "base.jsonl").load())
+    ids = test_ids(exp, task)
     out: dict[str, Any] = {"n": len(ids), "primary": kind.primary, "metrics": {}}
     for metric in kind.metrics:
         scores = aligned({s: per_example(exp.out, task, "test", s, metric) for s in systems}, ids)
@@ -98,14 +103,15 @@ def mean_closure(exp: Experiment, tasks: dict[str, Any]) -> dict[str, Any]:
         return {"tasks": [], "systems": {}}
     per_task = [systems_of(exp, t) for t in chosen]
     systems = [s for s in per_task[0] if s not in REFERENCES and all(s in p for p in per_task)]
+    ids = {task: test_ids(exp, task) for task in chosen}
     out: dict[str, Estimate] = {}
     for system in systems:
         triples = []
         for task in chosen:
-            ids = sorted(ResultStore(exp.out / "eval" / task / "test" / "base.jsonl").load())
             names = (system, "base", "tuned")
             metric = tasks[task]["primary"]
-            scores = aligned({s: per_example(exp.out, task, "test", s, metric) for s in names}, ids)
+            loaded = {s: per_example(exp.out, task, "test", s, metric) for s in names}
+            scores = aligned(loaded, ids[task])
             triples.append(tuple(scores[s] for s in names))
         out[system] = mean_gap_interval(triples)
     return {"tasks": chosen, "systems": out}
