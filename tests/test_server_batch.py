@@ -15,8 +15,9 @@ import torch
 
 from proxytune import ProxyTuner
 from proxytune.arithmetic import steering_kl
-from proxytune.engine.continuous import ContinuousBatch, member_key
+from proxytune.engine.continuous import ContinuousBatch
 from proxytune.engine.controls import MAX_ABS_ALPHA, request_alphas
+from proxytune.engine.requests import member_key
 from proxytune.errors import ConfigError, NumericalError
 from proxytune.schedules import Linear
 from proxytune.server.scheduler import Finished, Scheduler, ShuttingDown
@@ -380,6 +381,39 @@ def test_a_request_whose_scores_cannot_be_sampled_fails_alone(tuner):
         assert [u.token_id for u in got[id(job)]] == want
     want = tuner.generate(PROMPTS[3], max_new_tokens=5)[0].token_ids
     assert [u.token_id for u in got[id(greedy)]] == want
+
+
+def test_a_request_whose_logprob_records_fail_fails_alone(tuner, monkeypatch):
+    """Records of one ``top_logprobs`` group are made for the whole group; where that raises
+    they are made request by request, and only the request at fault fails."""
+    import proxytune.engine.continuous as continuous
+
+    def combine(ctx):
+        from proxytune.arithmetic import combine_proxy
+
+        scores = combine_proxy(ctx.base, *ctx.ran())
+        if ctx.alphas and ctx.alphas[0] == 7.0:  # a finite mark the records below refuse
+            scores = scores.clone()
+            scores[:, 4] = 123.0
+        return scores
+
+    made = continuous.logprob_records
+
+    def records(scores, chosen, k, tokenizer):
+        if bool((scores[:, 4] == 123.0).any()):
+            raise RuntimeError("records refused")
+        return made(scores, chosen, k, tokenizer)
+
+    monkeypatch.setattr(continuous, "logprob_records", records)
+    batch = ContinuousBatch(ProxyTuner(tuner.base, tuner.pairs, tuner.defaults, rule=combine))
+    s = {"max_new_tokens": 4, "logprobs": True, "top_logprobs": 2, "ignore_eos": True}
+    good = batch.prepare([PROMPTS[0]], tuner.config(**s))
+    bad = batch.prepare([PROMPTS[1]], tuner.config(**s), 7.0)
+    got = run(batch, {0: [good, bad]})
+    assert isinstance(bad.error, RuntimeError) and id(bad) not in got
+    want = tuner.generate(PROMPTS[0], **s)[0]
+    assert [u.token_id for u in got[id(good)]] == want.token_ids
+    assert all(u.logprob is not None and len(u.logprob.top) == 2 for u in got[id(good)])
 
 
 @pytest.mark.parametrize(

@@ -185,7 +185,7 @@ def test_a_request_on_an_api_base_that_stops_answering_finishes_on_the_expert():
     from test_api_backend import FakeVLLM, mock_tuner, pair_of
 
     from proxytune.backends.hf import HFModel
-    from proxytune.server.serial import EngineLoop
+    from proxytune.engine.serial import EngineLoop
     from proxytune.testing import build_model, build_tokenizer
 
     tok = build_tokenizer(300)

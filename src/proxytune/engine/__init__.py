@@ -12,7 +12,9 @@ module              job
 ``plain``           the plain loop (:func:`decode`)
 ``speculative``     speculative proxy decoding (the expert drafts)
 ``blackbox``        an API base (top-k) and pairs of another tokenizer
+``requests``        :class:`~.requests.RequestCore`: what the server's scheduler drives
 ``continuous``      the server's running batch (requests join and leave)
+``serial``          the other core: each request on the tuner's own loop, by step
 ``controls``        per-request alphas, active pairs and rules, validated
 ==================  ==============================================================
 

@@ -22,115 +22,28 @@ it returns alone (and with a seed, the same samples). A request whose rule fails
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..arithmetic import steering_kl, steering_stats
+from ..arithmetic import steering_stats
 from ..backends.base import DecodeState
-from ..config import GenerationConfig
 from ..errors import ConfigError, NumericalError
 from ..overlap import can_overlap, engine, run_grouped
-from ..prompts import Prompt
 from ..results import StepUpdate, TokenLogprob
 from .capabilities import can_extend, compact
-from .controls import Steerable, prepare_request
-from .fallback import FellBack, failing_member, fallback_prepared, reason_of
+from .controls import Steerable
+from .fallback import FellBack, failing_member, fallback_prepared
 from .members import Member
-from .prepare import Prepared, Row
+from .prepare import Row
+from .requests import Job, RequestCore, SlotKey, StepStats, member_key
 from .step import choose, emit, logprob_records, score
 
 log = logging.getLogger("proxytune.server")
 
-__all__ = ["ContinuousBatch", "Job", "RequestCore", "StepStats", "member_key", "steering_kl"]
-
-SlotKey = tuple[str, int]
-
-
-def member_key(member: Member) -> SlotKey:
-    """Which decode state holds a member's rows: its role and its model object. A pair swapped
-    in under the same role (:meth:`~proxytune.tuner.ProxyTuner.adopt`) gets its own
-    state, so rows that started on the old pair finish on it."""
-    return member.role, id(member.model)
-
-
-@dataclass(eq=False)
-class Job:
-    """One request's share of the batch: ``len(prompts) * config.n`` rows and their settings.
-
-    Prepared (rendered, rule bound, validated) before it is queued. ``cancel()`` may be called
-    from any thread; the rows leave at the next step.
-    """
-
-    prepared: Prepared
-    steps: Iterator[list[StepUpdate]] | None = None
-    """The engine's own iterator, when the job runs on the server's ``EngineLoop``."""
-    cancelled: bool = False
-    error: BaseException | None = None
-    rows_left: int = 0
-    fallback: str = "fail"
-    """What to do when a pair fails mid-decode (:mod:`~proxytune.engine.fallback`)."""
-    fell_back: FellBack | None = None
-    """Set once the request left its pair for its fallback."""
-
-    @property
-    def prompts(self) -> list[Prompt]:
-        return self.prepared.prompts
-
-    @property
-    def config(self) -> GenerationConfig:
-        return self.prepared.config
-
-    @property
-    def rendered(self) -> dict[str, list[list[int]]]:
-        """Each running member's token ids for each prompt."""
-        return self.prepared.rendered
-
-    @property
-    def rooms(self) -> list[int]:
-        """Per prompt: the most new tokens every running member's context still holds."""
-        return self.prepared.rooms
-
-    @property
-    def n_rows(self) -> int:
-        return self.prepared.n_rows
-
-    @property
-    def prompt_tokens(self) -> list[int]:
-        """Each prompt's length in the base model's tokens."""
-        return [len(ids) for ids in self.prepared.rendered[self.prepared.base.role]]
-
-    @property
-    def steered(self) -> bool:
-        """Whether any pair model runs for this request."""
-        return self.prepared.steered
-
-    @property
-    def keys(self) -> frozenset[SlotKey]:
-        """The decode states (:func:`member_key`) this request's rows run in."""
-        return frozenset(member_key(m) for m in self.prepared.members)
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass
-class StepStats:
-    """What one step did (for metrics)."""
-
-    rows: int = 0
-    kl_sum: float = 0.0
-    kl_rows: int = 0
-    drafts_proposed: int = 0
-    """Speculative drafts tested against the target in this step."""
-    drafts_accepted: int = 0
-    failed: list[Job] = field(default_factory=list)
-    fallbacks: list[Job] = field(default_factory=list)
-    """Jobs that fell back in this step."""
-    pairs: dict[str, list[float]] = field(default_factory=dict)
-    """Per pair name: sums of KL, changed top tokens, entropy, and the rows they cover."""
+__all__ = ["ContinuousBatch"]
 
 
 @dataclass(eq=False)
@@ -157,33 +70,6 @@ class _Slots:
     rows: list[_Row] = field(default_factory=list)
     state: DecodeState | None = None
     logits: torch.Tensor | None = None
-
-
-class RequestCore:
-    """What the server's scheduler drives: requests in (:meth:`prepare`), steps out. Its two
-    kinds share how a request is prepared."""
-
-    tuner: Steerable
-
-    def prepare(
-        self,
-        prompts: Sequence[Prompt],
-        config: GenerationConfig,
-        alpha: Any = None,
-        active_pairs: Sequence[int] | None = None,
-        rule: Any = None,
-    ) -> Job:
-        """Validate, render and bind one request (any thread): raises ``ConfigError`` and
-        ``PromptTooLongError`` naming the problem. Nothing runs on the models here.
-
-        ``rule``: a rule name or ``{name: ..., **settings}`` for this request only (default:
-        the tuner's own rule); see :func:`~proxytune.engine.controls.prepare_request`.
-        """
-        return self.job(prepare_request(self.tuner, prompts, config, alpha, active_pairs, rule))
-
-    def job(self, prepared: Prepared) -> Job:
-        """The queued form of a prepared request."""
-        return Job(prepared)
 
 
 class ContinuousBatch(RequestCore):
@@ -387,16 +273,10 @@ class ContinuousBatch(RequestCore):
                 part, base_lp = score(job.prepared, logits, members, step)
             except Exception as err:  # this request's rule or models: fail it, keep the rest
                 fell = self._fall_back(job, logits, members, step, err)
-                if fell is not None:
-                    part, base_lp = fell
-                else:
-                    if not isinstance(err, ConfigError | ArithmeticError | KeyError):
-                        log.exception("scoring failed for one request")
-                    job.error = self._broken_error(job) or err
-                    self.stats.failed.append(job)
-                    for i in idx:
-                        ok[i] = False
+                if fell is None:
+                    self._fail(job, self._broken_error(job) or err, idx, ok)
                     continue
+                part, base_lp = fell
             if self.kl and job.steered and job.fell_back is None:  # what its pairs do
                 self._measure(job, part, base_lp)
             if len(idx) == len(rows):
@@ -460,27 +340,58 @@ class ContinuousBatch(RequestCore):
         if failed is None and not isinstance(err, ArithmeticError):
             return None  # the rule itself (a bug or its settings): no fallback fixes that
         cause = broken or err
-        prepared, to = fallback_prepared(job.prepared, job.fallback, failed)
+        target = fallback_prepared(job.prepared, job.fallback, failed)
+        if target is None:
+            return None
+        prepared, to = target
         try:
             scored = score(prepared, logits, rows, step)
         except Exception:
             return None
-        detail = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         job.prepared = prepared
-        job.fell_back = FellBack(to, reason_of(cause), detail, step)
+        job.fell_back = FellBack.of(to, cause, step)
         self.stats.fallbacks.append(job)
-        log.warning("a request fell back to the %s at step %d: %s", to, step, detail)
+        log.warning("a request fell back to the %s at step %d: %s", to, step, job.fell_back.detail)
         return scored
 
     def _fail(self, job: Job, err: BaseException, idx: Sequence[int], ok: list[bool]) -> None:
         """Mark ``job`` failed (its rows ``idx`` leave at the next step); the rest go on."""
-        if not isinstance(err, ConfigError | ArithmeticError):
-            log.error("one request failed: %s: %s", type(err).__name__, err)
+        if not isinstance(err, ConfigError | ArithmeticError | KeyError):
+            log.error("one request failed: %s: %s", type(err).__name__, err, exc_info=err)
         if job.error is None:
             job.error = err
             self.stats.failed.append(job)
         for i in idx:
             ok[i] = False
+
+    def _isolated(
+        self,
+        rows: list[_Row],
+        idx: list[int],
+        ok: list[bool],
+        run: Callable[[list[int]], None],
+        rewind: Callable[[], None] | None = None,
+        error: Callable[[BaseException], BaseException] = lambda err: err,
+    ) -> None:
+        """``run(idx)`` over a group of rows; where it raises, ``rewind()`` and run it again once
+        per request in the group, so that only a request at fault fails (with ``error(err)``)."""
+        try:
+            run(idx)
+            return
+        except Exception as err:
+            jobs: dict[Job, list[int]] = {}
+            for i in idx:
+                jobs.setdefault(rows[i].job, []).append(i)  # type: ignore[arg-type]
+            if len(jobs) == 1:
+                self._fail(next(iter(jobs)), error(err), idx, ok)
+                return
+        if rewind is not None:
+            rewind()
+        for job, part in jobs.items():
+            try:
+                run(part)
+            except Exception as err:
+                self._fail(job, error(err), part, ok)
 
     def _choose(self, scores: torch.Tensor, rows: list[_Row], ok: list[bool]) -> torch.Tensor:
         """One :func:`~proxytune.engine.step.choose` per group of rows with the same sampling
@@ -492,48 +403,29 @@ class ContinuousBatch(RequestCore):
                 c = r.job.config  # type: ignore[union-attr]
                 groups.setdefault((*c.sampling().values(), c.penalised), []).append(i)
         chosen = torch.zeros(len(rows), dtype=torch.long, device=scores.device)
-        for idx in groups.values():
-            self._choose_group(scores, rows, idx, chosen, ok, retry=True)
-        return chosen
 
-    def _choose_group(
-        self,
-        scores: torch.Tensor,
-        rows: list[_Row],
-        idx: list[int],
-        chosen: torch.Tensor,
-        ok: list[bool],
-        retry: bool,
-    ) -> None:
-        members = [rows[i] for i in idx]
-        config = members[0].job.config  # type: ignore[union-attr]
-        saved = [r.generator.get_state() if r.generator is not None else None for r in members]
-        try:
-            if len(idx) == len(rows):
-                picked = choose(scores, members, config)
-            else:
-                index = torch.tensor(idx, device=scores.device)
-                picked = choose(scores[index], members, config)
+        def pick(idx: list[int]) -> None:
+            members = [rows[i] for i in idx]
+            part = scores if len(idx) == len(rows) else scores[_index(idx, scores)]
+            picked = choose(part, members, members[0].job.config)  # type: ignore[union-attr]
             if not bool(((picked >= 0) & (picked < scores.shape[-1])).all()):
                 raise NumericalError("sampling chose no valid token (the scores overflowed)")
-        except Exception as err:
-            jobs: dict[Job, list[int]] = {}
-            for i in idx:
-                jobs.setdefault(rows[i].job, []).append(i)  # type: ignore[arg-type]
-            if retry and len(jobs) > 1:  # find the request(s) at fault
-                for r, state in zip(members, saved, strict=True):
-                    if r.generator is not None and state is not None:
-                        r.generator.set_state(state)
-                for part in jobs.values():
-                    self._choose_group(scores, rows, part, chosen, ok, retry=False)
-                return
-            for job, part in jobs.items():
-                self._fail(job, _sampling_error(err), part, ok)
-            return
-        if len(idx) == len(rows):
-            chosen.copy_(picked)
-        else:
-            chosen[torch.tensor(idx, device=scores.device)] = picked
+            if len(idx) == len(rows):
+                chosen.copy_(picked)
+            else:
+                chosen[_index(idx, scores)] = picked
+
+        for idx in groups.values():
+            generators = [rows[i].generator for i in idx]
+            saved = [g.get_state() if g is not None else None for g in generators]
+
+            def rewind(generators=generators, saved=saved) -> None:  # type: ignore[no-untyped-def]
+                for g, state in zip(generators, saved, strict=True):
+                    if g is not None and state is not None:
+                        g.set_state(state)
+
+            self._isolated(rows, idx, ok, pick, rewind, _sampling_error)
+        return chosen
 
     def _records(
         self, scores: torch.Tensor, chosen: torch.Tensor, rows: list[_Row], ok: list[bool]
@@ -548,24 +440,13 @@ class ContinuousBatch(RequestCore):
         tokenizer = self.base.model.tokenizer
         out: dict[int, TokenLogprob] = {}
         for k, idx in groups.items():
-            parts = [idx]
-            try:
-                index = torch.tensor(idx, device=scores.device)
+
+            def record(idx: list[int], k: int = k) -> None:
+                index = _index(idx, scores)
                 found = logprob_records(scores[index], chosen[index], k, tokenizer)
                 out.update(zip(idx, found, strict=True))
-                continue
-            except Exception:
-                jobs: dict[Job, list[int]] = {}
-                for i in idx:
-                    jobs.setdefault(rows[i].job, []).append(i)  # type: ignore[arg-type]
-                parts = list(jobs.values())
-            for part in parts:
-                try:
-                    index = torch.tensor(part, device=scores.device)
-                    found = logprob_records(scores[index], chosen[index], k, tokenizer)
-                    out.update(zip(part, found, strict=True))
-                except Exception as err:
-                    self._fail(rows[part[0]].job, err, part, ok)  # type: ignore[arg-type]
+
+            self._isolated(rows, idx, ok, record)
         return out
 
     def _push(self, row: _Row, token: int, record: TokenLogprob | None) -> StepUpdate:
@@ -578,6 +459,10 @@ class ContinuousBatch(RequestCore):
             row.done = True
             job.rows_left -= 1
         return update
+
+
+def _index(idx: list[int], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(idx, device=like.device)
 
 
 def _attempt(fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -46,6 +46,12 @@ class FellBack:
     step: int
     """The step (tokens emitted before it) from which the fallback decoded."""
 
+    @classmethod
+    def of(cls, to: str, err: BaseException, step: int) -> FellBack:
+        """A request sent to ``to`` by ``err`` at ``step``: the reason and the one-line detail."""
+        text = str(err).strip()
+        return cls(to, reason_of(err), text.splitlines()[0] if text else type(err).__name__, step)
+
     def as_dict(self) -> dict[str, object]:
         return {
             "fell_back": self.to,
@@ -72,20 +78,46 @@ def reason_of(err: BaseException) -> str:
     return "non_finite" if isinstance(err, ArithmeticError) else "error"
 
 
-def fallback_prepared(
-    prepared: Prepared, policy: str, failed: Member | None
-) -> tuple[Prepared, str]:
-    """``prepared`` decoding on the base alone, or on one expert alone, after ``failed`` (a
-    pair member, or ``None`` where the combination failed) broke. Returns it and where it went."""
-    base = prepared.base
+def fallback_target(
+    prepared: Prepared,
+    policy: str,
+    failed: Member | None = None,
+    other_tokenizer: set[int] | frozenset[int] = frozenset(),
+) -> tuple[int | None, Member] | None:
+    """The one model that finishes a request whose pair broke, with its pair's index.
+
+    Under ``expert``: the expert of the first pair that ran its expert for this request, that
+    holds ``failed`` (where it is known) without being it, and that reads the base's tokenizer
+    (``other_tokenizer``: the indices of pairs that do not). Otherwise, under ``base`` or
+    ``expert``, the base (index ``None``) where it is local. ``None``: nothing takes over
+    (``fail``, or an API base and no expert).
+    """
     if policy == "expert":
         for i, (p, (runs_expert, _)) in enumerate(zip(prepared.pairs, prepared.needs, strict=True)):
             owns = failed is None or failed in p.members
-            if p.expert is not None and p.expert is not failed and owns and runs_expert:
-                needs = [(j == i, False) for j in range(len(prepared.pairs))]
-                return _narrowed(prepared, [base, p.expert], needs, _expert_alone(i)), "expert"
-    needs = [(False, False)] * len(prepared.pairs)
-    return _narrowed(prepared, [base], needs, _base_alone), "base"
+            fits = i not in other_tokenizer and p.expert is not failed
+            if p.expert is not None and runs_expert and owns and fits:
+                return i, p.expert
+    if policy in ("base", "expert") and not is_top_k_only(prepared.base.model):
+        return None, prepared.base
+    return None
+
+
+def fallback_prepared(
+    prepared: Prepared, policy: str, failed: Member | None
+) -> tuple[Prepared, str] | None:
+    """``prepared`` decoding on its :func:`fallback_target` alone, in the running batch, after
+    ``failed`` (a pair member, or ``None`` where the combination failed) broke. Returns it and
+    where it went (``base`` or ``expert``), or ``None`` where nothing takes over."""
+    target = fallback_target(prepared, policy, failed)
+    if target is None:
+        return None
+    index, member = target
+    if index is None:
+        needs = [(False, False)] * len(prepared.pairs)
+        return _narrowed(prepared, [member], needs, _base_alone), "base"
+    needs = [(j == index, False) for j in range(len(prepared.pairs))]
+    return _narrowed(prepared, [prepared.base, member], needs, _expert_alone(index)), "expert"
 
 
 def _narrowed(
@@ -114,21 +146,7 @@ def _expert_alone(index: int):  # type: ignore[no-untyped-def]
     return combine
 
 
-# a request on the tuner's own loop (server/serial.py) ------------------------------------------
-
-
-def fallback_member(
-    prepared: Prepared, policy: str, other_tokenizer: set[int] | frozenset[int] = frozenset()
-) -> Member | None:
-    """The one model a request of the tuner's own loop continues on: the base (a local one) or
-    the expert of the first pair it ran (not one of another tokenizer, ``other_tokenizer``)."""
-    if policy == "expert":
-        for i, (p, (runs_expert, _)) in enumerate(zip(prepared.pairs, prepared.needs, strict=True)):
-            if p.expert is not None and runs_expert and i not in other_tokenizer:
-                return p.expert
-    if policy in ("base", "expert") and not is_top_k_only(prepared.base.model):
-        return prepared.base
-    return None
+# a request on the tuner's own loop (engine/serial.py) ------------------------------------------
 
 
 def continuation(

@@ -26,8 +26,8 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.continuous import Job
 from ..engine.fallback import check_policy
+from ..engine.requests import Job
 from ..errors import ConfigError, PromptTooLongError
 from ..schedules import Constant
 from .admin import add_admin_routes

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from ..engine.continuous import Job
+from ..engine.requests import Job
 from ..results import StepUpdate, TokenLogprob
 from .echo import joined
 from .metrics import Metrics

@@ -28,10 +28,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..config import parse_draft_length
-from ..engine.continuous import ContinuousBatch, Job
+from ..engine.continuous import ContinuousBatch
+from ..engine.requests import Job, RequestCore
+from ..engine.serial import EngineLoop
 from ..errors import ConfigError
 from .metrics import Metrics
-from .serial import EngineLoop
 
 if TYPE_CHECKING:
     from ..tuner import ProxyTuner
@@ -85,10 +86,10 @@ class Scheduler:
     """Owns the models' running batch; one worker thread, any number of submitting threads.
 
     ``continuous``: decode requests together in one
-    :class:`~proxytune.engine.continuous.ContinuousBatch` (default where the tuner decodes locally),
-    or run each on the tuner's own loop, :class:`~.serial.EngineLoop` (default for black-box
-    tuners). ``speculative`` (a draft length or ``"auto"``) decodes every request speculatively, on
-    the tuner's own loop.
+    :class:`~proxytune.engine.continuous.ContinuousBatch` (default where the tuner decodes
+    locally), or run each on the tuner's own loop, :class:`~proxytune.engine.serial.EngineLoop`
+    (default for black-box tuners). ``speculative`` (a draft length or ``"auto"``) decodes every
+    request speculatively, on the tuner's own loop.
     """
 
     def __init__(
@@ -110,7 +111,7 @@ class Scheduler:
             continuous = False
         if continuous is None:  # black-box bases and cross-tokenizer pairs run their own loop
             continuous = not tuner.blackbox
-        self.batch: Any = (
+        self.batch: RequestCore = (
             ContinuousBatch(tuner, kl=kl) if continuous else EngineLoop(tuner, speculative)
         )
         self.max_batch_size = max_batch_size

@@ -1,6 +1,6 @@
-"""The fallback scheduler core: each request runs the tuner's own loop, interleaved by step.
+"""The other request core: each request runs the tuner's own loop, interleaved by step.
 
-:class:`~proxytune.engine.continuous.ContinuousBatch` runs requests in one batch so that they
+:class:`~.continuous.ContinuousBatch` runs requests in one batch so that they
 share forwards. Tuners whose generation runs another loop (a black-box API base that returns
 top-k log-probabilities, a pair of another tokenizer: ``tuner.blackbox``) are served by
 :class:`EngineLoop` instead: every request is ``tuner.steps(...)`` itself, exactly what
@@ -17,27 +17,36 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..engine.continuous import Job, RequestCore, StepStats
-from ..engine.fallback import FellBack, continuation, fallback_member, reason_of
-from ..engine.plain import decode
-from ..engine.prepare import Prepared
-from ..engine.speculative import SpeculativeStats
+from ..crosstok import VocabMap
 from ..results import StepUpdate
+from .controls import Steerable
+from .fallback import FellBack, continuation, fallback_target
+from .plain import decode
+from .prepare import Prepared
+from .requests import Job, RequestCore, StepStats
+from .speculative import SpeculativeStats
 
-if TYPE_CHECKING:
-    from ..tuner import ProxyTuner
+
+class RunsItsLoop(Steerable, Protocol):
+    """A tuner that decodes a prepared request in its own loop (``ProxyTuner`` is one)."""
+
+    cross_maps: dict[int, VocabMap]
+    """Pair index -> the map of a pair of another tokenizer."""
+
+    def run(
+        self, prepared: Prepared, *, speculative: int | str | None = None, stats: Any = None
+    ) -> Iterator[list[StepUpdate]]: ...
 
 
 class EngineLoop(RequestCore):
-    """Same interface as :class:`~proxytune.engine.continuous.ContinuousBatch`, for the
-    scheduler.
+    """The :class:`~.requests.RequestCore` of tuners whose requests cannot share a batch.
 
     ``speculative``: a draft length or ``"auto"`` for every request (``None``: the plain
     loop); :attr:`speculation` sums the drafts of every request since start."""
 
-    def __init__(self, tuner: ProxyTuner, speculative: int | str | None = None) -> None:
+    def __init__(self, tuner: RunsItsLoop, speculative: int | str | None = None) -> None:
         self.tuner = tuner
         self.speculative = speculative
         self.speculation = SpeculativeStats()
@@ -48,7 +57,6 @@ class EngineLoop(RequestCore):
         """Per running job: its rows that finished."""
         self.stats = StepStats()
         self.deferred: list[Job] = []
-        self.can_join = True
 
     def job(self, prepared: Prepared) -> Job:
         """A prepared request with its own iterator of the tuner's loop (the models run only
@@ -61,6 +69,11 @@ class EngineLoop(RequestCore):
     @property
     def live_rows(self) -> int:
         return sum(j.rows_left for j in self.running if not j.cancelled and j.error is None)
+
+    @property
+    def can_join(self) -> bool:
+        """Always: every request runs its own loop."""
+        return True
 
     def retire(self) -> None:
         """Close the iterators of finished, cancelled and failed jobs (that stops their work)."""
@@ -125,17 +138,16 @@ class EngineLoop(RequestCore):
         if job.fallback == "fail" or job.fell_back is not None:
             return None
         p = job.prepared
-        member = fallback_member(p, job.fallback, set(self.tuner.cross_maps))
-        if member is None:
+        target = fallback_target(p, job.fallback, None, set(self.tuner.cross_maps))
+        if target is None:
             return None
+        index, member = target
         generated, done = self.generated.get(job, {}), self.finished.get(job, set())
         rows = [r for r in range(p.n_rows) if r not in done]
         step = max((len(ids) for ids in generated.values()), default=0)
         job.steps.close()  # type: ignore[union-attr]
         job.steps = _remapped(decode(continuation(p, member, rows, generated)), rows, p.config.n)
-        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        to = "base" if member is p.base else "expert"
-        job.fell_back = FellBack(to, reason_of(err), detail, step)
+        job.fell_back = FellBack.of("base" if index is None else "expert", err, step)
         self.stats.fallbacks.append(job)
         return next(job.steps)
 
