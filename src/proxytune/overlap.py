@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from .backends.base import SharesWeights
 from .specs import available_cores
 
 T = TypeVar("T")
@@ -40,20 +41,11 @@ _pool_lock = threading.Lock()
 
 
 def engine(model: Any) -> Any:
-    """The object whose weights ``model`` computes with: views and wrappers (``host``,
-    ``lm``, ``model`` attributes) are followed down to the innermost one."""
-    seen = {id(model)}
-    while True:
-        inner = None
-        for attr in ("host", "lm", "model"):
-            candidate = getattr(model, attr, None)
-            if candidate is not None and id(candidate) not in seen:
-                inner = candidate
-                break
-        if inner is None:
-            return model
-        seen.add(id(inner))
-        model = inner
+    """The object whose weights ``model`` computes with: views
+    (:class:`~proxytune.backends.base.SharesWeights`) are followed down to their owner."""
+    while isinstance(model, SharesWeights):
+        model = model.shared_weights
+    return model
 
 
 def split_threads(cores: int, weights: Sequence[float]) -> list[int]:

@@ -127,6 +127,18 @@ class StartsAlone(Protocol):
 
 
 @runtime_checkable
+class SharesWeights(Protocol):
+    """A role's view of weights another object owns (a role stacked on one model, one half of
+    a one-pass LoRA pair). Views of one owner never decode at once
+    (:func:`~proxytune.overlap.engine`)."""
+
+    @property
+    def shared_weights(self) -> Any:
+        """The owner of the weights this view computes with (itself a view, or not)."""
+        ...
+
+
+@runtime_checkable
 class TopKOnly(Protocol):
     """A model that returns only its top-k log-probs per step (a base behind an API); the
     engine runs it in the black-box loop (:mod:`proxytune.engine.blackbox`)."""

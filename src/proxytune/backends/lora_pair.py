@@ -27,26 +27,22 @@ from __future__ import annotations
 import inspect
 import threading
 import weakref
-from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError, ProxyTuneError
+from ..errors import ModelLoadError
 from ..specs import ModelSpec
 from .hf import HFDecodeState, HFModel, load_hf
+from .lockstep import Lockstep, LockstepError
 from .lora_specs import pairable, peft_quietly, resolve_adapter_dir
 
 __all__ = ["LockstepError", "LoraHost", "LoraView", "pair_models", "resolve_adapter_dir"]
 
 ANTI = "__base__"
 """peft's name for "no adapter" in a mixed batch: the anti-expert's rows."""
-
-
-class LockstepError(ProxyTuneError, RuntimeError):
-    """The two roles of a one-pass pair were driven apart (different tokens or rows)."""
 
 
 def pair_models(
@@ -228,6 +224,11 @@ class LoraView:
         return self.host.lm or self.host._plain
 
     @property
+    def shared_weights(self) -> LoraHost:
+        """The host both roles run on (:class:`~.base.SharesWeights`)."""
+        return self.host
+
+    @property
     def tokenizer(self) -> Any:
         return self._lm.tokenizer
 
@@ -290,6 +291,11 @@ class LoraState:
         self.joint: _Joint | None = None
         self.half = 0
 
+    @property
+    def lockstep_key(self) -> Any:
+        """What the two halves' ``extend`` arguments share (:func:`~.lockstep.same_call`)."""
+        return self.joint
+
     def _alone(self) -> HFDecodeState:
         self.host.forget(self)
         assert self.state is not None
@@ -342,45 +348,30 @@ MAX_LAG = 8
 """Operations one role of a joint may run ahead of the other before that counts as an error."""
 
 
-class _Joint:
-    """Two roles' rows in one batch (first role's rows, then the second's).
-
-    Each operation runs once, when the first role asks; the other role's result waits in its
-    queue until it asks for the same operation.
-    """
+class _Joint(Lockstep):
+    """Two roles' rows in one batch (first role's rows, then the second's), each operation run
+    once for both (:class:`~.lockstep.Lockstep`) with each row's adapter set."""
 
     def __init__(self, first: LoraState, second: LoraState) -> None:
         assert first.state is not None and second.state is not None
+        super().__init__(
+            2,
+            MAX_LAG,
+            "a one-pass LoRA pair",
+            "load them as two models (engine option one_pass: false)",
+        )
         self.host = first.host
         self.merged = first.state
         self.merged.extend(second.state)  # type: ignore[attr-defined]
         self.labels = first.labels + second.labels
         self.rows = len(first.labels)  # per role
-        self.pending: tuple[deque[tuple[str, Any, Any]], ...] = (deque(), deque())
         for half, role in enumerate((first, second)):
             role.state, role.joint, role.half = None, self, half
 
-    def call(self, half: int, op: str, arg: Any) -> Any:
-        mine, other = self.pending[half], self.pending[1 - half]
-        if mine:
-            want_op, want_arg, result = mine.popleft()
-            if want_op != op or not _same(want_arg, arg):
-                raise LockstepError(
-                    f"the expert and anti-expert of a one-pass LoRA pair got different "
-                    f"{op} calls; drive both with the same tokens and rows (as proxy-tuning "
-                    "does), or load them as two models (engine option one_pass: false)"
-                )
-            return result
-        if len(other) >= MAX_LAG:
-            raise LockstepError(
-                "one role of a one-pass LoRA pair ran ahead of the other; advance both in "
-                "lockstep, or load them as two models (engine option one_pass: false)"
-            )
+    def run(self, op: str, arg: Any) -> Any:
         with self.host.lock:
             self.host.lm.row_adapters = self.labels  # type: ignore[union-attr]
-            halves = getattr(self, "_" + op)(arg)
-        other.append((op, arg, halves[1 - half]))
-        return halves[half]
+            return super().run(op, arg)
 
     def _advance(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens = tokens.to(self.merged.ids.device).view(self.rows, -1)
@@ -421,11 +412,3 @@ class _Joint:
         ]
         self._reorder(order, a + b)
         return None, None
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, LoraState) or isinstance(b, LoraState):
-        return getattr(a, "joint", None) is getattr(b, "joint", None)
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a is b or (a.shape == b.shape and torch.equal(a.cpu(), b.cpu()))
-    return a is b

@@ -21,31 +21,28 @@ weights. Not for the server's continuous batching (no ``extend``).
 from __future__ import annotations
 
 import weakref
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from ..errors import ProxyTuneError
 from .hf import HFDecodeState, HFModel
+from .lockstep import Lockstep, LockstepError
+
+__all__ = ["LockstepError", "StackHost", "StackedState", "StackedView", "stack_shared"]
 
 MAX_LAG = 4
 """Operations one role may run ahead of another in its group before that is an error."""
 
 
-class LockstepError(ProxyTuneError, RuntimeError):
-    """The roles of a stacked group were driven apart (different ids or rows)."""
-
-
-class _Group:
+class _Group(Lockstep):
     """The rows of several roles in one :class:`HFDecodeState`: role 0's rows, then role 1's..."""
 
     def __init__(self, state: HFDecodeState) -> None:
+        super().__init__(1, MAX_LAG, "a stacked group", "do not stack them")
         self.merged = state
         self.rows = state.ids.shape[0]  # per role
-        self.pending: list[deque[tuple[str, Any, Any]]] = [deque()]
-        self.ran = False
 
     def joinable(self, state: HFDecodeState) -> bool:
         return (
@@ -58,28 +55,7 @@ class _Group:
 
     def join(self, state: HFDecodeState) -> int:
         self.merged.extend(state)
-        self.pending.append(deque())
-        return len(self.pending) - 1
-
-    def call(self, member: int, op: str, arg: Any) -> Any:
-        """Run ``op`` once for the group (the first member to ask) and queue the others' parts."""
-        self.ran = True
-        mine = self.pending[member]
-        if mine:
-            want_op, want_arg, result = mine.popleft()
-            if want_op != op or not _same(want_arg, arg):
-                raise LockstepError(
-                    f"roles stacked on one model got different {op} calls; drive them with the "
-                    "same ids and rows (as proxy-tuning does), or do not stack them"
-                )
-            return result
-        if any(len(q) >= MAX_LAG for q in self.pending):
-            raise LockstepError("one role of a stacked group ran ahead of the others")
-        parts = getattr(self, "_" + op)(arg)
-        for other, queue in enumerate(self.pending):
-            if other != member:
-                queue.append((op, arg, parts[other]))
-        return parts[member]
+        return self.add_role()
 
     def _advance(self, tokens: torch.Tensor) -> list[torch.Tensor]:
         n = len(self.pending)
@@ -98,12 +74,6 @@ class _Group:
         n = len(self.pending)
         self.merged.rollback(torch.as_tensor(drop).view(-1).repeat(n))
         return [None] * n
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        return a is b or (a.shape == b.shape and torch.equal(a.cpu(), b.cpu()))
-    return a is b
 
 
 class StackedState:
@@ -160,6 +130,11 @@ class StackedView:
     def model(self) -> Any:
         """The underlying ``transformers`` model."""
         return self.host.lm.model
+
+    @property
+    def shared_weights(self) -> HFModel:
+        """The model every role of this host runs on (:class:`~.base.SharesWeights`)."""
+        return self.host.lm
 
     @property
     def vocab_width(self) -> int:
