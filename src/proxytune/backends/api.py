@@ -31,6 +31,7 @@ from .api_client import (
     Position,
     _completions_url,
 )
+from .api_state import APIBaseState, ChunkStats
 
 __all__ = [
     "APIModel",
@@ -205,6 +206,19 @@ class APIModel:
         self.client = EndpointClient(
             spec, CandidateMapper(tokenizer, len(tokenizer)), transport=transport, sleep=sleep
         )
+
+    def start_rows(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        fmt: PromptFormat,
+        prompts: Sequence[Prompt],
+        chunks: ChunkStats,
+        usage: APIUsage,
+    ) -> APIBaseState:
+        """One generation's rows (:class:`~.base.TopKOnly`): the ids, and the text a text
+        prompt path sends (each prompt rendered in ``fmt``)."""
+        texts = [prompt_text(fmt, prompt, self.tokenizer) for prompt in prompts]
+        return APIBaseState(self, prompt_ids, texts, chunks, usage)
 
     @property
     def usage(self) -> APIUsage:

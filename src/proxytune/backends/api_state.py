@@ -20,10 +20,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
-from .api import APIModel, APIUsage, EndpointError, EndpointPrompt, Position
+from .api_client import APIUsage, EndpointError, EndpointPrompt, Position
+from .topk import expert_support, topk_row
+
+if TYPE_CHECKING:
+    from .api import APIModel
 
 PRIOR = 0.6
 """Agreement rate assumed before the first comparison (``chunk: auto``)."""
@@ -62,7 +67,8 @@ class _Prefix:
 
 
 class APIBaseState:
-    """The live rows of one generation on an :class:`~.api.APIModel`."""
+    """The live rows of one generation on an :class:`~.api.APIModel`: the black-box loop's
+    :class:`~.base.BaseRows` for an API base."""
 
     def __init__(
         self,
@@ -153,7 +159,38 @@ class APIBaseState:
             again = self.model.tokenizer(p.text, add_special_tokens=add)["input_ids"]
             self.stats.text_drift += list(again) != list(p.ids)
 
+    def logprobs(
+        self, rooms: Sequence[int], vocab_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The step's candidates completed into ``(B, V)`` rows by the missing-mass rule
+        (:func:`~.topk.topk_row`), the mask of ids shown, and the mapped share."""
+        ids, lps, coverage = self.step(rooms)
+        row, known = topk_row(ids, lps, vocab_size, self.spec.missing_mass)
+        return row, known, coverage
+
+    def support(
+        self, known: torch.Tensor | None, experts: Sequence[torch.Tensor | None]
+    ) -> torch.Tensor | None:
+        """The endpoint's candidates and each expert's own ``expert_top`` tokens."""
+        if known is None:
+            return None
+        top = self.spec.top_logprobs if self.spec.expert_top is None else self.spec.expert_top
+        extra = expert_support(experts, top)
+        return known if extra is None else known | extra
+
+    @property
+    def notes(self) -> list[str]:
+        return list(self.client.notes)
+
+    @property
+    def prompt_path(self) -> str | None:
+        return self.client.prompt_path
+
     # after the step ---------------------------------------------------------------------------
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """:meth:`commit` the chosen ids."""
+        self.commit(tokens.tolist())
 
     def commit(self, tokens: Sequence[int]) -> None:
         """Append each live row's chosen id; keep its drafted chunk only while it agrees."""

@@ -138,12 +138,62 @@ class SharesWeights(Protocol):
         ...
 
 
+class BaseRows(Protocol):
+    """The base's rows of one black-box generation (:mod:`proxytune.engine.blackbox`), step
+    by step: an API base's live rows (:meth:`TopKOnly.start_rows`), or a local base's."""
+
+    @property
+    def notes(self) -> list[str]:
+        """What the base wants said about this generation (an endpoint's fallbacks)."""
+        ...
+
+    @property
+    def prompt_path(self) -> str | None:
+        """How prompts travelled to an API base (``tokens`` or ``text``; ``None``: local)."""
+        ...
+
+    def logprobs(
+        self, rooms: Sequence[int], vocab_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Every live row's ``(B, V)`` log-probs, the ``(B, V)`` mask of ids the base scored
+        itself (``None``: every id) and ``(B,)`` the share of its mass that mapped to ids.
+        ``rooms``: tokens each row may still generate."""
+        ...
+
+    def support(
+        self, known: torch.Tensor | None, experts: Sequence[torch.Tensor | None]
+    ) -> torch.Tensor | None:
+        """``(B, V)`` mask of the ids the rule may choose this step (``None``: all), from the
+        base's ``known`` ids and the experts' log-probs."""
+        ...
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only the live rows at ``rows``."""
+        ...
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        """Append each live row's chosen id (``(B,)``)."""
+        ...
+
+
 @runtime_checkable
 class TopKOnly(Protocol):
     """A model that returns only its top-k log-probs per step (a base behind an API); the
     engine runs it in the black-box loop (:mod:`proxytune.engine.blackbox`)."""
 
     top_k_only: bool
+
+    def start_rows(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        fmt: Any,
+        prompts: Sequence[Any],
+        chunks: Any,
+        usage: Any,
+    ) -> BaseRows:
+        """One generation's rows: each prompt as ids (``prompt_ids``) and as ``prompts``
+        rendered in ``fmt`` (a text path sends those); ``chunks`` and ``usage`` fill in."""
+        ...
 
 
 @runtime_checkable

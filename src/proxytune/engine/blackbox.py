@@ -24,13 +24,15 @@ from typing import Any
 
 import torch
 
-from ..backends.api import APIModel, APIUsage, prompt_text
-from ..backends.api_state import APIBaseState, ChunkStats
-from ..backends.base import DecodeState
-from ..backends.topk import coverage, expert_support, restrict, topk_row
+from ..backends.api_client import APIUsage
+from ..backends.api_state import ChunkStats
+from ..backends.base import BaseRows, DecodeState
+from ..backends.topk import coverage, restrict
 from ..crosstok import CoverageError, CrossFeeder, CrossOptions, VocabMap
 from ..results import StepUpdate
 from ..rules import Combiner, StepContext, TopKContext
+from .capabilities import is_top_k_only
+from .members import Member
 from .prepare import Prepared, Row
 from .step import checked_scores, choose, emit_all, member_logprobs, records_for, step_context
 
@@ -124,22 +126,13 @@ class _Loop:
     def run(self, rows: list[Row]) -> Iterator[list[StepUpdate]]:
         p = self.prepared
         device = p.device
-        api = p.base.model if isinstance(p.base.model, APIModel) else None
-        base_ids = [p.rendered[p.base.role][r.prompt_index] for r in rows]
-        base_state: Any
-        if api is not None:
-            texts = [prompt_text(p.base.prompt, p.prompts[r.prompt_index], api.tokenizer)
-                     for r in rows]  # fmt: skip
-            base_state = APIBaseState(api, base_ids, texts, self.stats.chunks, self.stats.api)
-            base_logits = None
-        else:
-            base_state, base_logits = p.base.model.start(base_ids, use_cache=p.config.use_cache)
+        base = self._start_base(rows)
         states, logits, feeders = self._start_pairs(rows)
         live = rows
         seen = {r.index: [0.0, 0] for r in rows}  # coverage sum and count per row
         step = 0
         while True:
-            ctx = self._context(step, live, api, base_state, base_logits, logits, feeders, seen)
+            ctx = self._context(step, live, base, logits, feeders, seen)
             scores = checked_scores(_restricted(p.combine, ctx.support), ctx)
             chosen = choose(scores, live, p.config)
             records = records_for(scores, chosen, p.config, p.base.model.tokenizer)
@@ -147,15 +140,13 @@ class _Loop:
             self.stats.steps += 1
             self.stats.emitted += len(updates)
             self.stats.text_scored = sum(f.scored for f in feeders.values())
-            if api is not None:
-                self.stats.notes = list(api.client.notes)
-                self.stats.prompt_path = api.client.prompt_path
+            self.stats.notes, self.stats.prompt_path = base.notes, base.prompt_path
             yield updates
             if not keep:
                 return
             if len(keep) < len(live):
                 index = torch.tensor(keep, device=device)
-                base_state.keep(keep if api is not None else index)
+                base.keep(keep)
                 for state in states.values():
                     state.keep(index)
                 for role in logits:
@@ -164,25 +155,30 @@ class _Loop:
                     feeder.keep(index)
                 live = [live[i] for i in keep]
                 chosen = chosen[index.to(chosen.device)]
-            tokens = chosen.tolist()
             next_ids = chosen.view(-1, 1)
-            if api is not None:
-                base_state.commit(tokens)
-            else:
-                base_logits = base_state.advance(next_ids)[:, -1]
+            base.advance(chosen)
             for role, state in states.items():
                 logits[role] = state.advance(next_ids)[:, -1]
             for feeder in feeders.values():
-                feeder.feed(tokens)
+                feeder.feed(chosen.tolist())
             step += 1
+
+    def _start_base(self, rows: list[Row]) -> BaseRows:
+        """The base's rows: an API base's own (:class:`~proxytune.backends.base.TopKOnly`),
+        or a local base's decode state."""
+        p = self.prepared
+        ids = [p.rendered[p.base.role][r.prompt_index] for r in rows]
+        if is_top_k_only(p.base.model):
+            prompts = [p.prompts[r.prompt_index] for r in rows]
+            chunks, usage = self.stats.chunks, self.stats.api
+            return p.base.model.start_rows(ids, p.base.prompt, prompts, chunks, usage)
+        return _LocalBase(p.base, ids, p.config.use_cache, p.device)
 
     def _context(
         self,
         step: int,
         live: list[Row],
-        api: APIModel | None,
-        base_state: Any,
-        base_logits: torch.Tensor | None,
+        base: BaseRows,
         logits: dict[str, torch.Tensor],
         feeders: dict[int, CrossFeeder],
         seen: dict[int, list[float]],
@@ -190,25 +186,14 @@ class _Loop:
         """Everything the rule sees at this step: the base's row (an API's completed top-k, or
         full log-probs), the pairs in the base's ids, the support and the coverage."""
         p = self.prepared
-        device = p.device
         alphas = tuple(pair.alpha(step) for pair in p.pairs)
-        known = support = None
-        if api is not None:
-            cand_ids, cand_lps, cov = base_state.step([r.budget - len(r.ids) for r in live])
-            base_lp, known = topk_row(cand_ids, cand_lps, p.vocab_size, api.spec.missing_mass)
-        else:
-            assert base_logits is not None
-            base_lp = member_logprobs(p.base, base_logits, p.vocab_size, device)
-            cov = torch.ones(len(live), device=device)
-        pair_lps, mapped = self._pair_logprobs(base_lp, logits, feeders, device)
+        rooms = [r.budget - len(r.ids) for r in live]
+        base_lp, known, cov = base.logprobs(rooms, p.vocab_size)
+        pair_lps, mapped = self._pair_logprobs(base_lp, logits, feeders, p.device)
         for i, m in mapped.items():
             if _steers(alphas[i]):
                 cov = torch.minimum(cov, coverage(base_lp, m))
-        if known is not None:
-            top = api.spec.expert_top  # type: ignore[union-attr]
-            top = api.spec.top_logprobs if top is None else top  # type: ignore[union-attr]
-            extra = expert_support([e for e, _ in pair_lps], top)
-            support = known if extra is None else known | extra
+        support = base.support(known, [e for e, _ in pair_lps])
         self._check_coverage(live, cov, seen, step)
         ctx = step_context(
             base_lp,
@@ -302,6 +287,38 @@ class _Loop:
                     "tokenizer, raise cross_tokenizer.text_candidates, check that the API "
                     "base's tokenizer is the endpoint model's, or lower min_coverage"
                 )
+
+
+class _LocalBase:
+    """A base with full logits as the black-box loop's :class:`~proxytune.backends.base.BaseRows`
+    (pairs of another tokenizer on a local base): nothing is estimated, every id is known."""
+
+    prompt_path = None
+
+    def __init__(
+        self, member: Member, ids: list[list[int]], use_cache: bool, device: torch.device
+    ) -> None:
+        self.member, self.device = member, device
+        self.state, self.logits = member.model.start(ids, use_cache=use_cache)
+
+    @property
+    def notes(self) -> list[str]:
+        return []
+
+    def logprobs(
+        self, rooms: list[int], vocab_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        row = member_logprobs(self.member, self.logits, vocab_size, self.device)
+        return row, None, torch.ones(len(rooms), device=self.device)
+
+    def support(self, known: torch.Tensor | None, experts: Any) -> None:
+        return None
+
+    def keep(self, rows: list[int]) -> None:
+        self.state.keep(torch.tensor(rows, device=self.device))
+
+    def advance(self, tokens: torch.Tensor) -> None:
+        self.logits = self.state.advance(tokens.view(-1, 1))[:, -1]
 
 
 def _steers(alpha: Any) -> bool:
