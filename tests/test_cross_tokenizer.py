@@ -11,7 +11,7 @@ import torch
 from proxytune import ProxyTuner
 from proxytune.backends.hf import HFModel
 from proxytune.cli import main
-from proxytune.crosstok import CoverageError, CrossFeeder, CrossOptions, token_bytes, vocab_map
+from proxytune.crosstok import CoverageError, CrossFeeder, CrossOptions, vocab_map
 from proxytune.engine import Member, Pair
 from proxytune.engine.blackbox import BlackBoxStats
 from proxytune.errors import ConfigError, VocabularyMismatchError
@@ -19,6 +19,7 @@ from proxytune.prompts import PromptFormat, TokenIds
 from proxytune.recipe import parse_recipe
 from proxytune.schedules import Linear
 from proxytune.testing import CHAT_TEMPLATE, build_model, build_tokenizer
+from proxytune.vocab import token_bytes
 
 PROMPTS = ["The quick brown fox", "Numbers: 0 1 2"]
 STEPS = 12

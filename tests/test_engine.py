@@ -61,6 +61,27 @@ def test_each_layer_imports_nothing_above_it(layer, forbidden):
         assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
 
 
+FOUNDATION = {
+    "arithmetic", "config", "detokenize", "embedded", "errors", "extras", "jsontext", "paths",
+    "prompts", "results", "sampling", "schedules", "specs", "vocab",
+}  # fmt: skip
+"""Top-level modules every layer may import: they import nothing but each other."""
+
+
+@pytest.mark.parametrize("name", sorted(FOUNDATION))
+def test_the_foundation_imports_nothing_but_itself(name):
+    bad = imported_packages(PACKAGE / f"{name}.py") - FOUNDATION
+    assert not bad, f"{name}.py imports {sorted(bad)}"
+
+
+def test_backends_import_only_the_foundation():
+    """Also inside functions (``ast.walk`` reads every import): a backend does not reach up
+    for the engine's helpers (``crosstok``) or anything above."""
+    for path in sorted((PACKAGE / "backends").glob("*.py")):
+        bad = imported_packages(path) - FOUNDATION - {"backends"}
+        assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
+
+
 @pytest.fixture(scope="module")
 def models():
     tok = build_tokenizer(300)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from functools import cache
 from typing import Any
 
 import torch
@@ -34,7 +33,14 @@ import torch
 from .arithmetic import log_probs
 from .backends.base import DecodeState, RollbackState
 from .errors import ConfigError, ProxyTuneError, VocabularyMismatchError
-from .vocab import byte_level_decoder, defined_size, shared_vocab_size
+from .vocab import (
+    byte_level_encoder,
+    defined_size,
+    is_byte_level,
+    shared_vocab_size,
+    special_ids,
+    token_bytes,
+)
 
 
 class CoverageError(ProxyTuneError):
@@ -75,56 +81,6 @@ class CrossOptions:
                 raise ConfigError(f"cross_tokenizer: unknown setting(s) {unknown}; known: {known}")
             return cls(**dict(value))
         raise ConfigError(f"cross_tokenizer must be true, false or a mapping, got {value!r}")
-
-
-# token bytes ------------------------------------------------------------------------------------
-
-
-@cache
-def _byte_encoder() -> dict[int, str]:
-    return {b: c for c, b in byte_level_decoder().items()}
-
-
-def is_byte_level(tokenizer: Any) -> bool:
-    """Whether ``tokenizer`` is byte-level BPE (GPT-2, Llama-3, Qwen style)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return "ByteLevel" in repr(getattr(backend, "decoder", None))
-
-
-def special_ids(tokenizer: Any) -> set[int]:
-    """Ids of special and added tokens (their text is a name, not bytes of text)."""
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
-    ids.update(int(i) for i, tok in added.items() if getattr(tok, "special", True))
-    return ids
-
-
-def token_bytes(tokenizer: Any, size: int) -> list[bytes | None]:
-    """The bytes each id below ``size`` stands for (a special token: its name, UTF-8).
-
-    Byte-level BPE pieces map through GPT-2's byte table, ``<0xNN>`` pieces are one byte, and
-    SentencePiece's ``▁`` is a space; ``None`` where an id has no piece.
-    """
-    pieces = tokenizer.convert_ids_to_tokens(list(range(size)))
-    byte_level = is_byte_level(tokenizer)
-    table = byte_level_decoder()
-    specials = special_ids(tokenizer)
-    out: list[bytes | None] = []
-    for i, piece in enumerate(pieces):
-        if piece is None:
-            out.append(None)
-        elif i in specials:
-            out.append(piece.encode("utf-8"))
-        elif byte_level and all(ch in table for ch in piece):
-            out.append(bytes(table[ch] for ch in piece))
-        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
-            try:
-                out.append(bytes([int(piece[3:5], 16)]))
-            except ValueError:
-                out.append(piece.encode("utf-8"))
-        else:
-            out.append(piece.replace("▁", " ").encode("utf-8"))
-    return out
 
 
 # the vocabulary map -----------------------------------------------------------------------------
@@ -169,7 +125,7 @@ class VocabMap:
             return ()
         raw = self.base_bytes[token] or b""
         if self.byte_level:
-            enc = _byte_encoder()
+            enc = byte_level_encoder()
             model = self.pair_tokenizer.backend_tokenizer.model
             ids = [t.id for t in model.tokenize("".join(enc[b] for b in raw))]
         else:

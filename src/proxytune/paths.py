@@ -7,6 +7,10 @@ from pathlib import Path
 
 from .errors import ConfigError, ProxyTuneError
 
+TRAIN_META = "proxytune_train.json"
+"""Written by ``proxytune train`` next to what it saves; names the base model of an adapter
+and the prompt format it was trained in."""
+
 
 def need_file(path: str | Path, what: str, error: type[ProxyTuneError] = ConfigError) -> Path:
     """``path`` (``~`` expanded) if it is a file, else ``error`` naming ``what`` it should be.

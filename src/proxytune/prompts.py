@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .paths import TRAIN_META
 
 Message = Mapping[str, str]
 Prompt = str | Sequence[Message]
@@ -212,8 +213,6 @@ def resolve_prompt(
 def trained_format(model: Any) -> tuple[str, str | None] | None:
     """``(kind, system)`` a ``proxytune train`` run recorded for ``model`` (a spec or a path:
     its adapter directory first, then its model directory), or ``None``."""
-    from .backends.lora_specs import TRAIN_META  # the file name, defined once
-
     if model is None:
         return None
     if isinstance(model, (str, Path)):

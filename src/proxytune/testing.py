@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .vocab import byte_level_encoder
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -69,9 +71,7 @@ def build_char_tokenizer(for_gguf: bool = False) -> Any:
     from a digit); its token ``a0`` is never produced by tokenizing."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from .crosstok import _byte_encoder
-
-    enc = _byte_encoder()
+    enc = byte_level_encoder()
     chars = [enc[b] for b in (9, 10, *range(32, 127))]
     merges = [("a", "0")] if for_gguf else []
     vocab = {t: i for i, t in enumerate(SPECIALS + chars + ["".join(m) for m in merges])}

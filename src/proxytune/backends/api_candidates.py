@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..vocab import token_bytes
+
 
 class CandidateMapper:
     """Maps the endpoint's candidate tokens to ids of a local tokenizer (rule in the module
@@ -43,8 +45,6 @@ class CandidateMapper:
     def _tables(self) -> None:
         if self._by_bytes is not None:
             return
-        from ..crosstok import token_bytes
-
         raw = token_bytes(self.tokenizer, self.vocab_size)
         pieces = self.tokenizer.convert_ids_to_tokens(list(range(self.vocab_size)))
         self._by_bytes = {}

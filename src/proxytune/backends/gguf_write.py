@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
+from ..paths import TRAIN_META
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 """transformers class -> GGUF architecture this writer supports."""
@@ -83,7 +84,7 @@ def export_gguf(model: str | Path, out_dir: str | Path, dtype: str = "float32") 
 
     from ..specs import ModelSpec
     from .hf import load_hf
-    from .lora_specs import TRAIN_META, resolve_adapter_dir
+    from .lora_specs import resolve_adapter_dir
 
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):

@@ -13,10 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import ModelLoadError
+from ..paths import TRAIN_META
 from ..specs import ModelSpec
-
-TRAIN_META = "proxytune_train.json"
-"""Written by ``proxytune train`` next to what it saves; names the base model of an adapter."""
 
 
 @contextlib.contextmanager

@@ -17,8 +17,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..backends.lora_specs import TRAIN_META
 from ..errors import ConfigError
+from ..paths import TRAIN_META
 from .config import TrainConfig
 
 FORMAT = 1
