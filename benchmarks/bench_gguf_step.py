@@ -32,7 +32,7 @@ import torch
 
 from proxytune.backends.llamacpp import LlamaCppModel
 from proxytune.embedded import EMBEDDED_MODELS, embedded_gguf
-from proxytune.overlap import run_grouped
+from proxytune.engine.overlap import run_grouped
 
 PROMPT = "def fibonacci(n):\n    "
 

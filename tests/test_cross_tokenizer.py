@@ -11,9 +11,9 @@ import torch
 from proxytune import ProxyTuner
 from proxytune.backends.hf import HFModel
 from proxytune.cli import main
-from proxytune.crosstok import CoverageError, CrossFeeder, CrossOptions, vocab_map
 from proxytune.engine import Member, Pair
 from proxytune.engine.blackbox import BlackBoxStats
+from proxytune.engine.crosstok import CoverageError, CrossFeeder, CrossOptions, vocab_map
 from proxytune.errors import ConfigError, VocabularyMismatchError
 from proxytune.prompts import PromptFormat, TokenIds
 from proxytune.recipe import parse_recipe

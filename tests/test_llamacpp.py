@@ -435,10 +435,10 @@ def test_threads_auto_and_explicit_values_are_checked():
 def test_overlapped_contexts_split_the_cores_and_explicit_threads_win(tiny, monkeypatch):
     """The embedded default's shape (a base, one GGUF in both pair roles): while the pair
     decodes beside the base their threads add up to the cores; alone, each has them all."""
-    import proxytune.overlap
+    import proxytune.engine.overlap
 
     monkeypatch.setattr(llamacpp, "available_cores", lambda: 5)
-    monkeypatch.setattr(proxytune.overlap, "available_cores", lambda: 5)
+    monkeypatch.setattr(proxytune.engine.overlap, "available_cores", lambda: 5)
     seen: list[tuple[int, int]] = []
     decode = llamacpp._Context.decode
 
@@ -479,10 +479,10 @@ def test_candidate_scoring_under_overlap_keeps_the_thread_split(tiny, monkeypatc
     """The pair's context is made anew with its eval callback inside the overlapped prefill:
     it decodes with its share of the cores from that first decode on, and gets its own count
     back after; the tokens are those of full logits."""
-    import proxytune.overlap
+    import proxytune.engine.overlap
 
     monkeypatch.setattr(llamacpp, "available_cores", lambda: 5)
-    monkeypatch.setattr(proxytune.overlap, "available_cores", lambda: 5)
+    monkeypatch.setattr(proxytune.engine.overlap, "available_cores", lambda: 5)
     seen: list[tuple[int, int, bool]] = []
     decode = llamacpp._Context.decode
 

@@ -12,8 +12,8 @@ import torch
 from proxytune import ModelSpec, ProxyTuner
 from proxytune.config import GenerationConfig
 from proxytune.engine import Member, Pair, decode, prepare
+from proxytune.engine.overlap import concurrent_threads, engine, run_grouped, split_threads
 from proxytune.engine.speculative import SpeculativeStats
-from proxytune.overlap import concurrent_threads, engine, run_grouped, split_threads
 
 PROMPTS = ["The quick brown fox", "Rain", "def add(a, b):\n    return", "Once upon a"]
 
@@ -94,9 +94,9 @@ def test_concurrent_threads_split_what_fixed_counts_leave():
 def test_run_grouped_splits_the_cores_while_engines_run_at_once_and_gives_them_back(
     monkeypatch,
 ):
-    import proxytune.overlap
+    import proxytune.engine.overlap
 
-    monkeypatch.setattr(proxytune.overlap, "available_cores", lambda: 6)
+    monkeypatch.setattr(proxytune.engine.overlap, "available_cores", lambda: 6)
     base, pair = Context(1.0), Context(1.0)
     calls = [(base, lambda: 0), (pair, lambda: 1), (pair, lambda: 2)]
     assert run_grouped(calls, overlap=True) == [0, 1, 2]
@@ -289,7 +289,7 @@ engine: {{overlap: true}}
 
 
 def test_mps_models_never_run_in_threads():
-    from proxytune.overlap import can_overlap
+    from proxytune.engine.overlap import can_overlap
 
     class On:
         def __init__(self, kind):

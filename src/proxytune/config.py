@@ -174,7 +174,7 @@ class EngineOptions:
     """
 
     overlap: bool = False
-    """Run the forwards of models on different weights at once (:mod:`proxytune.overlap`)."""
+    """Run the forwards of models on different weights at once (:mod:`proxytune.engine.overlap`)."""
     speculative: int | str | None = None
     """Speculative proxy decoding: a draft length or ``"auto"``; ``None`` (or 0): off."""
     stacked: bool = False

@@ -62,7 +62,8 @@ class Recipe:
     rule: Any = None
     """The steering rule (a :class:`~proxytune.rules.Rule`); ``None`` is the paper's."""
     cross_tokenizer: Any = None
-    """The different-tokenizer mode (a :class:`~proxytune.crosstok.CrossOptions`) or ``None``."""
+    """The different-tokenizer mode (a :class:`~proxytune.engine.crosstok.CrossOptions`) or
+    ``None``."""
     engine: EngineOptions = field(default_factory=EngineOptions)
     """How the engine runs the models (overlap, speculative, stacked, prefix cache, one pass)."""
 
@@ -153,7 +154,7 @@ def _base(spec: Any, defaults: Mapping[str, Any]) -> Any:
 def _cross(spec: Any) -> Any:
     if spec is None or spec is False:
         return None
-    from .crosstok import CrossOptions  # torch: only when the mode is asked for
+    from .engine.crosstok import CrossOptions  # torch: only when the mode is asked for
 
     return CrossOptions.parse(spec)
 

@@ -65,7 +65,7 @@ class ModelSpec:
     threads: int | None = None
     """llama.cpp: CPU threads; ``None`` or ``"auto"`` (the default): the cores this process may
     run on, split between the contexts that decode at once under ``overlap``
-    (:func:`~proxytune.overlap.split_threads`). A count given always wins."""
+    (:func:`~proxytune.engine.overlap.split_threads`). A count given always wins."""
     gpu_layers: int | None = None
     """llama.cpp: layers offloaded to the GPU (default: all of them where llama.cpp was built
     with CUDA, else 0; a positive value on a CPU-only build is refused)."""

@@ -8,16 +8,22 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from .backends.api import APISpec
 from .backends.base import LogitsModel
 from .config import EngineOptions, GenerationConfig
-from .crosstok import CrossOptions, check_vocabularies
+from .engine.blackbox import blackbox_decode
 from .engine.capabilities import is_top_k_only
+from .engine.crosstok import CrossOptions, check_vocabularies
 from .engine.members import Member, Pair
+from .engine.overlap import can_overlap
 from .engine.plain import decode
 from .engine.prepare import Prepared, prepare
+from .engine.processor import ProxyLogitsProcessor
+from .engine.speculative import speculative_decode
 from .errors import ConfigError, ProxyTuneError
-from .overlap import can_overlap
-from .prompts import Prompt, PromptFormat, TokenIds, resolve_prompt
+from .loading import load_models, wrap_models
+from .prompts import Prompt, PromptFormat, TokenIds
+from .recipe import Recipe, load_recipe
 from .results import GenerationResult, StepUpdate, TokenLogprob
 from .rules import Request, Rule, RuleBase, make_rule
 from .schedules import Schedule, as_schedule
@@ -58,7 +64,7 @@ class ProxyTuner:
         self.options = EngineOptions.parse(options)
         """How the engine runs the models; change with :meth:`with_options`."""
         self._loaded = (base, list(pairs))
-        self.base, self.pairs = _wrapped(base, list(pairs), self.options)
+        self.base, self.pairs = wrap_models(base, list(pairs), self.options)
         self.defaults = defaults or GenerationConfig()
         roles = [m.role for m in self.members]
         if len(set(roles)) != len(roles):
@@ -68,7 +74,8 @@ class ProxyTuner:
         self.vocab_size, self.cross_maps = check_vocabularies(
             self.base, self.pairs, self.cross_options
         )
-        """Pair index -> :class:`~proxytune.crosstok.VocabMap` for pairs of another tokenizer."""
+        """Pair index -> :class:`~proxytune.engine.crosstok.VocabMap` for pairs of another
+        tokenizer."""
         self.rule = self._checked_rule(rule)
 
     @property
@@ -95,7 +102,7 @@ class ProxyTuner:
         other = copy.copy(self)
         other.options = new
         if new.wraps_models != self.options.wraps_models:
-            other.base, other.pairs = _wrapped(*self._loaded, new)
+            other.base, other.pairs = wrap_models(*self._loaded, new)
         return other
 
     def _checked_rule(self, rule: RuleSpec) -> Rule:
@@ -174,7 +181,7 @@ class ProxyTuner:
         template when the model has one, else raw).
 
         ``rule`` selects the steering rule (:mod:`proxytune.rules`); ``cross_tokenizer``
-        allows a pair whose tokenizer differs from the base's (:mod:`proxytune.crosstok`);
+        allows a pair whose tokenizer differs from the base's (:mod:`proxytune.engine.crosstok`);
         ``defaults`` are generation settings. For several pairs, build
         :class:`~proxytune.recipe.Recipe` or use :meth:`from_specs`.
         """
@@ -233,8 +240,6 @@ class ProxyTuner:
         >>> tuner = ProxyTuner.from_api("http://127.0.0.1:8000/v1", "llama-70b",
         ...                             expert="7b-chat", anti_expert="7b")  # doctest: +SKIP
         """
-        from .backends.api import APISpec
-
         settings = {"prompt": "auto", **dict(base_options or {})}
         spec = APISpec(url=url, model=model, top_logprobs=top_logprobs, **settings)
 
@@ -279,26 +284,10 @@ class ProxyTuner:
         :class:`~proxytune.backends.api.APISpec` (a base behind an API). A prompt format
         ``auto`` is resolved here, once per model (:func:`~proxytune.prompts.resolve_prompt`).
         """
-        from .backends.api import APISpec
-        from .backends.lora_specs import resolve_adapter_dir
-
-        cache = loaded if loaded is not None else {}
-        for spec in (base, *(m for pair in pairs for m in pair[:2])):  # before any model loads
-            if isinstance(spec, ModelSpec):
-                resolve_adapter_dir(spec)  # refuses an unfinished training run
-        api_base = isinstance(base, APISpec)
-        base_member = None if api_base else load_member("base", base, cache)
         engine_options = EngineOptions.parse(options)
         one_pass = engine_options.one_pass and not CrossOptions.parse(cross_tokenizer)
-        built = [
-            load_pair(i, e, a, alpha, cache, one_pass) for i, (e, a, alpha) in enumerate(pairs)
-        ]
-        if base_member is None:  # an API base, built last: it may borrow a pair's tokenizer
-            from .backends.api import load_api_model
-
-            local = [m.model for p in built for m in p.members]
-            api = load_api_model(base, local, cache)  # type: ignore[arg-type]
-            base_member = Member("base", api, resolve_prompt(base.prompt, base, api.tokenizer))
+        cache = loaded if loaded is not None else {}
+        base_member, built = load_models(base, pairs, cache, one_pass)
         return cls(
             base_member,
             built,
@@ -312,8 +301,6 @@ class ProxyTuner:
     def from_recipe(cls, recipe: Any, **options: Any) -> ProxyTuner:
         """From a :class:`~proxytune.recipe.Recipe` or the path of a YAML/TOML recipe file;
         ``options``: engine options that override the recipe's ``engine:``."""
-        from .recipe import Recipe, load_recipe
-
         r = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
         return cls.from_specs(
             r.base,
@@ -433,16 +420,12 @@ class ProxyTuner:
                     "tokenizer; an API base or a pair of another tokenizer runs the plain "
                     "black-box loop (leave speculative unset)"
                 )
-            from .engine.blackbox import blackbox_decode
-
             return blackbox_decode(
                 prepared, cross=self.cross_maps, options=self.cross_options, stats=stats
             )
         concurrent = self.options.overlap if overlap is None else bool(overlap)
         concurrent = concurrent and can_overlap([m.model for m in self.members])
         if draft:
-            from .engine.speculative import speculative_decode
-
             return speculative_decode(prepared, k=draft, stats=stats, overlap=concurrent)
         return decode(prepared, overlap=concurrent, candidates=self.options.candidates)
 
@@ -555,8 +538,6 @@ class ProxyTuner:
         rule: RuleSpec = None,
     ) -> Any:
         """A ``LogitsProcessor`` that proxy-tunes ``self.base``'s own ``model.generate``."""
-        from .processor import ProxyLogitsProcessor
-
         if self.blackbox:
             raise ConfigError(
                 "a LogitsProcessor runs inside the base's own generate(): it needs a local base "
@@ -592,71 +573,6 @@ class ProxyTuner:
 
 _SWAP = threading.Lock()
 """Makes :meth:`ProxyTuner.adopt` and :meth:`ProxyTuner.snapshot` atomic."""
-
-
-def load_member(
-    role: str, spec: ModelSpec | None, cache: dict[tuple[Any, ...], Any]
-) -> Member | None:
-    """``spec`` loaded into ``role`` (weights shared through ``cache`` by load settings); a
-    trained adapter directory may stand alone as a model path; prompt ``auto`` resolved."""
-    from .backends.load import load_model
-    from .backends.lora_specs import resolve_adapter_dir
-
-    spec = resolve_adapter_dir(spec)
-    if spec is None:
-        return None
-    if spec.load_key not in cache:
-        cache[spec.load_key] = load_model(spec)
-    model = cache[spec.load_key]
-    return Member(role, model, resolve_prompt(spec.prompt, spec, model.tokenizer))
-
-
-def load_pair(
-    index: int,
-    expert: ModelSpec | None,
-    anti_expert: ModelSpec | None,
-    alpha: AlphaSpec,
-    cache: dict[tuple[Any, ...], Any],
-    one_pass: bool = False,
-    name: str | None = None,
-) -> Pair:
-    """Pair ``index`` loaded (:func:`load_member`); ``one_pass``: an expert that is a LoRA
-    adapter of its anti-expert's model shares it and runs in the same forward pass."""
-    from .backends.lora_pair import pair_models
-    from .backends.lora_specs import resolve_adapter_dir
-
-    if one_pass:
-        pair_models(resolve_adapter_dir(expert), resolve_adapter_dir(anti_expert), cache)
-    return Pair(
-        load_member(f"expert[{index}]", expert, cache),
-        load_member(f"anti_expert[{index}]", anti_expert, cache),
-        as_schedule(alpha, f"alpha of pair {index}"),
-        name,
-    )
-
-
-def _wrapped(base: Member, pairs: list[Pair], options: EngineOptions) -> tuple[Member, list[Pair]]:
-    """The members with the model wrappers ``options`` ask for (stacked roles, prefix cache)."""
-    if not (options.stacked or options.prefix_cache):
-        return base, pairs
-    members = [base, *(m for p in pairs for m in (p.expert, p.anti_expert) if m is not None)]
-    models = [m.model for m in members]
-    if options.stacked:
-        from .backends.stacked import stack_shared
-
-        wrapped = stack_shared(models)
-    else:
-        from .backends.prefix import cache_prefixes
-
-        wrapped = cache_prefixes(models, options.prefix_min_tokens)
-    swap = {id(m): replace(m, model=w) for m, w in zip(members, wrapped, strict=True)}
-
-    def side(m: Member | None) -> Member | None:
-        return None if m is None else swap[id(m)]
-
-    return swap[id(base)], [
-        replace(p, expert=side(p.expert), anti_expert=side(p.anti_expert)) for p in pairs
-    ]
 
 
 def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

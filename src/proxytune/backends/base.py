@@ -130,7 +130,7 @@ class StartsAlone(Protocol):
 class SharesWeights(Protocol):
     """A role's view of weights another object owns (a role stacked on one model, one half of
     a one-pass LoRA pair). Views of one owner never decode at once
-    (:func:`~proxytune.overlap.engine`)."""
+    (:func:`~proxytune.engine.overlap.engine`)."""
 
     @property
     def shared_weights(self) -> Any:

@@ -417,7 +417,7 @@ class LlamaCppModel:
         self.threads = threads or available_cores()
         """Decode threads when running alone: the count given, else every core available."""
         self.shares_cores = threads is None
-        """Whether :mod:`~proxytune.overlap` may split the cores with the contexts decoding
+        """Whether :mod:`~proxytune.engine.overlap` may split the cores with the contexts decoding
         beside this one (its threads were left ``auto``)."""
         # the cores are ggml's: torch's vocabulary-wide work between decodes (a few passes over
         # ~150k floats) is faster on one thread than on several that wait for ggml's threads

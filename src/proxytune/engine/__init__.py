@@ -16,6 +16,10 @@ module              job
 ``continuous``      the server's running batch (requests join and leave)
 ``serial``          the other core: each request on the tuner's own loop, by step
 ``controls``        per-request alphas, active pairs and rules, validated
+``overlap``         forwards of models on different weights at once, threads split
+``crosstok``        pairs of another tokenizer, read in the base's ids
+``detokenize``      text deltas that are safe to show, stop strings
+``processor``       a ``transformers`` ``LogitsProcessor`` that proxy-tunes ``generate``
 ==================  ==============================================================
 
 ``docs/architecture.md`` walks a request through it.

@@ -5,7 +5,7 @@ model in one vocabulary; this one, per step::
     base    an API row: the endpoint's top-k, completed by the missing-mass rule
             (:func:`~proxytune.backends.topk.topk_row`), or a local base's full log-probs
     pairs   same tokenizer: their log-probs; another tokenizer: read through
-            :class:`~proxytune.crosstok.CrossFeeder` in the base's ids
+            :class:`~proxytune.engine.crosstok.CrossFeeder` in the base's ids
     rule    the same rules, on a :class:`~proxytune.rules.TopKContext` (which says what was
             estimated)
     support an API base: the endpoint's candidates | each expert's own top tokens; the rule's
@@ -28,10 +28,10 @@ from ..backends.api_client import APIUsage
 from ..backends.api_state import ChunkStats
 from ..backends.base import BaseRows, DecodeState
 from ..backends.topk import coverage, restrict
-from ..crosstok import CoverageError, CrossFeeder, CrossOptions, VocabMap
 from ..results import StepUpdate
 from ..rules import Combiner, StepContext, TopKContext
 from .capabilities import is_top_k_only
+from .crosstok import CoverageError, CrossFeeder, CrossOptions, VocabMap
 from .members import Member
 from .prepare import Prepared, Row
 from .step import checked_scores, choose, emit_all, member_logprobs, records_for, step_context
@@ -105,7 +105,7 @@ def blackbox_decode(
     stats: BlackBoxStats | None = None,
 ) -> Iterator[list[StepUpdate]]:
     """:func:`~proxytune.engine.plain.decode` for an API base and/or pairs of another tokenizer
-    (``cross``: pair index -> its :class:`~proxytune.crosstok.VocabMap`). The same updates;
+    (``cross``: pair index -> its :class:`~proxytune.engine.crosstok.VocabMap`). The same updates;
     ``stats`` fills in as the iterator is consumed."""
     loop = _Loop(
         prepared=prepared,
@@ -214,7 +214,7 @@ class _Loop:
         self, rows: list[Row]
     ) -> tuple[dict[str, DecodeState], dict[str, torch.Tensor], dict[int, CrossFeeder]]:
         """Prefill every running pair model: same-tokenizer ones as states of their own,
-        other-tokenizer pairs behind a :class:`~proxytune.crosstok.CrossFeeder`."""
+        other-tokenizer pairs behind a :class:`~proxytune.engine.crosstok.CrossFeeder`."""
         p = self.prepared
         states: dict[str, DecodeState] = {}
         logits: dict[str, torch.Tensor] = {}

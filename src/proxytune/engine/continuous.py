@@ -31,12 +31,12 @@ import torch
 from ..arithmetic import steering_stats
 from ..backends.base import DecodeState
 from ..errors import ConfigError, NumericalError
-from ..overlap import can_overlap, engine, run_grouped
 from ..results import StepUpdate, TokenLogprob
 from .capabilities import can_extend, compact
 from .controls import Steerable
 from .fallback import FellBack, failing_member, fallback_prepared
 from .members import Member
+from .overlap import can_overlap, engine, run_grouped
 from .prepare import Row
 from .requests import Job, RequestCore, SlotKey, StepStats, member_key
 from .step import choose, emit, logprob_records, score

@@ -3,7 +3,7 @@
 Every step: each running model scores its own sequence -> the step scorer
 (:func:`~.step.score`: log-probs, rule) -> sampling picks one id per row -> that id is
 appended to every model's sequence; rows that finish leave every model's batch. Text only
-appears at the edges (prompt rendering, :class:`~proxytune.detokenize.TextTracker`).
+appears at the edges (prompt rendering, :class:`~proxytune.engine.detokenize.TextTracker`).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ..backends.base import DecodeState
-from ..overlap import engine, run_grouped
 from ..results import StepUpdate
 from .capabilities import candidate_roles, returns_hidden, start_alone, start_member
 from .members import Member
+from .overlap import engine, run_grouped
 from .prepare import Prepared, Row
 from .step import choose, emit_all, records_for, score
 
@@ -27,7 +27,7 @@ def decode(
     """Generate every row of ``prepared``, yielding each step's new tokens.
 
     The models run as the iterator is consumed; closing it cancels the work. ``overlap``:
-    models on different engines run their forwards at once (:mod:`proxytune.overlap`; same
+    models on different engines run their forwards at once (:mod:`proxytune.engine.overlap`; same
     output). ``candidates``: where the rule only re-ranks the base's candidates (``rerank``,
     ``plausible``), pair models that can stop before their output matrix are scored at the
     candidates only (the same tokens: docs/speed.md).

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from ..config import GenerationConfig
-from ..detokenize import TextTracker
 from ..errors import ConfigError, PromptTooLongError
 from ..prompts import Prompt, TokenIds
 from ..rules import Combiner, Request, Rule, Sides, make_rule
+from .detokenize import TextTracker
 from .members import Member, Pair
 
 

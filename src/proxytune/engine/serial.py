@@ -19,9 +19,9 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from ..crosstok import VocabMap
 from ..results import StepUpdate
 from .controls import Steerable
+from .crosstok import VocabMap
 from .fallback import FellBack, continuation, fallback_target
 from .plain import decode
 from .prepare import Prepared

@@ -235,7 +235,7 @@ def speculative_decode(
     ``k``: draft length (an int) or ``"auto"`` (per row, from its running acceptance rate and
     the measured cost of drafting and verifying: :class:`RoundCosts`; ``clock`` times them).
     ``stats``: filled in with acceptance counts as the iterator is consumed. ``overlap``: the
-    verifiers (and the prefills) of different engines run at once (:mod:`proxytune.overlap`).
+    verifiers (and the prefills) of different engines run at once (:mod:`proxytune.engine.overlap`).
     When the rule runs no pair model (``alpha=0``, the ``base`` rule) there is nothing to draft
     with and this is the plain loop.
     """

@@ -101,7 +101,7 @@ class LivePairs:
         """The served tuner with pair ``name`` loaded (replacing a pair of that name, else
         appended), not yet applied: slow, run it off the worker thread. Raises
         :class:`PathRefused` or the loader's error; the running set is not touched."""
-        from ..tuner import load_pair
+        from ..loading import load_pair
 
         check_name(name)
         self.tuner.with_pairs(self.tuner.pairs)  # refuses wrapped models before any loading

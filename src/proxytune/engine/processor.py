@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from .backends.base import DecodeState
-from .engine.members import Member, Pair
-from .engine.prepare import plan, render_prompts
-from .engine.step import checked_scores, model_logprobs, step_context
-from .errors import ConfigError
-from .prompts import Prompt
-from .rules import Rule
+from ..backends.base import DecodeState
+from ..errors import ConfigError
+from ..prompts import Prompt
+from ..rules import Rule
+from .members import Member, Pair
+from .prepare import plan, render_prompts
+from .step import checked_scores, model_logprobs, step_context
 
 
 class ProxyLogitsProcessor:

@@ -30,8 +30,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from .backends.base import SharesWeights
-from .specs import available_cores
+from ..backends.base import SharesWeights
+from ..specs import available_cores
 
 T = TypeVar("T")
 

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from .arithmetic import log_probs
-from .backends.base import DecodeState, RollbackState
-from .errors import ConfigError, ProxyTuneError, VocabularyMismatchError
-from .vocab import (
+from ..arithmetic import log_probs
+from ..backends.base import DecodeState, RollbackState
+from ..errors import ConfigError, ProxyTuneError, VocabularyMismatchError
+from ..vocab import (
     byte_level_encoder,
     defined_size,
     is_byte_level,
