@@ -73,33 +73,15 @@ def run_eval(
         "runner": runner,
     }
     if search is not None:
-        if not tuner.pairs:
-            raise ConfigError("an alpha search needs an expert/anti-expert pair")
-        result = run_search(
+        found = run_search(
             task,
             tuner,
             out_dir,
-            validation_size=validation_size,
-            alphas=alphas or (0.0, 0.25, 0.5, 1.0, 1.5, 2.0),
-            rules=(rule,),
-            metric=metric,
-            method=search,
-            trials=trials,
-            seed=seed,
-            alpha_range=(min(alphas), max(alphas)) if len(alphas) >= 2 else (0.0, 2.0),
+            **_search_settings(tuner, search, alphas, rule, metric, trials, seed, validation_size),
             tuned=tuned,
             **options,
         )
-        if as_json:
-            print(json.dumps(result.to_dict(), default=str))
-        else:
-            print(result.summary())
-            best = result.best
-            print(
-                f"\nbest: {best['system']} (validation {result.metric} = "
-                f"{best['validation']:.4f}); test {result.metric} = "
-                f"{_num(result.best_test_score)}\nresults in {out_dir}"
-            )
+        _print_search(found, out_dir, as_json)
         return 0
     chosen = standard_systems(tuner, alphas, include=systems, tuned=tuned, rule=rule)
     split = "test" if validation_size else "all"
@@ -120,6 +102,45 @@ def run_eval(
     if against is None:
         return 0
     return _gate(out_dir, Path(against), gate_metric, max_drop, seed)
+
+
+def _search_settings(
+    tuner: ProxyTuner,
+    method: str,
+    alphas: Sequence[float],
+    rule: Any,
+    metric: str | None,
+    trials: int,
+    seed: int,
+    validation_size: int,
+) -> dict[str, Any]:
+    """:func:`~.search.search`'s settings from the command's (the default alpha grid and
+    range where none are given)."""
+    if not tuner.pairs:
+        raise ConfigError("an alpha search needs an expert/anti-expert pair")
+    return {
+        "validation_size": validation_size,
+        "alphas": alphas or (0.0, 0.25, 0.5, 1.0, 1.5, 2.0),
+        "rules": (rule,),
+        "metric": metric,
+        "method": method,
+        "trials": trials,
+        "seed": seed,
+        "alpha_range": (min(alphas), max(alphas)) if len(alphas) >= 2 else (0.0, 2.0),
+    }
+
+
+def _print_search(result: Any, out_dir: Path, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result.to_dict(), default=str))
+        return
+    print(result.summary())
+    best = result.best
+    print(
+        f"\nbest: {best['system']} (validation {result.metric} = "
+        f"{best['validation']:.4f}); test {result.metric} = "
+        f"{_num(result.best_test_score)}\nresults in {out_dir}"
+    )
 
 
 def _gate(new: Path, old: Path, metric: str | None, max_drop: float, seed: int) -> int:

@@ -156,17 +156,8 @@ def evaluate(
         raise ConfigError(f"gold_only needs a generate task with a 'gold' template ({task.name!r})")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    examples = task.examples(split, validation_size, seed)
-    if limit is not None:
-        examples = examples[:limit]
-    if not examples:
-        raise ConfigError(f"task {task.name!r} has no examples in split {split!r}")
-    decoding = task.settings(**dict(settings or {}))
-    if int(decoding.get("n", 1)) > 1 and not decoding.get("temperature"):
-        raise ConfigError(
-            f"n={decoding['n']} samples with greedy decoding are all the same; give a "
-            "temperature > 0 (e.g. --temperature 0.8) to sample, or n=1"
-        )
+    examples = _examples(task, split, validation_size, seed, limit)
+    decoding = _decoding(task, settings)
     out = Path(out_dir)
     job = ScoringJob(task, decoding, gold_only, workers, batch_size)
     scorer = job.scorer(systems)
@@ -216,6 +207,30 @@ def evaluate(
 
         write_report(report)
     return report
+
+
+def _examples(
+    task: Task, split: str, validation_size: int, seed: int, limit: int | None
+) -> list[dict[str, Any]]:
+    """The split's examples (the first ``limit``); refused where none is left."""
+    examples = task.examples(split, validation_size, seed)
+    if limit is not None:
+        examples = examples[:limit]
+    if not examples:
+        raise ConfigError(f"task {task.name!r} has no examples in split {split!r}")
+    return examples
+
+
+def _decoding(task: Task, settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The task's decoding settings with ``settings`` over them; several greedy samples are
+    refused (they would all be the same)."""
+    decoding = task.settings(**dict(settings or {}))
+    if int(decoding.get("n", 1)) > 1 and not decoding.get("temperature"):
+        raise ConfigError(
+            f"n={decoding['n']} samples with greedy decoding are all the same; give a "
+            "temperature > 0 (e.g. --temperature 0.8) to sample, or n=1"
+        )
+    return decoding
 
 
 def _run_here(scorer: _Scorer) -> BatchRunner:

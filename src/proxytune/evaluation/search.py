@@ -11,7 +11,7 @@ optional ``optuna`` package) samples ``trials`` alphas in ``alpha_range`` with T
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,20 +141,7 @@ def search(
             for alpha in alphas:
                 run(alpha, rule)
     else:
-        optuna = require("optuna", None, "method 'optuna'", hint="or use 'grid'")
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(
-            direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed)
-        )
-
-        def objective(trial: Any) -> float:
-            alpha = round(trial.suggest_float("alpha", *alpha_range), 3)
-            index = trial.suggest_categorical("rule", list(range(len(rules))))
-            value = run(alpha, rules[index])
-            return float("-inf") if value is None else value
-
-        study.optimize(objective, n_trials=trials)
-        extra["optuna_best_params"] = study.best_params
+        extra["optuna_best_params"] = _optuna(run, rules, alpha_range, trials, seed)
 
     scored = [t for t in tried.values() if t["validation"] is not None]
     if not scored:
@@ -172,3 +159,26 @@ def search(
     (out / "search.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     (out / "search.md").write_text(result.summary() + "\n")
     return result
+
+
+def _optuna(
+    run: Callable[[float, Any], float | None],
+    rules: Sequence[Any],
+    alpha_range: tuple[float, float],
+    trials: int,
+    seed: int,
+) -> dict[str, Any]:
+    """``trials`` of optuna's TPE sampler over alpha (in ``alpha_range``) and the rule;
+    ``run`` scores one setting on validation. Returns the best parameters."""
+    optuna = require("optuna", None, "method 'optuna'", hint="or use 'grid'")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=seed))
+
+    def objective(trial: Any) -> float:
+        alpha = round(trial.suggest_float("alpha", *alpha_range), 3)
+        index = trial.suggest_categorical("rule", list(range(len(rules))))
+        value = run(alpha, rules[index])
+        return float("-inf") if value is None else value
+
+    study.optimize(objective, n_trials=trials)
+    return dict(study.best_params)

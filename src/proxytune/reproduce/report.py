@@ -229,9 +229,36 @@ def markdown(
     formats: dict[str, dict[str, float | None]],
     averaged: dict[str, Any],
 ) -> str:
+    """``results.md``: one section per table, each from the stored results alone."""
+    lines = [
+        *_header(exp),
+        *_screening(exp, stages.get("screen")),
+        *_predictions(predictions),
+        *_averaged(averaged),
+        *_main_table(exp, tasks),
+        *_differences(tasks),
+        *_formats(exp, tasks, formats),
+        *_rules(tasks),
+        *_sweep(stages.get("validation", {}).get("sweep", {})),
+        *_training_lines(stages),
+        *_following(following),
+        *_classes(classes),
+        "",
+        "## Wall time per stage",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *(f"| {s} | {v['seconds']:.0f} |" for s, v in stages.items()),
+    ]
+    if plot is not None:
+        lines += ["", f"![alpha sweep]({plot.name})"]
+    return "\n".join(lines) + "\n"
+
+
+def _header(exp: Experiment) -> list[str]:
     cfg = exp.config
     controls = controls_of(exp)
-    lines = [
+    return [
         "# Proxy-tuning reproduction",
         "",
         f"Small model (expert = LoRA of it, anti-expert = it untuned): `{cfg.small}`; base and "
@@ -243,41 +270,56 @@ def markdown(
         "`[unstable]`: in over 2.5% of resamples the tuned model did not beat the base."
         + (f" Negative control: {', '.join(controls)}." if controls else ""),
     ]
-    screen = stages.get("screen")
-    if screen and screen.get("screened"):
-        rule = SelectionRule(**cfg.to_dict()["selection"])
-        lines += [
-            "",
-            "## Screening (untuned, before training)",
-            "",
-            *screening_table(screen["screened"], screen.get("chosen", []), rule),
-        ]
-    if predictions:
-        lines += [
-            "",
-            "## Predicted against measured gap closed (primary metric, proxy at alpha 1)",
-            "",
-            "| task | predicted | measured | proxy - base |",
-            "|---|---|---|---|",
-        ]
-        for task, p in predictions.items():
-            measured = p["interval"].percent() if p["has_gap"] and p["interval"] else "no gap"
-            lines.append(
-                f"| {task} | {pct(p['predicted'])} | {measured} | {p['difference'].percent()} |"
-            )
-    if averaged["systems"]:
-        lines += [
-            "",
-            "## Gap closed averaged over the chosen tasks (test split, primary metric)",
-            "",
-            f"Tasks: {', '.join(averaged['tasks'])} (controls and tasks without a gap left out;"
-            " each task resampled on its own). `proxy` is alpha 1.",
-            "",
-            "| system | mean gap closed |",
-            "|---|---|",
-            *(f"| {s} | {e.percent()} |" for s, e in averaged["systems"].items()),
-        ]
-    lines += [
+
+
+def _screening(exp: Experiment, screen: dict[str, Any] | None) -> list[str]:
+    if not screen or not screen.get("screened"):
+        return []
+    rule = SelectionRule(**exp.config.to_dict()["selection"])
+    return [
+        "",
+        "## Screening (untuned, before training)",
+        "",
+        *screening_table(screen["screened"], screen.get("chosen", []), rule),
+    ]
+
+
+def _predictions(predictions: dict[str, Any]) -> list[str]:
+    if not predictions:
+        return []
+    lines = [
+        "",
+        "## Predicted against measured gap closed (primary metric, proxy at alpha 1)",
+        "",
+        "| task | predicted | measured | proxy - base |",
+        "|---|---|---|---|",
+    ]
+    for task, p in predictions.items():
+        measured = p["interval"].percent() if p["has_gap"] and p["interval"] else "no gap"
+        lines.append(
+            f"| {task} | {pct(p['predicted'])} | {measured} | {p['difference'].percent()} |"
+        )
+    return lines
+
+
+def _averaged(averaged: dict[str, Any]) -> list[str]:
+    if not averaged["systems"]:
+        return []
+    return [
+        "",
+        "## Gap closed averaged over the chosen tasks (test split, primary metric)",
+        "",
+        f"Tasks: {', '.join(averaged['tasks'])} (controls and tasks without a gap left out;"
+        " each task resampled on its own). `proxy` is alpha 1.",
+        "",
+        "| system | mean gap closed |",
+        "|---|---|",
+        *(f"| {s} | {e.percent()} |" for s, e in averaged["systems"].items()),
+    ]
+
+
+def _main_table(exp: Experiment, tasks: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "## Main result (test split)",
         "",
@@ -297,7 +339,11 @@ def markdown(
                 f"{val['estimate'].percent()} ({exp.chosen_alphas()[task]['proxy']:g}) | "
                 f"{rows['tuned']['estimate'].percent()} | {_gap(rows['proxy'], m)} |"
             )
-    lines += [
+    return lines
+
+
+def _differences(tasks: dict[str, Any]) -> list[str]:
+    lines = [
         "",
         "## Paired differences (test split, points; proxy at alpha 1)",
         "",
@@ -315,7 +361,13 @@ def markdown(
             )
             cells = [d[f"{a} - {b}"].percent() for a, b in DIFFERENCES]
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + f" | {verdict} |")
-    lines += [
+    return lines
+
+
+def _formats(
+    exp: Experiment, tasks: dict[str, Any], formats: dict[str, dict[str, float | None]]
+) -> list[str]:
+    lines = [
         "",
         "## Format or content (test split)",
         "",
@@ -336,6 +388,10 @@ def markdown(
                 rows[m]["estimate"].percent() if m in rows else "-" for m in (lenient, primary)
             ]
             lines.append(f"| {task} | {system} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _rules(tasks: dict[str, Any]) -> list[str]:
     others = list(
         dict.fromkeys(
             s
@@ -345,7 +401,7 @@ def markdown(
             if s not in REFERENCES
         )
     )
-    lines += [
+    lines = [
         "",
         "## Steering rules compared (test split; proxy at 1, the others at their validated alpha)",
         "",
@@ -363,61 +419,72 @@ def markdown(
                 for r in others
             ]
             lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
-    sweep = stages.get("validation", {}).get("sweep", {})
-    if sweep:
-        lines += ["", "## Validation sweep (primary metric, %)", ""]
-        alphas = sorted({float(a) for rules in sweep.values() for p in rules.values() for a in p})
-        names = [f"{a:g}" for a in alphas]
-        lines += [
-            "| task | rule | " + " | ".join(names) + " |",
-            "|---|---|" + "---|" * len(names),
-        ]
-        for task, rules in sweep.items():
-            for rule, points in rules.items():
-                cells = ["-" if points.get(a) is None else f"{100 * points[a]:.1f}" for a in names]
-                lines.append(f"| {task} | {rule} | " + " | ".join(cells) + " |")
-    lines += _training_lines(stages)
-    if any(following.values()):
-        lines += [
-            "",
-            "## Whose answers the proxy gives (test, primary metric)",
-            "",
-            "| task | proxy output = expert's | = tuned's | proxy right where expert right "
-            "| proxy right where expert wrong |",
-            "|---|---|---|---|---|",
-        ]
-        for task, f in following.items():
-            if f:
-                lines.append(
-                    f"| {task} | {pct(f['same_as_expert'])} | {pct(f['same_as_tuned'])} | "
-                    f"{pct(f['proxy_right_where_expert_right'])} (n={f['expert_right']}) | "
-                    f"{pct(f['proxy_right_where_expert_wrong'])} (n={f['expert_wrong']}) |"
-                )
-    if classes:
-        lines += [
-            "",
-            "## What steering changed (proxy, test prompts)",
-            "",
-            "| task | tokens | changed top choice | changed: number / word / format / end | "
-            "all tokens: number / word / format / end | "
-            "mean abs shift (nats): number / word / format / end |",
-            "|---|---|---|---|---|---|",
-        ]
-        for task, c in classes.items():
-            ch, al, sh = c["changed_by_class"], c["tokens_by_class"], c["mean_abs_shift_by_class"]
-            shifts = " / ".join("-" if sh[k] is None else f"{sh[k]:.3f}" for k in sh)
+    return lines
+
+
+def _sweep(sweep: dict[str, Any]) -> list[str]:
+    if not sweep:
+        return []
+    alphas = sorted({float(a) for rules in sweep.values() for p in rules.values() for a in p})
+    names = [f"{a:g}" for a in alphas]
+    lines = [
+        "",
+        "## Validation sweep (primary metric, %)",
+        "",
+        "| task | rule | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for task, rules in sweep.items():
+        for rule, points in rules.items():
+            cells = ["-" if points.get(a) is None else f"{100 * points[a]:.1f}" for a in names]
+            lines.append(f"| {task} | {rule} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _following(following: dict[str, Any]) -> list[str]:
+    if not any(following.values()):
+        return []
+    lines = [
+        "",
+        "## Whose answers the proxy gives (test, primary metric)",
+        "",
+        "| task | proxy output = expert's | = tuned's | proxy right where expert right "
+        "| proxy right where expert wrong |",
+        "|---|---|---|---|---|",
+    ]
+    for task, f in following.items():
+        if f:
             lines.append(
-                f"| {task} | {c['tokens']} | {c['changed']} | "
-                + " / ".join(str(ch[k]) for k in CLASSES)
-                + " | "
-                + " / ".join(str(al[k]) for k in CLASSES)
-                + f" | {shifts} |"
+                f"| {task} | {pct(f['same_as_expert'])} | {pct(f['same_as_tuned'])} | "
+                f"{pct(f['proxy_right_where_expert_right'])} (n={f['expert_right']}) | "
+                f"{pct(f['proxy_right_where_expert_wrong'])} (n={f['expert_wrong']}) |"
             )
-    lines += ["", "## Wall time per stage", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {s} | {v['seconds']:.0f} |" for s, v in stages.items()]
-    if plot is not None:
-        lines += ["", f"![alpha sweep]({plot.name})"]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _classes(classes: dict[str, Any]) -> list[str]:
+    if not classes:
+        return []
+    lines = [
+        "",
+        "## What steering changed (proxy, test prompts)",
+        "",
+        "| task | tokens | changed top choice | changed: number / word / format / end | "
+        "all tokens: number / word / format / end | "
+        "mean abs shift (nats): number / word / format / end |",
+        "|---|---|---|---|---|---|",
+    ]
+    for task, c in classes.items():
+        ch, al, sh = c["changed_by_class"], c["tokens_by_class"], c["mean_abs_shift_by_class"]
+        shifts = " / ".join("-" if sh[k] is None else f"{sh[k]:.3f}" for k in sh)
+        lines.append(
+            f"| {task} | {c['tokens']} | {c['changed']} | "
+            + " / ".join(str(ch[k]) for k in CLASSES)
+            + " | "
+            + " / ".join(str(al[k]) for k in CLASSES)
+            + f" | {shifts} |"
+        )
+    return lines
 
 
 def _gap(row: dict[str, Any], metric: dict[str, Any]) -> str:

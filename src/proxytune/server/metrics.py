@@ -180,7 +180,11 @@ class Metrics:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self._all: list[_Metric] = []
-        lock = self.lock
+        self._add_request_metrics(self.lock)
+        self._add_decode_metrics(self.lock)
+
+    def _add_request_metrics(self, lock: threading.Lock) -> None:
+        """Requests: counts, tokens, latencies, the queue."""
         self.requests = self._add(
             Counter("proxytune_requests_total", "HTTP requests by endpoint and status.", lock)
         )
@@ -221,6 +225,9 @@ class Metrics:
                 LATENCY_BUCKETS,
             )
         )
+
+    def _add_decode_metrics(self, lock: threading.Lock) -> None:
+        """Decoding: steps, batch rows, steering KL, speculative drafts, failures, fallbacks."""
         self.steps = self._add(
             Counter("proxytune_decode_steps_total", "Decode steps run by the scheduler.", lock)
         )

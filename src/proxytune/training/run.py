@@ -58,7 +58,6 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     ``callbacks`` are extra ``transformers.TrainerCallback`` objects.
     """
     import transformers
-    from transformers.trainer_utils import get_last_checkpoint
 
     from ..backends.hf import load_hf, pick_device
     from ..backends.lora_specs import adapter_base
@@ -72,11 +71,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     examples = _read(config, config.data)  # shape errors before the model loads
     evals = _read(config, config.eval_data) if config.eval_data else None
     out = prepare_output(config)
-    checkpoint = None
-    if config.resume:
-        checkpoint = config.resume if isinstance(config.resume, str) else get_last_checkpoint(out)
-        if checkpoint is None or not Path(checkpoint).is_dir():
-            raise ConfigError(f"no checkpoint to resume from in {str(out)!r}")
+    checkpoint = _resume_point(config, out)
 
     device = pick_device(config.device)
     transformers.set_seed(config.seed)
@@ -109,30 +104,9 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     if config.lora:
         model = _with_lora(model, config)
     args = _arguments(config, out, device, len(train_set), bool(eval_set))
-    pad_id = loaded.pad_id
-    if config.objective == "residual":
-        from .residual import ResidualCollator, ResidualDataset, ResidualTrainer
-
-        collator = ResidualCollator(pad_id)
-        datasets = [ResidualDataset(train_set), ResidualDataset(eval_set) if eval_set else None]
-        vocab = _precompute_base(config, loaded, datasets, collator, args.device)
-        trainer_cls, extra = ResidualTrainer, {"vocab": vocab}
-    elif config.method == "dpo":
-        from .dpo import DPOCollator, DPODataset, DPOTrainer, reference_logps
-
-        collator: Any = DPOCollator(pad_id)
-        datasets = [DPODataset(train_set), DPODataset(eval_set) if eval_set else None]
-        model.to(args.device)
-        for ds in datasets:
-            if ds is not None:
-                ds.reference = reference_logps(model, ds, collator, config.batch_size, args.device)
-        trainer_cls, extra = DPOTrainer, {"beta": config.beta}
-    else:
-        from .sft import SFTCollator, SFTDataset
-
-        collator = SFTCollator(pad_id)
-        datasets = [SFTDataset(train_set), SFTDataset(eval_set) if eval_set else None]
-        trainer_cls, extra = transformers.Trainer, {}
+    trainer_cls, collator, datasets, extra = _objective(
+        config, loaded, model, train_set, eval_set, args.device
+    )
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -165,6 +139,56 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         metrics=metrics,
         log_history=list(trainer.state.log_history),
     )
+
+
+def _resume_point(config: TrainConfig, out: Path) -> str | None:
+    """The checkpoint ``config.resume`` names (``True``: the last one in ``out``), or ``None``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not config.resume:
+        return None
+    checkpoint = config.resume if isinstance(config.resume, str) else get_last_checkpoint(out)
+    if checkpoint is None or not Path(checkpoint).is_dir():
+        raise ConfigError(f"no checkpoint to resume from in {str(out)!r}")
+    return checkpoint
+
+
+def _objective(
+    config: TrainConfig,
+    loaded: Any,
+    model: Any,
+    train_set: list[Any],
+    eval_set: list[Any],
+    device: Any,
+) -> tuple[Any, Any, list[Any], dict[str, Any]]:
+    """What the training objective needs: its trainer class, collator, the two datasets (the
+    second ``None`` without validation data) and the trainer's extra arguments (residual: the
+    frozen base's precomputed log-probs; DPO: the reference log-probs and beta)."""
+    import transformers
+
+    pad_id = loaded.pad_id
+    if config.objective == "residual":
+        from .residual import ResidualCollator, ResidualDataset, ResidualTrainer
+
+        collator: Any = ResidualCollator(pad_id)
+        datasets = [ResidualDataset(train_set), ResidualDataset(eval_set) if eval_set else None]
+        vocab = _precompute_base(config, loaded, datasets, collator, device)
+        return ResidualTrainer, collator, datasets, {"vocab": vocab}
+    if config.method == "dpo":
+        from .dpo import DPOCollator, DPODataset, DPOTrainer, reference_logps
+
+        collator = DPOCollator(pad_id)
+        datasets = [DPODataset(train_set), DPODataset(eval_set) if eval_set else None]
+        model.to(device)
+        for ds in datasets:
+            if ds is not None:
+                ds.reference = reference_logps(model, ds, collator, config.batch_size, device)
+        return DPOTrainer, collator, datasets, {"beta": config.beta}
+    from .sft import SFTCollator, SFTDataset
+
+    collator = SFTCollator(pad_id)
+    datasets = [SFTDataset(train_set), SFTDataset(eval_set) if eval_set else None]
+    return transformers.Trainer, collator, datasets, {}
 
 
 def _residual_base(config: TrainConfig, small: Any) -> tuple[Any, int]:
