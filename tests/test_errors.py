@@ -321,3 +321,43 @@ def test_a_block_list_of_every_token_is_a_400_not_a_500(tuner):
         answer = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
     assert answer.status_code == 400, answer.text
     assert "block-list leaves no token to choose" in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("make", "param"),
+    [
+        (lambda: GenerationConfig(temperature=-1), "temperature"),
+        (lambda: GenerationConfig(top_p=2), "top_p"),
+        (lambda: GenerationConfig(max_new_tokens=0), "max_new_tokens"),
+        (lambda: _request_alphas([1.0, "x"]), "alpha[1]"),
+        (lambda: _request_alphas(1.0, active_pairs=[3]), "active_pairs"),
+        (lambda: _make_rule({"name": "plausible", "tau": 2}), "rule.tau"),
+        (lambda: _make_rule({"name": "tokens", "bias_strings": {"": 1.0}}), "rule.bias_strings"),
+        (lambda: _make_rule({"name": "nope"}), "rule.name"),
+    ],
+)
+def test_a_config_error_names_the_setting_it_is_about(make, param):
+    """``ConfigError.param``: what the server's 400 points at (``error.param``), set where the
+    error is raised rather than read back from the message."""
+    with pytest.raises(ConfigError) as caught:
+        make()
+    assert caught.value.param == param
+
+
+def _request_alphas(alpha, active_pairs=None):
+    from proxytune.engine.controls import request_alphas
+    from proxytune.engine.members import Member, Pair
+    from proxytune.prompts import PromptFormat
+    from proxytune.schedules import Constant
+
+    pairs = [
+        Pair(Member(f"expert[{i}]", object(), PromptFormat("raw")), None, Constant(1.0))
+        for i in range(2)
+    ]
+    return request_alphas(pairs, alpha, active_pairs)
+
+
+def _make_rule(spec):
+    from proxytune.rules import make_rule
+
+    return make_rule(spec, "rule")

@@ -55,36 +55,43 @@ class GenerationConfig:
         if self.temperature < 0:
             raise ConfigError(
                 f"temperature must be >= 0 (0 = greedy), got {self.temperature}; "
-                "use temperature=0 for greedy decoding"
+                "use temperature=0 for greedy decoding",
+                param="temperature",
             )
         if 0 < self.temperature < MIN_TEMPERATURE:
             raise ConfigError(
                 f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got "
                 f"{self.temperature!r}: a smaller one overflows the scores; use temperature=0 "
-                "for greedy decoding"
+                "for greedy decoding",
+                param="temperature",
             )
         _require_number(self.top_p, "top_p")
         if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}; 1 turns it off")
+            raise ConfigError(
+                f"top_p must be in (0, 1], got {self.top_p}; 1 turns it off", param="top_p"
+            )
         _require_number(self.min_p, "min_p")
         if not 0.0 <= self.min_p < 1.0:
-            raise ConfigError(f"min_p must be in [0, 1), got {self.min_p}; 0 turns it off")
+            raise ConfigError(
+                f"min_p must be in [0, 1), got {self.min_p}; 0 turns it off", param="min_p"
+            )
         _require_number(self.repetition_penalty, "repetition_penalty")
         if self.repetition_penalty <= 0:
             raise ConfigError(
-                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"
+                f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}",
+                param="repetition_penalty",
             )
         _require_number(self.presence_penalty, "presence_penalty")
         _require_number(self.frequency_penalty, "frequency_penalty")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int)
         ):
-            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
+            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}", param="seed")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         stop = tuple(self.stop)
         if any(not isinstance(s, str) or not s for s in stop):
-            raise ConfigError(f"stop strings must be non-empty strings, got {stop!r}")
+            raise ConfigError(f"stop strings must be non-empty strings, got {stop!r}", param="stop")
         object.__setattr__(self, "stop", stop)
         if self.eos_token_ids is not None:
             object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
@@ -129,12 +136,12 @@ class GenerationConfig:
 
 def _require_number(value: Any, name: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        raise ConfigError(f"{name} must be a finite number, got {value!r}", param=name)
 
 
 def _require_int(value: Any, name: str, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}", param=name)
 
 
 AUTO_DRAFT = "auto"

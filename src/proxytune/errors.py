@@ -8,7 +8,14 @@ class ProxyTuneError(Exception):
 
 
 class ConfigError(ProxyTuneError, ValueError):
-    """A setting is out of range or inconsistent (alpha, temperature, top_p, ...)."""
+    """A setting is out of range or inconsistent (alpha, temperature, top_p, ...).
+
+    ``param``: the setting it is about where there is one (``temperature``, ``alpha[1]``,
+    ``rule.tau``, ``prompt``), for a caller that points at it (the server's 400 names it)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class ModelLoadError(ProxyTuneError):

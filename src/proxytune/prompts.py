@@ -55,12 +55,13 @@ def token_prompt(
     proxytune.errors.ConfigError: prompt: token id 200 at position 1 is outside the vocabulary ...
     """
     if not ids:
-        raise ConfigError(f"{where}: an empty list of token ids; give at least one id")
+        raise ConfigError(f"{where}: an empty list of token ids; give at least one id", param=where)
     for i, t in enumerate(ids):
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
             raise ConfigError(
                 f"{where}: token id {t!r} at position {i} is outside the vocabulary "
-                f"(ids 0..{vocab_size - 1})"
+                f"(ids 0..{vocab_size - 1})",
+                param=where,
             )
     return TokenIds(ids, tokenizer.decode(list(ids), skip_special_tokens=False))
 
@@ -73,7 +74,9 @@ def as_messages(prompt: Prompt, system: str | None = None) -> list[dict[str, str
         messages = [dict(m) for m in prompt]
         for i, m in enumerate(messages):
             if "role" not in m or "content" not in m:
-                raise ConfigError(f"message {i} needs 'role' and 'content' keys, got {sorted(m)}")
+                raise ConfigError(
+                    f"message {i} needs 'role' and 'content' keys, got {sorted(m)}", param="message"
+                )
     if system is not None and not (messages and messages[0]["role"] == "system"):
         messages.insert(0, {"role": "system", "content": system})
     return messages
@@ -116,7 +119,8 @@ class PromptFormat:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ConfigError(
-                f"prompt format must be 'auto', 'raw', 'chat' or 'template', got {self.kind!r}"
+                f"prompt format must be 'auto', 'raw', 'chat' or 'template', got {self.kind!r}",
+                param="prompt",
             )
         if self.kind == "template" and (not self.template or "{prompt}" not in self.template):
             raise ConfigError("a 'template' prompt format needs a template containing '{prompt}'")
@@ -155,14 +159,16 @@ class PromptFormat:
             if not self.verbatim:
                 raise ConfigError(
                     f"prompt: token-id prompts are read verbatim, but this model reads "
-                    f"{self.label!r} prompts; send the prompt as text"
+                    f"{self.label!r} prompts; send the prompt as text",
+                    param="prompt",
                 )
             return list(prompt.ids)
         if self.kind == "chat":
             if not getattr(tokenizer, "chat_template", None):
                 raise ConfigError(
                     "prompt format 'chat' was chosen for a model whose tokenizer has no chat "
-                    "template; use 'raw' or a '{prompt}' template for that model instead"
+                    "template; use 'raw' or a '{prompt}' template for that model instead",
+                    param="prompt",
                 )
             text = tokenizer.apply_chat_template(
                 as_messages(prompt, self.system), tokenize=False, add_generation_prompt=True

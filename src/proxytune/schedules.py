@@ -20,9 +20,11 @@ nothing useful and can turn the scores into inf - inf = NaN."""
 def check_alpha(value: Any, where: str = "alpha") -> float:
     """Return ``value`` as a finite float, or raise :class:`ConfigError` naming ``where``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where} must be a number, got {value!r} ({type(value).__name__})")
+        raise ConfigError(
+            f"{where} must be a number, got {value!r} ({type(value).__name__})", param=where
+        )
     if not math.isfinite(value):
-        raise ConfigError(f"{where} must be a finite number, got {value!r}")
+        raise ConfigError(f"{where} must be a finite number, got {value!r}", param=where)
     return float(value)
 
 
@@ -32,7 +34,7 @@ def check_steps(value: Any, where: str = "steps") -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where} must be an integer >= 1, got {value!r}")
+        raise ConfigError(f"{where} must be an integer >= 1, got {value!r}", param=where)
     return value
 
 
@@ -119,8 +121,12 @@ def as_schedule(spec: float | int | Schedule | Mapping[str, Any], where: str = "
                     check_steps(spec["steps"], f"{where}.steps"),
                 )
         except KeyError as err:
-            raise ConfigError(f"{where}: schedule {kind!r} needs the key {err.args[0]!r}") from None
-        raise ConfigError(f"{where}: unknown schedule {kind!r}; use 'constant' or 'linear'")
+            raise ConfigError(
+                f"{where}: schedule {kind!r} needs the key {err.args[0]!r}", param=where
+            ) from None
+        raise ConfigError(
+            f"{where}: unknown schedule {kind!r}; use 'constant' or 'linear'", param=where
+        )
     if callable(spec):
         return Checked(spec, where)
     return Constant(check_alpha(spec, where))

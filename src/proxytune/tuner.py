@@ -398,7 +398,8 @@ class ProxyTuner:
         if why is not None and any(isinstance(p, TokenIds) for p in prompt_list):
             raise ConfigError(
                 f"prompt: token-id prompts are read verbatim by every model, but {why}; "
-                "send the prompt as text"
+                "send the prompt as text",
+                param="prompt",
             )
         return prepare(self.base, pairs, prompt_list, cfg, self.vocab_size, eos, chosen)
 
@@ -558,7 +559,9 @@ class ProxyTuner:
         if alpha is None:
             return self.pairs
         if not self.pairs:
-            raise ConfigError("alpha was given but this tuner has no expert/anti-expert pair")
+            raise ConfigError(
+                "alpha was given but this tuner has no expert/anti-expert pair", param="alpha"
+            )
         if isinstance(alpha, Sequence) and not isinstance(alpha, (str, Mapping)):
             if len(alpha) != len(self.pairs):
                 raise ConfigError(f"{len(alpha)} alphas given for {len(self.pairs)} pairs")
@@ -584,5 +587,7 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         return [items]  # type: ignore[list-item]
     for i, p in enumerate(items):
         if not isinstance(p, (str, list, tuple)):
-            raise ConfigError(f"prompt {i} must be a string or a list of messages, got {type(p)}")
+            raise ConfigError(
+                f"prompt {i} must be a string or a list of messages, got {type(p)}", param="prompt"
+            )
     return items

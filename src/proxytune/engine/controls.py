@@ -1,7 +1,8 @@
 """Per-request steering controls: ``alpha``, ``active_pairs`` and ``rule``, validated.
 
-Every error is a :class:`~proxytune.errors.ConfigError` whose message starts with the field it
-is about (``alpha[1] must be a number ...``), which the server turns into a 400 naming it.
+Every error is a :class:`~proxytune.errors.ConfigError` that names the field it is about in
+its message (``alpha[1] must be a number ...``) and its ``param`` (``alpha[1]``), which the
+server's 400 points at.
 """
 
 from __future__ import annotations
@@ -32,12 +33,16 @@ def request_alphas(
     switched-off pair gets alpha 0 and never runs, whatever the rule.
     """
     if alpha is not None and not pairs:
-        raise ConfigError("alpha was given but this model has no expert/anti-expert pair")
+        raise ConfigError(
+            "alpha was given but this model has no expert/anti-expert pair", param="alpha"
+        )
     if alpha is None:
         schedules = [p.alpha for p in pairs]
     elif isinstance(alpha, (list, tuple)):
         if len(alpha) != len(pairs):
-            raise ConfigError(f"alpha: {len(alpha)} values given for {len(pairs)} pair(s)")
+            raise ConfigError(
+                f"alpha: {len(alpha)} values given for {len(pairs)} pair(s)", param="alpha"
+            )
         schedules = [_user_alpha(a, f"alpha[{i}]") for i, a in enumerate(alpha)]
     else:
         schedules = [_user_alpha(alpha, "alpha")] * len(pairs)
@@ -47,7 +52,8 @@ def request_alphas(
             if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(pairs):
                 raise ConfigError(
                     f"active_pairs: {i!r} is not a pair index; this model has {len(pairs)} "
-                    f"pair(s), indices 0..{len(pairs) - 1}"
+                    f"pair(s), indices 0..{len(pairs) - 1}",
+                    param="active_pairs",
                 )
         active = [i in set(active_pairs) for i in range(len(pairs))]
     schedules = [s if on else Constant(0.0) for s, on in zip(schedules, active, strict=True)]
@@ -59,14 +65,16 @@ def _user_alpha(value: Any, where: str) -> Schedule:
     if not isinstance(value, (int, float, Mapping)):
         raise ConfigError(
             f"{where} must be a number or a schedule mapping, "
-            f"got {value!r} ({type(value).__name__})"
+            f"got {value!r} ({type(value).__name__})",
+            param=where,
         )
     schedule = as_schedule(value, where)
     for key in ("alpha", "start", "end"):
         v = getattr(schedule, key, 0.0)
         if abs(v) > MAX_ABS_ALPHA:
             raise ConfigError(
-                f"{where} must be between {-MAX_ABS_ALPHA:g} and {MAX_ABS_ALPHA:g}, got {v!r}"
+                f"{where} must be between {-MAX_ABS_ALPHA:g} and {MAX_ABS_ALPHA:g}, got {v!r}",
+                param=where,
             )
     return schedule
 
@@ -117,18 +125,23 @@ def request_rule(tuner: Steerable, spec: Any) -> Rule:
     tuner's models. Rules that load models (``args``'s reward model) are refused: a request
     must not make the server read model files; put such a rule in the server's recipe."""
     if not isinstance(spec, str | Mapping):
-        raise ConfigError(f"rule must be a rule name or a mapping with a 'name', got {spec!r}")
+        raise ConfigError(
+            f"rule must be a rule name or a mapping with a 'name', got {spec!r}", param="rule"
+        )
     check_rule_size(spec)  # before anything recurses into it
     try:
         built = tuner.with_rule(spec).rule
     except ConfigError as err:
         text = str(err)
-        raise ConfigError(text if text.startswith("rule") else f"rule: {text}") from None
+        if text.startswith("rule"):
+            raise ConfigError(text, param=err.param or "rule") from None
+        raise ConfigError(f"rule: {text}", param="rule") from None
     loads = _rules_in(built) & LOADING_RULES
     if loads:
         raise ConfigError(
             f"rule: {sorted(loads)} loads a model and cannot be chosen per request; serve it "
-            "from the recipe's rule instead"
+            "from the recipe's rule instead",
+            param="rule",
         )
     return built
 

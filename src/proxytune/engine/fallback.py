@@ -29,7 +29,7 @@ REASONS = ("non_finite", "error")
 
 def check_policy(policy: str, where: str = "fallback") -> str:
     if policy not in POLICIES:
-        raise ConfigError(f"{where} must be one of {list(POLICIES)}, got {policy!r}")
+        raise ConfigError(f"{where} must be one of {list(POLICIES)}, got {policy!r}", param=where)
     return policy
 
 

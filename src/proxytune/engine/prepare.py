@@ -75,7 +75,8 @@ def render_prompts(
             raise ConfigError(
                 f"prompt: token-id prompts are read verbatim by every model, but the "
                 f"{member.role} ({member.model.name}) reads {member.prompt.label!r} prompts; "
-                "send the prompt as text, or serve that model on the raw prompt format"
+                "send the prompt as text, or serve that model on the raw prompt format",
+                param="prompt",
             )
         ids = [member.prompt.render(p, member.model.tokenizer) for p in prompts]
         limit = member.model.context_length
@@ -83,7 +84,8 @@ def render_prompts(
             if not row:
                 raise ConfigError(
                     f"prompt {i} is empty after tokenization for the {member.role} "
-                    f"({member.model.name}); give a non-empty prompt"
+                    f"({member.model.name}); give a non-empty prompt",
+                    param="prompt",
                 )
             if limit is not None and len(row) >= limit:
                 raise PromptTooLongError(

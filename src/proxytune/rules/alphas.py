@@ -67,7 +67,8 @@ def search(expression: str, text: str, where: str = "regex") -> bool:
     except TimeoutError:
         raise ConfigError(
             f"rule {where} {expression!r} took over {REGEX_SECONDS:g}s on the prompt and was "
-            "stopped; simplify it (nested quantifiers such as (a+)+ backtrack exponentially)"
+            "stopped; simplify it (nested quantifiers such as (a+)+ backtrack exponentially)",
+            param="rule",
         ) from None
     return found is not None
 

@@ -123,21 +123,24 @@ def make_rule(spec: Any = None, where: str = "rule") -> Rule:
         return _rule_class(spec, where)()
     if isinstance(spec, Mapping):
         if "name" not in spec:
-            raise ConfigError(f"{where} needs a 'name'; rules: {sorted(RULES)}")
+            raise ConfigError(f"{where} needs a 'name'; rules: {sorted(RULES)}", param=where)
         settings = {k: v for k, v in spec.items() if k != "name"}
         return _rule_class(spec["name"], f"{where}.name").from_settings(settings, where)
     if callable(spec):
         return FunctionRule(spec)
     raise ConfigError(
-        f"{where} must be a rule name, a mapping with a 'name', or a rule; got {spec!r}"
+        f"{where} must be a rule name, a mapping with a 'name', or a rule; got {spec!r}",
+        param=where,
     )
 
 
 def _rule_class(name: Any, where: str) -> type[RuleBase]:
     if not isinstance(name, str):
-        raise ConfigError(f"{where} must be a rule name (a string), got {type(name).__name__}")
+        raise ConfigError(
+            f"{where} must be a rule name (a string), got {type(name).__name__}", param=where
+        )
     if name not in RULES:
-        raise ConfigError(f"{where}: unknown rule {name!r}; rules: {sorted(RULES)}")
+        raise ConfigError(f"{where}: unknown rule {name!r}; rules: {sorted(RULES)}", param=where)
     return RULES[name]
 
 
@@ -174,11 +177,14 @@ def check_rule_size(spec: Any, where: str = "rule") -> None:
         if depth > MAX_RULE_DEPTH:
             raise ConfigError(
                 f"{where} is nested more than {MAX_RULE_DEPTH} levels deep (mappings and "
-                "lists); flatten it"
+                "lists); flatten it",
+                param=where,
             )
         items += len(children)
         if items > MAX_RULE_ITEMS:
-            raise ConfigError(f"{where} holds more than {MAX_RULE_ITEMS} keys and values")
+            raise ConfigError(
+                f"{where} holds more than {MAX_RULE_ITEMS} keys and values", param=where
+            )
         stack.extend((c, depth + 1) for c in children)
 
 
@@ -232,7 +238,8 @@ class RuleBase:
         if unknown:
             raise ConfigError(
                 f"{where}: rule {cls.name!r} has no setting(s) {unknown}; its settings: "
-                f"{sorted(known)}"
+                f"{sorted(known)}",
+                param=where,
             )
         values = {k: known[k].metadata["convert"](v, f"{where}.{k}") for k, v in settings.items()}
         return cls(**values)

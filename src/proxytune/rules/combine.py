@@ -92,7 +92,8 @@ def check_mixture_weights(lowest: float, total: float, got: str) -> None:
         raise ConfigError(
             "alpha: rule 'mixture' takes each pair's alpha as its mixing weight, which must be "
             f"in [0, 1] with the pairs' weights summing to at most 1; got {got}; send alpha "
-            "between 0 and 1 (or use rule 'proxy' or 'product' for larger steering)"
+            "between 0 and 1 (or use rule 'proxy' or 'product' for larger steering)",
+            param="alpha",
         )
 
 
@@ -137,7 +138,8 @@ class _ExpertsOnly(RuleBase):
             if not p.expert and not p.always_off:
                 raise ConfigError(
                     f"rule {self.name!r} reads each pair's expert, but pair {i} has only an "
-                    "anti-expert; give it an expert or use rule 'proxy'"
+                    "anti-expert; give it an expert or use rule 'proxy'",
+                    param="rule",
                 )
 
     def needs(self, request: Request) -> tuple[Sides, ...]:
@@ -230,7 +232,8 @@ class Nudging(_ExpertsOnly):
         if len(live) > 1:
             raise ConfigError(
                 f"rule 'nudging' hands the token to one expert, but {len(live)} pairs are on; "
-                "keep one pair on (or give the others alpha 0)"
+                "keep one pair on (or give the others alpha 0)",
+                param="rule",
             )
 
     def step(self, ctx: StepContext, state: Any) -> torch.Tensor:
@@ -281,7 +284,8 @@ class Pairs(RuleBase):
         if len(self.rules) != len(request.pairs):
             raise ConfigError(
                 f"rule 'pairs' needs one rule per pair: {len(self.rules)} rule(s) in 'rules' "
-                f"for {len(request.pairs)} pair(s)"
+                f"for {len(request.pairs)} pair(s)",
+                param="rule",
             )
 
     def _alone(self, request: Request, i: int) -> Request:

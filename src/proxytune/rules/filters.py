@@ -309,15 +309,22 @@ class Tokens(_Wrapper):
 
         def check_id(i: int, key: str) -> int:
             if i >= v:
-                raise ConfigError(f"{where}.{key}: token id {i} is outside the vocabulary (< {v})")
+                raise ConfigError(
+                    f"{where}.{key}: token id {i} is outside the vocabulary (< {v})",
+                    param=f"{where}.{key}",
+                )
             return i
 
         def encode(s: str, key: str) -> tuple[int, ...]:
             if request.tokenizer is None:
-                raise ConfigError(f"{where}.{key}: token strings need the base tokenizer")
+                raise ConfigError(
+                    f"{where}.{key}: token strings need the base tokenizer", param=f"{where}.{key}"
+                )
             ids = tuple(request.tokenizer(s, add_special_tokens=False)["input_ids"])
             if not ids:
-                raise ConfigError(f"{where}.{key}: {s!r} tokenizes to no token")
+                raise ConfigError(
+                    f"{where}.{key}: {s!r} tokenizes to no token", param=f"{where}.{key}"
+                )
             return tuple(check_id(i, key) for i in ids)
 
         bias = torch.zeros(v, device=request.device)  # (V,)
@@ -347,7 +354,7 @@ class Tokens(_Wrapper):
             left &= allow
         if not bool(left.any()):  # refused here (a 400), not at the first step (a 500)
             what = "the block-list" if allow is None else "the allow-list minus the block-list"
-            raise ConfigError(f"{where}: {what} leaves no token to choose")
+            raise ConfigError(f"{where}: {what} leaves no token to choose", param=where)
         used = bool(bias.any())
         return _TokenState(
             self.inner.bind(request), bias if used else None, tuple(sequences), allow

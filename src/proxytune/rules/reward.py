@@ -106,7 +106,9 @@ class Args(_Wrapper):
         if self.w == 0:
             return _ArgsState(inner, None, request.tokenizer, request.prompts)
         if request.tokenizer is None:
-            raise ConfigError("rule 'args' needs the base tokenizer to turn candidates into text")
+            raise ConfigError(
+                "rule 'args' needs the base tokenizer to turn candidates into text", param="rule"
+            )
         if callable(self.model):
             return _ArgsState(inner, self.model, request.tokenizer, request.prompts)
         hf = load_reward_model(self.model, self.device, self.dtype)

@@ -45,7 +45,7 @@ def number(
 
     def convert(value: Any, where: str) -> float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {_kind(value)}")
+            raise ConfigError(f"{where} must be a number, got {_kind(value)}", param=where)
         value = float(value)
         too_low = lo is not None and (value <= lo if lo_open else value < lo)
         too_high = hi is not None and (value >= hi if hi_open else value > hi)
@@ -53,7 +53,9 @@ def number(
             left = "(" if lo_open or lo is None else "["
             right = ")" if hi_open or hi is None else "]"
             span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
-            raise ConfigError(f"{where} must be a finite number in {span}, got {value!r}")
+            raise ConfigError(
+                f"{where} must be a finite number in {span}, got {value!r}", param=where
+            )
         return value
 
     return convert
@@ -64,9 +66,9 @@ def integer(lo: int | None = None) -> Convert:
 
     def convert(value: Any, where: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {_kind(value)}")
+            raise ConfigError(f"{where} must be an integer, got {_kind(value)}", param=where)
         if lo is not None and value < lo:
-            raise ConfigError(f"{where} must be an integer >= {lo}, got {value}")
+            raise ConfigError(f"{where} must be an integer >= {lo}, got {value}", param=where)
         return value
 
     return convert
@@ -74,14 +76,14 @@ def integer(lo: int | None = None) -> Convert:
 
 def boolean(value: Any, where: str) -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(f"{where} must be true or false, got {_kind(value)}")
+        raise ConfigError(f"{where} must be true or false, got {_kind(value)}", param=where)
     return value
 
 
 def choice(*options: str) -> Convert:
     def convert(value: Any, where: str) -> str:
         if value not in options:
-            raise ConfigError(f"{where} must be one of {list(options)}, got {value!r}")
+            raise ConfigError(f"{where} must be one of {list(options)}, got {value!r}", param=where)
         return value
 
     return convert
@@ -94,13 +96,13 @@ def optional(inner: Convert) -> Convert:
 
 def text(value: Any, where: str) -> str:
     if not isinstance(value, str) or not value:
-        raise ConfigError(f"{where} must be a non-empty string, got {_kind(value)}")
+        raise ConfigError(f"{where} must be a non-empty string, got {_kind(value)}", param=where)
     return value
 
 
 def _sequence(value: Any, where: str) -> Sequence[Any]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Sequence):
-        raise ConfigError(f"{where} must be a list, got {_kind(value)}")
+        raise ConfigError(f"{where} must be a list, got {_kind(value)}", param=where)
     return value
 
 
@@ -125,10 +127,14 @@ def mapping_of(key: Convert, item: Convert) -> Convert:
 
     def convert(value: Any, where: str) -> dict[Any, Any]:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping, got {_kind(value)}")
+            raise ConfigError(f"{where} must be a mapping, got {_kind(value)}", param=where)
         out: dict[Any, Any] = {}
         for k, v in value.items():
-            out[key(k, f"{where} key {k!r}")] = item(v, f"{where}[{k!r}]")
+            try:
+                name = key(k, f"{where} key {k!r}")
+            except ConfigError as err:  # about the mapping itself, not one of its items
+                raise ConfigError(str(err), param=where) from None
+            out[name] = item(v, f"{where}[{k!r}]")
         return out
 
     return convert
@@ -142,7 +148,8 @@ def role_key(value: Any, where: str) -> str:
     if not isinstance(value, str) or not ROLE.match(value) or value.startswith("base["):
         raise ConfigError(
             f"{where}: not a model role; use 'base', 'expert', 'anti_expert', 'expert[i]' or "
-            "'anti_expert[i]'"
+            "'anti_expert[i]'",
+            param=where,
         )
     return value
 
@@ -162,7 +169,9 @@ def pattern(value: Any, where: str) -> str:
     try:
         regex.compile(value, flags=regex.VERSION0)  # the engine that matches it
     except regex.error as err:
-        raise ConfigError(f"{where} is not a valid regular expression: {err}") from None
+        raise ConfigError(
+            f"{where} is not a valid regular expression: {err}", param=where
+        ) from None
     return value
 
 
@@ -170,20 +179,24 @@ def prompt_rules(value: Any, where: str) -> tuple[dict[str, Any], ...]:
     """Context rules: ``[{keyword: str | regex: str, alpha: a | [a_0, a_1, ...]}, ...]``."""
     items = _sequence(value, where)
     if not items:
-        raise ConfigError(f"{where} needs at least one {{keyword|regex, alpha}} entry")
+        raise ConfigError(f"{where} needs at least one {{keyword|regex, alpha}} entry", param=where)
     out = []
     for i, item in enumerate(items):
         at = f"{where}[{i}]"
         if not isinstance(item, Mapping):
-            raise ConfigError(f"{at} must be a mapping like {{keyword: 'sql', alpha: 1.5}}")
+            raise ConfigError(
+                f"{at} must be a mapping like {{keyword: 'sql', alpha: 1.5}}", param=at
+            )
         unknown = sorted(set(item) - {"keyword", "regex", "alpha"})
         if unknown:
-            raise ConfigError(f"{at}: unknown key(s) {unknown}; known: alpha, keyword, regex")
+            raise ConfigError(
+                f"{at}: unknown key(s) {unknown}; known: alpha, keyword, regex", param=at
+            )
         kinds = [k for k in ("keyword", "regex") if k in item]
         if len(kinds) != 1:
-            raise ConfigError(f"{at} needs exactly one of 'keyword' or 'regex'")
+            raise ConfigError(f"{at} needs exactly one of 'keyword' or 'regex'", param=at)
         if "alpha" not in item:
-            raise ConfigError(f"{at} needs an 'alpha' (a number, or one per pair)")
+            raise ConfigError(f"{at} needs an 'alpha' (a number, or one per pair)", param=at)
         kind = kinds[0]
         check = pattern if kind == "regex" else text
         out.append(

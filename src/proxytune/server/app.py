@@ -473,13 +473,18 @@ def _prepare(
         message = _hide_paths(str(err), tuner)
         raise APIError(message, param=field, code="context_length_exceeded") from None
     except ConfigError as err:
-        text = _hide_paths(str(err), tuner)
-        head = text.split(" ", 1)[0].rstrip(":")
-        known = type(req).model_fields  # messages start with the field they are about
-        param = head if head.split("[", 1)[0].split(".", 1)[0] in known else None
-        if text.startswith(("prompt", "message")):
-            param = "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
-        raise APIError(text, param=param) from None
+        raise APIError(_hide_paths(str(err), tuner), param=_field_of(err, req)) from None
+
+
+def _field_of(err: ConfigError, req: Any) -> str | None:
+    """The request field ``err`` is about: its ``param`` where that is one of the request's
+    fields; a prompt's or message's problem is the request's prompt field."""
+    if err.param is None:
+        return None
+    if err.param.startswith(("prompt", "message")):
+        return "messages" if isinstance(req, ChatCompletionRequest) else "prompt"
+    root = err.param.split("[", 1)[0].split(".", 1)[0]
+    return err.param if root in type(req).model_fields else None
 
 
 def _hide_paths(message: str, tuner: ProxyTuner) -> str:
