@@ -416,14 +416,7 @@ class ContinuousBatch(RequestCore):
                 chosen[_index(idx, scores)] = picked
 
         for idx in groups.values():
-            generators = [rows[i].generator for i in idx]
-            saved = [g.get_state() if g is not None else None for g in generators]
-
-            def rewind(generators=generators, saved=saved) -> None:  # type: ignore[no-untyped-def]
-                for g, state in zip(generators, saved, strict=True):
-                    if g is not None and state is not None:
-                        g.set_state(state)
-
+            rewind = _rewinder([rows[i].generator for i in idx])
             self._isolated(rows, idx, ok, pick, rewind, _sampling_error)
         return chosen
 
@@ -459,6 +452,18 @@ class ContinuousBatch(RequestCore):
             row.done = True
             job.rows_left -= 1
         return update
+
+
+def _rewinder(generators: list[torch.Generator | None]) -> Callable[[], None]:
+    """A function that puts ``generators`` back in the state they are in now."""
+    saved = [g.get_state() if g is not None else None for g in generators]
+
+    def rewind() -> None:
+        for g, state in zip(generators, saved, strict=True):
+            if g is not None and state is not None:
+                g.set_state(state)
+
+    return rewind
 
 
 def _index(idx: list[int], like: torch.Tensor) -> torch.Tensor:
