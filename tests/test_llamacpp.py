@@ -104,6 +104,34 @@ def test_batched_alone_cached_and_recomputed_agree(both):
     ]
 
 
+@needs_llama
+def test_a_prompt_prefilled_before_is_restored_and_decodes_the_same(tiny):
+    plain = tuner(tiny, "llamacpp")
+    cached = tuner(tiny, "llamacpp", options={"prefix_cache": True, "prefix_min_tokens": 6})
+    sizes = [len(cached.base.prompt.render(p, cached.tokenizer)) for p in PROMPTS]
+    assert min(sizes) < 6 <= sorted(sizes)[1]
+    settings = {"max_new_tokens": 12, "logprobs": True}
+    want = plain.generate(PROMPTS, **settings)
+    first = cached.generate(PROMPTS, **settings)
+    cache = cached.base.model.prompts
+    assert cache is not None and cache.restored_tokens == 0
+    assert len(cache.entries) == len(PROMPTS) - 1  # the shortest is prefilled every time
+    again = cached.generate(PROMPTS, **settings)
+    assert cache.restored_tokens > 0
+    assert ids(first) == ids(again) == ids(want)
+    # restored cells sit elsewhere in the KV cache: float rounding, as in another batch
+    for a, w in zip(again, want, strict=True):
+        got, expected = [x.logprob for x in a.logprobs], [x.logprob for x in w.logprobs]
+        assert got == pytest.approx(expected, abs=1e-5)
+    mixed = [PROMPTS[1], "A prompt not seen before", PROMPTS[0]]  # restored and new rows
+    assert ids(cached.generate(mixed, alpha=2.0, max_new_tokens=10)) == ids(
+        plain.generate(mixed, alpha=2.0, max_new_tokens=10)
+    )
+    context = cached.base.model.context
+    assert len(context.free) == llamacpp.MAX_SEQUENCES  # restored rows are given back too
+    assert plain.base.model.prompts is None
+
+
 def test_speculative_equals_plain_and_rollback_equals_recompute(both):
     _, cpp = both
     want = ids(cpp.generate(PROMPTS, max_new_tokens=14))

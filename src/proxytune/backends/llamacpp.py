@@ -44,6 +44,7 @@ from ..errors import ConfigError, ModelLoadError, ProxyTuneError
 from ..specs import ModelSpec, available_cores
 from .base import end_ids
 from .llamacpp_head import PLAIN_HEADS, NormTap, OutputHead, ggml_library
+from .llamacpp_prompts import DEFAULT_BUDGET, Prefilled, PromptCache
 
 INSTALL = "pip install 'proxytune[llamacpp]' (builds llama.cpp from source: about 6 minutes)"
 KV_CELLS = 4096
@@ -296,6 +297,21 @@ class _Context:
         if not self.lc.llama_memory_seq_rm(self.memory, seq, length, -1):
             raise LlamaCppError(f"llama.cpp could not roll sequence {seq} back to {length}")
 
+    def save(self, seq: int) -> bytes:
+        """The state bytes of sequence ``seq`` (its keys and values)."""
+        with self.lock:
+            size = int(self.lc.llama_state_seq_get_size(self.ctx, seq))
+            buffer = (ctypes.c_uint8 * size)()
+            written = int(self.lc.llama_state_seq_get_data(self.ctx, buffer, size, seq))
+            return bytes(memoryview(buffer)[:written])
+
+    def restore(self, seq: int, state: bytes) -> bool:
+        """Load ``state`` (from :meth:`save`) into the empty sequence ``seq``; False where the
+        cache has no room for it (the sequence is left empty)."""
+        with self.lock:
+            buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+            return int(self.lc.llama_state_seq_set_data(self.ctx, buffer, len(state), seq)) > 0
+
     def decode(
         self, entries: Sequence[tuple[int, int, int, bool]], hidden: bool = False
     ) -> np.ndarray:
@@ -427,6 +443,15 @@ class LlamaCppModel:
         self.context = _Context(
             lc, weights, self._vocab_width, self.threads, float_weights, self.kv_cells, lora
         )
+        self.prompts: PromptCache | None = None
+        """Prefilled prompts restored instead of prefilled again (:meth:`cache_prompts`)."""
+
+    def cache_prompts(self, min_tokens: int = 1, budget: int = DEFAULT_BUDGET) -> None:
+        """Keep prefilled prompts of at least ``min_tokens`` ids (within ``budget`` bytes) to
+        restore them when they come again (:mod:`.llamacpp_prompts`); the engine option
+        ``prefix_cache`` turns it on."""
+        if self.prompts is None:
+            self.prompts = PromptCache(budget, min_tokens)
 
     @property
     def thread_cost(self) -> float:
@@ -572,9 +597,45 @@ class LlamaCppState:
         return self.rows.seqs
 
     def prefill(self) -> torch.Tensor:
-        """Decode every row's ids not yet in the cache; the last position's logits ``(B, W)``."""
-        logits = torch.from_numpy(self.context.decode(self._entries(1), self.hidden))
-        return logits.view(len(self.ids), -1)
+        """Decode every row's ids not yet in the cache; the last position's logits ``(B, W)``.
+        With the model's :attr:`~LlamaCppModel.prompts` cache, a prompt prefilled before is
+        restored from it, and the others are kept there."""
+        cache = self.model.prompts if self.use_cache else None
+        if cache is None:
+            logits = torch.from_numpy(self.context.decode(self._entries(1), self.hidden))
+            return logits.view(len(self.ids), -1)
+        with self.context.lock:
+            keys = [tuple(row) for row in self.ids]
+            found = [
+                self._restored(cache, key, seq) for key, seq in zip(keys, self.seqs, strict=True)
+            ]
+            missed = [i for i, entry in enumerate(found) if entry is None]
+            for i, entry in enumerate(found):
+                if entry is not None:  # a restored row holds its whole prompt
+                    self.cached[i] = len(keys[i])
+            entries = self._entries(1, missed)
+            outputs = self.context.decode(entries, self.hidden) if entries else []
+            decoded = dict(zip(missed, outputs, strict=True))
+            for i, output in decoded.items():
+                if len(keys[i]) < cache.min_tokens:
+                    continue
+                state = self.context.save(self.seqs[i])
+                cache.put(keys[i], self.hidden, Prefilled(state, output.copy()))
+        rows = [decoded[i] if entry is None else entry.output for i, entry in enumerate(found)]
+        return torch.from_numpy(np.stack(rows))
+
+    def _restored(self, cache: PromptCache, key: tuple[int, ...], seq: int) -> Prefilled | None:
+        """The cached prefill of ``key``, loaded into ``seq``; ``None`` where there is none
+        (or the KV cache has no room for it)."""
+        if len(key) < cache.min_tokens:
+            return None
+        entry = cache.get(key, self.hidden)
+        if entry is None:
+            return None
+        if not self.context.restore(seq, entry.state):
+            return None
+        cache.restored_tokens += len(key)
+        return entry
 
     def advance(self, tokens: torch.Tensor) -> torch.Tensor:
         new = tokens.tolist()
@@ -636,15 +697,19 @@ class LlamaCppState:
         """Roll back what a partner decoded for this state (before keep, rollback, extend)."""
         self._take_pending(None)
 
-    def _entries(self, k: int) -> list[tuple[int, int, int, bool]]:
+    def _entries(
+        self, k: int, rows: Sequence[int] | None = None
+    ) -> list[tuple[int, int, int, bool]]:
         """Decode entries for every id not yet cached (all of them without a cache), with
-        logits for each row's last ``k``; records them as cached."""
+        logits for each row's last ``k`` (of the rows at ``rows``, default all); records them
+        as cached."""
         if not self.use_cache:  # recompute: every row from its first id
             for i, seq in enumerate(self.seqs):
                 self.context.truncate(seq, 0)
                 self.cached[i] = 0
         entries = []
-        for i, (row, seq) in enumerate(zip(self.ids, self.seqs, strict=True)):
+        for i in range(len(self.ids)) if rows is None else rows:
+            row, seq = self.ids[i], self.seqs[i]
             if len(row) - self.cached[i] < k:
                 raise LlamaCppError("a row was rolled back past the ids it is asked to score")
             for pos in range(self.cached[i], len(row)):

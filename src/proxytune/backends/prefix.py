@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .hf import HFDecodeState, HFModel
+from .llamacpp import LlamaCppModel
 
 Prefix = tuple[int, ...]
 
@@ -156,10 +157,15 @@ def cache_prefixes(
     models: Sequence[Any], min_tokens: int = 16, capacity: int = 8
 ) -> list[Any]:
     """``models`` (one per role) with each :class:`~proxytune.backends.hf.HFModel` wrapped in a
-    :class:`PrefixCachingModel` (roles that share a model share its cache); others as given."""
+    :class:`PrefixCachingModel` (roles that share a model share its cache); a llama.cpp model
+    keeps its prefilled prompts instead (:mod:`.llamacpp_prompts`, on the model itself); others
+    as given."""
     wrapped: dict[int, PrefixCachingModel] = {}
 
     def wrap(model: Any) -> Any:
+        if isinstance(model, LlamaCppModel):
+            model.cache_prompts(min_tokens)
+            return model
         if type(model) is not HFModel:
             return model
         return wrapped.setdefault(id(model), PrefixCachingModel(model, min_tokens, capacity))

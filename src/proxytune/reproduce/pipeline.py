@@ -517,8 +517,14 @@ class Experiment:
                         1.0,
                     )
                 ],
+                options=self._engine_options(),
             )
         return self._models[key]
+
+    def _engine_options(self) -> dict[str, Any]:
+        """Every system of a split runs on the same prompts: on llama.cpp each model restores
+        a prompt it prefilled before (the bytes that prefill made, so the same tokens)."""
+        return {"prefix_cache": self.config.backends()["big"] == "llamacpp"}
 
     def tuned_tuner(self) -> Any:
         if "tuned" not in self._models:
