@@ -310,7 +310,10 @@ class _Context:
         cache has no room for it (the sequence is left empty)."""
         with self.lock:
             buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-            return int(self.lc.llama_state_seq_set_data(self.ctx, buffer, len(state), seq)) > 0
+            if int(self.lc.llama_state_seq_set_data(self.ctx, buffer, len(state), seq)) > 0:
+                return True
+            self.lc.llama_memory_seq_rm(self.memory, seq, -1, -1)  # nothing half-restored
+            return False
 
     def decode(
         self, entries: Sequence[tuple[int, int, int, bool]], hidden: bool = False
