@@ -608,35 +608,27 @@ class LlamaCppState:
             logits = torch.from_numpy(self.context.decode(self._entries(1), self.hidden))
             return logits.view(len(self.ids), -1)
         with self.context.lock:
-            keys = [tuple(row) for row in self.ids]
-            found = [
-                self._restored(cache, key, seq) for key, seq in zip(keys, self.seqs, strict=True)
-            ]
+            found = [self._restored(cache, i) for i in range(len(self.ids))]
             missed = [i for i, entry in enumerate(found) if entry is None]
-            for i, entry in enumerate(found):
-                if entry is not None:  # a restored row holds its whole prompt
-                    self.cached[i] = len(keys[i])
             entries = self._entries(1, missed)
             outputs = self.context.decode(entries, self.hidden) if entries else []
             decoded = dict(zip(missed, outputs, strict=True))
             for i, output in decoded.items():
-                if len(keys[i]) < cache.min_tokens:
-                    continue
-                state = self.context.save(self.seqs[i])
-                cache.put(keys[i], self.hidden, Prefilled(state, output.copy()))
+                key = tuple(self.ids[i])
+                if cache.wants(key):
+                    state = self.context.save(self.seqs[i])
+                    cache.put(key, self.hidden, Prefilled(state, output.copy()))
         rows = [decoded[i] if entry is None else entry.output for i, entry in enumerate(found)]
         return torch.from_numpy(np.stack(rows))
 
-    def _restored(self, cache: PromptCache, key: tuple[int, ...], seq: int) -> Prefilled | None:
-        """The cached prefill of ``key``, loaded into ``seq``; ``None`` where there is none
-        (or the KV cache has no room for it)."""
-        if len(key) < cache.min_tokens:
+    def _restored(self, cache: PromptCache, i: int) -> Prefilled | None:
+        """Row ``i``'s prompt restored from ``cache`` into its sequence (recorded as cached);
+        ``None`` where it is not there (or the KV cache has no room for it)."""
+        key = tuple(self.ids[i])
+        entry = cache.get(key, self.hidden) if cache.wants(key) else None
+        if entry is None or not self.context.restore(self.seqs[i], entry.state):
             return None
-        entry = cache.get(key, self.hidden)
-        if entry is None:
-            return None
-        if not self.context.restore(seq, entry.state):
-            return None
+        self.cached[i] = len(key)
         cache.restored_tokens += len(key)
         return entry
 

@@ -56,6 +56,10 @@ class PromptCache:
         self.restored_tokens = 0
         """Prompt ids restored instead of prefilled (a counter for reports and tests)."""
 
+    def wants(self, ids: tuple[int, ...]) -> bool:
+        """Whether a prompt of ``ids`` is kept (it has at least :attr:`min_tokens`)."""
+        return len(ids) >= self.min_tokens
+
     def get(self, ids: tuple[int, ...], hidden: bool) -> Prefilled | None:
         entry = self.entries.get((ids, hidden))
         if entry is not None:
@@ -74,7 +78,3 @@ class PromptCache:
         while self.size > self.budget:
             _, dropped = self.entries.popitem(last=False)
             self.size -= dropped.size
-
-    def clear(self) -> None:
-        self.entries.clear()
-        self.size = 0

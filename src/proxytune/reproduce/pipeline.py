@@ -523,7 +523,7 @@ class Experiment:
 
     def _engine_options(self) -> dict[str, Any]:
         """Every system of a split runs on the same prompts: on llama.cpp each model restores
-        a prompt it prefilled before (the bytes that prefill made, so the same tokens)."""
+        a prompt it prefilled before instead of prefilling it again (float rounding only)."""
         return {"prefix_cache": self.config.backends()["big"] == "llamacpp"}
 
     def tuned_tuner(self) -> Any:
