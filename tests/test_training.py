@@ -188,6 +188,8 @@ def test_lora_sft_loss_goes_down_and_output_loads_as_an_expert(lora_run, tiny_di
     assert losses[-1] < 0.2 * losses[0]
     assert len(evals) >= 2 and evals[-1] < 0.2 * evals[0]  # the held-out split too
     assert lora_run.metrics["eval_loss"] == pytest.approx(evals[-1])
+    steps = [h["step"] for h in lora_run.log_history if "eval_loss" in h]
+    assert len(steps) == len(set(steps))  # the last step's validation loss is computed once
     meta = json.loads((out / "proxytune_train.json").read_text())
     assert meta["status"] == "complete" and meta["kind"] == "lora-adapter"
     assert meta["base_model"] == str(Path(tiny_dirs["anti"]).resolve())

@@ -127,7 +127,7 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     trainer.save_model(str(out))
     metrics = {k: float(v) for k, v in outcome.metrics.items()}
     if eval_set:
-        metrics.update({k: float(v) for k, v in trainer.evaluate().items()})
+        metrics.update(_final_eval(trainer))
     trainer.save_metrics("all", metrics)
     trainer.save_state()
     write_meta(out, config, template, status="complete", examples=len(train_set), metrics=metrics)
@@ -139,6 +139,18 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
         metrics=metrics,
         log_history=list(trainer.state.log_history),
     )
+
+
+def _final_eval(trainer: Any) -> dict[str, float]:
+    """The validation metrics after the last step: the Trainer's own evaluation at that step
+    when it made one (a step-based schedule always ends with one), else a new evaluation."""
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            if entry.get("step") == step:
+                return {k: float(v) for k, v in entry.items() if k != "step"}
+            break
+    return {k: float(v) for k, v in trainer.evaluate().items()}
 
 
 def _resume_point(config: TrainConfig, out: Path) -> str | None:
