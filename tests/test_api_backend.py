@@ -395,7 +395,7 @@ def test_the_path_is_probed_once_logged_and_shown(bpe, caplog):
                            (FakeVLLM(models["base"], tok, tokens=False), "text")):  # fmt: skip
         model = mock_tuner(models, tok, endpoint).base.model
         assert model.client.describe()["prompt_path"] == "not yet probed"
-        with caplog.at_level(logging.INFO, logger="proxytune.backends.api_client"):
+        with caplog.at_level(logging.INFO, logger="proxytune.backends.api.client"):
             assert model.probe() == path
         assert model.client.describe()["prompt_path"] == path
         assert f"prompts travel as {path}" in caplog.text

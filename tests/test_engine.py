@@ -56,7 +56,7 @@ def imported_packages(path: Path) -> set[str]:
     ],
 )
 def test_each_layer_imports_nothing_above_it(layer, forbidden):
-    for path in sorted((PACKAGE / layer).glob("*.py")):
+    for path in sorted((PACKAGE / layer).rglob("*.py")):
         bad = imported_packages(path) & forbidden
         assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
 
@@ -77,9 +77,36 @@ def test_the_foundation_imports_nothing_but_itself(name):
 def test_backends_import_only_the_foundation():
     """Also inside functions (``ast.walk`` reads every import): a backend does not reach up
     for the engine's helpers (``crosstok``) or anything above."""
-    for path in sorted((PACKAGE / "backends").glob("*.py")):
+    for path in sorted((PACKAGE / "backends").rglob("*.py")):
         bad = imported_packages(path) - FOUNDATION - {"backends"}
         assert not bad, f"{path.relative_to(PACKAGE)} imports {sorted(bad)}"
+
+
+def lazy_imports(path: Path) -> list[tuple[int, bool]]:
+    """Each import of proxytune's own inside a function of ``path``: its line, and whether it
+    says why (``# lazy: ...`` on the line above it or above its run of imports)."""
+    lines = path.read_text().splitlines()
+    found = []
+    for fn in ast.walk(ast.parse("\n".join(lines))):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.ImportFrom) and (
+                node.level or (node.module or "").startswith("proxytune")
+            ):
+                above = node.lineno - 2
+                while above >= 0 and lines[above].lstrip().startswith(("from ", "import ")):
+                    above -= 1
+                found.append((node.lineno, lines[above].lstrip().startswith("# lazy: ")))
+    return found
+
+
+def test_imports_inside_functions_are_few_and_each_says_why():
+    """The rest are at the top of their module (docs/architecture.md)."""
+    found = {p: lazy_imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
+    silent = [f"{p.relative_to(PACKAGE)}:{n}" for p, f in found.items() for n, why in f if not why]
+    assert not silent, f"imports inside functions without a '# lazy:' reason: {silent}"
+    assert sum(len(f) for f in found.values()) <= 40
 
 
 @pytest.fixture(scope="module")

@@ -364,12 +364,12 @@ def test_alpha_values_repeated_or_comma_separated():
 
 
 def test_eval_and_reproduce_take_repeated_or_comma_alphas(tiny_dirs, tmp_path, monkeypatch):
-    import proxytune.evaluation.commands
+    import proxytune.cli.evaluate
     import proxytune.reproduce.pipeline
 
     seen = []
     monkeypatch.setattr(
-        proxytune.evaluation.commands, "run_eval", lambda t, task, **kw: seen.append(kw) or 0
+        proxytune.cli.evaluate, "run_eval", lambda t, task, **kw: seen.append(kw) or 0
     )
     args = ["eval", "arith", *tiny_models(tiny_dirs)]
     assert main([*args, "--alpha", "0", "--alpha", "0.5,1"]) == 0
@@ -397,11 +397,11 @@ def test_engine_options_reach_the_tuner_at_load(tiny_dirs, tmp_path, monkeypatch
     assert not options.prefix_cache and not options.overlap
     assert main(["serve", *models, "--stacked", "--prefix-cache"]) == 2  # before loading
     assert "do not compose" in capsys.readouterr().err
-    import proxytune.evaluation.commands
+    import proxytune.cli.evaluate
 
     tuners = []
     monkeypatch.setattr(
-        proxytune.evaluation.commands, "run_eval", lambda t, task, **kw: tuners.append(t) or 0
+        proxytune.cli.evaluate, "run_eval", lambda t, task, **kw: tuners.append(t) or 0
     )
     assert main(["eval", "arith", *models]) == 0
     assert main(["eval", "arith", *models, "--no-candidates"]) == 0

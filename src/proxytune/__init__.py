@@ -31,7 +31,8 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    if name == "ProxyTuner":  # imports torch: only on first use
+    if name == "ProxyTuner":
+        # lazy: torch, only on first use (`import proxytune` stays light)
         from .tuner import ProxyTuner
 
         return ProxyTuner

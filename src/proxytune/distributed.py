@@ -163,6 +163,7 @@ class _EvalActor:
         self.alone: dict[str, Any] = {}
 
     def run(self, job: Any, system: tuple[str, str, Any, Any, str], batch: list[Any]) -> Any:
+        # lazy: torch loads in the Ray worker that scores, not in the driver
         from .evaluation.runner import score_batch
         from .evaluation.systems import System
 

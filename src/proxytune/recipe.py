@@ -32,7 +32,7 @@ import yaml
 from .config import EngineOptions, GenerationConfig
 from .errors import ConfigError
 from .paths import need_file
-from .schedules import as_schedule
+from .schedules import Constant, as_schedule
 from .specs import ModelSpec
 
 TOP_LEVEL = {
@@ -145,6 +145,7 @@ def parse_recipe(data: Mapping[str, Any], name: str = "recipe", **model_override
 def _base(spec: Any, defaults: Mapping[str, Any]) -> Any:
     """A local model, or an API base when the mapping names a ``url``."""
     if isinstance(spec, Mapping) and "url" in spec:
+        # lazy: torch, only for an API base (a recipe is parsed before models load)
         from .backends.api import APISpec
 
         return APISpec.parse(spec)
@@ -154,7 +155,8 @@ def _base(spec: Any, defaults: Mapping[str, Any]) -> Any:
 def _cross(spec: Any) -> Any:
     if spec is None or spec is False:
         return None
-    from .engine.crosstok import CrossOptions  # torch: only when the mode is asked for
+    # lazy: torch, only when the mode is asked for
+    from .engine.crosstok import CrossOptions
 
     return CrossOptions.parse(spec)
 
@@ -164,8 +166,8 @@ def _rule(spec: Any, pairs: list[tuple[Any, Any, Any]]) -> Any:
     pairs now, before any model loads."""
     if spec is None:
         return None
-    from .rules import PairInfo, Request, RuleBase, make_rule  # torch: only when a rule is named
-    from .schedules import Constant
+    # lazy: torch, only when a rule is named
+    from .rules import PairInfo, Request, RuleBase, make_rule
 
     rule = make_rule(spec, where="rule")
     if isinstance(rule, RuleBase):

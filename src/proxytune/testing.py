@@ -137,6 +137,7 @@ def cpu_tuner(
 ) -> Any:
     """A ``ProxyTuner`` of saved tiny models on the CPU in float32: alpha 1, base and
     anti-expert on the raw prompt format, the expert on ``expert_prompt``."""
+    # lazy: torch, only when a test builds a tuner
     from .tuner import ProxyTuner
 
     return ProxyTuner.from_pretrained(
@@ -159,6 +160,7 @@ def save_tiny_lora(model_dir: str | Path, path: str | Path, seed: int = 0) -> Pa
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    # lazy: torch, as with transformers above
     from .backends.lora_specs import peft_quietly
 
     with torch.random.fork_rng():

@@ -23,6 +23,7 @@ candidate scoring    :class:`CandidateScoring`, `HiddenState`   rules that re-ra
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -138,6 +139,17 @@ class SharesWeights(Protocol):
         ...
 
 
+@runtime_checkable
+class KnowsWeightBytes(Protocol):
+    """A model that can say how many bytes of weights one decoding forward reads (the
+    speculative drafter's cost prior)."""
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as stored (int8 at 1 byte, packed 4-bit at its size)."""
+        ...
+
+
 class BaseRows(Protocol):
     """The base's rows of one black-box generation (:mod:`proxytune.engine.blackbox`), step
     by step: an API base's live rows (:meth:`TopKOnly.start_rows`), or a local base's."""
@@ -188,12 +200,67 @@ class TopKOnly(Protocol):
         prompt_ids: Sequence[Sequence[int]],
         fmt: Any,
         prompts: Sequence[Any],
-        chunks: Any,
-        usage: Any,
+        chunks: ChunkStats,
+        usage: APIUsage,
     ) -> BaseRows:
         """One generation's rows: each prompt as ids (``prompt_ids``) and as ``prompts``
         rendered in ``fmt`` (a text path sends those); ``chunks`` and ``usage`` fill in."""
         ...
+
+
+# what a top-k-only model counts -------------------------------------------------------------------
+
+
+@dataclass
+class APIUsage:
+    """What the endpoint was asked for and billed, over the model's lifetime (or one call of
+    ``generate`` when a :class:`~proxytune.engine.blackbox.BlackBoxStats` is passed)."""
+
+    calls: int = 0
+    """HTTP requests answered 200 (a request carries every row that needs the endpoint)."""
+    row_requests: int = 0
+    """Prompts sent, summed over calls."""
+    attempts: int = 0
+    """HTTP requests made, retries and refused ones included."""
+    retries: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    positions: int = 0
+    """Token positions whose candidates came back (drafted chunk positions included)."""
+    candidates: int = 0
+    unmapped: int = 0
+    """Candidates that mapped to no id (see :class:`~.api.candidates.CandidateMapper`)."""
+    seconds: float = 0.0
+
+    def add(self, other: APIUsage) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class ChunkStats:
+    """Counts of one generation on an API base (see
+    :class:`~proxytune.engine.blackbox.BlackBoxStats`)."""
+
+    served: int = 0
+    """Steps whose candidates came from an earlier call's drafted chunk (no call)."""
+    agreed: int = 0
+    """Drafted tokens the loop chose too (their next position stayed valid)."""
+    disagreed: int = 0
+    wasted: int = 0
+    """Drafted positions thrown away after a disagreement (or a finished row)."""
+    text_drift: int = 0
+    """Text prompts whose re-tokenization differs from the loop's ids (text mode only)."""
+    tbt_calls: int = 0
+    """Calls a token-by-token run would have made (one per step, every live row batched)."""
+    tbt_row_requests: int = 0
+    tbt_prompt_tokens: int = 0
+    """Prompt tokens a token-by-token run would have sent (each row's prefix, every step)."""
+    chunks: list[int] = field(default_factory=list)
+    """The chunk length of every call made."""
 
 
 @runtime_checkable

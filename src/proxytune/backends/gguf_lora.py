@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..embedded import default_cache_dir
 from ..errors import ConfigError
 from .gguf_write import ARCHITECTURES, gguf_tensor_name, permute_heads, permuted_rows
 
@@ -63,8 +64,6 @@ def lora_gguf(
 ) -> Path:
     """The adapter as a LoRA GGUF for a base of ``arch`` (``qwen2``, ``llama``) with
     ``heads`` / ``kv_heads`` attention heads: written once, then taken from the cache."""
-    from ..embedded import default_cache_dir
-
     root = Path(adapter_dir).expanduser()
     config = lora_config(root)
     if arch not in ARCHITECTURES.values():

@@ -20,6 +20,9 @@ import torch
 
 from ..errors import ConfigError
 from ..paths import TRAIN_META
+from ..specs import ModelSpec
+from .hf import load_hf
+from .lora_specs import resolve_adapter_dir
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 """transformers class -> GGUF architecture this writer supports."""
@@ -81,10 +84,6 @@ def export_gguf(model: str | Path, out_dir: str | Path, dtype: str = "float32") 
     ``proxytune_train.json`` (so ``prompt: auto`` finds the format it was tuned on): a model
     the llama.cpp backend runs. Refuses to write into a directory that holds files."""
     import shutil
-
-    from ..specs import ModelSpec
-    from .hf import load_hf
-    from .lora_specs import resolve_adapter_dir
 
     out = Path(out_dir).expanduser()
     if out.exists() and any(out.iterdir()):

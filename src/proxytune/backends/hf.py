@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..embedded import ensure_embedded
 from ..errors import ConfigError, ModelLoadError
 from ..paths import need_dir
 from ..specs import ModelSpec
@@ -19,7 +20,9 @@ from .quantize import (
     METHODS,
     bnb_config,
     check_bnb4_cpu_shapes,
+    quantize_model,
     repacks_4bit_on_cpu,
+    weight_bytes,
 )
 
 
@@ -55,8 +58,6 @@ def resolve_source(path: str) -> tuple[str, str | None]:
     ``embedded:NAME`` resolves to the converted embedded model (fetched on first use).
     """
     if path.startswith("embedded:"):
-        from ..embedded import ensure_embedded
-
         return str(ensure_embedded(path.removeprefix("embedded:"))), None
     local = Path(path).expanduser()
     if local.is_file():
@@ -124,8 +125,6 @@ def load_hf(spec: ModelSpec) -> HFModel:
         model.to(device)
     model.eval()
     if spec.quantize in METHODS:
-        from .quantize import quantize_model
-
         model = quantize_model(model, spec.quantize, device)
     return HFModel(
         model, tokenizer, name=spec.path if not spec.adapter else f"{spec.path}+{spec.adapter}"
@@ -245,6 +244,11 @@ class HFModel:
     @property
     def vocab_width(self) -> int:
         return self._width
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the weights as stored (:class:`~.base.KnowsWeightBytes`)."""
+        return weight_bytes(self.model)
 
     @property
     def context_length(self) -> int | None:

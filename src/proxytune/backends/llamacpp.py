@@ -40,9 +40,12 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
+from ..embedded import embedded_gguf
 from ..errors import ConfigError, ModelLoadError, ProxyTuneError
+from ..extras import require
 from ..specs import ModelSpec, available_cores
 from .base import end_ids
+from .gguf_lora import lora_gguf
 from .llamacpp_head import PLAIN_HEADS, NormTap, OutputHead, ggml_library
 from .llamacpp_prompts import DEFAULT_BUDGET, Prefilled, PromptCache
 
@@ -92,8 +95,6 @@ class LlamaCppError(ProxyTuneError, RuntimeError):
 
 def llama_cpp_module() -> Any:
     """The ``llama_cpp`` package, or a one-line error that says how to install it."""
-    from ..extras import require
-
     return require(
         "llama_cpp",
         "llamacpp",
@@ -754,8 +755,6 @@ class LlamaCppState:
 
 def _lora_file(weights: _Weights, adapter: str | Path) -> Path:
     """A PEFT LoRA adapter directory as a llama.cpp LoRA GGUF for ``weights``."""
-    from .gguf_lora import lora_gguf
-
     arch = weights.metadata("general.architecture") or "?"
     lc = weights.lc
     heads = int(lc.llama_model_n_head(weights.model))
@@ -773,8 +772,6 @@ def gguf_of(path: str) -> Path | None:
     the GGUF that ``proxytune setup`` keeps for an ``embedded:NAME`` model; ``None`` if there
     is none."""
     if path.startswith("embedded:"):
-        from ..embedded import embedded_gguf
-
         kept = embedded_gguf(path.removeprefix("embedded:"))
         return kept if kept.is_file() else None
     local = Path(path).expanduser()

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..errors import ModelLoadError
 from ..paths import TRAIN_META
 from ..specs import ModelSpec
+from .load import backend_of
 
 
 @contextlib.contextmanager
@@ -102,7 +103,6 @@ def pairable(expert: ModelSpec | None, anti: ModelSpec | None) -> bool:
     transformers (on llama.cpp the two share the weights through the backend instead)."""
     if expert is None or anti is None or expert.adapter is None or anti.adapter is not None:
         return False
-    from .load import backend_of
 
     same_load = expert.load_key[2:] == anti.load_key[2:]  # device, dtype, revision, ...
     return (

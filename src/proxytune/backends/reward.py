@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ModelLoadError
 from ..prompts import Prompt, as_messages, raw_text
+from .hf import pick_device, pick_dtype, resolve_source
 
 __all__ = ["HFRewardModel", "load_reward_model"]
 
@@ -69,8 +70,6 @@ class HFRewardModel:
 def load_reward_model(path: str, device: str = "auto", dtype: str = "auto") -> HFRewardModel:
     """Load (once per process) a reward model: a directory, hub id or ``embedded:NAME``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from .hf import pick_device, pick_dtype, resolve_source
 
     source, gguf = resolve_source(path)
     if gguf is not None:

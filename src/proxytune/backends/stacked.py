@@ -137,6 +137,11 @@ class StackedView:
         return self.host.lm
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes of the shared model's weights (:class:`~.base.KnowsWeightBytes`)."""
+        return self.host.lm.weight_bytes
+
+    @property
     def vocab_width(self) -> int:
         return self.host.lm.vocab_width
 

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 
+from ..evaluation.commands import read_prompts, run_analyze
 from ._app import app
 from .options import (
     LoadOptions,
@@ -43,8 +44,6 @@ def analyze(
     as_json: Annotated[bool, Opt("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Per-token probabilities of every model, shifts, ranks and KL: an HTML report and plots."""
-    from ..evaluation.commands import read_prompts, run_analyze
-
     all_prompts = list(prompts or []) + (read_prompts(prompts_file) if prompts_file else [])
     tuner = build_tuner(models, load)
     raise typer.Exit(

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from ..distributed import ray_executor
+from ..jobs import run_jobs
 from .options import Opt
 
 if TYPE_CHECKING:
@@ -64,13 +66,9 @@ def run_batch_job(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
-    from ..jobs import run_jobs
-
     assert job.input_file is not None and job.output_file is not None
     tuner, executor = None, None
     if job.on_ray:
-        from ..distributed import ray_executor
-
         executor = ray_executor(build, max(job.ray_actors, 1), address=job.ray_address)
     else:
         tuner = build()

@@ -9,6 +9,9 @@ from typing import Annotated, Any
 
 import typer
 
+from ..distributed import ray_eval_runner, system_source
+from ..evaluation.commands import run_eval
+from ..extras import require
 from ._app import app
 from .options import (
     LoadOptions,
@@ -104,13 +107,9 @@ def eval_command(
     ] = None,
 ) -> None:
     """Score base, expert, proxy-tuned (per alpha) and tuned models on a task; gap closed."""
-    from ..evaluation.commands import run_eval
-
     if evaluation.gate_metric is not None and evaluation.against is None:  # before models load
         raise typer.BadParameter("--gate-metric needs --against OLD_RUN (the run to compare with)")
     if evaluation.search == "optuna":  # before any model loads
-        from ..extras import require
-
         require("optuna", None, "--search optuna", hint="or use --search grid")
     tuned_options = {
         "base_prompt": tuned_prompt,
@@ -121,8 +120,6 @@ def eval_command(
     build = partial(eval_tuners, models, load, engine.overrides(), tuned, tuned_options)
     runner = None
     if ray_actors or ray_address:  # Ray is checked (and the actors start) before models load
-        from ..distributed import ray_eval_runner, system_source
-
         runner = ray_eval_runner(
             build,
             lambda system: system_source(system, tuner, tuned_tuner),
@@ -156,6 +153,7 @@ def eval_tuners(
     tuner = build_tuner(models, load, engine=engine)
     if tuned is None:
         return tuner, None
+    # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
     from ..tuner import ProxyTuner
 
     return tuner, ProxyTuner.from_pretrained(tuned, **tuned_options)

@@ -18,6 +18,7 @@ def export(
     dtype: Annotated[str, Opt(help="Weights in the file: float32 or float16.")] = "float32",
 ) -> None:
     """Write a model (a LoRA expert merged into its base) as GGUF, for ``backend: llamacpp``."""
+    # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
     from ..backends.gguf_write import export_gguf
 
     path = export_gguf(model, out, dtype)

@@ -67,10 +67,12 @@ def generate(
     tuner = build()
     stats: Any = None
     if tuner.blackbox:  # an API base or a pair of another tokenizer: the bill
+        # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
         from ..engine.blackbox import BlackBoxStats
 
         stats = BlackBoxStats()
     elif tuner.options.speculative:
+        # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
         from ..engine.speculative import SpeculativeStats
 
         stats = SpeculativeStats()

@@ -11,7 +11,7 @@ import typer
 
 from ..errors import ConfigError
 from ._app import app
-from .options import Opt
+from .options import ModelOptions, Opt, build_tuner
 from .remote import ApiKeyOption, ServerOption, call
 
 monitor_app = typer.Typer(no_args_is_help=True, help="Watch a running server's steering.")
@@ -55,12 +55,11 @@ def baseline(
     token rate and entropy over them: the server's --drift-baseline. Capture it while no
     other traffic reaches the server (its /metrics counters are read before and after), or
     offline with --recipe (the same numbers, computed in process)."""
+    # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
     from ..server.drift import baseline_between, baseline_offline
 
     texts = read_prompts(prompts)
     if recipe is not None:
-        from .options import ModelOptions, build_tuner
-
         pairs = baseline_offline(build_tuner(ModelOptions(recipe=recipe)), texts, max_tokens)
         server = f"offline:{recipe}"
     else:

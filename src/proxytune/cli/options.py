@@ -31,7 +31,10 @@ from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_type_hints
 
 import typer
 
+from ..config import EngineOptions, GenerationConfig
 from ..errors import ConfigError
+from ..extras import require
+from ..specs import ModelSpec
 
 if TYPE_CHECKING:
     from ..tuner import ProxyTuner
@@ -219,8 +222,6 @@ class SamplingOptions:
 
     def settings(self) -> dict[str, Any]:
         """The settings given, as ``generate`` keywords, checked now, before any model loads."""
-        from ..config import GenerationConfig
-
         given = {f.name: getattr(self, f.name) for f in fields(self)}
         given.pop("top_logprobs"), given.pop("cache")
         settings = sampling_settings(**given, use_cache=None if self.cache else False)
@@ -254,6 +255,7 @@ class SteeringOptions:
     def spec(self, tuner: ProxyTuner) -> dict[str, Any] | None:
         """``--rule`` and ``--rule-arg``: a new rule, settings laid over the tuner's rule, or
         ``None`` when neither is given."""
+        # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
         from ..rules import merge_specs, parse_rule_args, spec_of
 
         args = list(self.rule_arg or ())
@@ -310,8 +312,6 @@ class EngineFlags:
     def overrides(self) -> dict[str, Any]:
         """The options given, checked now, before any model loads (``--speculative 0`` turns
         a recipe's off)."""
-        from ..config import EngineOptions
-
         given = {f.name: getattr(self, f.name) for f in fields(self)}
         overrides = {k: v for k, v in given.items() if v is not None}
         EngineOptions().updated(**overrides)  # raises ConfigError naming a bad value
@@ -381,9 +381,9 @@ class BlackBoxOptions:
             return None
         if self.base_model is None:
             raise typer.BadParameter("--base-url needs --base-model (the name the endpoint serves)")
-        from ..extras import require
 
         require("httpx", "server", "a base behind an API (--base-url)")
+        # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
         from ..backends.api import DEFAULT_TOP_LOGPROBS, APISpec
 
         chunk = self.base_chunk
@@ -464,9 +464,8 @@ def build_tuner(
     (:meth:`EngineFlags.overrides`); ``cross_tokenizer``: the different-tokenizer mode
     (``None``: the recipe's, or off); under ``steering``'s rule. Picklable with its
     arguments: what each Ray actor runs."""
-    from ..config import EngineOptions
+    # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
     from ..recipe import default_recipe_path, load_recipe
-    from ..specs import ModelSpec
     from ..tuner import ProxyTuner
 
     load, engine = load or LoadOptions(), engine or {}

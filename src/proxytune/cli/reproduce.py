@@ -79,6 +79,7 @@ def reproduce(
     """Reproduce the paper's experiment in miniature: make the data, train the expert and the
     directly tuned reference, evaluate, and write the tables (docs/reproduction.md).
     Run it again to resume; finished stages are skipped."""
+    # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
     from ..reproduce.command import build_config
     from ..reproduce.pipeline import reproduce as run_reproduction
 

@@ -17,6 +17,7 @@ def rules(
     as_json: Annotated[bool, Opt("--json", help="As JSON.")] = False,
 ) -> None:
     """List the steering rules: what each does, its formula, cost and settings."""
+    # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
     from ..rules import describe
 
     items = describe(name)

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from ..errors import ConfigError
+from ..extras import require
 from ._app import app
 from .options import EngineFlags, LoadOptions, ModelOptions, Opt, build_tuner, grouped
 
@@ -51,7 +53,7 @@ class ServeOptions:
     ) -> ServerSettings:
         """The server's settings (checked), its model named after ``models`` unless
         ``--served-model-name`` names it."""
-        from ..errors import ConfigError
+        # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
         from ..server import ServerSettings
         from ..server.drift import parse_thresholds
         from ..server.gate import LOOPBACK_NAMES
@@ -126,12 +128,11 @@ def serve(
     operations: OperationsOptions,
 ) -> None:
     """Serve the models behind an OpenAI-compatible API (the embedded default if none given)."""
-    from ..extras import require
-
     for module in ("fastapi", "uvicorn"):  # before any model loads
         require(module, "server", "proxytune serve")
     overrides = engine.overrides()
     settings = server.settings(operations, models, load.trust_remote_code)
+    # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
     from ..server import serve as run_server
 
     tuner = build_tuner(models, load, engine=overrides)

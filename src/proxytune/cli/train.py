@@ -4,21 +4,18 @@ residual LoRA on top of a frozen big base, ``--objective residual --base BIG``).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 
+from ..training import train as run_training
+from ..training.config import TrainConfig
 from ._app import app
 from .options import Opt, grouped
-
-if TYPE_CHECKING:
-    from ..training import TrainConfig
 
 
 def _th(name: str) -> str:
     """The help text of a ``TrainConfig`` field (one source for the API and the CLI)."""
-    from ..training.config import TrainConfig
-
     return TrainConfig.__dataclass_fields__[name].metadata["help"]
 
 
@@ -72,8 +69,6 @@ class TrainOptions:
     def config(self) -> TrainConfig:
         """The run's :class:`~proxytune.training.TrainConfig` (the options that are spelt
         otherwise on the command line translated)."""
-        from ..training import TrainConfig
-
         if self.epochs is not None and self.max_steps is not None:
             raise typer.BadParameter("give --epochs or --max-steps, not both")
         if self.resume and self.resume_from:
@@ -96,8 +91,6 @@ class TrainOptions:
 @grouped
 def train(*, options: TrainOptions) -> None:
     """Fine-tune a small model into an expert (SFT or DPO, full or LoRA)."""
-    from ..training import train as run_training
-
     result = run_training(options.config())
     what = "a LoRA adapter" if result.lora else "the model"
     print(f"saved {what} to {result.out} (trained on the {result.expert_prompt} prompt format)")

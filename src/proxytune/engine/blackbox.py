@@ -24,9 +24,7 @@ from typing import Any
 
 import torch
 
-from ..backends.api_client import APIUsage
-from ..backends.api_state import ChunkStats
-from ..backends.base import BaseRows, DecodeState
+from ..backends.base import APIUsage, BaseRows, ChunkStats, DecodeState
 from ..backends.topk import coverage, restrict
 from ..results import StepUpdate
 from ..rules import Combiner, StepContext, TopKContext

@@ -13,6 +13,7 @@ from ..backends.base import (
     DecodeState,
     ExtendableState,
     HiddenState,
+    KnowsWeightBytes,
     RollbackState,
     StartsAlone,
     TopKOnly,
@@ -25,6 +26,14 @@ from .members import Member
 def is_top_k_only(model: Any) -> bool:
     """Whether ``model`` gives only top-k log-probs (an API base)."""
     return isinstance(model, TopKOnly) and bool(model.top_k_only)
+
+
+def weight_size(model: Any) -> float:
+    """Bytes of weights a decoding forward of ``model`` reads (the draft cost ratio); 1 where
+    the model does not say (:class:`~proxytune.backends.base.KnowsWeightBytes`)."""
+    if not isinstance(model, KnowsWeightBytes):
+        return 1.0
+    return float(model.weight_bytes) or 1.0
 
 
 def can_extend(state: DecodeState) -> bool:

@@ -37,7 +37,7 @@ from ..config import AUTO_DRAFT, parse_draft_length
 from ..results import StepUpdate
 from ..rules import Sides
 from ..sampling import shape_scores
-from .capabilities import require_rollback, rollback
+from .capabilities import require_rollback, rollback, weight_size
 from .members import Member, Pair
 from .plain import advance_all, decode, start_all
 from .prepare import Prepared, Row
@@ -254,17 +254,6 @@ def speculative_decode(
     return run.run(prepared.rows())
 
 
-def _size(model: Any) -> float:
-    """Bytes of a loaded model's weights (int8 ones included), for the draft cost ratio: a
-    decoding forward reads them all. 1 if unknown."""
-    from ..backends.quantize import weight_bytes
-
-    inner = getattr(model, "model", None)
-    if inner is None or not hasattr(inner, "modules"):
-        return 1.0
-    return float(weight_bytes(inner)) or 1.0
-
-
 @dataclass
 class _Speculator:
     prepared: Prepared
@@ -282,8 +271,8 @@ class _Speculator:
         self.device = p.device
         self.members = p.members
         self.verifiers = [m for m in self.members if m is not self.drafter]
-        verify_size = sum(_size(m.model) for m in self.verifiers) or 1.0
-        prior = RoundCosts(draft_ratio=_size(self.drafter.model) / verify_size)
+        verify_size = sum(weight_size(m.model) for m in self.verifiers) or 1.0
+        prior = RoundCosts(draft_ratio=weight_size(self.drafter.model) / verify_size)
         # Seeded sampling must give the same tokens on every run, batched or alone: its draft
         # lengths then come from each row's own acceptance history and the weight-size prior,
         # never from timings (which vary run to run) or from the other rows.

@@ -55,6 +55,7 @@ def run_eval(
         raise ConfigError("--against compares plain eval runs; leave --search out")
     if gate_metric is not None and against is None:
         raise ConfigError("--gate-metric needs --against OLD_RUN (the run to compare with)")
+    # lazy: torch; cli/analyze imports this module at the CLI's start
     from .runner import evaluate
     from .search import search as run_search
     from .systems import standard_systems
@@ -145,6 +146,7 @@ def _print_search(result: Any, out_dir: Path, as_json: bool) -> None:
 
 def _gate(new: Path, old: Path, metric: str | None, max_drop: float, seed: int) -> int:
     """Print the comparison with ``old``; 1 when the gated metric dropped."""
+    # lazy: numpy, only with --against
     from .gate import compare_runs, failures, table
 
     changes = compare_runs(new, old, seed=seed)
@@ -174,6 +176,7 @@ def run_analyze(
     as_json: bool = False,
 ) -> int:
     """Generate, record every token, write the report; print the most promoted tokens."""
+    # lazy: torch; cli/analyze imports this module at the CLI's start
     from ..analysis import analyze, write_report
 
     if not prompts:

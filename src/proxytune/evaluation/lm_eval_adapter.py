@@ -29,6 +29,8 @@ from tqdm.auto import tqdm
 
 from ..errors import ConfigError
 from ..extras import MissingExtraError, require
+from ..recipe import default_recipe_path, load_recipe
+from ..tuner import ProxyTuner
 from .scoring import score, score_rolling
 
 if TYPE_CHECKING:
@@ -218,9 +220,6 @@ def _build(
     device: str | None,
     dtype: str | None,
 ) -> Any:
-    from ..recipe import default_recipe_path, load_recipe
-    from ..tuner import ProxyTuner
-
     if base is not None:
         return ProxyTuner.from_pretrained(
             base,

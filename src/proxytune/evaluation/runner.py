@@ -31,6 +31,7 @@ from .metrics import (
     pass_at_k,
 )
 from .sandbox import run_programs
+from .scoring import encode, render, score_sweep
 from .store import ResultStore
 from .systems import System
 from .tasks import Task, code_program, option_continuations
@@ -203,6 +204,7 @@ def evaluate(
         )
     report = EvalReport(task.name, split, str(out), results, gaps(results))
     if write_summary:
+        # lazy: .report imports this module
         from .report import write_report
 
         write_report(report)
@@ -317,8 +319,6 @@ class _Scorer:
         keys = list(zip(prompts, conts, strict=True))
         missing = list(dict.fromkeys(k for k in keys if (system.name, *k) not in self.memo))
         if missing:
-            from .scoring import encode, render, score_sweep
-
             tuner = system.tuner
             scored = score_sweep(
                 tuner,

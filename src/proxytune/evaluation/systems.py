@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..errors import ConfigError
+from ..rules import spec_of
 from .scoring import ContinuationScore, score
 
 if TYPE_CHECKING:
@@ -124,8 +125,6 @@ def _plain(value: Any) -> Any:
 
 def _rule_spec(rule: Any) -> Any:
     try:
-        from ..rules import spec_of
-
         return _plain_tree(spec_of(rule))
     except Exception:  # a rule without a spec (a bare function): its repr
         return repr(rule)

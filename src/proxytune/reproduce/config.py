@@ -9,7 +9,9 @@ from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
+from ..backends.load import backend_of
 from ..errors import ConfigError
+from ..specs import ModelSpec
 from .screen import SelectionRule
 from .taskfile import load_task_file
 from .tasks import CANDIDATES, CONTROLS, DATA_VERSION, SPLITS, TASKS, TaskKind, task_kind
@@ -278,9 +280,6 @@ class ReproduceConfig:
 
     def backends(self) -> dict[str, str]:
         """The backend each model is evaluated on (``auto`` resolved on this machine)."""
-        from ..backends.load import backend_of
-        from ..specs import ModelSpec
-
         return {
             role: backend_of(ModelSpec(path, backend=self.backend))
             for role, path in (("small", self.small), ("big", self.big))

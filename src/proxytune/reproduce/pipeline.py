@@ -37,7 +37,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ..analysis import write_report as write_analysis
+from ..analysis.records import analyze as analyze_tokens
 from ..errors import ConfigError
+from ..evaluation import evaluate
+from ..evaluation.rerank import RerankSystem
+from ..evaluation.scoring import encode
+from ..evaluation.store import ResultStore
+from ..evaluation.systems import System
+from ..specs import ModelSpec
+from ..training import TrainConfig, train
+from ..training.output import read_meta
+from ..tuner import ProxyTuner
+from .analysis import token_classes
 from .config import (
     MAX_EXTENSIONS,
     PRIMARY_ALPHA,
@@ -51,6 +63,7 @@ from .config import (
     steering,
     sweep_grid,
 )
+from .report import write_results
 from .screen import SCREEN_SYSTEMS, screened_from_scores, screening_table, select
 from .tasks import SPLITS, TaskKind, eval_task, fewshot_prefix, make_splits, sft_rows
 
@@ -230,9 +243,6 @@ class Experiment:
 
     def screen(self) -> None:
         """Measure every screened task untuned; choose; write the predictions."""
-        from ..evaluation.scoring import encode
-        from ..evaluation.systems import System
-
         with self.stage("screen") as info:
             if info["skipped"]:
                 return
@@ -330,9 +340,6 @@ class Experiment:
     ) -> dict[str, Any]:
         """One LoRA training run of ``model`` into ``OUT/STAGE`` (with ``base``: the residual
         objective on that frozen base); its losses."""
-        from ..training import TrainConfig, train
-        from ..training.output import read_meta
-
         out = self.out / stage
         meta = read_meta(out)
         has_checkpoint = not fresh and meta is not None and any(out.glob("checkpoint-*"))
@@ -389,9 +396,6 @@ class Experiment:
     def compliance(self, adapter_stage: str, model: str, epochs: float) -> dict[str, float]:
         """Per task, the share of validation outputs of the LoRA in ``OUT/ADAPTER_STAGE``
         (alone, greedy) in the taught format, right or wrong."""
-        from ..evaluation.store import ResultStore
-        from ..evaluation.systems import System
-
         tuner = self._alone(model, self.out / adapter_stage)  # not kept: retraining replaces it
         name = f"{adapter_stage}-e{epochs:g}"
         out = {}
@@ -480,9 +484,6 @@ class Experiment:
 
     def _alone(self, model: str, adapter: Path | None = None) -> Any:
         """``model`` (with ``adapter``) alone on the raw prompt."""
-        from ..specs import ModelSpec
-        from ..tuner import ProxyTuner
-
         path = None if adapter is None else str(adapter)
         return ProxyTuner.from_specs(ModelSpec(model, adapter=path, prompt="raw", **self._opts()))
 
@@ -499,9 +500,6 @@ class Experiment:
         (the expert was tuned on it)."""
         key = f"proxy:{expert}"
         if key not in self._models:
-            from ..specs import ModelSpec
-            from ..tuner import ProxyTuner
-
             opts = self._opts()
             self._models[key] = ProxyTuner.from_specs(
                 ModelSpec(self.config.big, prompt="raw", **opts),
@@ -532,8 +530,6 @@ class Experiment:
         return self._models["tuned"]
 
     def _evaluate(self, task: str, split: str, systems: list[Any]) -> Any:
-        from ..evaluation import evaluate
-
         kind = self.kind(task)
         try:
             return evaluate(
@@ -556,9 +552,6 @@ class Experiment:
     def steered(self, name: str, rule: str, value: float, role: str = "other") -> Any:
         """The system of ``rule`` at its swept ``value`` (alpha, nudging's gamma or the
         rerank's beta) on the proxy tuner (the residual expert's, for ``residual``)."""
-        from ..evaluation.rerank import RerankSystem
-        from ..evaluation.systems import System
-
         tuner = self.proxy_tuner("residual" if rule == "residual" else "expert")
         if rule == "w2s":
             k = RULES["w2s"]["k"]
@@ -611,8 +604,6 @@ class Experiment:
     def test_systems(self, task: str) -> list[Any]:
         """base, base-3shot, expert, tuned, ``proxy`` at alpha 1, ``proxy@val`` at its
         validated alpha (when that is not 1) and every other rule at its validated alpha."""
-        from ..evaluation.systems import System
-
         tuner = self.proxy_tuner()
         chosen = self.chosen_alphas()[task]
         systems = [
@@ -650,10 +641,6 @@ class Experiment:
             )
 
     def analyze(self) -> None:
-        from ..analysis import write_report as write_analysis
-        from ..analysis.records import analyze as analyze_tokens
-        from .analysis import token_classes
-
         with self.stage("analysis") as info:
             if info["skipped"]:
                 return
@@ -683,8 +670,6 @@ class Experiment:
 
     def report(self) -> dict[str, Any]:
         """Always rewritten: the tables are derived from the stored results alone."""
-        from .report import write_results
-
         start = time.perf_counter()
         data = write_results(self)
         seconds = time.perf_counter() - start

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..analysis.records import load_records
 from ..evaluation.runner import _safe
 from ..evaluation.stats import (
     Estimate,
@@ -527,8 +528,6 @@ def _training_lines(stages: dict[str, Any]) -> list[str]:
 
 def token_classes_of(exp: Experiment) -> dict[str, Any]:
     """Per task, :func:`.analysis.token_classes` of the saved token records."""
-    from ..analysis.records import load_records
-
     out = {}
     for task in exp.tasks:
         path = exp.out / "analysis" / task / "records.jsonl"

@@ -529,6 +529,7 @@ def serve(
     (``server/shutdown.py``). Returns the exit status: 0, or ``EXIT_CUT`` if work was cut."""
     import uvicorn
 
+    # lazy: uvicorn only when serving (create_app alone does not need it)
     from .shutdown import run_draining
 
     settings = settings or ServerSettings()
@@ -549,6 +550,7 @@ def serve(
 def connection_guard(settings: ServerSettings) -> type[asyncio.Protocol]:
     """The HTTP protocol ``serve`` runs: uvicorn's h11 with ``settings``' read deadlines and
     per-client connection cap (:mod:`.connections`)."""
+    # lazy: uvicorn only when serving (create_app alone does not need it)
     from .connections import guarded_protocol
 
     return guarded_protocol(

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine.continuous import ContinuousBatch
 from ..errors import ConfigError
 from .metrics import Metrics
 
@@ -268,8 +269,6 @@ def baseline_offline(
     """The same baseline computed in process on ``tuner``: each prompt decoded greedily in the
     server's continuous batch (row-wise exact, so it equals what a server of ``tuner`` measures)."""
     import torch
-
-    from ..engine.continuous import ContinuousBatch
 
     batch = ContinuousBatch(tuner)
     config = tuner.config(max_new_tokens=max_tokens, temperature=0)

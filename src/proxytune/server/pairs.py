@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 from ..backends.lora_specs import resolve_adapter_dir
 from ..engine.members import Pair
 from ..errors import ConfigError, ProxyTuneError
+from ..loading import load_pair
 from ..schedules import Constant
 from ..specs import ModelSpec
 from .protocol import _Strict
@@ -101,8 +102,6 @@ class LivePairs:
         """The served tuner with pair ``name`` loaded (replacing a pair of that name, else
         appended), not yet applied: slow, run it off the worker thread. Raises
         :class:`PathRefused` or the loader's error; the running set is not touched."""
-        from ..loading import load_pair
-
         check_name(name)
         self.tuner.with_pairs(self.tuner.pairs)  # refuses wrapped models before any loading
         if request.expert is None and request.anti_expert is None:

@@ -63,6 +63,11 @@ class APIError(Exception):
         }
 
 
+def _refused(param: str, problem: str) -> ConfigError:
+    """A validator's refusal of the request field ``param`` (the 400 names it)."""
+    return ConfigError(f"{param}: {problem}", param=param)
+
+
 class _Strict(BaseModel):
     """Strict types; fields it does not know are ignored and named in a logged warning (as
     vLLM's ``OpenAIBaseModel`` does)."""
@@ -119,12 +124,12 @@ class _Common(_Strict):
     @model_validator(mode="after")
     def _check_common(self) -> _Common:
         if self.stream_options is not None and not self.stream:
-            raise ConfigError("stream_options: only allowed when stream is true")
+            raise _refused("stream_options", "only allowed when stream is true")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         if any(not s for s in stops):
-            raise ConfigError("stop: stop strings must be non-empty")
+            raise _refused("stop", "stop strings must be non-empty")
         if self.logit_bias:
-            raise ConfigError("logit_bias: not supported by this server")
+            raise _refused("logit_bias", "not supported by this server")
         return self
 
     @property
@@ -172,21 +177,22 @@ class CompletionRequest(_Common):
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
         if self.echo and self.stream:
-            raise ConfigError(
-                "echo: not supported with stream: true; send stream: false (the prompt's "
-                "log-probs come in the one response)"
+            raise _refused(
+                "echo",
+                "not supported with stream: true; send stream: false (the prompt's "
+                "log-probs come in the one response)",
             )
         if self.max_tokens == 0 and not self.echo:
-            raise ConfigError(
-                "max_tokens: must be >= 1; 0 is allowed only with echo: true (the prompt's "
-                "log-probs alone)"
+            raise _refused(
+                "max_tokens",
+                "must be >= 1; 0 is allowed only with echo: true (the prompt's log-probs alone)",
             )
         if self.suffix:
-            raise ConfigError("suffix: not supported by this server")
+            raise _refused("suffix", "not supported by this server")
         if self.best_of is not None and self.best_of != self.n:
-            raise ConfigError("best_of: only best_of == n is supported")
+            raise _refused("best_of", "only best_of == n is supported")
         if isinstance(self.prompt, list) and not self.prompt:
-            raise ConfigError("prompt: give at least one prompt")
+            raise _refused("prompt", "give at least one prompt")
         return self
 
 
@@ -265,15 +271,15 @@ class ChatCompletionRequest(_Common):
     def _check(self) -> ChatCompletionRequest:
         for name in UNSUPPORTED_CHAT_FIELDS:
             if getattr(self, name) not in (None, [], {}):
-                raise ConfigError(f"{name}: not supported by this server")
+                raise _refused(name, "not supported by this server")
         if self.tool_choice not in (None, "none"):
-            raise ConfigError("tool_choice: not supported by this server (only 'none')")
+            raise _refused("tool_choice", "not supported by this server (only 'none')")
         if self.response_format not in (None, {"type": "text"}):
-            raise ConfigError("response_format: only {'type': 'text'} is supported")
+            raise _refused("response_format", "only {'type': 'text'} is supported")
         if self.modalities not in (None, ["text"]):
-            raise ConfigError("modalities: only ['text'] is supported")
+            raise _refused("modalities", "only ['text'] is supported")
         if self.top_logprobs is not None and not self.logprobs:
-            raise ConfigError("top_logprobs: requires logprobs to be true")
+            raise _refused("top_logprobs", "requires logprobs to be true")
         return self
 
     @property
@@ -414,10 +420,10 @@ def validation_error(err: ValidationError) -> APIError:
     first = err.errors()[0]
     loc = list(first["loc"])
     message = str(first["msg"])
-    if first["type"] == "value_error":  # our validators: "field: message"
-        message = message.removeprefix("Value error, ")
-        param, _, rest = message.partition(": ")
-        return APIError(message, param=param if rest else None)
+    if first["type"] == "value_error":  # our validators: a ConfigError naming its field
+        error = first.get("ctx", {}).get("error")
+        param = error.param if isinstance(error, ConfigError) else None
+        return APIError(message.removeprefix("Value error, "), param=param)
     param = str(loc[0]) if loc else None
     for part in loc[1:]:
         if isinstance(part, int):

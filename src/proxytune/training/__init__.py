@@ -18,6 +18,7 @@ from .data import DataError, PreferenceExample, SFTExample, load_preferences, lo
 
 def train(config: TrainConfig, callbacks: Any = ()) -> Any:
     """Run training (see :func:`proxytune.training.run.train`); returns a ``TrainResult``."""
+    # lazy: torch and transformers load when a run starts, not on import
     from .run import train as run
 
     return run(config, callbacks)

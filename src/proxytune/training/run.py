@@ -14,12 +14,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..backends.hf import load_hf, pick_device
+from ..backends.lora_specs import adapter_base, peft_quietly
+from ..errors import ConfigError, VocabularyMismatchError
 from ..specs import ModelSpec
+from ..vocab import shared_vocab_size
 from .config import TrainConfig
 from .data import load_preferences, load_sft
+from .dpo import DPOCollator, DPODataset, DPOTrainer, reference_logps
 from .encode import Encoder, encode_all, fit_pairs, fit_sft, pick_template
 from .output import base_model_name, prepare_output, write_meta
+from .residual import ResidualCollator, ResidualDataset, ResidualTrainer, base_top_k
+from .sft import SFTCollator, SFTDataset
 
 
 @dataclass
@@ -58,9 +64,6 @@ def train(config: TrainConfig, callbacks: Sequence[Any] = ()) -> TrainResult:
     ``callbacks`` are extra ``transformers.TrainerCallback`` objects.
     """
     import transformers
-
-    from ..backends.hf import load_hf, pick_device
-    from ..backends.lora_specs import adapter_base
 
     config.validate()
     if Path(config.model).expanduser().is_dir() and adapter_base(config.model) is not None:
@@ -180,15 +183,11 @@ def _objective(
 
     pad_id = loaded.pad_id
     if config.objective == "residual":
-        from .residual import ResidualCollator, ResidualDataset, ResidualTrainer
-
         collator: Any = ResidualCollator(pad_id)
         datasets = [ResidualDataset(train_set), ResidualDataset(eval_set) if eval_set else None]
         vocab = _precompute_base(config, loaded, datasets, collator, device)
         return ResidualTrainer, collator, datasets, {"vocab": vocab}
     if config.method == "dpo":
-        from .dpo import DPOCollator, DPODataset, DPOTrainer, reference_logps
-
         collator = DPOCollator(pad_id)
         datasets = [DPODataset(train_set), DPODataset(eval_set) if eval_set else None]
         model.to(device)
@@ -196,7 +195,6 @@ def _objective(
             if ds is not None:
                 ds.reference = reference_logps(model, ds, collator, config.batch_size, device)
         return DPOTrainer, collator, datasets, {"beta": config.beta}
-    from .sft import SFTCollator, SFTDataset
 
     collator = SFTCollator(pad_id)
     datasets = [SFTDataset(train_set), SFTDataset(eval_set) if eval_set else None]
@@ -206,10 +204,6 @@ def _objective(
 def _residual_base(config: TrainConfig, small: Any) -> tuple[Any, int]:
     """The frozen big base, loaded, and the ids it shares with the small model; a one-line
     error where their tokenizers differ."""
-    from ..backends.hf import load_hf
-    from ..errors import VocabularyMismatchError
-    from ..vocab import shared_vocab_size
-
     assert config.base is not None  # validated
     base = load_hf(ModelSpec(config.base, device="cpu", dtype="float32"))
     named = [
@@ -231,8 +225,6 @@ def _precompute_base(
 ) -> int:
     """The frozen base's top-k log-probs on every example, once (then the base is freed);
     returns the shared vocabulary size."""
-    from .residual import base_top_k
-
     base, vocab = _residual_base(config, small)
     model = base.model.to(device)
     for ds in datasets:
@@ -273,8 +265,6 @@ def _encode(
 
 def _with_lora(model: Any, config: TrainConfig) -> Any:
     from peft import LoraConfig, get_peft_model
-
-    from ..backends.lora_specs import peft_quietly
 
     targets: Any = config.lora_targets
     if targets != "all-linear":

@@ -24,37 +24,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .api_client import APIUsage, EndpointError, EndpointPrompt, Position
-from .topk import expert_support, topk_row
+from ..base import APIUsage, ChunkStats
+from ..topk import expert_support, topk_row
+from .client import EndpointError, EndpointPrompt, Position
 
 if TYPE_CHECKING:
-    from .api import APIModel
+    from . import APIModel
 
 PRIOR = 0.6
 """Agreement rate assumed before the first comparison (``chunk: auto``)."""
 SMOOTHING = 0.1
-
-
-@dataclass
-class ChunkStats:
-    """Counts of one generation on an API base (see :class:`~.blackbox.BlackBoxStats`)."""
-
-    served: int = 0
-    """Steps whose candidates came from an earlier call's drafted chunk (no call)."""
-    agreed: int = 0
-    """Drafted tokens the loop chose too (their next position stayed valid)."""
-    disagreed: int = 0
-    wasted: int = 0
-    """Drafted positions thrown away after a disagreement (or a finished row)."""
-    text_drift: int = 0
-    """Text prompts whose re-tokenization differs from the loop's ids (text mode only)."""
-    tbt_calls: int = 0
-    """Calls a token-by-token run would have made (one per step, every live row batched)."""
-    tbt_row_requests: int = 0
-    tbt_prompt_tokens: int = 0
-    """Prompt tokens a token-by-token run would have sent (each row's prefix, every step)."""
-    chunks: list[int] = field(default_factory=list)
-    """The chunk length of every call made."""
 
 
 @dataclass
@@ -67,8 +46,8 @@ class _Prefix:
 
 
 class APIBaseState:
-    """The live rows of one generation on an :class:`~.api.APIModel`: the black-box loop's
-    :class:`~.base.BaseRows` for an API base."""
+    """The live rows of one generation on an :class:`~proxytune.backends.api.APIModel`: the
+    black-box loop's :class:`~proxytune.backends.base.BaseRows` for an API base."""
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
 """A chat-completions endpoint as an API base: requests and answers in the legacy shape.
 
-The client (:mod:`.api_client`) speaks ``/v1/completions``; with ``endpoint: chat`` it builds
+The client (:mod:`.client`) speaks ``/v1/completions``; with ``endpoint: chat`` it builds
 each request with :func:`chat_body` (one conversation: the prompt as the user message, the
 tokens so far as an assistant message that the endpoint continues) and reads each answer
 through :func:`legacy_choice`, so that the rest of the client is shared. Only endpoints that

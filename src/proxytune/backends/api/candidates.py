@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..vocab import token_bytes
+from ...vocab import token_bytes
 
 
 class CandidateMapper:

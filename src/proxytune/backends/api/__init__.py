@@ -1,14 +1,14 @@
 """A base model behind an OpenAI-compatible ``/v1/completions`` endpoint (top-k log-probs only).
 
 The endpoint is asked, per step, for the next token's top-k candidates (``logprobs: k``); the
-decode loop (:mod:`proxytune.backends.blackbox`) completes them into a full row with a stated
+decode loop (:mod:`proxytune.engine.blackbox`) completes them into a full row with a stated
 missing-mass rule (:mod:`proxytune.backends.topk`). This module is what the user names and
 what the loop holds: :class:`APISpec` (settings) and :class:`APIModel` (tokenizer, limits, the
-client of :mod:`proxytune.backends.api_client`: requests, retries, candidates -> ids, the bill).
+client of :mod:`proxytune.backends.api.client`: requests, retries, candidates -> ids, the bill).
 
 The prompt is sent as token ids (exact) or, where the endpoint refuses token prompts, as text
 (the endpoint re-tokenizes it; see docs/black-box.md). ``chunk`` lets the endpoint draft
-several tokens per call (:mod:`proxytune.backends.api_state`).
+several tokens per call (:mod:`proxytune.backends.api.state`).
 """
 
 from __future__ import annotations
@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
-from ..errors import ConfigError
-from ..prompts import Prompt, PromptFormat, as_messages, raw_text
-from .api_candidates import CandidateMapper
-from .api_client import (
+from ...errors import ConfigError, ModelLoadError
+from ...prompts import Prompt, PromptFormat, as_messages, raw_text
+from ..hf import resolve_source
+from ..topk import MISSING_RULES
+from .candidates import CandidateMapper
+from .client import (
     APIUsage,
     EndpointClient,
     EndpointError,
@@ -31,7 +33,7 @@ from .api_client import (
     Position,
     _completions_url,
 )
-from .api_state import APIBaseState, ChunkStats
+from .state import APIBaseState, ChunkStats
 
 __all__ = [
     "APIModel",
@@ -126,7 +128,6 @@ class APISpec:
             _int(self.chunk, "chunk", 1)
         if self.logprobs not in ("top", "sampled"):
             raise ConfigError(f"logprobs must be 'top' or 'sampled', got {self.logprobs!r}")
-        from .topk import MISSING_RULES
 
         if self.missing_mass not in MISSING_RULES:
             raise ConfigError(
@@ -185,7 +186,7 @@ class APIModel:
     """An endpoint as a member of a model set: tokenizer, limits and the client.
 
     It has no full logits: :meth:`start` refuses, and :class:`~proxytune.tuner.ProxyTuner`
-    runs it in the black-box loop (:mod:`proxytune.backends.blackbox`).
+    runs it in the black-box loop (:mod:`proxytune.engine.blackbox`).
     """
 
     top_k_only = True
@@ -215,7 +216,7 @@ class APIModel:
         chunks: ChunkStats,
         usage: APIUsage,
     ) -> APIBaseState:
-        """One generation's rows (:class:`~.base.TopKOnly`): the ids, and the text a text
+        """One generation's rows (:class:`~..base.TopKOnly`): the ids, and the text a text
         prompt path sends (each prompt rendered in ``fmt``)."""
         texts = [prompt_text(fmt, prompt, self.tokenizer) for prompt in prompts]
         return APIBaseState(self, prompt_ids, texts, chunks, usage)
@@ -283,8 +284,6 @@ def load_api_tokenizer(spec: APISpec, fallback: Any) -> Any:
         return fallback
     from transformers import AutoTokenizer
 
-    from ..errors import ModelLoadError
-    from .hf import resolve_source
 
     source, gguf = resolve_source(spec.tokenizer)
     try:

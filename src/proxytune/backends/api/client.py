@@ -1,7 +1,7 @@
 """The HTTP side of an API base: requests, retries, answers, the bill.
 
-Candidates become ids through :class:`~.api_candidates.CandidateMapper`; a chat endpoint's
-requests and answers go through :mod:`.api_chat`.
+Candidates become ids through :class:`~.candidates.CandidateMapper`; a chat endpoint's
+requests and answers go through :mod:`.chat`.
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..errors import ConfigError, ProxyTuneError
-from .api_candidates import CandidateMapper
-from .api_chat import chat_body, legacy_choice
+from ...errors import ConfigError, ProxyTuneError
+from ..base import APIUsage
+from .candidates import CandidateMapper
+from .chat import chat_body, legacy_choice
 
 if TYPE_CHECKING:
-    from .api import APISpec
+    from . import APISpec
 
 RETRY_STATUS = (408, 409, 425, 429, 500, 502, 503, 504)
 PATHS = {
@@ -33,38 +34,6 @@ log = logging.getLogger(__name__)
 
 class EndpointError(ProxyTuneError):
     """The endpoint failed, refused the request, or answered without log-probabilities."""
-
-
-# usage --------------------------------------------------------------------------------------
-
-
-@dataclass
-class APIUsage:
-    """What the endpoint was asked for and billed, over the model's lifetime (or one call of
-    ``generate`` when a :class:`~proxytune.backends.blackbox.BlackBoxStats` is passed)."""
-
-    calls: int = 0
-    """HTTP requests answered 200 (a request carries every row that needs the endpoint)."""
-    row_requests: int = 0
-    """Prompts sent, summed over calls."""
-    attempts: int = 0
-    """HTTP requests made, retries and refused ones included."""
-    retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    positions: int = 0
-    """Token positions whose candidates came back (drafted chunk positions included)."""
-    candidates: int = 0
-    unmapped: int = 0
-    """Candidates that mapped to no id (see :class:`CandidateMapper`)."""
-    seconds: float = 0.0
-
-    def add(self, other: APIUsage) -> None:
-        for f in fields(self):
-            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 # the client ---------------------------------------------------------------------------------
@@ -96,7 +65,7 @@ class Position:
 
 
 class EndpointClient:
-    """POSTs to ``/completions`` (or ``/chat/completions``: :mod:`.api_chat`) with retries;
+    """POSTs to ``/completions`` (or ``/chat/completions``: :mod:`.chat`) with retries;
     parses candidates into :class:`Position` s."""
 
     def __init__(
