@@ -12,7 +12,10 @@ import torch
 import proxytune
 from proxytune import EngineOptions, ProxyTuner
 from proxytune.backends.hf import HFModel
+from proxytune.backends.prefix import PrefixCachingModel
+from proxytune.backends.quantize import weight_bytes
 from proxytune.engine import Member, Pair, prepare
+from proxytune.engine.capabilities import weight_size
 from proxytune.engine.speculative import SpeculativeStats
 from proxytune.errors import ConfigError, NumericalError, PromptTooLongError
 from proxytune.prompts import PromptFormat
@@ -116,6 +119,15 @@ def models():
         name: HFModel(build_model(tok, seed=seed), tok, name=name)
         for name, seed in (("base", 0), ("expert", 1), ("anti", 2))
     }
+
+
+def test_the_drafter_cost_prior_reads_weight_bytes_through_wrappers(models):
+    """The speculative prior's sizes: a transformers model's bytes, also behind the prefix
+    cache's wrapper (its attributes come through ``__getattr__``); 1 where a model says none."""
+    lm = models["base"]
+    assert weight_size(lm) == weight_bytes(lm.model) > 1
+    assert weight_size(PrefixCachingModel(lm)) == weight_size(lm)
+    assert weight_size(object()) == 1.0
 
 
 def tuner_of(models, **kw) -> ProxyTuner:

@@ -15,7 +15,7 @@ def backend_of(spec: ModelSpec) -> str:
     an adapter llama.cpp cannot apply asks for transformers."""
     if spec.backend != "auto":
         return spec.backend
-    # lazy: a backend's module loads only for a model on it
+    # lazy: a backend's module loads only for a model on it (and each leads back here)
     from .llamacpp import available, gguf_of
 
     runs_gguf = spec.quantize is None and gguf_of(spec.path) is not None and available()
@@ -25,7 +25,7 @@ def backend_of(spec: ModelSpec) -> str:
 
 
 def _llamacpp_applies(adapter: str) -> bool:
-    # lazy: a backend's module loads only for a model on it
+    # lazy: a backend's module loads only for a model on it (and each leads back here)
     from .gguf_lora import lora_config
 
     try:
@@ -39,7 +39,7 @@ def load_model(spec: ModelSpec) -> Any:
     """Load ``spec`` on its backend (:func:`backend_of`)."""
     backend = backend_of(spec)
     if backend == "llamacpp":
-        # lazy: a backend's module loads only for a model on it
+        # lazy: a backend's module loads only for a model on it (and each leads back here)
         from .llamacpp import load_llamacpp
 
         return load_llamacpp(spec)
@@ -47,7 +47,7 @@ def load_model(spec: ModelSpec) -> Any:
     if set_:
         which = set_[0]
         raise ConfigError(f"{which} applies to the llama.cpp backend; set backend: llamacpp")
-    # lazy: a backend's module loads only for a model on it (.hf imports this one)
+    # lazy: a backend's module loads only for a model on it (and .hf leads back here)
     from .hf import load_hf
 
     return load_hf(spec)

@@ -64,6 +64,10 @@ class PrefixCachingModel:
         return self.lm.context_length
 
     @property
+    def weight_bytes(self) -> int:
+        return self.lm.weight_bytes
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         return self.lm.eos_token_ids
 

@@ -464,7 +464,7 @@ def build_tuner(
     (:meth:`EngineFlags.overrides`); ``cross_tokenizer``: the different-tokenizer mode
     (``None``: the recipe's, or off); under ``steering``'s rule. Picklable with its
     arguments: what each Ray actor runs."""
-    # lazy: torch stays off the CLI's start (`proxytune --help` imports every command module)
+    # lazy: torch and yaml stay off the CLI's start (`proxytune --help` imports it all)
     from ..recipe import default_recipe_path, load_recipe
     from ..tuner import ProxyTuner
 

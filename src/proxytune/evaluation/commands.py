@@ -55,7 +55,7 @@ def run_eval(
         raise ConfigError("--against compares plain eval runs; leave --search out")
     if gate_metric is not None and against is None:
         raise ConfigError("--gate-metric needs --against OLD_RUN (the run to compare with)")
-    # lazy: torch; cli/analyze imports this module at the CLI's start
+    # lazy: torch and yaml; cli/analyze imports this module at the CLI's start
     from .runner import evaluate
     from .search import search as run_search
     from .systems import standard_systems

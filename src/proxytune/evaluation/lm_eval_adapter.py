@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -32,9 +32,6 @@ from ..extras import MissingExtraError, require
 from ..recipe import default_recipe_path, load_recipe
 from ..tuner import ProxyTuner
 from .scoring import score, score_rolling
-
-if TYPE_CHECKING:
-    from ..tuner import ProxyTuner
 
 try:  # the harness is optional
     from lm_eval.api.model import LM as _Base

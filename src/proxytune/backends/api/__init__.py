@@ -284,7 +284,6 @@ def load_api_tokenizer(spec: APISpec, fallback: Any) -> Any:
         return fallback
     from transformers import AutoTokenizer
 
-
     source, gguf = resolve_source(spec.tokenizer)
     try:
         kw = {"gguf_file": gguf} if gguf else {}
