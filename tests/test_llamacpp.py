@@ -132,6 +132,29 @@ def test_a_prompt_prefilled_before_is_restored_and_decodes_the_same(tiny):
     assert plain.base.model.prompts is None
 
 
+@needs_llama
+def test_a_shared_preamble_is_prefilled_once_and_decodes_the_same(tiny):
+    """A few-shot prompt's examples, the same in every row, are prefilled in one row and their
+    cells shared with the others (float rounding only, as another batch composition)."""
+    plain = tuner(tiny, "llamacpp")
+    cached = tuner(tiny, "llamacpp", options={"prefix_cache": True, "prefix_min_tokens": 6})
+    preamble = "Q: one plus one\nA: two\nQ: two plus two\nA: four\n"
+    prompts = [preamble + p for p in PROMPTS]
+    settings = {"max_new_tokens": 10, "logprobs": True}
+    want = plain.generate(prompts, **settings)
+    got = cached.generate(prompts, **settings)
+    cache = cached.base.model.prompts
+    assert cache is not None and cache.restored_tokens == 0
+    assert cache.shared_tokens >= 6 * (len(prompts) - 1)
+    assert ids(got) == ids(want)
+    for a, w in zip(got, want, strict=True):
+        got_lp, want_lp = [x.logprob for x in a.logprobs], [x.logprob for x in w.logprobs]
+        assert got_lp == pytest.approx(want_lp, abs=1e-5)
+    again = cached.generate(prompts[::-1], **settings)  # restored: saved with shared cells
+    assert cache.restored_tokens > 0 and ids(again) == ids(want[::-1])
+    assert len(cached.base.model.context.free) == llamacpp.MAX_SEQUENCES
+
+
 def test_speculative_equals_plain_and_rollback_equals_recompute(both):
     _, cpp = both
     want = ids(cpp.generate(PROMPTS, max_new_tokens=14))

@@ -9,7 +9,7 @@ import torch
 
 from proxytune import ProxyTuner
 from proxytune.arithmetic import combine_proxy, log_probs
-from proxytune.backends.prefix import common_prefix
+from proxytune.backends.llamacpp_prompts import common_prefix
 from proxytune.backends.quantize import Int8Linear
 from proxytune.backends.stacked import LockstepError, StackedView
 from proxytune.cli import main

@@ -47,7 +47,7 @@ from ..specs import ModelSpec, available_cores
 from .base import end_ids
 from .gguf_lora import lora_gguf
 from .llamacpp_head import PLAIN_HEADS, NormTap, OutputHead, ggml_library
-from .llamacpp_prompts import DEFAULT_BUDGET, Prefilled, PromptCache
+from .llamacpp_prompts import DEFAULT_BUDGET, Prefilled, PromptCache, common_prefix
 
 INSTALL = "pip install 'proxytune[llamacpp]' (builds llama.cpp from source: about 6 minutes)"
 KV_CELLS = 4096
@@ -293,6 +293,12 @@ class _Context:
         for seq in seqs:
             self.lc.llama_memory_seq_rm(self.memory, seq, -1, -1)
         self.free.extend(seqs)
+
+    def share(self, source: int, targets: Sequence[int], length: int) -> None:
+        """Give each sequence of ``targets`` the first ``length`` cells of ``source`` (the
+        cells are shared, not copied: one KV cache for every sequence)."""
+        for seq in targets:
+            self.lc.llama_memory_seq_cp(self.memory, source, seq, 0, length)
 
     def truncate(self, seq: int, length: int) -> None:
         if not self.lc.llama_memory_seq_rm(self.memory, seq, length, -1):
@@ -611,6 +617,7 @@ class LlamaCppState:
         with self.context.lock:
             found = [self._restored(cache, i) for i in range(len(self.ids))]
             missed = [i for i, entry in enumerate(found) if entry is None]
+            cache.shared_tokens += self._share_preamble(missed, cache.min_tokens)
             entries = self._entries(1, missed)
             outputs = self.context.decode(entries, self.hidden) if entries else []
             decoded = dict(zip(missed, outputs, strict=True))
@@ -621,6 +628,23 @@ class LlamaCppState:
                     cache.put(key, self.hidden, Prefilled(state, output.copy()))
         rows = [decoded[i] if entry is None else entry.output for i, entry in enumerate(found)]
         return torch.from_numpy(np.stack(rows))
+
+    def _share_preamble(self, rows: list[int], min_tokens: int) -> int:
+        """Prefill the ids that every row at ``rows`` starts with (a few-shot preamble: at least
+        ``min_tokens`` of them, and not a whole prompt) once, in the first row's sequence, and
+        share those cells with the other rows' sequences; the ids this saved prefilling."""
+        prompts = [self.ids[i] for i in rows]
+        if len(rows) < 2 or any(self.cached[i] for i in rows):
+            return 0
+        length = min(len(common_prefix(prompts)), min(len(p) for p in prompts) - 1)
+        if length < min_tokens:
+            return 0
+        first = self.seqs[rows[0]]
+        self.context.decode([(prompts[0][pos], pos, first, False) for pos in range(length)])
+        self.context.share(first, [self.seqs[i] for i in rows[1:]], length)
+        for i in rows:
+            self.cached[i] = length
+        return length * (len(rows) - 1)
 
     def _restored(self, cache: PromptCache, i: int) -> Prefilled | None:
         """Row ``i``'s prompt restored from ``cache`` into its sequence (recorded as cached);

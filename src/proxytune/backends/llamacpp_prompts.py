@@ -9,18 +9,37 @@ returned, in least-recently-used order within a byte budget. A restored prompt's
 and output are the very bytes its prefill produced; they land in other cells of the KV cache,
 so the decodes after it differ from a fresh prefill's by float rounding only, as another batch
 composition does (the same tokens in the tests and on the reproduction's records,
-docs/speed.md). Turned on by the engine option ``prefix_cache``.
+docs/speed.md). Turned on by the engine option ``prefix_cache``, which also prefills the
+preamble a batch's prompts share (a few-shot prompt's examples) once, its cells shared by
+every row (:func:`common_prefix`).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 DEFAULT_BUDGET = 1 << 30
 """Bytes a model's prompt cache may hold (keys, values and output rows together)."""
+
+Prefix = tuple[int, ...]
+
+
+def common_prefix(rows: Sequence[Sequence[int]]) -> Prefix:
+    """The longest run of ids every row starts with.
+
+    >>> common_prefix([[1, 2, 3], [1, 2, 4]])
+    (1, 2)
+    """
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        if any(r[i] != first[i] for r in rows):
+            return tuple(first[:i])
+    return tuple(first[:n])
 
 
 @dataclass(frozen=True)
@@ -55,6 +74,8 @@ class PromptCache:
         self.size = 0
         self.restored_tokens = 0
         """Prompt ids restored instead of prefilled (a counter for reports and tests)."""
+        self.shared_tokens = 0
+        """Prompt ids not prefilled because another row's shared preamble held them."""
 
     def wants(self, ids: tuple[int, ...]) -> bool:
         """Whether a prompt of ``ids`` is kept (it has at least :attr:`min_tokens`)."""

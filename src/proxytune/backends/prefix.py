@@ -22,22 +22,7 @@ import torch
 
 from .hf import HFDecodeState, HFModel
 from .llamacpp import LlamaCppModel
-
-Prefix = tuple[int, ...]
-
-
-def common_prefix(rows: Sequence[Sequence[int]]) -> Prefix:
-    """The longest run of ids every row starts with.
-
-    >>> common_prefix([[1, 2, 3], [1, 2, 4]])
-    (1, 2)
-    """
-    first = rows[0]
-    n = min(len(r) for r in rows)
-    for i in range(n):
-        if any(r[i] != first[i] for r in rows):
-            return tuple(first[:i])
-    return tuple(first[:n])
+from .llamacpp_prompts import Prefix, common_prefix
 
 
 class PrefixCachingModel:

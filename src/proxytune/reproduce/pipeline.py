@@ -485,7 +485,8 @@ class Experiment:
     def _alone(self, model: str, adapter: Path | None = None) -> Any:
         """``model`` (with ``adapter``) alone on the raw prompt."""
         path = None if adapter is None else str(adapter)
-        return ProxyTuner.from_specs(ModelSpec(model, adapter=path, prompt="raw", **self._opts()))
+        spec = ModelSpec(model, adapter=path, prompt="raw", **self._opts())
+        return ProxyTuner.from_specs(spec, options=self._engine_options())
 
     def single_tuner(self, model: str) -> Any:
         """``model`` alone on the raw prompt (screening), loaded once."""
@@ -521,7 +522,8 @@ class Experiment:
 
     def _engine_options(self) -> dict[str, Any]:
         """Every system of a split runs on the same prompts: on llama.cpp each model restores
-        a prompt it prefilled before instead of prefilling it again (float rounding only)."""
+        a prompt it prefilled before instead of prefilling it again, and prefills a 3-shot
+        system's shared examples once per batch (float rounding only)."""
         return {"prefix_cache": self.config.backends()["big"] == "llamacpp"}
 
     def tuned_tuner(self) -> Any:
