@@ -70,24 +70,24 @@ class PromptCache:
         self.budget = budget
         self.min_tokens = min_tokens
         """Shorter prompts are prefilled every time (cheap, and not worth the bytes)."""
-        self.entries: OrderedDict[tuple[tuple[int, ...], bool], Prefilled] = OrderedDict()
+        self.entries: OrderedDict[tuple[Prefix, bool], Prefilled] = OrderedDict()
         self.size = 0
         self.restored_tokens = 0
         """Prompt ids restored instead of prefilled (a counter for reports and tests)."""
         self.shared_tokens = 0
         """Prompt ids not prefilled because another row's shared preamble held them."""
 
-    def wants(self, ids: tuple[int, ...]) -> bool:
+    def wants(self, ids: Prefix) -> bool:
         """Whether a prompt of ``ids`` is kept (it has at least :attr:`min_tokens`)."""
         return len(ids) >= self.min_tokens
 
-    def get(self, ids: tuple[int, ...], hidden: bool) -> Prefilled | None:
+    def get(self, ids: Prefix, hidden: bool) -> Prefilled | None:
         entry = self.entries.get((ids, hidden))
         if entry is not None:
             self.entries.move_to_end((ids, hidden))
         return entry
 
-    def put(self, ids: tuple[int, ...], hidden: bool, entry: Prefilled) -> None:
+    def put(self, ids: Prefix, hidden: bool, entry: Prefilled) -> None:
         """Keep ``entry`` (not if it alone exceeds the budget), dropping the oldest to fit."""
         if entry.size > self.budget:
             return
